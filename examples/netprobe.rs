@@ -1,0 +1,164 @@
+//! The workloads of the demo and the end-to-end tests: a server, a client and
+//! a getsockopt prober, each printing `key=value` lines of what it saw.
+//!
+//! ```text
+//! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
+//! netprobe connect DEST [--bind SRC] [--message TEXT]
+//!                                            # prints local=, peer=, reply=
+//! netprobe sockopts --listen ADDR            # accept one connection, run getsockopt probes on it
+//! ```
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::mem::size_of;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::thread;
+use std::time::Duration;
+
+use nix::libc;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => serve(&args[1..]),
+        Some("connect") => connect(&args[1..]),
+        Some("sockopts") => sockopts(&args[1..]),
+        _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR".into()),
+    };
+    if let Err(err) = result {
+        eprintln!("netprobe: {err}");
+        std::process::exit(1);
+    }
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+fn parse_addr(text: &str) -> Result<SocketAddr> {
+    text.parse().map_err(|_| format!("bad address {text}"))
+}
+
+fn say(line: String) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn serve(addrs: &[String]) -> Result<()> {
+    let listeners = addrs
+        .iter()
+        .map(|a| TcpListener::bind(parse_addr(a)?).map_err(|e| format!("bind {a}: {e}")))
+        .collect::<Result<Vec<_>>>()?;
+    for l in &listeners {
+        say(format!("listening={}", l.local_addr().map_err(|e| e.to_string())?));
+    }
+    thread::scope(|scope| {
+        for listener in &listeners {
+            scope.spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    thread::spawn(move || answer(stream));
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn answer(stream: TcpStream) {
+    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else { return };
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if writeln!(writer, "from={local} saw={peer} msg={line}").is_err() {
+            return;
+        }
+    }
+}
+
+fn connect(args: &[String]) -> Result<()> {
+    let dest = parse_addr(args.first().ok_or("connect needs a destination")?)?;
+    let mut bind = None;
+    let mut message = "hello".to_string();
+    let mut rest = args[1..].iter();
+    while let Some(flag) = rest.next() {
+        let value = rest.next().ok_or(format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--bind" => bind = Some(parse_addr(value)?),
+            "--message" => message = value.clone(),
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    let stream = match bind {
+        None => TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|e| format!("connect {dest}: {e}"))?,
+        Some(src) => connect_from(src, dest)?,
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
+    say(format!("local={}", stream.local_addr().map_err(|e| e.to_string())?));
+    say(format!("peer={}", stream.peer_addr().map_err(|e| e.to_string())?));
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    writeln!(writer, "{message}").map_err(|e| format!("send: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply).map_err(|e| format!("receive: {e}"))?;
+    say(format!("reply={}", reply.trim_end()));
+    Ok(())
+}
+
+/// A connect from a fixed source address and port (SO_REUSEADDR, so tests can reuse it).
+fn connect_from(src: SocketAddr, dest: SocketAddr) -> Result<TcpStream> {
+    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if src.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dest)).map_err(|e| format!("connect {dest}: {e}"))?;
+    Ok(TcpStream::from(fd))
+}
+
+/// Accepts one connection and prints, for each getsockopt a proxy or a tool might make on
+/// it, `probe NAME=ok:HEX` or `probe NAME=err:ERRNO`.
+fn sockopts(args: &[String]) -> Result<()> {
+    let listen = match args {
+        [flag, addr] if flag == "--listen" => parse_addr(addr)?,
+        _ => return Err("sockopts --listen ADDR".into()),
+    };
+    let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
+    say(format!("listening={listen}"));
+    let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
+    say(format!("accepted peer={peer}"));
+    let fd = stream.as_raw_fd();
+    let v4 = listen.is_ipv4();
+    let (own_level, other_level) = if v4 { (libc::SOL_IP, libc::SOL_IPV6) } else { (libc::SOL_IPV6, libc::SOL_IP) };
+    let addr_len = if v4 { size_of::<libc::sockaddr_in>() } else { size_of::<libc::sockaddr_in6>() };
+    let probes: [(&str, libc::c_int, libc::c_int, usize); 7] = [
+        ("original_dst", own_level, meshbpf::SO_ORIGINAL_DST, addr_len),
+        ("original_dst_short_buffer", own_level, meshbpf::SO_ORIGINAL_DST, 8),
+        ("original_dst_other_level", other_level, meshbpf::SO_ORIGINAL_DST, 28),
+        ("so_type", libc::SOL_SOCKET, libc::SO_TYPE, 4),
+        ("tcp_nodelay", libc::IPPROTO_TCP, libc::TCP_NODELAY, 4),
+        ("ip_tos_or_tclass", own_level, if v4 { libc::IP_TOS } else { libc::IPV6_TCLASS }, 4),
+        // Larger than a page: the hook must let big option values through untouched.
+        ("tcp_info_two_pages", libc::IPPROTO_TCP, libc::TCP_INFO, 8192),
+    ];
+    for (name, level, optname, len) in probes {
+        let result = match getsockopt_raw(fd, level, optname, len) {
+            // TCP_INFO carries timings and counters: report its length only.
+            Ok(bytes) if optname == libc::TCP_INFO => format!("ok:len{}", bytes.len()),
+            Ok(bytes) => format!("ok:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            Err(errno) => format!("err:{errno}"),
+        };
+        say(format!("probe {name}={result}"));
+    }
+    Ok(())
+}
+
+fn getsockopt_raw(fd: libc::c_int, level: libc::c_int, optname: libc::c_int, len: usize) -> std::result::Result<Vec<u8>, i32> {
+    let mut buf = vec![0u8; len];
+    let mut optlen = len as libc::socklen_t;
+    // SAFETY: `buf` is valid for writes of `optlen` bytes.
+    let ret = unsafe { libc::getsockopt(fd, level, optname, buf.as_mut_ptr().cast(), &mut optlen) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error().raw_os_error().unwrap_or(0));
+    }
+    buf.truncate(optlen as usize);
+    Ok(buf)
+}

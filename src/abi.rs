@@ -1,0 +1,170 @@
+//! The map layouts shared with the BPF programs (`src/bpf/meshbpf.h`), as the
+//! skeleton generates them, made byte-castable with `plain`, with conversions
+//! to and from `std::net` types.
+
+use std::mem::size_of;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+pub(crate) use crate::skel::types::{conn_key as ConnKey, mesh_meta as MeshMeta, orig_dst as OrigDst};
+pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
+
+/// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
+pub const LAYOUT_VERSION: u32 = 1;
+/// `MAX_PODS` in meshbpf.h.
+pub const MAX_PODS: u32 = 16384;
+
+pub(crate) const AF_INET: u16 = 2;
+pub(crate) const AF_INET6: u16 = 10;
+
+/// `POD_F_*` in meshbpf.h.
+pub(crate) mod pod_flags {
+    pub const CAPTURE_OUTBOUND: u32 = 1 << 0;
+}
+/// `NO_GID` in meshbpf.h.
+pub(crate) const NO_GID: u32 = u32::MAX;
+
+/// Names of `enum counter` in meshbpf.h, in order; the counters map has exactly this many.
+pub const COUNTER_NAMES: &[&str] = &[
+    "connect_redirected",
+    "skip_proxy_uid",
+    "skip_loopback",
+    "skip_proxy_port",
+    "storage_failed",
+    "origin_recorded",
+    "origin_update_failed",
+    "origin_removed",
+    "getsockopt_answered",
+    "getsockopt_miss",
+    "getpeername_restored",
+];
+
+// The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
+const _: () = assert!(size_of::<RawPodSettings>() == 20);
+const _: () = assert!(size_of::<OrigDst>() == 20);
+const _: () = assert!(size_of::<ConnKey>() == 48);
+const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
+
+// SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
+// object's BTF: every bit pattern is a valid value and they hold no pointers.
+unsafe impl plain::Plain for RawPodSettings {}
+// SAFETY: as above.
+unsafe impl plain::Plain for OrigDst {}
+// SAFETY: as above.
+unsafe impl plain::Plain for ConnKey {}
+// SAFETY: as above.
+unsafe impl plain::Plain for MeshMeta {}
+
+/// The bytes of a map key or value.
+pub(crate) fn bytes<T: plain::Plain>(value: &T) -> &[u8] {
+    // SAFETY: `T: Plain` is a padding-free-or-zeroed POD struct; viewing it as bytes is sound.
+    unsafe { plain::as_bytes(value) }
+}
+
+/// A map key or value read back from its bytes; `None` when the size does not match.
+pub(crate) fn from_bytes<T: plain::Plain + Default>(data: &[u8]) -> Option<T> {
+    let mut value = T::default();
+    plain::copy_from_bytes(&mut value, data).ok()?;
+    (data.len() == size_of::<T>()).then_some(value)
+}
+
+/// Address words in network byte order, IPv4 (and IPv4-mapped IPv6) folded to `addr[0]`.
+fn addr_words(ip: IpAddr) -> (u16, [u32; 4]) {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let mut words = [0u32; 4];
+            for (i, w) in words.iter_mut().enumerate() {
+                *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+            }
+            (AF_INET6, words)
+        }
+    }
+}
+
+fn words_ip(family: u16, words: &[u32; 4]) -> Option<IpAddr> {
+    match family {
+        AF_INET => Some(IpAddr::V4(Ipv4Addr::from(words[0].to_ne_bytes()))),
+        AF_INET6 => {
+            let mut o = [0u8; 16];
+            for (i, w) in words.iter().enumerate() {
+                o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+            }
+            Some(IpAddr::V6(Ipv6Addr::from(o)))
+        }
+        _ => None,
+    }
+}
+
+impl OrigDst {
+    /// The socket address this value describes, if its family is known.
+    pub(crate) fn to_socket_addr(&self) -> Option<SocketAddr> {
+        let ip = words_ip(self.family, &self.addr)?;
+        let port = u16::from_be(self.port);
+        Some(match ip {
+            IpAddr::V4(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
+            IpAddr::V6(v6) => SocketAddr::V6(SocketAddrV6::new(v6, port, 0, 0)),
+        })
+    }
+}
+
+impl ConnKey {
+    /// The key the BPF side builds for a connection from `client` (the application's end) to
+    /// `listener` (the proxy's end) in the network namespace with `netns_cookie`.
+    pub(crate) fn new(netns_cookie: u64, client: SocketAddr, listener: SocketAddr) -> Self {
+        let (src_family, src_addr) = addr_words(client.ip());
+        let (dst_family, dst_addr) = addr_words(listener.ip());
+        // Both ends of a connection have one family; a mixed pair is simply never found.
+        let family = if src_family == dst_family { src_family } else { 0 };
+        ConnKey {
+            src_addr,
+            dst_addr,
+            src_port: client.port().to_be(),
+            dst_port: listener.port().to_be(),
+            family: u32::from(family),
+            netns_cookie,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_key_uses_first_word_in_network_order() {
+        let key = ConnKey::new(7, "127.0.0.1:40000".parse().unwrap(), "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(key.family, u32::from(AF_INET));
+        assert_eq!(key.src_addr, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
+        assert_eq!(key.src_port, 40000u16.to_be());
+        assert_eq!(key.dst_port, 15001u16.to_be());
+        assert_eq!(key.netns_cookie, 7);
+    }
+
+    #[test]
+    fn ipv4_mapped_ipv6_folds_to_the_ipv4_key() {
+        let v4 = ConnKey::new(1, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let mapped = ConnKey::new(1, "[::ffff:127.0.0.1]:1".parse().unwrap(), "[::ffff:127.0.0.1]:2".parse().unwrap());
+        assert_eq!(bytes(&v4), bytes(&mapped));
+    }
+
+    #[test]
+    fn orig_dst_round_trips_v4_and_v6() {
+        for text in ["192.0.2.7:8080", "[2001:db8::7]:443"] {
+            let addr: SocketAddr = text.parse().unwrap();
+            let (family, words) = addr_words(addr.ip());
+            let dst = OrigDst { addr: words, port: addr.port().to_be(), family };
+            assert_eq!(dst.to_socket_addr(), Some(addr));
+        }
+    }
+
+    #[test]
+    fn from_bytes_rejects_wrong_size() {
+        assert!(from_bytes::<OrigDst>(&[0u8; 19]).is_none());
+        assert!(from_bytes::<OrigDst>(&[0u8; 20]).is_some());
+    }
+}

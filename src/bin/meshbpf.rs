@@ -1,0 +1,241 @@
+//! `meshbpf`: the node agent's command line over the meshbpf library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meshbpf::{Error, Mesh, PodSettings, RegisterOptions, DEFAULT_PIN_DIR};
+use serde_json::json;
+
+/// eBPF traffic capture for service-mesh sidecars, in place of iptables.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args)]
+struct PinDirArg {
+    /// bpffs directory holding the attachment's links and maps.
+    #[arg(long, default_value = DEFAULT_PIN_DIR)]
+    pin_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the programs to a cgroup v2 (once per node); re-running replaces them in place.
+    Attach {
+        /// A cgroup v2 directory: every pod's processes must be in it or below it.
+        #[arg(long, default_value = "/sys/fs/cgroup")]
+        cgroup: PathBuf,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Detach every program and remove every pin.
+    Detach {
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Put a pod (its network namespace) in the mesh, or update its settings.
+    Register {
+        /// The pod's network namespace: /proc/PID/ns/net or /run/netns/NAME.
+        #[arg(long)]
+        netns: PathBuf,
+        /// The sidecar's uid; its own connections are never captured.
+        #[arg(long, default_value_t = meshbpf::DEFAULT_PROXY_UID)]
+        proxy_uid: u32,
+        /// The sidecar's gid, exempt like its uid.
+        #[arg(long)]
+        proxy_gid: Option<u32>,
+        /// The sidecar's outbound listener port on loopback.
+        #[arg(long, default_value_t = meshbpf::DEFAULT_OUTBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+        outbound_port: u16,
+        /// Register even the host's own network namespace (captures the node's own traffic).
+        #[arg(long)]
+        allow_host_netns: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Take a pod out of the mesh.
+    Unregister {
+        /// The pod's network namespace.
+        #[arg(long)]
+        netns: PathBuf,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// List registered pods.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Show attached programs, registered pods and counters.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Look up the original destination of a captured connection.
+    Origin {
+        /// The pod's network namespace.
+        #[arg(long)]
+        netns: PathBuf,
+        /// The application's end of the connection (its local address).
+        #[arg(long)]
+        client: SocketAddr,
+        /// The proxy's end (the outbound listener).
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        listener: SocketAddr,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+}
+
+/// Exit codes a node agent can act on.
+mod exit {
+    pub const FAILURE: u8 = 1;
+    pub const NOT_ATTACHED: u8 = 3;
+    pub const PERMISSION: u8 = 4;
+    pub const KERNEL: u8 = 5;
+    pub const BAD_INPUT: u8 = 6;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("meshbpf: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<Error>() {
+        Some(Error::NotAttached { .. }) => exit::NOT_ATTACHED,
+        Some(Error::PermissionDenied { .. }) => exit::PERMISSION,
+        Some(Error::MissingKernelFeature { .. }) => exit::KERNEL,
+        Some(
+            Error::NetnsNotFound { .. }
+            | Error::NotANetns { .. }
+            | Error::HostNetns { .. }
+            | Error::CgroupNotFound { .. }
+            | Error::CgroupNotV2 { .. }
+            | Error::BpffsNotMounted { .. }
+            | Error::AttachedElsewhere { .. }
+            | Error::InvalidSetting(_),
+        ) => exit::BAD_INPUT,
+        _ => exit::FAILURE,
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Attach { cgroup, pin } => {
+            let mesh = Mesh::attach(&cgroup, &pin.pin_dir)?;
+            let status = mesh.status().context("reading the attachment back")?;
+            println!(
+                "attached {} programs to {}, pinned under {}",
+                status.programs.len(),
+                status.cgroup_path,
+                pin.pin_dir.display()
+            );
+        }
+        Command::Detach { pin } => {
+            if meshbpf::detach(&pin.pin_dir)? {
+                println!("detached; removed every pin under {}", pin.pin_dir.display());
+            } else {
+                println!("nothing attached under {}", pin.pin_dir.display());
+            }
+        }
+        Command::Register { netns, proxy_uid, proxy_gid, outbound_port, allow_host_netns, pin } => {
+            let mesh = Mesh::open(&pin.pin_dir)?;
+            let settings = PodSettings { proxy_uid, proxy_gid, outbound_port, ..PodSettings::default() };
+            let pod = mesh.register_netns_with(&netns, &settings, &RegisterOptions { allow_host_netns })?;
+            println!("registered {} (netns cookie {})", netns.display(), pod.netns_cookie);
+        }
+        Command::Unregister { netns, pin } => {
+            let mesh = Mesh::open(&pin.pin_dir)?;
+            if mesh.unregister_netns(&netns)? {
+                println!("unregistered {}", netns.display());
+            } else {
+                println!("{} was not registered", netns.display());
+            }
+        }
+        Command::List { json, pin } => {
+            let pods = Mesh::open(&pin.pin_dir)?.pods()?;
+            if json {
+                println!("{}", json!(pods.iter().map(pod_json).collect::<Vec<_>>()));
+            } else if pods.is_empty() {
+                println!("no pods registered");
+            } else {
+                println!("{:>12}  {:>9}  {:>8}", "NETNS-COOKIE", "PROXY-UID", "OUTBOUND");
+                for pod in &pods {
+                    println!("{:>12}  {:>9}  {:>8}", pod.netns_cookie, pod.settings.proxy_uid, pod.settings.outbound_port);
+                }
+            }
+        }
+        Command::Status { json, pin } => {
+            let status = Mesh::open(&pin.pin_dir)?.status()?;
+            if json {
+                let value = json!({
+                    "pin_dir": status.pin_dir,
+                    "cgroup": status.cgroup_path,
+                    "cgroup_id": status.cgroup_id,
+                    "layout_version": status.layout_version,
+                    "programs": status.programs.iter().map(|p| json!({
+                        "hook": p.hook, "link_id": p.link_id, "prog_id": p.prog_id,
+                    })).collect::<Vec<_>>(),
+                    "pods": status.pods.iter().map(pod_json).collect::<Vec<_>>(),
+                    "counters": status.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+                });
+                println!("{value}");
+            } else {
+                println!("attached to  {}", status.cgroup_path);
+                println!("pinned under {}  (map layout v{})", status.pin_dir.display(), status.layout_version);
+                println!("programs:");
+                for p in &status.programs {
+                    println!("  {:<14} link {:<6} prog {}", p.hook, p.link_id, p.prog_id);
+                }
+                println!("registered pods: {}", status.pods.len());
+                println!("counters:");
+                for (name, value) in &status.counters {
+                    println!("  {name:<22} {value}");
+                }
+            }
+        }
+        Command::Origin { netns, client, listener, json, pin } => {
+            let mesh = Mesh::open(&pin.pin_dir)?;
+            let cookie = meshbpf::Netns::open(&netns)?.cookie();
+            let origin = mesh.lookup_origin_dst(cookie, client, listener)?;
+            match (json, origin) {
+                (true, origin) => println!("{}", json!({ "client": client, "listener": listener, "original_dst": origin })),
+                (false, Some(addr)) => println!("{addr}"),
+                (false, None) => anyhow::bail!("no captured connection from {client} to {listener} in {}", netns.display()),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
+    json!({
+        "netns_cookie": pod.netns_cookie,
+        "proxy_uid": pod.settings.proxy_uid,
+        "proxy_gid": pod.settings.proxy_gid,
+        "outbound_port": pod.settings.outbound_port,
+        "capture_outbound": pod.settings.capture_outbound,
+    })
+}

@@ -1,0 +1,131 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * Maps and helpers shared by every program. The maps are defined once, in
+ * maps.bpf.c; every other object sees them as extern and the BPF static
+ * linker resolves them into one set.
+ */
+#ifndef __COMMON_BPF_H
+#define __COMMON_BPF_H
+
+#include "vmlinux.h"
+#include "meshbpf.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#define AF_INET 2
+#define AF_INET6 10
+#define SOL_IP 0
+#define SOL_IPV6 41
+/* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) == IP6T_SO_ORIGINAL_DST */
+#define SO_ORIGINAL_DST 80
+
+#ifdef MESHBPF_DEFINE_MAPS
+#define MESHBPF_MAP
+#else
+#define MESHBPF_MAP extern
+#endif
+
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PODS);
+	__type(key, __u64);
+	__type(value, struct pod_settings);
+} cookie_map SEC(".maps");
+
+/* Lives and dies with the socket: no cleanup needed. */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct orig_dst);
+} sk_storage_map SEC(".maps");
+
+/*
+ * Entries are removed when the proxy's end of the connection closes (see
+ * sockops.bpf.c); LRU eviction is only the backstop for connections whose
+ * proxy end never existed.
+ */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_TRACKED_CONNS);
+	__type(key, struct conn_key);
+	__type(value, struct orig_dst);
+} origin_dst_map SEC(".maps");
+
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct mesh_meta);
+} meta_map SEC(".maps");
+
+static __always_inline void count(enum counter reason)
+{
+	__u32 key = reason;
+	__u64 *val = bpf_map_lookup_elem(&counters, &key);
+
+	if (val)
+		*val += 1;
+}
+
+static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
+{
+	return bpf_map_lookup_elem(&cookie_map, &netns_cookie);
+}
+
+/* Sockets of the sidecar (by uid or gid) are never captured: that is what keeps it loop-free. */
+static __always_inline bool is_proxy(const struct pod_settings *pod)
+{
+	__u64 ugid = bpf_get_current_uid_gid();
+	__u32 uid = (__u32)ugid, gid = ugid >> 32;
+
+	return uid == pod->proxy_uid || (pod->proxy_gid != NO_GID && gid == pod->proxy_gid);
+}
+
+static __always_inline bool is_loopback4(__u32 addr_be)
+{
+	return (bpf_ntohl(addr_be) >> 24) == 127;
+}
+
+static __always_inline bool is_v4_mapped(const __u32 addr[4])
+{
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
+static __always_inline bool is_loopback6(const __u32 addr[4])
+{
+	if (is_v4_mapped(addr))
+		return is_loopback4(addr[3]);
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
+}
+
+/* Fold an IPv4-mapped IPv6 pair into the IPv4 form both ends of the connection agree on. */
+static __always_inline void conn_key_normalize(struct conn_key *key)
+{
+	if (key->family != AF_INET6 || !is_v4_mapped(key->src_addr) ||
+	    !is_v4_mapped(key->dst_addr))
+		return;
+	key->family = AF_INET;
+	key->src_addr[0] = key->src_addr[3];
+	key->dst_addr[0] = key->dst_addr[3];
+	key->src_addr[2] = key->src_addr[3] = 0;
+	key->dst_addr[2] = key->dst_addr[3] = 0;
+}
+
+static __always_inline void orig_dst_normalize(struct orig_dst *dst)
+{
+	if (dst->family != AF_INET6 || !is_v4_mapped(dst->addr))
+		return;
+	dst->family = AF_INET;
+	dst->addr[0] = dst->addr[3];
+	dst->addr[2] = dst->addr[3] = 0;
+}
+
+#endif /* __COMMON_BPF_H */

@@ -1,0 +1,96 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Answers SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6) for the
+ * proxy's accepted end of a captured connection, so that a proxy written for
+ * iptables REDIRECT (Envoy's original_dst listener filter, HAProxy) works
+ * unmodified. Everything else keeps the kernel's own answer.
+ *
+ * This hook runs after the kernel's getsockopt. Setting optlen to 0 tells the
+ * kernel to leave its result (value, length, error) exactly as it was; that
+ * is also the only way to let options larger than a page through, such as
+ * iptables' 40 KB IPT_SO_GET_ENTRIES.
+ */
+#include "common.bpf.h"
+
+static __always_inline int pass(struct bpf_sockopt *ctx)
+{
+	ctx->optlen = 0;
+	return 1;
+}
+
+SEC("cgroup/getsockopt")
+int handle__getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct conn_key key = {};
+	struct orig_dst *dst;
+	int family;
+
+	if (ctx->optname != SO_ORIGINAL_DST || !sk)
+		return pass(ctx);
+	family = sk->family;
+	/* A level that does not match the socket's family keeps the kernel's answer
+	 * (EOPNOTSUPP for SOL_IPV6 on IPv4): proxies probe v6 first, then v4. */
+	if (!((family == AF_INET && ctx->level == SOL_IP) ||
+	      (family == AF_INET6 && ctx->level == SOL_IPV6)))
+		return pass(ctx);
+
+	/* The accepted socket's peer is the application: it is the key's source. */
+	key.family = family;
+	key.src_port = sk->dst_port;
+	key.dst_port = bpf_htons((__u16)sk->src_port);
+	if (family == AF_INET) {
+		key.src_addr[0] = sk->dst_ip4;
+		key.dst_addr[0] = sk->src_ip4;
+	} else {
+		key.src_addr[0] = sk->dst_ip6[0];
+		key.src_addr[1] = sk->dst_ip6[1];
+		key.src_addr[2] = sk->dst_ip6[2];
+		key.src_addr[3] = sk->dst_ip6[3];
+		key.dst_addr[0] = sk->src_ip6[0];
+		key.dst_addr[1] = sk->src_ip6[1];
+		key.dst_addr[2] = sk->src_ip6[2];
+		key.dst_addr[3] = sk->src_ip6[3];
+	}
+	key.netns_cookie = bpf_get_netns_cookie(ctx);
+	conn_key_normalize(&key);
+
+	dst = bpf_map_lookup_elem(&origin_dst_map, &key);
+	if (!dst) {
+		count(CNT_GETSOCKOPT_MISS);
+		return pass(ctx);
+	}
+
+	if (family == AF_INET) {
+		struct sockaddr_in *sin = ctx->optval;
+
+		/* A short buffer keeps the kernel's EINVAL, as behind iptables. */
+		if (ctx->optlen < (int)sizeof(*sin) || (void *)(sin + 1) > ctx->optval_end ||
+		    dst->family != AF_INET)
+			return pass(ctx);
+		__builtin_memset(sin, 0, sizeof(*sin));
+		sin->sin_family = AF_INET;
+		sin->sin_port = dst->port;
+		sin->sin_addr.s_addr = dst->addr[0];
+		ctx->optlen = sizeof(*sin);
+	} else {
+		struct sockaddr_in6 *sin6 = ctx->optval;
+
+		if (ctx->optlen < (int)sizeof(*sin6) || (void *)(sin6 + 1) > ctx->optval_end ||
+		    dst->family != AF_INET6)
+			return pass(ctx);
+		__builtin_memset(sin6, 0, sizeof(*sin6));
+		sin6->sin6_family = AF_INET6;
+		sin6->sin6_port = dst->port;
+		sin6->sin6_addr.in6_u.u6_addr32[0] = dst->addr[0];
+		sin6->sin6_addr.in6_u.u6_addr32[1] = dst->addr[1];
+		sin6->sin6_addr.in6_u.u6_addr32[2] = dst->addr[2];
+		sin6->sin6_addr.in6_u.u6_addr32[3] = dst->addr[3];
+		ctx->optlen = sizeof(*sin6);
+	}
+	ctx->retval = 0;
+	count(CNT_GETSOCKOPT_ANSWERED);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

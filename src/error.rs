@@ -1,0 +1,183 @@
+//! The library's one error type: each variant says what went wrong and what to do.
+
+use std::io;
+use std::path::PathBuf;
+
+/// A `Result` whose error is [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in meshbpf, with the fix in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The netns path does not exist.
+    #[error(
+        "{path}: no such file; give a pod's network namespace, such as /proc/PID/ns/net or \
+         /run/netns/NAME"
+    )]
+    NetnsNotFound {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// The path exists but is not a network namespace.
+    #[error(
+        "{path} is not a network namespace ({found}); give /proc/PID/ns/net of a process in the \
+         pod, or /run/netns/NAME"
+    )]
+    NotANetns {
+        /// The path given.
+        path: PathBuf,
+        /// What it is instead.
+        found: String,
+    },
+
+    /// Registering the host's network namespace was refused.
+    #[error(
+        "{path} is the host's own network namespace: registering it would capture every \
+         connection of this node; refused (pass --allow-host-netns only if that is really meant)"
+    )]
+    HostNetns {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// The cgroup path does not exist.
+    #[error("{path}: no such cgroup directory{hint}")]
+    CgroupNotFound {
+        /// The path given.
+        path: PathBuf,
+        /// Where a cgroup v2 mount was found, if any.
+        hint: String,
+    },
+
+    /// The cgroup path is not on a cgroup v2 mount.
+    #[error(
+        "{path} is not a cgroup v2 directory (it is on {found}){hint}; mount one with \
+         `mount -t cgroup2 none DIR` and pass DIR (or a child of it)"
+    )]
+    CgroupNotV2 {
+        /// The path given.
+        path: PathBuf,
+        /// The filesystem found there.
+        found: String,
+        /// Where a cgroup v2 mount was found, if any.
+        hint: String,
+    },
+
+    /// The pin directory is not on a bpffs mount.
+    #[error(
+        "{dir} is not on a bpffs mount; mount one with `mount -t bpf bpf /sys/fs/bpf`, or choose \
+         a --pin-dir under an existing bpffs mount"
+    )]
+    BpffsNotMounted {
+        /// The pin directory given.
+        dir: PathBuf,
+    },
+
+    /// The process lacks the capabilities the operation needs.
+    #[error(
+        "meshbpf needs root to {action} (missing {missing}); run it as root, for example with sudo"
+    )]
+    PermissionDenied {
+        /// What was being done.
+        action: &'static str,
+        /// The capabilities that are missing.
+        missing: String,
+    },
+
+    /// The kernel lacks something meshbpf needs.
+    #[error("kernel lacks {feature}: {detail}; meshbpf needs Linux 5.15 or newer with BTF (CONFIG_DEBUG_INFO_BTF=y)")]
+    MissingKernelFeature {
+        /// The feature.
+        feature: String,
+        /// What was found.
+        detail: String,
+    },
+
+    /// Nothing is attached under the pin directory.
+    #[error("nothing is attached under {pin_dir}; run `meshbpf attach --cgroup PATH` first")]
+    NotAttached {
+        /// The pin directory.
+        pin_dir: PathBuf,
+    },
+
+    /// The pin directory holds an attachment to another cgroup.
+    #[error(
+        "{pin_dir} already holds an attachment to {attached}; detach it first (`meshbpf detach \
+         --pin-dir {pin_dir}`) or use another --pin-dir"
+    )]
+    AttachedElsewhere {
+        /// The pin directory.
+        pin_dir: PathBuf,
+        /// The cgroup it is attached to.
+        attached: String,
+    },
+
+    /// The pinned maps were written by an incompatible build.
+    #[error(
+        "{pin_dir} was written with map layout {found}, this build uses {expected} and cannot \
+         migrate it; run `meshbpf detach --pin-dir {pin_dir}` (registered pods must then be \
+         registered again)"
+    )]
+    LayoutMismatch {
+        /// The pin directory.
+        pin_dir: PathBuf,
+        /// The layout found.
+        found: String,
+        /// The layout this build uses.
+        expected: u32,
+    },
+
+    /// `cookie_map` is full.
+    #[error("cannot register: {max} pods are registered already, the most cookie_map holds; unregister pods or run `meshbpf gc`")]
+    PodMapFull {
+        /// The bound.
+        max: u32,
+    },
+
+    /// A setting is out of range.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+
+    /// A libbpf operation failed.
+    #[error("{context}: {cause}")]
+    Bpf {
+        /// What was being done.
+        context: String,
+        /// libbpf's error (part of the message, so not also a `source()`).
+        cause: libbpf_rs::Error,
+    },
+
+    /// A system call failed.
+    #[error("{context}: {cause}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error (part of the message, so not also a `source()`).
+        cause: io::Error,
+    },
+}
+
+/// Attaches a description of what was being done to a lower-level error.
+pub(crate) trait Context<T> {
+    /// Wraps the error with `context`.
+    fn context(self, context: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, libbpf_rs::Error> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|cause| Error::Bpf { context: context(), cause })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, io::Error> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|cause| Error::Io { context: context(), cause })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, nix::Error> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|errno| Error::Io { context: context(), cause: errno.into() })
+    }
+}

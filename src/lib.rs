@@ -1,0 +1,37 @@
+//! meshbpf: a service-mesh sidecar's traffic capture done with eBPF cgroup
+//! socket hooks instead of iptables.
+//!
+//! Programs attach once per node to a cgroup v2 ([`Mesh::attach`]); a pod
+//! joins the mesh when its network namespace is registered
+//! ([`Mesh::register_netns`]). Inside a registered pod, outbound TCP
+//! connections go to the sidecar's outbound listener, and the sidecar learns
+//! where they were headed with the same `getsockopt(SO_ORIGINAL_DST)` it uses
+//! behind iptables ([`original_dst`]).
+//!
+//! ```no_run
+//! use meshbpf::{Mesh, PodSettings, DEFAULT_PIN_DIR};
+//! # fn main() -> meshbpf::Result<()> {
+//! let mesh = Mesh::attach("/sys/fs/cgroup", DEFAULT_PIN_DIR)?;
+//! let pod = mesh.register_netns("/proc/4242/ns/net", &PodSettings::default())?;
+//! println!("pod {} is in the mesh", pod.netns_cookie);
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+mod abi;
+mod error;
+mod mesh;
+mod netns;
+mod origin;
+mod settings;
+mod skel;
+mod system;
+
+pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+pub use error::{Error, Result};
+pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
+pub use netns::{current_cookie, Netns};
+pub use origin::{original_dst, SO_ORIGINAL_DST};
+pub use settings::{PodSettings, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID};
+pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

@@ -1,0 +1,537 @@
+//! A meshbpf attachment: the programs attached to one cgroup v2, their links
+//! and maps pinned under one bpffs directory, so that any later process
+//! (`meshbpf register`, a restarted node agent) can reopen them.
+//!
+//! Pin layout, under the pin directory (default `/sys/fs/bpf/meshbpf`):
+//! `maps/<map>` for every map and `links/<hook>` for every program's link.
+//! `maps/meta_map` is written last at attach and removed last at detach: its
+//! presence means "an attachment lives here", possibly one to repair.
+
+use std::fs;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
+
+use crate::abi::{self, ConnKey, MeshMeta, OrigDst, RawPodSettings, COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+use crate::error::{Context, Error, Result};
+use crate::netns::Netns;
+use crate::settings::PodSettings;
+use crate::skel::{MeshbpfSkel, MeshbpfSkelBuilder};
+use crate::system::{self, Privilege};
+
+/// Where links and maps are pinned unless told otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshbpf";
+
+const MAPS_DIR: &str = "maps";
+const LINKS_DIR: &str = "links";
+const META_MAP: &str = "meta_map";
+/// Program names in the BPF C start with this; the rest names the hook and its link pin.
+const PROG_PREFIX: &str = "handle__";
+
+/// A registered pod: its netns cookie and settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// The network namespace's cookie (the `cookie_map` key).
+    pub netns_cookie: u64,
+    /// Its settings (the `cookie_map` value).
+    pub settings: PodSettings,
+}
+
+/// Options for [`Mesh::register_netns_with`].
+#[derive(Clone, Debug, Default)]
+pub struct RegisterOptions {
+    /// Allow registering the host's own network namespace (captures every connection of
+    /// the node's processes in the attached cgroup). Off unless asked for explicitly.
+    pub allow_host_netns: bool,
+}
+
+/// One attached program, as its pinned link reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedProgram {
+    /// The hook, such as `connect4` or `sockops`.
+    pub hook: String,
+    /// The kernel's id of the link.
+    pub link_id: u32,
+    /// The kernel's id of the program behind it.
+    pub prog_id: u32,
+}
+
+/// What `meshbpf status` shows.
+#[derive(Clone, Debug)]
+pub struct Status {
+    /// The pin directory.
+    pub pin_dir: PathBuf,
+    /// The cgroup the programs are attached to, as given at attach.
+    pub cgroup_path: String,
+    /// That cgroup's id.
+    pub cgroup_id: u64,
+    /// The map layout version of the pinned maps.
+    pub layout_version: u32,
+    /// The attached programs.
+    pub programs: Vec<AttachedProgram>,
+    /// The registered pods.
+    pub pods: Vec<Pod>,
+    /// Every counter, by name, summed over CPUs.
+    pub counters: Vec<(&'static str, u64)>,
+}
+
+/// An attached meshbpf, reached through its pinned maps.
+#[derive(Debug)]
+pub struct Mesh {
+    pin_dir: PathBuf,
+    meta: MeshMeta,
+    cookie_map: MapHandle,
+    origin_dst_map: MapHandle,
+    counters: MapHandle,
+}
+
+impl Mesh {
+    /// Loads the programs, attaches them to the cgroup v2 directory `cgroup` and pins
+    /// everything under `pin_dir`.
+    ///
+    /// Idempotent: over an existing attachment to the same cgroup it replaces each program
+    /// in place through its pinned link (no window without capture) and keeps the pinned
+    /// maps, so registered pods and live connections carry on. A failure leaves nothing
+    /// new attached or pinned.
+    pub fn attach(cgroup: impl AsRef<Path>, pin_dir: impl AsRef<Path>) -> Result<Mesh> {
+        let (cgroup, pin_dir) = (cgroup.as_ref(), pin_dir.as_ref());
+        system::require(Privilege::Bpf, "attach BPF programs")?;
+        system::check_kernel()?;
+        let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
+        system::check_bpffs(pin_dir)?;
+        remove_stale_staging(pin_dir)?;
+
+        let meta_pin = pin_dir.join(MAPS_DIR).join(META_MAP);
+        if pin_dir.exists() && !meta_pin.exists() {
+            // A detach was interrupted: finish it, then attach afresh.
+            remove_pins(pin_dir)?;
+        }
+        if meta_pin.exists() {
+            let existing = read_meta(pin_dir)?;
+            if existing.cgroup_id != cgroup_id {
+                return Err(Error::AttachedElsewhere {
+                    pin_dir: pin_dir.into(),
+                    attached: meta_cgroup_path(&existing),
+                });
+            }
+            replace_in_place(pin_dir, &cgroup_dir)?;
+        } else {
+            let meta = new_meta(cgroup, cgroup_id);
+            match attach_fresh(pin_dir, &cgroup_dir, &meta) {
+                // Another attach won the race to the pin directory: join it.
+                Err(AttachError::PinDirTaken) => replace_in_place(pin_dir, &cgroup_dir)?,
+                Err(AttachError::Failed(err)) => return Err(err),
+                Ok(()) => {}
+            }
+        }
+        Mesh::open(pin_dir)
+    }
+
+    /// Reopens the attachment pinned under `pin_dir`.
+    pub fn open(pin_dir: impl AsRef<Path>) -> Result<Mesh> {
+        let pin_dir = pin_dir.as_ref();
+        system::require(Privilege::Bpf, "open pinned BPF maps")?;
+        system::check_bpffs(pin_dir)?;
+        let meta = read_meta(pin_dir)?;
+        let map = |name: &str| {
+            let path = pin_dir.join(MAPS_DIR).join(name);
+            MapHandle::from_pinned_path(&path).context(|| format!("opening pinned map {}", path.display()))
+        };
+        let counters = map("counters")?;
+        if counters.max_entries() as usize != COUNTER_NAMES.len() {
+            return Err(Error::LayoutMismatch {
+                pin_dir: pin_dir.into(),
+                found: format!("{} (with {} counters)", meta.layout_version, counters.max_entries()),
+                expected: LAYOUT_VERSION,
+            });
+        }
+        Ok(Mesh {
+            pin_dir: pin_dir.into(),
+            meta,
+            cookie_map: map("cookie_map")?,
+            origin_dst_map: map("origin_dst_map")?,
+            counters,
+        })
+    }
+
+    /// Detaches every program and removes every pin under this attachment's directory.
+    pub fn detach(self) -> Result<()> {
+        detach(&self.pin_dir).map(|_| ())
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Puts the pod whose network namespace is at `netns_path` in the mesh, with `settings`.
+    /// Registering again replaces its settings for new connections.
+    pub fn register_netns(&self, netns_path: impl AsRef<Path>, settings: &PodSettings) -> Result<Pod> {
+        self.register_netns_with(netns_path, settings, &RegisterOptions::default())
+    }
+
+    /// [`Mesh::register_netns`] with options.
+    pub fn register_netns_with(
+        &self,
+        netns_path: impl AsRef<Path>,
+        settings: &PodSettings,
+        options: &RegisterOptions,
+    ) -> Result<Pod> {
+        system::require(Privilege::EnterNetns, "read a network namespace's cookie")?;
+        settings.validate()?;
+        let netns = Netns::open(netns_path)?;
+        if !options.allow_host_netns && netns.is_host()? {
+            return Err(Error::HostNetns { path: netns.path().into() });
+        }
+        let cookie = netns.cookie();
+        let raw = settings.to_raw();
+        if let Err(err) = self.cookie_map.update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY) {
+            return Err(match err.kind() {
+                libbpf_rs::ErrorKind::Other if is_map_full(&err) => Error::PodMapFull { max: MAX_PODS },
+                _ => Error::Bpf { context: "writing cookie_map".into(), cause: err },
+            });
+        }
+        Ok(Pod { netns_cookie: cookie, settings: settings.clone() })
+    }
+
+    /// Takes the pod whose network namespace is at `netns_path` out of the mesh; returns
+    /// whether it was registered. Its connections already captured carry on.
+    pub fn unregister_netns(&self, netns_path: impl AsRef<Path>) -> Result<bool> {
+        system::require(Privilege::EnterNetns, "read a network namespace's cookie")?;
+        let netns = Netns::open(netns_path)?;
+        self.unregister_cookie(netns.cookie())
+    }
+
+    /// Takes the pod with this netns cookie out of the mesh; returns whether it was registered.
+    pub fn unregister_cookie(&self, netns_cookie: u64) -> Result<bool> {
+        match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
+            Ok(()) => Ok(true),
+            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
+            Err(err) => Err(err).context(|| "deleting from cookie_map".into()),
+        }
+    }
+
+    /// Every registered pod.
+    pub fn pods(&self) -> Result<Vec<Pod>> {
+        let mut pods = Vec::new();
+        for key in self.cookie_map.keys() {
+            let Some(value) = self.cookie_map.lookup(&key, MapFlags::ANY).context(|| "reading cookie_map".into())? else {
+                continue; // unregistered while we walked the map
+            };
+            let (Ok(cookie), Some(raw)) = (<[u8; 8]>::try_from(key.as_slice()), abi::from_bytes::<RawPodSettings>(&value))
+            else {
+                continue;
+            };
+            pods.push(Pod { netns_cookie: u64::from_ne_bytes(cookie), settings: PodSettings::from_raw(&raw) });
+        }
+        pods.sort_by_key(|pod| pod.netns_cookie);
+        Ok(pods)
+    }
+
+    /// The original destination of the captured connection from `client` (the application's
+    /// end) to `listener` (the proxy's end) in the pod with `netns_cookie`: the answer the
+    /// getsockopt hook gives the proxy.
+    pub fn lookup_origin_dst(&self, netns_cookie: u64, client: SocketAddr, listener: SocketAddr) -> Result<Option<SocketAddr>> {
+        let key = ConnKey::new(netns_cookie, client, listener);
+        let value = self.origin_dst_map.lookup(abi::bytes(&key), MapFlags::ANY).context(|| "reading origin_dst_map".into())?;
+        Ok(value.and_then(|v| abi::from_bytes::<OrigDst>(&v)).and_then(|dst| dst.to_socket_addr()))
+    }
+
+    /// How many connections `origin_dst_map` tracks now.
+    pub fn tracked_connections(&self) -> usize {
+        self.origin_dst_map.keys().count()
+    }
+
+    /// Every counter, by name, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::with_capacity(COUNTER_NAMES.len());
+        for (index, name) in COUNTER_NAMES.iter().enumerate() {
+            let per_cpu = self.counters.lookup_percpu(&(index as u32).to_ne_bytes(), MapFlags::ANY).context(|| "reading counters".into())?;
+            let total = per_cpu
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+                .map(u64::from_ne_bytes)
+                .sum();
+            out.push((*name, total));
+        }
+        Ok(out)
+    }
+
+    /// Programs, pods and counters of this attachment.
+    pub fn status(&self) -> Result<Status> {
+        let mut programs = Vec::new();
+        let links = self.pin_dir.join(LINKS_DIR);
+        for entry in fs::read_dir(&links).context(|| format!("reading {}", links.display()))? {
+            let path = entry.context(|| format!("reading {}", links.display()))?.path();
+            let link = Link::open(&path).context(|| format!("opening link {}", path.display()))?;
+            let info = link.info().context(|| format!("querying link {}", path.display()))?;
+            let hook = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            programs.push(AttachedProgram { hook, link_id: info.id, prog_id: info.prog_id });
+        }
+        programs.sort_by(|a, b| a.hook.cmp(&b.hook));
+        Ok(Status {
+            pin_dir: self.pin_dir.clone(),
+            cgroup_path: meta_cgroup_path(&self.meta),
+            cgroup_id: self.meta.cgroup_id,
+            layout_version: self.meta.layout_version,
+            programs,
+            pods: self.pods()?,
+            counters: self.counters()?,
+        })
+    }
+}
+
+/// Detaches every program and removes every pin under `pin_dir`, also when the attachment
+/// cannot be opened (another layout, a half-finished attach). Returns whether anything was
+/// there.
+pub fn detach(pin_dir: impl AsRef<Path>) -> Result<bool> {
+    let pin_dir = pin_dir.as_ref();
+    system::require(Privilege::Bpf, "detach BPF programs")?;
+    system::check_bpffs(pin_dir)?;
+    let stale = remove_stale_staging(pin_dir)?;
+    if !pin_dir.exists() {
+        return Ok(stale);
+    }
+    remove_pins(pin_dir)?;
+    Ok(true)
+}
+
+fn is_map_full(err: &libbpf_rs::Error) -> bool {
+    // A full hash map answers E2BIG to an insert.
+    err.to_string().contains("Argument list too long") || err.to_string().contains("E2BIG")
+}
+
+fn new_meta(cgroup: &Path, cgroup_id: u64) -> MeshMeta {
+    let mut meta = MeshMeta { layout_version: LAYOUT_VERSION, cgroup_id, ..Default::default() };
+    let path = fs::canonicalize(cgroup).unwrap_or_else(|_| cgroup.into());
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // Keep the last byte a NUL; a longer path is cut (the id is what identifies the cgroup).
+    let len = bytes.len().min(meta.cgroup_path.len() - 1);
+    for (dst, src) in meta.cgroup_path.iter_mut().zip(&bytes[..len]) {
+        *dst = *src as _;
+    }
+    meta
+}
+
+fn meta_cgroup_path(meta: &MeshMeta) -> String {
+    let bytes: Vec<u8> = meta.cgroup_path.iter().take_while(|&&b| b != 0).map(|&b| b as u8).collect();
+    let path = String::from_utf8_lossy(&bytes);
+    format!("{path} (cgroup id {})", meta.cgroup_id)
+}
+
+fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
+    let path = pin_dir.join(MAPS_DIR).join(META_MAP);
+    if !path.exists() {
+        return Err(Error::NotAttached { pin_dir: pin_dir.into() });
+    }
+    let map = MapHandle::from_pinned_path(&path).context(|| format!("opening {}", path.display()))?;
+    let value = map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).context(|| format!("reading {}", path.display()))?;
+    let meta = value.as_deref().and_then(abi::from_bytes::<MeshMeta>);
+    match meta {
+        Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok(meta),
+        Some(meta) => Err(Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: meta.layout_version.to_string(),
+            expected: LAYOUT_VERSION,
+        }),
+        None => Err(Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: format!("unknown ({} bytes of meta)", value.map_or(0, |v| v.len())),
+            expected: LAYOUT_VERSION,
+        }),
+    }
+}
+
+/// The hook a program serves, from its name: `handle__connect4` → `connect4`.
+fn hook_name(prog_name: &std::ffi::OsStr) -> String {
+    let name = prog_name.to_string_lossy();
+    name.strip_prefix(PROG_PREFIX).unwrap_or(&name).to_string()
+}
+
+/// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
+fn load<'obj>(
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    maps_dir: &Path,
+) -> Result<MeshbpfSkel<'obj>> {
+    let open = MeshbpfSkelBuilder::default().open(open_object).context(|| "opening the BPF object".into())?;
+    let mut open = open;
+    for mut map in open.open_object_mut().maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        if name.contains('.') {
+            continue; // .rodata and friends belong to this load only
+        }
+        map.set_pin_path(maps_dir.join(&name)).context(|| format!("setting the pin path of {name}"))?;
+    }
+    open.load().map_err(|cause| {
+        if cause.kind() == libbpf_rs::ErrorKind::PermissionDenied {
+            Error::PermissionDenied { action: "load BPF programs", missing: "CAP_BPF or a high enough RLIMIT_MEMLOCK".into() }
+        } else {
+            Error::Bpf {
+                context: "loading the BPF programs (the kernel verifier's log is printed above; \
+                          `meshbpf` needs Linux 5.15+ with BTF)"
+                    .into(),
+                cause,
+            }
+        }
+    })
+}
+
+enum AttachError {
+    /// Another process created the pin directory first.
+    PinDirTaken,
+    Failed(Error),
+}
+
+impl From<Error> for AttachError {
+    fn from(err: Error) -> Self {
+        AttachError::Failed(err)
+    }
+}
+
+/// A staging directory that is removed, with every link in it detached, unless kept.
+struct Staging {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = remove_pins(&self.path);
+        }
+    }
+}
+
+/// bpffs refuses names with a dot, so the staging directory is `<name>-staging-<pid>`.
+fn staging_prefix(pin_dir: &Path) -> String {
+    let name = pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    format!("{name}-staging-")
+}
+
+/// Attaches into a fresh staging directory next to `pin_dir`, then renames it into place,
+/// so that `pin_dir` appears complete or not at all.
+fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<(), AttachError> {
+    let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+    fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
+    let mut staging = Staging {
+        path: parent.join(format!("{}{}", staging_prefix(pin_dir), std::process::id())),
+        keep: false,
+    };
+    let _ = remove_pins(&staging.path);
+    for dir in [MAPS_DIR, LINKS_DIR] {
+        fs::create_dir_all(staging.path.join(dir)).context(|| format!("creating {}", staging.path.display()))?;
+    }
+
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load(&mut open_object, &staging.path.join(MAPS_DIR))?;
+    // Links live in this vector until pinned; on an early return they are dropped, which
+    // detaches them, and `staging` unpins whatever was pinned already.
+    let mut links = Vec::new();
+    for prog in skel.object().progs_mut() {
+        let hook = hook_name(prog.name());
+        let link = attach_prog(&prog, cgroup).context(|| format!("attaching {hook}"))?;
+        links.push((hook, link));
+    }
+    for (hook, link) in &mut links {
+        let path = staging.path.join(LINKS_DIR).join(&*hook);
+        link.pin(&path).context(|| format!("pinning {}", path.display()))?;
+    }
+    // meta_map last: it marks the directory complete.
+    skel.maps.meta_map.update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY).context(|| "writing meta_map".into())?;
+
+    match fs::rename(&staging.path, pin_dir) {
+        Ok(()) => {
+            staging.keep = true;
+            Ok(())
+        }
+        Err(err) if matches!(err.raw_os_error(), Some(nix::libc::EEXIST) | Some(nix::libc::ENOTEMPTY)) => Err(AttachError::PinDirTaken),
+        Err(err) => Err(Error::Io { context: format!("moving the attachment to {}", pin_dir.display()), cause: err }.into()),
+    }
+}
+
+/// Every program so far hangs off the cgroup.
+fn attach_prog(prog: &libbpf_rs::ProgramMut<'_>, cgroup: &fs::File) -> Result<Link, libbpf_rs::Error> {
+    prog.attach_cgroup(cgroup.as_raw_fd())
+}
+
+/// Replaces each program of an existing attachment through its pinned link, keeping the
+/// pinned maps; attaches and pins any program whose link is missing.
+fn replace_in_place(pin_dir: &Path, cgroup: &fs::File) -> Result<()> {
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load(&mut open_object, &pin_dir.join(MAPS_DIR)).map_err(|err| match err {
+        Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: "incompatible pinned maps".into(),
+            expected: LAYOUT_VERSION,
+        },
+        other => other,
+    })?;
+    for prog in skel.object().progs_mut() {
+        let hook = hook_name(prog.name());
+        let path = pin_dir.join(LINKS_DIR).join(&hook);
+        if path.exists() {
+            let mut link = Link::open(&path).context(|| format!("opening link {}", path.display()))?;
+            link.update_prog(&prog).context(|| format!("replacing the {hook} program"))?;
+        } else {
+            let mut link = attach_prog(&prog, cgroup).context(|| format!("attaching {hook}"))?;
+            fs::create_dir_all(path.parent().unwrap_or(pin_dir)).context(|| format!("creating {}", pin_dir.display()))?;
+            link.pin(&path).context(|| format!("pinning {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the staging directories of attaches whose process is gone; returns whether any.
+fn remove_stale_staging(pin_dir: &Path) -> Result<bool> {
+    let Some(parent) = pin_dir.parent() else { return Ok(false) };
+    let Ok(entries) = fs::read_dir(parent) else { return Ok(false) };
+    let prefix = staging_prefix(pin_dir);
+    let mut removed = false;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix(&prefix) else { continue };
+        if Path::new("/proc").join(pid).exists() && pid != std::process::id().to_string() {
+            continue; // an attach in progress elsewhere
+        }
+        remove_pins(&entry.path())?;
+        removed = true;
+    }
+    Ok(removed)
+}
+
+/// Detaches every link pinned under `dir`, then removes every pin and directory, with the
+/// meta map last.
+fn remove_pins(dir: &Path) -> Result<()> {
+    let links = dir.join(LINKS_DIR);
+    if let Ok(entries) = fs::read_dir(&links) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if let Ok(link) = Link::open(&path) {
+                // Detach even if another process still holds the link open.
+                let _ = link.detach();
+            }
+            fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+        }
+        fs::remove_dir(&links).context(|| format!("removing {}", links.display()))?;
+    }
+    let maps = dir.join(MAPS_DIR);
+    if let Ok(entries) = fs::read_dir(&maps) {
+        let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+        paths.sort_by_key(|p| p.ends_with(META_MAP));
+        for path in paths {
+            fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+        }
+        fs::remove_dir(&maps).context(|| format!("removing {}", maps.display()))?;
+    }
+    match fs::remove_dir(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+            Err(err).context(|| format!("removing {} (does it hold files meshbpf did not create?)", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}

@@ -1,0 +1,179 @@
+//! Network namespace identity: which namespace a path names, and its cookie,
+//! the 64-bit id the BPF programs see through `bpf_get_netns_cookie()`.
+
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::statfs::fstatfs;
+
+use crate::error::{Context, Error, Result};
+
+/// `SO_NETNS_COOKIE` (asm-generic/socket.h, Linux 5.14); the same on x86 and arm64.
+const SO_NETNS_COOKIE: nix::libc::c_int = 71;
+/// `NS_GET_NSTYPE` = `_IO(0xb7, 0x3)` (linux/nsfs.h, Linux 4.11).
+const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb703;
+/// The host's network namespace: that of pid 1.
+const HOST_NETNS: &str = "/proc/1/ns/net";
+/// The inode number of the initial network namespace, fixed at build time of every kernel
+/// (`PROC_NET_INIT_INO` in include/linux/proc_ns.h), so the host can be recognised even
+/// where /proc/1 may not be read.
+const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+
+/// An open network namespace and its cookie.
+#[derive(Debug)]
+pub struct Netns {
+    path: PathBuf,
+    file: File,
+    cookie: u64,
+}
+
+impl Netns {
+    /// Opens `path` (such as `/proc/PID/ns/net` or `/run/netns/NAME`), checks that it is a
+    /// network namespace and reads its cookie.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|err| match err.kind() {
+            std::io::ErrorKind::NotFound => Error::NetnsNotFound { path: path.clone() },
+            _ => Error::Io { context: format!("opening {}", path.display()), cause: err },
+        })?;
+        check_is_netns(&path, &file)?;
+        let cookie = cookie_of(&file).context(|| format!("reading the cookie of {}", path.display()))?;
+        Ok(Netns { path, file, cookie })
+    }
+
+    /// The namespace's cookie, as the BPF programs see it.
+    pub fn cookie(&self) -> u64 {
+        self.cookie
+    }
+
+    /// The path it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether this is the host's own network namespace: the kernel's initial one, or
+    /// that of pid 1.
+    pub fn is_host(&self) -> Result<bool> {
+        let this = self.file.metadata().context(|| format!("reading {}", self.path.display()))?;
+        if this.ino() == INIT_NET_INO {
+            return Ok(true);
+        }
+        // pid 1's namespace may be hidden from us (a hardened pid 1); the check above holds then.
+        Ok(std::fs::metadata(HOST_NETNS).is_ok_and(|host| host.dev() == this.dev() && host.ino() == this.ino()))
+    }
+}
+
+fn check_is_netns(path: &Path, file: &File) -> Result<()> {
+    let fs = fstatfs(file).context(|| format!("statfs {}", path.display()))?;
+    // The magic's integer type differs between libc targets; compare as u64.
+    #[allow(clippy::unnecessary_cast)]
+    let magic = fs.filesystem_type().0 as u64;
+    if magic != nix::libc::NSFS_MAGIC as u64 {
+        let found = if file.metadata().map(|m| m.is_dir()).unwrap_or(false) {
+            "a directory"
+        } else {
+            "not a namespace file"
+        };
+        return Err(Error::NotANetns { path: path.to_path_buf(), found: found.into() });
+    }
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace type.
+    let ns_type = unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if ns_type != nix::libc::CLONE_NEWNET {
+        let found = match ns_type {
+            nix::libc::CLONE_NEWNS => "a mount namespace".to_string(),
+            nix::libc::CLONE_NEWPID => "a pid namespace".to_string(),
+            nix::libc::CLONE_NEWUTS => "a uts namespace".to_string(),
+            nix::libc::CLONE_NEWIPC => "an ipc namespace".to_string(),
+            nix::libc::CLONE_NEWUSER => "a user namespace".to_string(),
+            nix::libc::CLONE_NEWCGROUP => "a cgroup namespace".to_string(),
+            other => format!("namespace type {other:#x}"),
+        };
+        return Err(Error::NotANetns { path: path.to_path_buf(), found });
+    }
+    Ok(())
+}
+
+/// The cookie of the namespace `ns`: a socket made inside it reports it through
+/// `SO_NETNS_COOKIE`. The switch happens on a short-lived thread so the caller's
+/// own namespace never changes.
+fn cookie_of(ns: &File) -> std::io::Result<u64> {
+    let fd = ns.as_fd().try_clone_to_owned()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> std::io::Result<u64> {
+                setns(&fd, CloneFlags::CLONE_NEWNET)?;
+                current_cookie()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns cookie thread panicked")))
+    })
+}
+
+/// The cookie of the calling thread's network namespace.
+pub fn current_cookie() -> std::io::Result<u64> {
+    // SAFETY: plain socket(2); the result is checked before it is wrapped.
+    let raw = unsafe { nix::libc::socket(nix::libc::AF_UNIX, nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    let ret = unsafe {
+        nix::libc::getsockopt(
+            sock.as_raw_fd(),
+            nix::libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        let err = std::io::Error::last_os_error();
+        return Err(if err.raw_os_error() == Some(nix::libc::ENOPROTOOPT) {
+            std::io::Error::other("SO_NETNS_COOKIE is not supported (Linux 5.14+ needed)")
+        } else {
+            err
+        });
+    }
+    Ok(cookie)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_path_names_the_fix() {
+        let err = Netns::open("/nonexistent/ns/net").unwrap_err();
+        assert!(matches!(err, Error::NetnsNotFound { .. }));
+        assert!(err.to_string().contains("/proc/PID/ns/net"), "{err}");
+    }
+
+    #[test]
+    fn regular_file_is_not_a_netns() {
+        let err = Netns::open("/proc/self/status").unwrap_err();
+        assert!(matches!(err, Error::NotANetns { .. }), "{err}");
+    }
+
+    #[test]
+    fn own_namespace_outside_any_pod_is_the_host() {
+        // The test runner runs in the initial network namespace.
+        let ns = Netns::open("/proc/self/ns/net").unwrap();
+        if ns.file.metadata().unwrap().ino() == INIT_NET_INO {
+            assert!(ns.is_host().unwrap());
+            assert_eq!(ns.cookie(), current_cookie().unwrap());
+        }
+    }
+
+    #[test]
+    fn other_namespace_types_are_named() {
+        let err = Netns::open("/proc/self/ns/uts").unwrap_err();
+        assert!(err.to_string().contains("uts namespace"), "{err}");
+    }
+}

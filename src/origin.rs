@@ -1,0 +1,53 @@
+//! The original destination of a captured connection, as a proxy asks for it.
+
+use std::io;
+use std::mem::{size_of, MaybeUninit};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
+use std::os::fd::AsRawFd;
+
+use nix::libc;
+
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`
+/// (linux/netfilter_ipv6/ip6_tables.h) share the number 80.
+pub const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// The address the application connected to, for a connection a proxy accepted: the plain
+/// `getsockopt(SO_ORIGINAL_DST)` that works the same behind iptables REDIRECT and behind
+/// meshbpf (IPv4 through `SOL_IP`, IPv6 through `SOL_IPV6`).
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let is_v4 = match stream.local_addr()? {
+        SocketAddr::V4(_) => true,
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
+    };
+    let fd = stream.as_raw_fd();
+    if is_v4 {
+        let sin: libc::sockaddr_in = getsockopt_struct(fd, libc::SOL_IP)?;
+        Ok(SocketAddr::V4(SocketAddrV4::new(
+            Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+            u16::from_be(sin.sin_port),
+        )))
+    } else {
+        let sin6: libc::sockaddr_in6 = getsockopt_struct(fd, libc::SOL_IPV6)?;
+        Ok(SocketAddr::V6(SocketAddrV6::new(
+            Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+            u16::from_be(sin6.sin6_port),
+            sin6.sin6_flowinfo,
+            sin6.sin6_scope_id,
+        )))
+    }
+}
+
+fn getsockopt_struct<T>(fd: libc::c_int, level: libc::c_int) -> io::Result<T> {
+    let mut value = MaybeUninit::<T>::zeroed();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is valid for writes of `len` bytes and `len` is a valid socklen_t.
+    let ret = unsafe { libc::getsockopt(fd, level, SO_ORIGINAL_DST, value.as_mut_ptr().cast(), &mut len) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if len as usize != size_of::<T>() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("SO_ORIGINAL_DST returned {len} bytes")));
+    }
+    // SAFETY: zero-initialised and then filled by the kernel; sockaddr_in(6) is plain data.
+    Ok(unsafe { value.assume_init() })
+}
