@@ -5,7 +5,8 @@
 //! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
 //! netprobe connect DEST [--bind SRC] [--message TEXT]
 //!                                            # prints local=, peer=, reply=
-//! netprobe sockopts --listen ADDR            # accept one connection, run getsockopt probes on it
+//! netprobe sockopts --listen ADDR [--hold]   # accept one connection, run getsockopt probes on
+//!                                            # it; --hold keeps it open until killed
 //! ```
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -23,7 +24,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR".into()),
+        _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR [--hold]".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -117,9 +118,10 @@ fn connect_from(src: SocketAddr, dest: SocketAddr) -> Result<TcpStream> {
 /// Accepts one connection and prints, for each getsockopt a proxy or a tool might make on
 /// it, `probe NAME=ok:HEX` or `probe NAME=err:ERRNO`.
 fn sockopts(args: &[String]) -> Result<()> {
-    let listen = match args {
-        [flag, addr] if flag == "--listen" => parse_addr(addr)?,
-        _ => return Err("sockopts --listen ADDR".into()),
+    let (listen, hold) = match args {
+        [flag, addr] if flag == "--listen" => (parse_addr(addr)?, false),
+        [flag, addr, hold] if flag == "--listen" && hold == "--hold" => (parse_addr(addr)?, true),
+        _ => return Err("sockopts --listen ADDR [--hold]".into()),
     };
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     say(format!("listening={listen}"));
@@ -147,6 +149,12 @@ fn sockopts(args: &[String]) -> Result<()> {
             Err(errno) => format!("err:{errno}"),
         };
         say(format!("probe {name}={result}"));
+    }
+    say("probes done".into());
+    if hold {
+        loop {
+            thread::park();
+        }
     }
     Ok(())
 }

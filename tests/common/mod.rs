@@ -1,0 +1,384 @@
+//! The end-to-end harness: "pods" are network namespaces joined by veth to a
+//! bridge namespace, each with its own cgroup under a test cgroup that the
+//! programs attach to, and processes started inside them with the right uid.
+//! Everything a test makes has a unique name and is removed in `Drop`, also
+//! when the test fails.
+#![allow(dead_code)]
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use meshbpf::Mesh;
+
+pub const PROXY_UID: u32 = 1337;
+pub const APP_UID: u32 = 1000;
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Whether privileged tests can run here. Without root they are skipped, except under CI,
+/// where a test that cannot run fails.
+pub fn privileged() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    if !root && std::env::var_os("CI").is_some() {
+        panic!("this end-to-end test needs root, and CI is set: it must run, not skip");
+    }
+    if !root {
+        eprintln!("skipped: needs root");
+    }
+    root
+}
+
+/// A path to an example binary built next to this test binary.
+pub fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let path = dir.join("examples").join(name);
+    assert!(path.exists(), "{} is missing: run the tests with `cargo test` (it builds examples)", path.display());
+    path
+}
+
+/// The meshbpf CLI.
+pub fn cli() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
+}
+
+fn sh(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+fn ip(args: &[&str]) {
+    sh(Command::new("ip").args(args));
+}
+
+/// One test's world: a bpffs and a cgroup2 mount of its own, a test cgroup, a bridge
+/// namespace, pods, and the processes started in them.
+pub struct Env {
+    pub id: String,
+    pub root: PathBuf,
+    pub bpffs: PathBuf,
+    pub pin_dir: PathBuf,
+    cgroup2: PathBuf,
+    pub cgroup: PathBuf,
+    bridge_ns: String,
+    pods: Vec<String>,
+    pod_cgroups: Vec<PathBuf>,
+    next_host: u8,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let root = PathBuf::from(format!("/tmp/meshbpf-test-{id}"));
+        let bpffs = root.join("bpf");
+        let cgroup2 = root.join("cg2");
+        let mut env = Env {
+            cgroup: cgroup2.join(format!("meshbpf-test-{id}")),
+            pin_dir: bpffs.join("mesh"),
+            bridge_ns: format!("mbt-{id}-br"),
+            id,
+            root,
+            bpffs,
+            cgroup2,
+            pods: Vec::new(),
+            pod_cgroups: Vec::new(),
+            next_host: 10,
+        };
+        fs::create_dir_all(&env.bpffs).unwrap();
+        fs::create_dir_all(&env.cgroup2).unwrap();
+        sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&env.bpffs));
+        // A cgroup2 mount of our own: the same hierarchy as any other, there or not.
+        sh(Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&env.cgroup2));
+        fs::create_dir(&env.cgroup).unwrap();
+        ip(&["netns", "add", &env.bridge_ns]);
+        env.pods.push(env.bridge_ns.clone());
+        ip(&["-n", &env.bridge_ns, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &env.bridge_ns, "link", "set", "br0", "up"]);
+        env
+    }
+
+    /// Attaches meshbpf to the test cgroup.
+    pub fn attach(&self) -> Mesh {
+        Mesh::attach(&self.cgroup, &self.pin_dir).expect("attach")
+    }
+
+    /// A new pod on the bridge, with an IPv4 and an IPv6 address from documentation ranges.
+    pub fn pod(&mut self, name: &str) -> Pod {
+        let host = self.next_host;
+        self.next_host += 1;
+        let ns = format!("mbt-{}-{name}", self.id);
+        ip(&["netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        let port = format!("p{host}");
+        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &self.bridge_ns]);
+        ip(&["-n", &self.bridge_ns, "link", "set", &port, "master", "br0", "up"]);
+        let v4 = Ipv4Addr::new(192, 0, 2, host);
+        let v6: Ipv6Addr = format!("2001:db8::{host}").parse().unwrap();
+        ip(&["-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
+        ip(&["-n", &ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir(&cgroup).unwrap();
+        self.pod_cgroups.push(cgroup.clone());
+        Pod { netns: PathBuf::from(format!("/run/netns/{ns}")), name: ns, v4, v6, cgroup, logs: self.root.clone() }
+    }
+
+    /// Runs the meshbpf CLI with `--pin-dir` of this env appended.
+    pub fn meshbpf(&self, args: &[&str]) -> Output {
+        Command::new(cli()).args(args).arg("--pin-dir").arg(&self.pin_dir).output().expect("run meshbpf")
+    }
+
+    /// Hooks bpftool reports attached to the test cgroup (attach type names).
+    pub fn attached_hooks(&self) -> Vec<String> {
+        let out = sh(Command::new("bpftool").args(["cgroup", "show"]).arg(&self.cgroup));
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+            .collect()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        for cg in self.pod_cgroups.iter().rev() {
+            let _ = fs::write(cg.join("cgroup.kill"), "1");
+        }
+        for cg in self.pod_cgroups.iter().rev() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while fs::remove_dir(cg).is_err() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = meshbpf::detach(&self.pin_dir);
+        let _ = fs::remove_dir(&self.cgroup);
+        for ns in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("umount").arg(&self.bpffs).status();
+        let _ = Command::new("umount").arg(&self.cgroup2).status();
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// A pod: a network namespace with addresses, and a cgroup for its processes.
+pub struct Pod {
+    pub name: String,
+    pub netns: PathBuf,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub cgroup: PathBuf,
+    logs: PathBuf,
+}
+
+impl Pod {
+    pub fn ip(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.v6)
+        } else {
+            IpAddr::V4(self.v4)
+        }
+    }
+
+    /// `ip:port` as text, bracketing IPv6.
+    pub fn addr(&self, v6: bool, port: u16) -> String {
+        std::net::SocketAddr::new(self.ip(v6), port).to_string()
+    }
+
+    /// A command that will run inside this pod: in its netns and cgroup, as `uid`.
+    pub fn command(&self, uid: u32, program: &Path, args: &[&str]) -> Command {
+        let netns = File::open(&self.netns).expect("open netns");
+        let procs = fs::OpenOptions::new().write(true).open(self.cgroup.join("cgroup.procs")).expect("open cgroup.procs");
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        let (netns_fd, procs_fd): (RawFd, RawFd) = (netns.as_raw_fd(), procs.as_raw_fd());
+        // SAFETY: the closure only makes async-signal-safe system calls (write, setns,
+        // setgroups, setresgid, setresuid) on descriptors opened before the fork; `netns` and
+        // `procs` are moved into the closure so the descriptors stay open until then.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep = (&netns, &procs);
+                let me = b"0";
+                if nix::libc::write(procs_fd, me.as_ptr().cast(), me.len()) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if nix::libc::setns(netns_fd, nix::libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if uid != 0 {
+                    if nix::libc::setgroups(0, std::ptr::null()) < 0
+                        || nix::libc::setresgid(uid, uid, uid) < 0
+                        || nix::libc::setresuid(uid, uid, uid) < 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts a long-running process in the pod; its stdout goes to a log file.
+    pub fn spawn(&self, uid: u32, program: &Path, args: &[&str]) -> Proc {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let log = self.logs.join(format!("{}-{}.log", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
+        let out = File::create(&log).unwrap();
+        let child = self
+            .command(uid, program, args)
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        Proc { child, log }
+    }
+
+    /// Runs a process in the pod to completion (killed after a timeout) and returns its output.
+    pub fn run(&self, uid: u32, program: &Path, args: &[&str]) -> Output {
+        let child = self
+            .command(uid, program, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
+        wait_with_timeout(child)
+    }
+
+    /// `netprobe connect DEST [extra...]` as the application; returns its `key=value` lines.
+    pub fn connect(&self, dest: &str, extra: &[&str]) -> Probe {
+        let mut args = vec!["connect", dest];
+        args.extend_from_slice(extra);
+        let out = self.run(APP_UID, &example("netprobe"), &args);
+        Probe::from_output(&out)
+    }
+
+    /// Starts the sidecar stand-in as the proxy uid and waits until it listens.
+    pub fn sidecar(&self) -> Proc {
+        let proc = self.spawn(PROXY_UID, &example("sidecar"), &[]);
+        proc.wait_for("listening outbound=[::1]");
+        proc
+    }
+
+    /// Starts `netprobe serve` on `addrs` and waits until it listens.
+    pub fn server(&self, addrs: &[&str]) -> Proc {
+        let mut args = vec!["serve"];
+        args.extend_from_slice(addrs);
+        let proc = self.spawn(APP_UID, &example("netprobe"), &args);
+        for addr in addrs {
+            proc.wait_for(&format!("listening={addr}"));
+        }
+        proc
+    }
+}
+
+fn wait_with_timeout(mut child: Child) -> Output {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if child.try_wait().expect("wait").is_some() {
+            return child.wait_with_output().expect("output");
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("process timed out; stdout: {}", String::from_utf8_lossy(&out.stdout));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A process started in a pod; killed when dropped.
+pub struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    pub fn output(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Lines of output that start with `prefix`.
+    pub fn lines(&self, prefix: &str) -> Vec<String> {
+        self.output().lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+    }
+
+    /// Waits until the output contains `text`; panics with the output after a timeout.
+    pub fn wait_for(&self, text: &str) {
+        let deadline = Instant::now() + TIMEOUT;
+        while !self.output().contains(text) {
+            assert!(Instant::now() < deadline, "timed out waiting for {text:?}; output:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until the process exits by itself.
+    pub fn wait(mut self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        while self.child.try_wait().expect("wait").is_none() {
+            assert!(Instant::now() < deadline, "process did not exit; output:\n{}", self.output());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.output()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `key=value` lines a netprobe printed.
+#[derive(Debug)]
+pub struct Probe {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Probe {
+    fn from_output(out: &Output) -> Probe {
+        Probe {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> String {
+        let prefix = format!("{key}=");
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {key}= in output:\n{}\nstderr:\n{}", self.stdout, self.stderr))
+            .to_string()
+    }
+}
+
+/// Stdout of a command as text; fails the test with stderr if it did not succeed.
+pub fn stdout_of(out: &Output) -> String {
+    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Writes `text` to a file in the env root.
+pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
+    let path = env.root.join(name);
+    File::create(&path).and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
+    path
+}
+
+/// The value of one counter.
+pub fn counter(mesh: &Mesh, name: &str) -> u64 {
+    mesh.counters().unwrap().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v).unwrap()
+}
