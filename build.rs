@@ -38,7 +38,10 @@ fn run() -> Result<(), String> {
         }
     }
     for entry in fs::read_dir(format!("vmlinux/{arch}")).map_err(|e| e.to_string())? {
-        println!("cargo:rerun-if-changed={}", entry.map_err(|e| e.to_string())?.path().display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            entry.map_err(|e| e.to_string())?.path().display()
+        );
     }
     // The object that defines the maps goes first: the linker resolves the
     // others' extern map declarations against it.
@@ -52,11 +55,17 @@ fn run() -> Result<(), String> {
     let linked = out_dir.join("meshbpf.bpf.o");
     let mut linker = Linker::new(&linked).map_err(|e| format!("libbpf linker: {e}"))?;
     for src in &sources {
-        let obj = objs_dir.join(src.file_name().ok_or("bad source name")?).with_extension("o");
+        let obj = objs_dir
+            .join(src.file_name().ok_or("bad source name")?)
+            .with_extension("o");
         compile(&clang, src, &obj, &headers, arch)?;
-        linker.add_file(&obj).map_err(|e| format!("linking {}: {e}", obj.display()))?;
+        linker
+            .add_file(&obj)
+            .map_err(|e| format!("linking {}: {e}", obj.display()))?;
     }
-    linker.link().map_err(|e| format!("linking BPF objects: {e}"))?;
+    linker
+        .link()
+        .map_err(|e| format!("linking BPF objects: {e}"))?;
 
     SkeletonBuilder::new()
         .obj(&linked)
@@ -95,7 +104,11 @@ fn find_clang() -> Result<PathBuf, String> {
         candidates.push(explicit);
     }
     candidates.push("clang".into());
-    candidates.extend((MIN_CLANG..=30).rev().map(|v| OsString::from(format!("clang-{v}"))));
+    candidates.extend(
+        (MIN_CLANG..=30)
+            .rev()
+            .map(|v| OsString::from(format!("clang-{v}"))),
+    );
 
     let mut too_old = Vec::new();
     for candidate in candidates {
@@ -105,7 +118,9 @@ fn find_clang() -> Result<PathBuf, String> {
         let text = String::from_utf8_lossy(&out.stdout);
         match clang_major(&text) {
             Some(major) if major >= MIN_CLANG => return Ok(PathBuf::from(candidate)),
-            Some(major) => too_old.push(format!("{} is clang {major}", candidate.to_string_lossy())),
+            Some(major) => {
+                too_old.push(format!("{} is clang {major}", candidate.to_string_lossy()))
+            }
             None => continue,
         }
     }
@@ -154,6 +169,10 @@ fn compile(clang: &Path, src: &Path, obj: &Path, headers: &Path, arch: &str) -> 
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("{} failed to compile {}", clang.display(), src.display()))
+        Err(format!(
+            "{} failed to compile {}",
+            clang.display(),
+            src.display()
+        ))
     }
 }

@@ -50,7 +50,10 @@ fn serve(addrs: &[String]) -> Result<()> {
         .map(|a| TcpListener::bind(parse_addr(a)?).map_err(|e| format!("bind {a}: {e}")))
         .collect::<Result<Vec<_>>>()?;
     for l in &listeners {
-        say(format!("listening={}", l.local_addr().map_err(|e| e.to_string())?));
+        say(format!(
+            "listening={}",
+            l.local_addr().map_err(|e| e.to_string())?
+        ));
     }
     thread::scope(|scope| {
         for listener in &listeners {
@@ -65,9 +68,17 @@ fn serve(addrs: &[String]) -> Result<()> {
 }
 
 fn answer(stream: TcpStream) {
-    let local = stream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         if writeln!(writer, "from={local} saw={peer} msg={line}").is_err() {
@@ -90,28 +101,48 @@ fn connect(args: &[String]) -> Result<()> {
         }
     }
     let stream = match bind {
-        None => TcpStream::connect_timeout(&dest, Duration::from_secs(5)).map_err(|e| format!("connect {dest}: {e}"))?,
+        None => TcpStream::connect_timeout(&dest, Duration::from_secs(5))
+            .map_err(|e| format!("connect {dest}: {e}"))?,
         Some(src) => connect_from(src, dest)?,
     };
-    stream.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-    say(format!("local={}", stream.local_addr().map_err(|e| e.to_string())?));
-    say(format!("peer={}", stream.peer_addr().map_err(|e| e.to_string())?));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    say(format!(
+        "local={}",
+        stream.local_addr().map_err(|e| e.to_string())?
+    ));
+    say(format!(
+        "peer={}",
+        stream.peer_addr().map_err(|e| e.to_string())?
+    ));
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     writeln!(writer, "{message}").map_err(|e| format!("send: {e}"))?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(|e| format!("receive: {e}"))?;
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("receive: {e}"))?;
     say(format!("reply={}", reply.trim_end()));
     Ok(())
 }
 
 /// A connect from a fixed source address and port (SO_REUSEADDR, so tests can reuse it).
 fn connect_from(src: SocketAddr, dest: SocketAddr) -> Result<TcpStream> {
-    use nix::sys::socket::{bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = if src.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    let family = if src.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
     setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
     bind(fd.as_raw_fd(), &SockaddrStorage::from(src)).map_err(|e| format!("bind {src}: {e}"))?;
-    connect(fd.as_raw_fd(), &SockaddrStorage::from(dest)).map_err(|e| format!("connect {dest}: {e}"))?;
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(dest))
+        .map_err(|e| format!("connect {dest}: {e}"))?;
     Ok(TcpStream::from(fd))
 }
 
@@ -129,23 +160,59 @@ fn sockopts(args: &[String]) -> Result<()> {
     say(format!("accepted peer={peer}"));
     let fd = stream.as_raw_fd();
     let v4 = listen.is_ipv4();
-    let (own_level, other_level) = if v4 { (libc::SOL_IP, libc::SOL_IPV6) } else { (libc::SOL_IPV6, libc::SOL_IP) };
-    let addr_len = if v4 { size_of::<libc::sockaddr_in>() } else { size_of::<libc::sockaddr_in6>() };
+    let (own_level, other_level) = if v4 {
+        (libc::SOL_IP, libc::SOL_IPV6)
+    } else {
+        (libc::SOL_IPV6, libc::SOL_IP)
+    };
+    let addr_len = if v4 {
+        size_of::<libc::sockaddr_in>()
+    } else {
+        size_of::<libc::sockaddr_in6>()
+    };
     let probes: [(&str, libc::c_int, libc::c_int, usize); 7] = [
-        ("original_dst", own_level, meshbpf::SO_ORIGINAL_DST, addr_len),
-        ("original_dst_short_buffer", own_level, meshbpf::SO_ORIGINAL_DST, 8),
-        ("original_dst_other_level", other_level, meshbpf::SO_ORIGINAL_DST, 28),
+        (
+            "original_dst",
+            own_level,
+            meshbpf::SO_ORIGINAL_DST,
+            addr_len,
+        ),
+        (
+            "original_dst_short_buffer",
+            own_level,
+            meshbpf::SO_ORIGINAL_DST,
+            8,
+        ),
+        (
+            "original_dst_other_level",
+            other_level,
+            meshbpf::SO_ORIGINAL_DST,
+            28,
+        ),
         ("so_type", libc::SOL_SOCKET, libc::SO_TYPE, 4),
         ("tcp_nodelay", libc::IPPROTO_TCP, libc::TCP_NODELAY, 4),
-        ("ip_tos_or_tclass", own_level, if v4 { libc::IP_TOS } else { libc::IPV6_TCLASS }, 4),
+        (
+            "ip_tos_or_tclass",
+            own_level,
+            if v4 { libc::IP_TOS } else { libc::IPV6_TCLASS },
+            4,
+        ),
         // Larger than a page: the hook must let big option values through untouched.
-        ("tcp_info_two_pages", libc::IPPROTO_TCP, libc::TCP_INFO, 8192),
+        (
+            "tcp_info_two_pages",
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            8192,
+        ),
     ];
     for (name, level, optname, len) in probes {
         let result = match getsockopt_raw(fd, level, optname, len) {
             // TCP_INFO carries timings and counters: report its length only.
             Ok(bytes) if optname == libc::TCP_INFO => format!("ok:len{}", bytes.len()),
-            Ok(bytes) => format!("ok:{}", bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            Ok(bytes) => format!(
+                "ok:{}",
+                bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
             Err(errno) => format!("err:{errno}"),
         };
         say(format!("probe {name}={result}"));
@@ -159,7 +226,12 @@ fn sockopts(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-fn getsockopt_raw(fd: libc::c_int, level: libc::c_int, optname: libc::c_int, len: usize) -> std::result::Result<Vec<u8>, i32> {
+fn getsockopt_raw(
+    fd: libc::c_int,
+    level: libc::c_int,
+    optname: libc::c_int,
+    len: usize,
+) -> std::result::Result<Vec<u8>, i32> {
     let mut buf = vec![0u8; len];
     let mut optlen = len as libc::socklen_t;
     // SAFETY: `buf` is valid for writes of `optlen` bytes.

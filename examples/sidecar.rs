@@ -37,7 +37,13 @@ fn main() {
         }
     }
     for listener in &listeners {
-        say(format!("listening outbound={}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default()));
+        say(format!(
+            "listening outbound={}",
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        ));
     }
     thread::scope(|scope| {
         for listener in &listeners {
@@ -56,22 +62,31 @@ fn main() {
 }
 
 fn relay(client: TcpStream) {
-    let peer = client.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let peer = client
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| "?".into());
     let original = match meshbpf::original_dst(&client) {
         Ok(addr) => addr,
         Err(err) => {
-            say(format!("outbound peer={peer} original_dst=none error={err}"));
+            say(format!(
+                "outbound peer={peer} original_dst=none error={err}"
+            ));
             return;
         }
     };
     let upstream = match TcpStream::connect(original) {
         Ok(upstream) => upstream,
         Err(err) => {
-            say(format!("outbound peer={peer} original_dst={original} upstream=failed error={err}"));
+            say(format!(
+                "outbound peer={peer} original_dst={original} upstream=failed error={err}"
+            ));
             return;
         }
     };
-    say(format!("outbound peer={peer} original_dst={original} upstream=connected"));
+    say(format!(
+        "outbound peer={peer} original_dst={original} upstream=connected"
+    ));
     let (Ok(client2), Ok(upstream2)) = (client.try_clone(), upstream.try_clone()) else {
         return;
     };

@@ -5,8 +5,10 @@
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
-pub(crate) use crate::skel::types::{conn_key as ConnKey, mesh_meta as MeshMeta, orig_dst as OrigDst};
 pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
+pub(crate) use crate::skel::types::{
+    conn_key as ConnKey, mesh_meta as MeshMeta, orig_dst as OrigDst,
+};
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
 pub const LAYOUT_VERSION: u32 = 1;
@@ -70,7 +72,10 @@ pub(crate) fn from_bytes<T: plain::Plain + Default>(data: &[u8]) -> Option<T> {
 /// Address words in network byte order, IPv4 (and IPv4-mapped IPv6) folded to `addr[0]`.
 fn addr_words(ip: IpAddr) -> (u16, [u32; 4]) {
     let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     };
     match ip {
@@ -102,7 +107,7 @@ fn words_ip(family: u16, words: &[u32; 4]) -> Option<IpAddr> {
 
 impl OrigDst {
     /// The socket address this value describes, if its family is known.
-    pub(crate) fn to_socket_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn to_socket_addr(self) -> Option<SocketAddr> {
         let ip = words_ip(self.family, &self.addr)?;
         let port = u16::from_be(self.port);
         Some(match ip {
@@ -119,7 +124,11 @@ impl ConnKey {
         let (src_family, src_addr) = addr_words(client.ip());
         let (dst_family, dst_addr) = addr_words(listener.ip());
         // Both ends of a connection have one family; a mixed pair is simply never found.
-        let family = if src_family == dst_family { src_family } else { 0 };
+        let family = if src_family == dst_family {
+            src_family
+        } else {
+            0
+        };
         ConnKey {
             src_addr,
             dst_addr,
@@ -137,7 +146,11 @@ mod tests {
 
     #[test]
     fn ipv4_key_uses_first_word_in_network_order() {
-        let key = ConnKey::new(7, "127.0.0.1:40000".parse().unwrap(), "127.0.0.1:15001".parse().unwrap());
+        let key = ConnKey::new(
+            7,
+            "127.0.0.1:40000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        );
         assert_eq!(key.family, u32::from(AF_INET));
         assert_eq!(key.src_addr, [u32::from_ne_bytes([127, 0, 0, 1]), 0, 0, 0]);
         assert_eq!(key.src_port, 40000u16.to_be());
@@ -147,8 +160,16 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_ipv6_folds_to_the_ipv4_key() {
-        let v4 = ConnKey::new(1, "127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
-        let mapped = ConnKey::new(1, "[::ffff:127.0.0.1]:1".parse().unwrap(), "[::ffff:127.0.0.1]:2".parse().unwrap());
+        let v4 = ConnKey::new(
+            1,
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
+        let mapped = ConnKey::new(
+            1,
+            "[::ffff:127.0.0.1]:1".parse().unwrap(),
+            "[::ffff:127.0.0.1]:2".parse().unwrap(),
+        );
         assert_eq!(bytes(&v4), bytes(&mapped));
     }
 
@@ -157,7 +178,11 @@ mod tests {
         for text in ["192.0.2.7:8080", "[2001:db8::7]:443"] {
             let addr: SocketAddr = text.parse().unwrap();
             let (family, words) = addr_words(addr.ip());
-            let dst = OrigDst { addr: words, port: addr.port().to_be(), family };
+            let dst = OrigDst {
+                addr: words,
+                port: addr.port().to_be(),
+                family,
+            };
             assert_eq!(dst.to_socket_addr(), Some(addr));
         }
     }

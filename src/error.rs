@@ -166,18 +166,27 @@ pub(crate) trait Context<T> {
 
 impl<T> Context<T> for std::result::Result<T, libbpf_rs::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|cause| Error::Bpf { context: context(), cause })
+        self.map_err(|cause| Error::Bpf {
+            context: context(),
+            cause,
+        })
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, io::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|cause| Error::Io { context: context(), cause })
+        self.map_err(|cause| Error::Io {
+            context: context(),
+            cause,
+        })
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, nix::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|errno| Error::Io { context: context(), cause: errno.into() })
+        self.map_err(|errno| Error::Io {
+            context: context(),
+            cause: errno.into(),
+        })
     }
 }

@@ -33,5 +33,7 @@ pub use error::{Error, Result};
 pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
 pub use netns::{current_cookie, Netns};
 pub use origin::{original_dst, SO_ORIGINAL_DST};
-pub use settings::{PodSettings, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID};
+pub use settings::{
+    PodSettings, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+};
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
-use crate::abi::{self, ConnKey, MeshMeta, OrigDst, RawPodSettings, COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+use crate::abi::{
+    self, ConnKey, MeshMeta, OrigDst, RawPodSettings, COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS,
+};
 use crate::error::{Context, Error, Result};
 use crate::netns::Netns;
 use crate::settings::PodSettings;
@@ -139,13 +141,18 @@ impl Mesh {
         let meta = read_meta(pin_dir)?;
         let map = |name: &str| {
             let path = pin_dir.join(MAPS_DIR).join(name);
-            MapHandle::from_pinned_path(&path).context(|| format!("opening pinned map {}", path.display()))
+            MapHandle::from_pinned_path(&path)
+                .context(|| format!("opening pinned map {}", path.display()))
         };
         let counters = map("counters")?;
         if counters.max_entries() as usize != COUNTER_NAMES.len() {
             return Err(Error::LayoutMismatch {
                 pin_dir: pin_dir.into(),
-                found: format!("{} (with {} counters)", meta.layout_version, counters.max_entries()),
+                found: format!(
+                    "{} (with {} counters)",
+                    meta.layout_version,
+                    counters.max_entries()
+                ),
                 expected: LAYOUT_VERSION,
             });
         }
@@ -170,7 +177,11 @@ impl Mesh {
 
     /// Puts the pod whose network namespace is at `netns_path` in the mesh, with `settings`.
     /// Registering again replaces its settings for new connections.
-    pub fn register_netns(&self, netns_path: impl AsRef<Path>, settings: &PodSettings) -> Result<Pod> {
+    pub fn register_netns(
+        &self,
+        netns_path: impl AsRef<Path>,
+        settings: &PodSettings,
+    ) -> Result<Pod> {
         self.register_netns_with(netns_path, settings, &RegisterOptions::default())
     }
 
@@ -184,18 +195,27 @@ impl Mesh {
         system::require(Privilege::EnterNetns, "read a network namespace's cookie")?;
         settings.validate()?;
         let netns = Netns::open(netns_path)?;
-        if !options.allow_host_netns && netns.is_host()? {
-            return Err(Error::HostNetns { path: netns.path().into() });
-        }
+        netns.refuse_host(options.allow_host_netns)?;
         let cookie = netns.cookie();
         let raw = settings.to_raw();
-        if let Err(err) = self.cookie_map.update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY) {
+        if let Err(err) =
+            self.cookie_map
+                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
+        {
             return Err(match err.kind() {
-                libbpf_rs::ErrorKind::Other if is_map_full(&err) => Error::PodMapFull { max: MAX_PODS },
-                _ => Error::Bpf { context: "writing cookie_map".into(), cause: err },
+                libbpf_rs::ErrorKind::Other if is_map_full(&err) => {
+                    Error::PodMapFull { max: MAX_PODS }
+                }
+                _ => Error::Bpf {
+                    context: "writing cookie_map".into(),
+                    cause: err,
+                },
             });
         }
-        Ok(Pod { netns_cookie: cookie, settings: settings.clone() })
+        Ok(Pod {
+            netns_cookie: cookie,
+            settings: settings.clone(),
+        })
     }
 
     /// Takes the pod whose network namespace is at `netns_path` out of the mesh; returns
@@ -219,14 +239,23 @@ impl Mesh {
     pub fn pods(&self) -> Result<Vec<Pod>> {
         let mut pods = Vec::new();
         for key in self.cookie_map.keys() {
-            let Some(value) = self.cookie_map.lookup(&key, MapFlags::ANY).context(|| "reading cookie_map".into())? else {
+            let Some(value) = self
+                .cookie_map
+                .lookup(&key, MapFlags::ANY)
+                .context(|| "reading cookie_map".into())?
+            else {
                 continue; // unregistered while we walked the map
             };
-            let (Ok(cookie), Some(raw)) = (<[u8; 8]>::try_from(key.as_slice()), abi::from_bytes::<RawPodSettings>(&value))
-            else {
+            let (Ok(cookie), Some(raw)) = (
+                <[u8; 8]>::try_from(key.as_slice()),
+                abi::from_bytes::<RawPodSettings>(&value),
+            ) else {
                 continue;
             };
-            pods.push(Pod { netns_cookie: u64::from_ne_bytes(cookie), settings: PodSettings::from_raw(&raw) });
+            pods.push(Pod {
+                netns_cookie: u64::from_ne_bytes(cookie),
+                settings: PodSettings::from_raw(&raw),
+            });
         }
         pods.sort_by_key(|pod| pod.netns_cookie);
         Ok(pods)
@@ -235,10 +264,20 @@ impl Mesh {
     /// The original destination of the captured connection from `client` (the application's
     /// end) to `listener` (the proxy's end) in the pod with `netns_cookie`: the answer the
     /// getsockopt hook gives the proxy.
-    pub fn lookup_origin_dst(&self, netns_cookie: u64, client: SocketAddr, listener: SocketAddr) -> Result<Option<SocketAddr>> {
+    pub fn lookup_origin_dst(
+        &self,
+        netns_cookie: u64,
+        client: SocketAddr,
+        listener: SocketAddr,
+    ) -> Result<Option<SocketAddr>> {
         let key = ConnKey::new(netns_cookie, client, listener);
-        let value = self.origin_dst_map.lookup(abi::bytes(&key), MapFlags::ANY).context(|| "reading origin_dst_map".into())?;
-        Ok(value.and_then(|v| abi::from_bytes::<OrigDst>(&v)).and_then(|dst| dst.to_socket_addr()))
+        let value = self
+            .origin_dst_map
+            .lookup(abi::bytes(&key), MapFlags::ANY)
+            .context(|| "reading origin_dst_map".into())?;
+        Ok(value
+            .and_then(|v| abi::from_bytes::<OrigDst>(&v))
+            .and_then(|dst| dst.to_socket_addr()))
     }
 
     /// How many connections `origin_dst_map` tracks now.
@@ -250,7 +289,10 @@ impl Mesh {
     pub fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
         let mut out = Vec::with_capacity(COUNTER_NAMES.len());
         for (index, name) in COUNTER_NAMES.iter().enumerate() {
-            let per_cpu = self.counters.lookup_percpu(&(index as u32).to_ne_bytes(), MapFlags::ANY).context(|| "reading counters".into())?;
+            let per_cpu = self
+                .counters
+                .lookup_percpu(&(index as u32).to_ne_bytes(), MapFlags::ANY)
+                .context(|| "reading counters".into())?;
             let total = per_cpu
                 .unwrap_or_default()
                 .iter()
@@ -267,11 +309,22 @@ impl Mesh {
         let mut programs = Vec::new();
         let links = self.pin_dir.join(LINKS_DIR);
         for entry in fs::read_dir(&links).context(|| format!("reading {}", links.display()))? {
-            let path = entry.context(|| format!("reading {}", links.display()))?.path();
+            let path = entry
+                .context(|| format!("reading {}", links.display()))?
+                .path();
             let link = Link::open(&path).context(|| format!("opening link {}", path.display()))?;
-            let info = link.info().context(|| format!("querying link {}", path.display()))?;
-            let hook = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            programs.push(AttachedProgram { hook, link_id: info.id, prog_id: info.prog_id });
+            let info = link
+                .info()
+                .context(|| format!("querying link {}", path.display()))?;
+            let hook = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            programs.push(AttachedProgram {
+                hook,
+                link_id: info.id,
+                prog_id: info.prog_id,
+            });
         }
         programs.sort_by(|a, b| a.hook.cmp(&b.hook));
         Ok(Status {
@@ -307,7 +360,11 @@ fn is_map_full(err: &libbpf_rs::Error) -> bool {
 }
 
 fn new_meta(cgroup: &Path, cgroup_id: u64) -> MeshMeta {
-    let mut meta = MeshMeta { layout_version: LAYOUT_VERSION, cgroup_id, ..Default::default() };
+    let mut meta = MeshMeta {
+        layout_version: LAYOUT_VERSION,
+        cgroup_id,
+        ..Default::default()
+    };
     let path = fs::canonicalize(cgroup).unwrap_or_else(|_| cgroup.into());
     let bytes = path.as_os_str().as_encoded_bytes();
     // Keep the last byte a NUL; a longer path is cut (the id is what identifies the cgroup).
@@ -319,7 +376,12 @@ fn new_meta(cgroup: &Path, cgroup_id: u64) -> MeshMeta {
 }
 
 fn meta_cgroup_path(meta: &MeshMeta) -> String {
-    let bytes: Vec<u8> = meta.cgroup_path.iter().take_while(|&&b| b != 0).map(|&b| b as u8).collect();
+    let bytes: Vec<u8> = meta
+        .cgroup_path
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as u8)
+        .collect();
     let path = String::from_utf8_lossy(&bytes);
     format!("{path} (cgroup id {})", meta.cgroup_id)
 }
@@ -327,10 +389,15 @@ fn meta_cgroup_path(meta: &MeshMeta) -> String {
 fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
     let path = pin_dir.join(MAPS_DIR).join(META_MAP);
     if !path.exists() {
-        return Err(Error::NotAttached { pin_dir: pin_dir.into() });
+        return Err(Error::NotAttached {
+            pin_dir: pin_dir.into(),
+        });
     }
-    let map = MapHandle::from_pinned_path(&path).context(|| format!("opening {}", path.display()))?;
-    let value = map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY).context(|| format!("reading {}", path.display()))?;
+    let map =
+        MapHandle::from_pinned_path(&path).context(|| format!("opening {}", path.display()))?;
+    let value = map
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .context(|| format!("reading {}", path.display()))?;
     let meta = value.as_deref().and_then(abi::from_bytes::<MeshMeta>);
     match meta {
         Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok(meta),
@@ -358,18 +425,24 @@ fn load<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     maps_dir: &Path,
 ) -> Result<MeshbpfSkel<'obj>> {
-    let open = MeshbpfSkelBuilder::default().open(open_object).context(|| "opening the BPF object".into())?;
+    let open = MeshbpfSkelBuilder::default()
+        .open(open_object)
+        .context(|| "opening the BPF object".into())?;
     let mut open = open;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         if name.contains('.') {
             continue; // .rodata and friends belong to this load only
         }
-        map.set_pin_path(maps_dir.join(&name)).context(|| format!("setting the pin path of {name}"))?;
+        map.set_pin_path(maps_dir.join(&name))
+            .context(|| format!("setting the pin path of {name}"))?;
     }
     open.load().map_err(|cause| {
         if cause.kind() == libbpf_rs::ErrorKind::PermissionDenied {
-            Error::PermissionDenied { action: "load BPF programs", missing: "CAP_BPF or a high enough RLIMIT_MEMLOCK".into() }
+            Error::PermissionDenied {
+                action: "load BPF programs",
+                missing: "CAP_BPF or a high enough RLIMIT_MEMLOCK".into(),
+            }
         } else {
             Error::Bpf {
                 context: "loading the BPF programs (the kernel verifier's log is printed above; \
@@ -409,7 +482,10 @@ impl Drop for Staging {
 
 /// bpffs refuses names with a dot, so the staging directory is `<name>-staging-<pid>`.
 fn staging_prefix(pin_dir: &Path) -> String {
-    let name = pin_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     format!("{name}-staging-")
 }
 
@@ -424,7 +500,8 @@ fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<()
     };
     let _ = remove_pins(&staging.path);
     for dir in [MAPS_DIR, LINKS_DIR] {
-        fs::create_dir_all(staging.path.join(dir)).context(|| format!("creating {}", staging.path.display()))?;
+        fs::create_dir_all(staging.path.join(dir))
+            .context(|| format!("creating {}", staging.path.display()))?;
     }
 
     let mut open_object = MaybeUninit::uninit();
@@ -439,23 +516,41 @@ fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<()
     }
     for (hook, link) in &mut links {
         let path = staging.path.join(LINKS_DIR).join(&*hook);
-        link.pin(&path).context(|| format!("pinning {}", path.display()))?;
+        link.pin(&path)
+            .context(|| format!("pinning {}", path.display()))?;
     }
     // meta_map last: it marks the directory complete.
-    skel.maps.meta_map.update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY).context(|| "writing meta_map".into())?;
+    skel.maps
+        .meta_map
+        .update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY)
+        .context(|| "writing meta_map".into())?;
 
     match fs::rename(&staging.path, pin_dir) {
         Ok(()) => {
             staging.keep = true;
             Ok(())
         }
-        Err(err) if matches!(err.raw_os_error(), Some(nix::libc::EEXIST) | Some(nix::libc::ENOTEMPTY)) => Err(AttachError::PinDirTaken),
-        Err(err) => Err(Error::Io { context: format!("moving the attachment to {}", pin_dir.display()), cause: err }.into()),
+        Err(err)
+            if matches!(
+                err.raw_os_error(),
+                Some(nix::libc::EEXIST) | Some(nix::libc::ENOTEMPTY)
+            ) =>
+        {
+            Err(AttachError::PinDirTaken)
+        }
+        Err(err) => Err(Error::Io {
+            context: format!("moving the attachment to {}", pin_dir.display()),
+            cause: err,
+        }
+        .into()),
     }
 }
 
 /// Every program so far hangs off the cgroup.
-fn attach_prog(prog: &libbpf_rs::ProgramMut<'_>, cgroup: &fs::File) -> Result<Link, libbpf_rs::Error> {
+fn attach_prog(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    cgroup: &fs::File,
+) -> Result<Link, libbpf_rs::Error> {
     prog.attach_cgroup(cgroup.as_raw_fd())
 }
 
@@ -464,23 +559,29 @@ fn attach_prog(prog: &libbpf_rs::ProgramMut<'_>, cgroup: &fs::File) -> Result<Li
 fn replace_in_place(pin_dir: &Path, cgroup: &fs::File) -> Result<()> {
     let mut open_object = MaybeUninit::uninit();
     let skel = load(&mut open_object, &pin_dir.join(MAPS_DIR)).map_err(|err| match err {
-        Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => Error::LayoutMismatch {
-            pin_dir: pin_dir.into(),
-            found: "incompatible pinned maps".into(),
-            expected: LAYOUT_VERSION,
-        },
+        Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
+            Error::LayoutMismatch {
+                pin_dir: pin_dir.into(),
+                found: "incompatible pinned maps".into(),
+                expected: LAYOUT_VERSION,
+            }
+        }
         other => other,
     })?;
     for prog in skel.object().progs_mut() {
         let hook = hook_name(prog.name());
         let path = pin_dir.join(LINKS_DIR).join(&hook);
         if path.exists() {
-            let mut link = Link::open(&path).context(|| format!("opening link {}", path.display()))?;
-            link.update_prog(&prog).context(|| format!("replacing the {hook} program"))?;
+            let mut link =
+                Link::open(&path).context(|| format!("opening link {}", path.display()))?;
+            link.update_prog(&prog)
+                .context(|| format!("replacing the {hook} program"))?;
         } else {
             let mut link = attach_prog(&prog, cgroup).context(|| format!("attaching {hook}"))?;
-            fs::create_dir_all(path.parent().unwrap_or(pin_dir)).context(|| format!("creating {}", pin_dir.display()))?;
-            link.pin(&path).context(|| format!("pinning {}", path.display()))?;
+            fs::create_dir_all(path.parent().unwrap_or(pin_dir))
+                .context(|| format!("creating {}", pin_dir.display()))?;
+            link.pin(&path)
+                .context(|| format!("pinning {}", path.display()))?;
         }
     }
     Ok(())
@@ -488,13 +589,19 @@ fn replace_in_place(pin_dir: &Path, cgroup: &fs::File) -> Result<()> {
 
 /// Removes the staging directories of attaches whose process is gone; returns whether any.
 fn remove_stale_staging(pin_dir: &Path) -> Result<bool> {
-    let Some(parent) = pin_dir.parent() else { return Ok(false) };
-    let Ok(entries) = fs::read_dir(parent) else { return Ok(false) };
+    let Some(parent) = pin_dir.parent() else {
+        return Ok(false);
+    };
+    let Ok(entries) = fs::read_dir(parent) else {
+        return Ok(false);
+    };
     let prefix = staging_prefix(pin_dir);
     let mut removed = false;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix(&prefix) else { continue };
+        let Some(pid) = name.strip_prefix(&prefix) else {
+            continue;
+        };
         if Path::new("/proc").join(pid).exists() && pid != std::process::id().to_string() {
             continue; // an attach in progress elsewhere
         }
@@ -529,9 +636,12 @@ fn remove_pins(dir: &Path) -> Result<()> {
         fs::remove_dir(&maps).context(|| format!("removing {}", maps.display()))?;
     }
     match fs::remove_dir(dir) {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
-            Err(err).context(|| format!("removing {} (does it hold files meshbpf did not create?)", dir.display()))
-        }
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err).context(|| {
+            format!(
+                "removing {} (does it hold files meshbpf did not create?)",
+                dir.display()
+            )
+        }),
         _ => Ok(()),
     }
 }

@@ -37,10 +37,14 @@ impl Netns {
         let path = path.as_ref().to_path_buf();
         let file = File::open(&path).map_err(|err| match err.kind() {
             std::io::ErrorKind::NotFound => Error::NetnsNotFound { path: path.clone() },
-            _ => Error::Io { context: format!("opening {}", path.display()), cause: err },
+            _ => Error::Io {
+                context: format!("opening {}", path.display()),
+                cause: err,
+            },
         })?;
         check_is_netns(&path, &file)?;
-        let cookie = cookie_of(&file).context(|| format!("reading the cookie of {}", path.display()))?;
+        let cookie =
+            cookie_of(&file).context(|| format!("reading the cookie of {}", path.display()))?;
         Ok(Netns { path, file, cookie })
     }
 
@@ -54,15 +58,29 @@ impl Netns {
         &self.path
     }
 
+    /// Refuses the host's own network namespace unless `allow_host` is set.
+    pub fn refuse_host(&self, allow_host: bool) -> Result<()> {
+        if !allow_host && self.is_host()? {
+            return Err(Error::HostNetns {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether this is the host's own network namespace: the kernel's initial one, or
     /// that of pid 1.
     pub fn is_host(&self) -> Result<bool> {
-        let this = self.file.metadata().context(|| format!("reading {}", self.path.display()))?;
+        let this = self
+            .file
+            .metadata()
+            .context(|| format!("reading {}", self.path.display()))?;
         if this.ino() == INIT_NET_INO {
             return Ok(true);
         }
         // pid 1's namespace may be hidden from us (a hardened pid 1); the check above holds then.
-        Ok(std::fs::metadata(HOST_NETNS).is_ok_and(|host| host.dev() == this.dev() && host.ino() == this.ino()))
+        Ok(std::fs::metadata(HOST_NETNS)
+            .is_ok_and(|host| host.dev() == this.dev() && host.ino() == this.ino()))
     }
 }
 
@@ -77,7 +95,10 @@ fn check_is_netns(path: &Path, file: &File) -> Result<()> {
         } else {
             "not a namespace file"
         };
-        return Err(Error::NotANetns { path: path.to_path_buf(), found: found.into() });
+        return Err(Error::NotANetns {
+            path: path.to_path_buf(),
+            found: found.into(),
+        });
     }
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace type.
     let ns_type = unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
@@ -91,7 +112,10 @@ fn check_is_netns(path: &Path, file: &File) -> Result<()> {
             nix::libc::CLONE_NEWCGROUP => "a cgroup namespace".to_string(),
             other => format!("namespace type {other:#x}"),
         };
-        return Err(Error::NotANetns { path: path.to_path_buf(), found });
+        return Err(Error::NotANetns {
+            path: path.to_path_buf(),
+            found,
+        });
     }
     Ok(())
 }
@@ -115,7 +139,13 @@ fn cookie_of(ns: &File) -> std::io::Result<u64> {
 /// The cookie of the calling thread's network namespace.
 pub fn current_cookie() -> std::io::Result<u64> {
     // SAFETY: plain socket(2); the result is checked before it is wrapped.
-    let raw = unsafe { nix::libc::socket(nix::libc::AF_UNIX, nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC, 0) };
+    let raw = unsafe {
+        nix::libc::socket(
+            nix::libc::AF_UNIX,
+            nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
     if raw < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -41,12 +41,23 @@ fn getsockopt_struct<T>(fd: libc::c_int, level: libc::c_int) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is valid for writes of `len` bytes and `len` is a valid socklen_t.
-    let ret = unsafe { libc::getsockopt(fd, level, SO_ORIGINAL_DST, value.as_mut_ptr().cast(), &mut len) };
+    let ret = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            SO_ORIGINAL_DST,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }
     if len as usize != size_of::<T>() {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("SO_ORIGINAL_DST returned {len} bytes")));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("SO_ORIGINAL_DST returned {len} bytes"),
+        ));
     }
     // SAFETY: zero-initialised and then filled by the kernel; sockaddr_in(6) is plain data.
     Ok(unsafe { value.assume_init() })

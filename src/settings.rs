@@ -51,11 +51,15 @@ impl PodSettings {
             ("DNS port", self.dns_port),
         ] {
             if port == 0 {
-                return Err(Error::InvalidSetting(format!("{name} 0: give a port from 1 to 65535")));
+                return Err(Error::InvalidSetting(format!(
+                    "{name} 0: give a port from 1 to 65535"
+                )));
             }
         }
         if self.proxy_uid == u32::MAX || self.proxy_gid == Some(NO_GID) {
-            return Err(Error::InvalidSetting("proxy uid/gid 4294967295 is not a valid id".into()));
+            return Err(Error::InvalidSetting(
+                "proxy uid/gid 4294967295 is not a valid id".into(),
+            ));
         }
         Ok(())
     }
@@ -95,19 +99,30 @@ mod tests {
     #[test]
     fn defaults_are_istio_s() {
         let s = PodSettings::default();
-        assert_eq!((s.proxy_uid, s.outbound_port, s.dns_port), (1337, 15001, 15053));
+        assert_eq!(
+            (s.proxy_uid, s.outbound_port, s.dns_port),
+            (1337, 15001, 15053)
+        );
         assert!(s.capture_outbound);
     }
 
     #[test]
     fn raw_round_trip_keeps_every_field() {
-        let s = PodSettings { proxy_uid: 2102, proxy_gid: Some(2102), outbound_port: 4140, ..Default::default() };
+        let s = PodSettings {
+            proxy_uid: 2102,
+            proxy_gid: Some(2102),
+            outbound_port: 4140,
+            ..Default::default()
+        };
         assert_eq!(PodSettings::from_raw(&s.to_raw()), s);
     }
 
     #[test]
     fn port_zero_is_refused_by_name() {
-        let s = PodSettings { outbound_port: 0, ..Default::default() };
+        let s = PodSettings {
+            outbound_port: 0,
+            ..Default::default()
+        };
         let err = s.validate().unwrap_err().to_string();
         assert!(err.contains("outbound port 0"), "{err}");
     }

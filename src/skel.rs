@@ -1,4 +1,10 @@
 //! The generated libbpf-rs skeleton of the linked BPF object (built by build.rs).
-#![allow(clippy::all, missing_docs, non_camel_case_types, non_upper_case_globals, dead_code)]
+#![allow(
+    clippy::all,
+    missing_docs,
+    non_camel_case_types,
+    non_upper_case_globals,
+    dead_code
+)]
 
 include!(concat!(env!("OUT_DIR"), "/meshbpf.skel.rs"));

@@ -44,7 +44,8 @@ pub fn mounts_of_type(fstype: &str) -> Vec<PathBuf> {
         .filter_map(|line| {
             let (left, right) = line.split_once(" - ")?;
             let mount_point = left.split(' ').nth(4)?;
-            (right.split(' ').next()? == fstype).then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+            (right.split(' ').next()? == fstype)
+                .then(|| PathBuf::from(unescape_mountinfo(mount_point)))
         })
         .collect()
 }
@@ -80,17 +81,27 @@ pub(crate) fn open_cgroup2(path: &Path) -> Result<(File, u64)> {
     let magic = match magic_at(path) {
         Ok(magic) => magic,
         Err(nix::Error::ENOENT) | Err(nix::Error::ENOTDIR) => {
-            return Err(Error::CgroupNotFound { path: path.into(), hint: cgroup2_hint() })
+            return Err(Error::CgroupNotFound {
+                path: path.into(),
+                hint: cgroup2_hint(),
+            })
         }
         Err(err) => return Err(err).context(|| format!("statfs {}", path.display())),
     };
     #[allow(clippy::unnecessary_cast)]
     if magic != nix::libc::CGROUP2_SUPER_MAGIC as u64 {
-        return Err(Error::CgroupNotV2 { path: path.into(), found: fs_name(magic), hint: cgroup2_hint() });
+        return Err(Error::CgroupNotV2 {
+            path: path.into(),
+            found: fs_name(magic),
+            hint: cgroup2_hint(),
+        });
     }
     let dir = File::open(path).context(|| format!("opening cgroup {}", path.display()))?;
     // On cgroup v2 the directory's inode number is the cgroup id BPF and bpftool report.
-    let id = dir.metadata().context(|| format!("stat {}", path.display()))?.ino();
+    let id = dir
+        .metadata()
+        .context(|| format!("stat {}", path.display()))?
+        .ino();
     Ok((dir, id))
 }
 
@@ -139,8 +150,9 @@ pub(crate) enum Privilege {
 
 /// Refuses early, with a clear message, when the caller lacks what `action` needs.
 pub(crate) fn require(privilege: Privilege, action: &'static str) -> Result<()> {
-    missing_caps(effective_caps(), privilege)
-        .map_or(Ok(()), |missing| Err(Error::PermissionDenied { action, missing }))
+    missing_caps(effective_caps(), privilege).map_or(Ok(()), |missing| {
+        Err(Error::PermissionDenied { action, missing })
+    })
 }
 
 fn missing_caps(caps: u64, privilege: Privilege) -> Option<String> {
@@ -177,7 +189,9 @@ pub fn check_kernel() -> Result<String> {
 }
 
 fn check_release(release: &str) -> Result<()> {
-    let mut parts = release.split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
     let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
     if (major, minor) < MIN_KERNEL {
@@ -196,7 +210,10 @@ mod tests {
     #[test]
     fn old_kernel_is_refused_with_the_version_needed() {
         let err = check_release("5.10.0-28-amd64").unwrap_err().to_string();
-        assert!(err.contains("5.15") && err.contains("5.10.0-28-amd64"), "{err}");
+        assert!(
+            err.contains("5.15") && err.contains("5.10.0-28-amd64"),
+            "{err}"
+        );
         assert!(check_release("5.15.0").is_ok());
         assert!(check_release("6.1.0-18-amd64").is_ok());
         assert!(check_release("garbage").is_err());
@@ -204,10 +221,22 @@ mod tests {
 
     #[test]
     fn capabilities_needed_are_named() {
-        assert_eq!(missing_caps(0, Privilege::Bpf).as_deref(), Some("CAP_BPF, CAP_NET_ADMIN"));
-        assert_eq!(missing_caps(0, Privilege::EnterNetns).as_deref(), Some("CAP_SYS_ADMIN"));
-        assert_eq!(missing_caps(1 << CAP_SYS_ADMIN, Privilege::EnterNetns), None);
-        assert_eq!(missing_caps((1 << CAP_BPF) | (1 << CAP_NET_ADMIN), Privilege::Bpf), None);
+        assert_eq!(
+            missing_caps(0, Privilege::Bpf).as_deref(),
+            Some("CAP_BPF, CAP_NET_ADMIN")
+        );
+        assert_eq!(
+            missing_caps(0, Privilege::EnterNetns).as_deref(),
+            Some("CAP_SYS_ADMIN")
+        );
+        assert_eq!(
+            missing_caps(1 << CAP_SYS_ADMIN, Privilege::EnterNetns),
+            None
+        );
+        assert_eq!(
+            missing_caps((1 << CAP_BPF) | (1 << CAP_NET_ADMIN), Privilege::Bpf),
+            None
+        );
     }
 
     #[test]

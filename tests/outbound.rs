@@ -21,9 +21,17 @@ fn world() -> World {
     let client = env.pod("client");
     let server = env.pod("server");
     let server_proc = server.server(&["0.0.0.0:8080", "0.0.0.0:8082", "[::]:8081"]);
-    mesh.register_netns(&client.netns, &meshbpf::PodSettings::default()).unwrap();
+    mesh.register_netns(&client.netns, &meshbpf::PodSettings::default())
+        .unwrap();
     let sidecar = client.sidecar();
-    World { env, mesh, client, server, _server_proc: server_proc, sidecar }
+    World {
+        env,
+        mesh,
+        client,
+        server,
+        _server_proc: server_proc,
+        sidecar,
+    }
 }
 
 fn captured_through_sidecar(v6: bool) {
@@ -37,17 +45,33 @@ fn captured_through_sidecar(v6: bool) {
     let probe = w.client.connect(&dest, &["--message", "ping"]);
 
     // The server answered, and saw the pod's own address: the sidecar's upstream connection.
-    assert_eq!(probe.get("reply"), format!("from={dest} saw={}:{} msg=ping", fmt_ip(w.client.ip(v6)), peer_port(&probe.get("reply"))));
+    assert_eq!(
+        probe.get("reply"),
+        format!(
+            "from={dest} saw={}:{} msg=ping",
+            fmt_ip(w.client.ip(v6)),
+            peer_port(&probe.get("reply"))
+        )
+    );
     // The sidecar accepted it and learned the original destination.
     let events = w.sidecar.lines("outbound ");
     assert_eq!(events.len(), 1, "{events:?}");
-    assert!(events[0].contains(&format!("original_dst={dest} upstream=connected")), "{events:?}");
+    assert!(
+        events[0].contains(&format!("original_dst={dest} upstream=connected")),
+        "{events:?}"
+    );
     // The application's own view: getpeername() reports where it connected, not the sidecar.
     assert_eq!(probe.get("peer"), dest);
     // ... while its socket really is connected to the sidecar on loopback.
     let local = probe.get("local");
-    assert!(local.starts_with(if v6 { "[::1]:" } else { "127.0.0.1:" }), "local={local}");
-    assert!(events[0].contains(&format!("peer={local} ")), "sidecar saw another peer: {events:?}");
+    assert!(
+        local.starts_with(if v6 { "[::1]:" } else { "127.0.0.1:" }),
+        "local={local}"
+    );
+    assert!(
+        events[0].contains(&format!("peer={local} ")),
+        "sidecar saw another peer: {events:?}"
+    );
     assert_eq!(counter(&w.mesh, "connect_redirected"), 1);
     assert_eq!(counter(&w.mesh, "getsockopt_answered"), 1);
     assert_eq!(counter(&w.mesh, "getpeername_restored"), 1);
@@ -62,7 +86,10 @@ fn fmt_ip(ip: std::net::IpAddr) -> String {
 
 /// The port in `saw=IP:PORT` of a reply.
 fn peer_port(reply: &str) -> String {
-    let saw = reply.split_whitespace().find_map(|w| w.strip_prefix("saw=")).unwrap();
+    let saw = reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("saw="))
+        .unwrap();
     saw.rsplit(':').next().unwrap().to_string()
 }
 
@@ -89,11 +116,27 @@ fn unregistered_pod_is_not_redirected() {
         let probe = other.connect(&dest, &[]);
         assert_eq!(probe.get("peer"), dest);
         // Straight from the pod's address to the server: no loopback hop.
-        assert!(probe.get("local").starts_with(&fmt_ip(other.ip(v6))), "{probe:?}");
-        assert!(probe.get("reply").contains(&format!("saw={}", probe.get("local"))), "{probe:?}");
+        assert!(
+            probe.get("local").starts_with(&fmt_ip(other.ip(v6))),
+            "{probe:?}"
+        );
+        assert!(
+            probe
+                .get("reply")
+                .contains(&format!("saw={}", probe.get("local"))),
+            "{probe:?}"
+        );
     }
-    assert!(other_sidecar.lines("outbound ").is_empty(), "{}", other_sidecar.output());
-    assert!(w.sidecar.lines("outbound ").is_empty(), "{}", w.sidecar.output());
+    assert!(
+        other_sidecar.lines("outbound ").is_empty(),
+        "{}",
+        other_sidecar.output()
+    );
+    assert!(
+        w.sidecar.lines("outbound ").is_empty(),
+        "{}",
+        w.sidecar.output()
+    );
     assert_eq!(counter(&w.mesh, "connect_redirected"), 0);
 }
 
@@ -104,12 +147,20 @@ fn sidecar_upstream_connections_are_not_captured() {
     }
     let w = world();
     for i in 0..3 {
-        let probe = w.client.connect(&w.server.addr(false, 8080), &["--message", &format!("n{i}")]);
+        let probe = w.client.connect(
+            &w.server.addr(false, 8080),
+            &["--message", &format!("n{i}")],
+        );
         assert!(probe.get("reply").ends_with(&format!("msg=n{i}")));
     }
     // One accept per application connection: the sidecar's own upstream connects went out
     // directly instead of looping back into it.
-    assert_eq!(w.sidecar.lines("outbound ").len(), 3, "{}", w.sidecar.output());
+    assert_eq!(
+        w.sidecar.lines("outbound ").len(),
+        3,
+        "{}",
+        w.sidecar.output()
+    );
     assert_eq!(counter(&w.mesh, "skip_proxy_uid"), 3);
     assert_eq!(counter(&w.mesh, "connect_redirected"), 3);
 }
@@ -123,9 +174,16 @@ fn loopback_destinations_in_registered_pod_are_not_captured() {
     let _local = w.client.server(&["127.0.0.1:9000", "[::1]:9001"]);
     for dest in ["127.0.0.1:9000", "[::1]:9001"] {
         let probe = w.client.connect(dest, &[]);
-        assert!(probe.get("reply").starts_with(&format!("from={dest} ")), "{probe:?}");
+        assert!(
+            probe.get("reply").starts_with(&format!("from={dest} ")),
+            "{probe:?}"
+        );
     }
-    assert!(w.sidecar.lines("outbound ").is_empty(), "{}", w.sidecar.output());
+    assert!(
+        w.sidecar.lines("outbound ").is_empty(),
+        "{}",
+        w.sidecar.output()
+    );
     assert_eq!(counter(&w.mesh, "skip_loopback"), 2);
 }
 
@@ -136,7 +194,9 @@ fn pods_using_the_same_source_port_each_get_their_own_destination() {
     }
     let mut w = world();
     let second = w.env.pod("second");
-    w.mesh.register_netns(&second.netns, &meshbpf::PodSettings::default()).unwrap();
+    w.mesh
+        .register_netns(&second.netns, &meshbpf::PodSettings::default())
+        .unwrap();
     let second_sidecar = second.sidecar();
     let first_dest = w.server.addr(false, 8080);
     let second_dest = w.server.addr(false, 8082);
@@ -150,8 +210,20 @@ fn pods_using_the_same_source_port_each_get_their_own_destination() {
     assert_eq!(b.get("peer"), second_dest);
     assert!(a.get("reply").starts_with(&format!("from={first_dest} ")));
     assert!(b.get("reply").starts_with(&format!("from={second_dest} ")));
-    assert!(w.sidecar.output().contains(&format!("original_dst={first_dest} ")), "{}", w.sidecar.output());
-    assert!(second_sidecar.output().contains(&format!("original_dst={second_dest} ")), "{}", second_sidecar.output());
+    assert!(
+        w.sidecar
+            .output()
+            .contains(&format!("original_dst={first_dest} ")),
+        "{}",
+        w.sidecar.output()
+    );
+    assert!(
+        second_sidecar
+            .output()
+            .contains(&format!("original_dst={second_dest} ")),
+        "{}",
+        second_sidecar.output()
+    );
 }
 
 #[test]
@@ -162,21 +234,51 @@ fn origin_lookup_matches_what_the_proxy_is_told() {
     let w = world();
     // A proxy that accepts but holds the connection open, so the entry stays.
     drop(w.sidecar);
-    let holder = w.client.spawn(PROXY_UID, &example("netprobe"), &["sockopts", "--listen", "127.0.0.1:15001", "--hold"]);
+    let holder = w.client.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", "127.0.0.1:15001", "--hold"],
+    );
     holder.wait_for("listening=");
-    let _app = w.client.spawn(APP_UID, &example("netprobe"), &["connect", &w.server.addr(false, 8080), "--bind", "0.0.0.0:41000"]);
+    let _app = w.client.spawn(
+        APP_UID,
+        &example("netprobe"),
+        &[
+            "connect",
+            &w.server.addr(false, 8080),
+            "--bind",
+            "0.0.0.0:41000",
+        ],
+    );
     holder.wait_for("probes done");
     let cookie = meshbpf::Netns::open(&w.client.netns).unwrap().cookie();
     let found = w
         .mesh
-        .lookup_origin_dst(cookie, "127.0.0.1:41000".parse().unwrap(), "127.0.0.1:15001".parse().unwrap())
+        .lookup_origin_dst(
+            cookie,
+            "127.0.0.1:41000".parse().unwrap(),
+            "127.0.0.1:15001".parse().unwrap(),
+        )
         .unwrap();
-    assert_eq!(found, Some(format!("{}:8080", w.server.v4).parse().unwrap()));
+    assert_eq!(
+        found,
+        Some(format!("{}:8080", w.server.v4).parse().unwrap())
+    );
     // The CLI gives the same answer.
-    let out = w.env.meshbpf(&["origin", "--netns", w.client.netns.to_str().unwrap(), "--client", "127.0.0.1:41000"]);
+    let out = w.env.meshbpf(&[
+        "origin",
+        "--netns",
+        w.client.netns.to_str().unwrap(),
+        "--client",
+        "127.0.0.1:41000",
+    ]);
     assert_eq!(stdout_of(&out).trim(), format!("{}:8080", w.server.v4));
     // Another pod's cookie finds nothing for the same 4-tuple.
-    let none = w.mesh.lookup_origin_dst(cookie + 1_000_000, "127.0.0.1:41000".parse().unwrap(), "127.0.0.1:15001".parse().unwrap());
+    let none = w.mesh.lookup_origin_dst(
+        cookie + 1_000_000,
+        "127.0.0.1:41000".parse().unwrap(),
+        "127.0.0.1:15001".parse().unwrap(),
+    );
     assert_eq!(none.unwrap(), None);
 }
 

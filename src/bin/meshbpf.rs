@@ -155,16 +155,38 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Detach { pin } => {
             if meshbpf::detach(&pin.pin_dir)? {
-                println!("detached; removed every pin under {}", pin.pin_dir.display());
+                println!(
+                    "detached; removed every pin under {}",
+                    pin.pin_dir.display()
+                );
             } else {
                 println!("nothing attached under {}", pin.pin_dir.display());
             }
         }
-        Command::Register { netns, proxy_uid, proxy_gid, outbound_port, allow_host_netns, pin } => {
+        Command::Register {
+            netns,
+            proxy_uid,
+            proxy_gid,
+            outbound_port,
+            allow_host_netns,
+            pin,
+        } => {
+            // Check the namespace before touching the attachment.
+            meshbpf::Netns::open(&netns)?.refuse_host(allow_host_netns)?;
             let mesh = Mesh::open(&pin.pin_dir)?;
-            let settings = PodSettings { proxy_uid, proxy_gid, outbound_port, ..PodSettings::default() };
-            let pod = mesh.register_netns_with(&netns, &settings, &RegisterOptions { allow_host_netns })?;
-            println!("registered {} (netns cookie {})", netns.display(), pod.netns_cookie);
+            let settings = PodSettings {
+                proxy_uid,
+                proxy_gid,
+                outbound_port,
+                ..PodSettings::default()
+            };
+            let pod =
+                mesh.register_netns_with(&netns, &settings, &RegisterOptions { allow_host_netns })?;
+            println!(
+                "registered {} (netns cookie {})",
+                netns.display(),
+                pod.netns_cookie
+            );
         }
         Command::Unregister { netns, pin } => {
             let mesh = Mesh::open(&pin.pin_dir)?;
@@ -181,9 +203,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else if pods.is_empty() {
                 println!("no pods registered");
             } else {
-                println!("{:>12}  {:>9}  {:>8}", "NETNS-COOKIE", "PROXY-UID", "OUTBOUND");
+                println!(
+                    "{:>12}  {:>9}  {:>8}",
+                    "NETNS-COOKIE", "PROXY-UID", "OUTBOUND"
+                );
                 for pod in &pods {
-                    println!("{:>12}  {:>9}  {:>8}", pod.netns_cookie, pod.settings.proxy_uid, pod.settings.outbound_port);
+                    println!(
+                        "{:>12}  {:>9}  {:>8}",
+                        pod.netns_cookie, pod.settings.proxy_uid, pod.settings.outbound_port
+                    );
                 }
             }
         }
@@ -204,7 +232,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("{value}");
             } else {
                 println!("attached to  {}", status.cgroup_path);
-                println!("pinned under {}  (map layout v{})", status.pin_dir.display(), status.layout_version);
+                println!(
+                    "pinned under {}  (map layout v{})",
+                    status.pin_dir.display(),
+                    status.layout_version
+                );
                 println!("programs:");
                 for p in &status.programs {
                     println!("  {:<14} link {:<6} prog {}", p.hook, p.link_id, p.prog_id);
@@ -216,14 +248,26 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Origin { netns, client, listener, json, pin } => {
+        Command::Origin {
+            netns,
+            client,
+            listener,
+            json,
+            pin,
+        } => {
             let mesh = Mesh::open(&pin.pin_dir)?;
             let cookie = meshbpf::Netns::open(&netns)?.cookie();
             let origin = mesh.lookup_origin_dst(cookie, client, listener)?;
             match (json, origin) {
-                (true, origin) => println!("{}", json!({ "client": client, "listener": listener, "original_dst": origin })),
+                (true, origin) => println!(
+                    "{}",
+                    json!({ "client": client, "listener": listener, "original_dst": origin })
+                ),
                 (false, Some(addr)) => println!("{addr}"),
-                (false, None) => anyhow::bail!("no captured connection from {client} to {listener} in {}", netns.display()),
+                (false, None) => anyhow::bail!(
+                    "no captured connection from {client} to {listener} in {}",
+                    netns.display()
+                ),
             }
         }
     }

@@ -39,7 +39,11 @@ pub fn example(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let path = dir.join("examples").join(name);
-    assert!(path.exists(), "{} is missing: run the tests with `cargo test` (it builds examples)", path.display());
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test` (it builds examples)",
+        path.display()
+    );
     path
 }
 
@@ -49,8 +53,14 @@ pub fn cli() -> PathBuf {
 }
 
 fn sh(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
@@ -76,7 +86,11 @@ pub struct Env {
 impl Env {
     pub fn new() -> Env {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let id = format!("{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst));
+        let id = format!(
+            "{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
         let root = PathBuf::from(format!("/tmp/meshbpf-test-{id}"));
         let bpffs = root.join("bpf");
         let cgroup2 = root.join("cg2");
@@ -94,9 +108,13 @@ impl Env {
         };
         fs::create_dir_all(&env.bpffs).unwrap();
         fs::create_dir_all(&env.cgroup2).unwrap();
-        sh(Command::new("mount").args(["-t", "bpf", "bpf"]).arg(&env.bpffs));
+        sh(Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&env.bpffs));
         // A cgroup2 mount of our own: the same hierarchy as any other, there or not.
-        sh(Command::new("mount").args(["-t", "cgroup2", "none"]).arg(&env.cgroup2));
+        sh(Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(&env.cgroup2));
         fs::create_dir(&env.cgroup).unwrap();
         ip(&["netns", "add", &env.bridge_ns]);
         env.pods.push(env.bridge_ns.clone());
@@ -110,36 +128,95 @@ impl Env {
         Mesh::attach(&self.cgroup, &self.pin_dir).expect("attach")
     }
 
-    /// A new pod on the bridge, with an IPv4 and an IPv6 address from documentation ranges.
+    /// A new pod on the bridge, with an IPv4 and an IPv6 address from documentation ranges,
+    /// whose processes run under the test cgroup (where meshbpf attaches).
     pub fn pod(&mut self, name: &str) -> Pod {
+        let cgroup = self.cgroup.join(name);
+        self.pod_in(name, cgroup)
+    }
+
+    /// A pod whose processes run outside the test cgroup: no meshbpf program ever sees
+    /// them, the "without meshbpf" baseline.
+    pub fn pod_outside(&mut self, name: &str) -> Pod {
+        let cgroup = self
+            .cgroup2
+            .join(format!("meshbpf-test-{}-outside-{name}", self.id));
+        self.pod_in(name, cgroup)
+    }
+
+    fn pod_in(&mut self, name: &str, cgroup: PathBuf) -> Pod {
         let host = self.next_host;
         self.next_host += 1;
         let ns = format!("mbt-{}-{name}", self.id);
         ip(&["netns", "add", &ns]);
         self.pods.push(ns.clone());
         let port = format!("p{host}");
-        ip(&["link", "add", "eth0", "netns", &ns, "type", "veth", "peer", "name", &port, "netns", &self.bridge_ns]);
-        ip(&["-n", &self.bridge_ns, "link", "set", &port, "master", "br0", "up"]);
+        ip(&[
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.bridge_ns,
+        ]);
+        ip(&[
+            "-n",
+            &self.bridge_ns,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+            "up",
+        ]);
         let v4 = Ipv4Addr::new(192, 0, 2, host);
         let v6: Ipv6Addr = format!("2001:db8::{host}").parse().unwrap();
         ip(&["-n", &ns, "addr", "add", &format!("{v4}/24"), "dev", "eth0"]);
-        ip(&["-n", &ns, "addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{v6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         ip(&["-n", &ns, "link", "set", "eth0", "up"]);
         ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        let cgroup = self.cgroup.join(name);
         fs::create_dir(&cgroup).unwrap();
         self.pod_cgroups.push(cgroup.clone());
-        Pod { netns: PathBuf::from(format!("/run/netns/{ns}")), name: ns, v4, v6, cgroup, logs: self.root.clone() }
+        Pod {
+            netns: PathBuf::from(format!("/run/netns/{ns}")),
+            name: ns,
+            v4,
+            v6,
+            cgroup,
+            logs: self.root.clone(),
+        }
     }
 
     /// Runs the meshbpf CLI with `--pin-dir` of this env appended.
     pub fn meshbpf(&self, args: &[&str]) -> Output {
-        Command::new(cli()).args(args).arg("--pin-dir").arg(&self.pin_dir).output().expect("run meshbpf")
+        Command::new(cli())
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&self.pin_dir)
+            .output()
+            .expect("run meshbpf")
     }
 
     /// Hooks bpftool reports attached to the test cgroup (attach type names).
     pub fn attached_hooks(&self) -> Vec<String> {
-        let out = sh(Command::new("bpftool").args(["cgroup", "show"]).arg(&self.cgroup));
+        let out = sh(Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.cgroup));
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .skip(1)
@@ -197,7 +274,10 @@ impl Pod {
     /// A command that will run inside this pod: in its netns and cgroup, as `uid`.
     pub fn command(&self, uid: u32, program: &Path, args: &[&str]) -> Command {
         let netns = File::open(&self.netns).expect("open netns");
-        let procs = fs::OpenOptions::new().write(true).open(self.cgroup.join("cgroup.procs")).expect("open cgroup.procs");
+        let procs = fs::OpenOptions::new()
+            .write(true)
+            .open(self.cgroup.join("cgroup.procs"))
+            .expect("open cgroup.procs");
         let mut cmd = Command::new(program);
         cmd.args(args);
         let (netns_fd, procs_fd): (RawFd, RawFd) = (netns.as_raw_fd(), procs.as_raw_fd());
@@ -214,13 +294,12 @@ impl Pod {
                 if nix::libc::setns(netns_fd, nix::libc::CLONE_NEWNET) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if uid != 0 {
-                    if nix::libc::setgroups(0, std::ptr::null()) < 0
+                if uid != 0
+                    && (nix::libc::setgroups(0, std::ptr::null()) < 0
                         || nix::libc::setresgid(uid, uid, uid) < 0
-                        || nix::libc::setresuid(uid, uid, uid) < 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                        || nix::libc::setresuid(uid, uid, uid) < 0)
+                {
+                    return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
@@ -231,7 +310,11 @@ impl Pod {
     /// Starts a long-running process in the pod; its stdout goes to a log file.
     pub fn spawn(&self, uid: u32, program: &Path, args: &[&str]) -> Proc {
         static SEQ: AtomicU32 = AtomicU32::new(0);
-        let log = self.logs.join(format!("{}-{}.log", self.name, SEQ.fetch_add(1, Ordering::SeqCst)));
+        let log = self.logs.join(format!(
+            "{}-{}.log",
+            self.name,
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
         let out = File::create(&log).unwrap();
         let child = self
             .command(uid, program, args)
@@ -289,7 +372,10 @@ fn wait_with_timeout(mut child: Child) -> Output {
         if Instant::now() > deadline {
             let _ = child.kill();
             let out = child.wait_with_output().expect("output");
-            panic!("process timed out; stdout: {}", String::from_utf8_lossy(&out.stdout));
+            panic!(
+                "process timed out; stdout: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -308,14 +394,22 @@ impl Proc {
 
     /// Lines of output that start with `prefix`.
     pub fn lines(&self, prefix: &str) -> Vec<String> {
-        self.output().lines().filter(|l| l.starts_with(prefix)).map(str::to_string).collect()
+        self.output()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(str::to_string)
+            .collect()
     }
 
     /// Waits until the output contains `text`; panics with the output after a timeout.
     pub fn wait_for(&self, text: &str) {
         let deadline = Instant::now() + TIMEOUT;
         while !self.output().contains(text) {
-            assert!(Instant::now() < deadline, "timed out waiting for {text:?}; output:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {text:?}; output:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -324,7 +418,11 @@ impl Proc {
     pub fn wait(mut self) -> String {
         let deadline = Instant::now() + TIMEOUT;
         while self.child.try_wait().expect("wait").is_none() {
-            assert!(Instant::now() < deadline, "process did not exit; output:\n{}", self.output());
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit; output:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
         self.output()
@@ -360,25 +458,42 @@ impl Probe {
         self.stdout
             .lines()
             .find_map(|l| l.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {key}= in output:\n{}\nstderr:\n{}", self.stdout, self.stderr))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no {key}= in output:\n{}\nstderr:\n{}",
+                    self.stdout, self.stderr
+                )
+            })
             .to_string()
     }
 }
 
 /// Stdout of a command as text; fails the test with stderr if it did not succeed.
 pub fn stdout_of(out: &Output) -> String {
-    assert!(out.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Writes `text` to a file in the env root.
 pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
     let path = env.root.join(name);
-    File::create(&path).and_then(|mut f| f.write_all(text.as_bytes())).unwrap();
+    File::create(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap();
     path
 }
 
 /// The value of one counter.
 pub fn counter(mesh: &Mesh, name: &str) -> u64 {
-    mesh.counters().unwrap().into_iter().find(|(n, _)| *n == name).map(|(_, v)| v).unwrap()
+    mesh.counters()
+        .unwrap()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v)
+        .unwrap()
 }

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The meshbpf demo: two throwaway pods and a server, one pod registered in the
+# mesh, real connections from both, and what meshbpf did with each.
+# Run as root on Debian 12; it installs what it needs, builds, and removes
+# everything it created when it ends, also on Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+meshbpf_require_root
+
+if [ -t 1 ]; then B=$'\e[1m'; G=$'\e[32m'; Y=$'\e[33m'; C=$'\e[36m'; D=$'\e[2m'; R=$'\e[0m'; else B= G= Y= C= D= R=; fi
+step() { printf '\n%s==> %s%s\n' "$B" "$*" "$R"; }
+info() { printf '    %s\n' "$*"; }
+
+step "Installing build dependencies (if missing)"
+meshbpf_install_deps
+step "Building meshbpf, the sidecar stand-in and the demo workloads (release)"
+cargo build --release --bins --examples 2>&1 | sed -u 's/^/    /'
+BIN=$PWD/target/release
+EX=$BIN/examples
+
+WORK=/run/meshbpf-demo
+PIN=$WORK/bpf/mesh
+PIDS=()
+cleanup() {
+    set +e
+    trap - EXIT INT TERM
+    printf '\n%s==> Cleaning up%s\n' "$B" "$R"
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    wait 2>/dev/null
+    [ -n "${CG:-}" ] && for cg in "$CG"/*/; do echo 1 > "$cg/cgroup.kill" 2>/dev/null; done
+    sleep 0.2
+    [ -x "$BIN/meshbpf" ] && "$BIN/meshbpf" detach --pin-dir "$PIN" >/dev/null 2>&1
+    [ -n "${CG:-}" ] && { for cg in "$CG"/*/; do rmdir "$cg" 2>/dev/null; done; rmdir "$CG" 2>/dev/null; }
+    for ns in mbdemo-app mbdemo-plain mbdemo-web mbdemo-br; do ip netns del "$ns" 2>/dev/null; done
+    mountpoint -q "$WORK/bpf" && umount "$WORK/bpf"
+    mountpoint -q "$WORK/cgroup2" && umount "$WORK/cgroup2"
+    rm -rf "$WORK"
+    info "removed the pods, cgroups, pins and mounts the demo made"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+step "Setting up: bpffs, a cgroup v2, three pods on a bridge"
+mkdir -p "$WORK/bpf" "$WORK/cgroup2"
+mount -t bpf bpf "$WORK/bpf"
+# Our own cgroup2 mount: the same hierarchy as any other, whether or not one is mounted.
+mount -t cgroup2 none "$WORK/cgroup2"
+CG=$WORK/cgroup2/meshbpf-demo
+mkdir -p "$CG"
+ip netns add mbdemo-br
+ip -n mbdemo-br link add br0 type bridge && ip -n mbdemo-br link set br0 up
+n=10
+for pod in app plain web; do
+    ns=mbdemo-$pod
+    ip netns add "$ns"
+    ip link add eth0 netns "$ns" type veth peer name "p$n" netns mbdemo-br
+    ip -n mbdemo-br link set "p$n" master br0 up
+    ip -n "$ns" addr add "192.0.2.$n/24" dev eth0
+    ip -n "$ns" addr add "2001:db8::$n/64" dev eth0 nodad
+    ip -n "$ns" link set eth0 up && ip -n "$ns" link set lo up
+    mkdir -p "$CG/$pod"
+    info "pod ${C}$pod${R}: netns $ns, 192.0.2.$n and 2001:db8::$n, cgroup $CG/$pod"
+    n=$((n + 1))
+done
+WEB4=192.0.2.12 WEB6=2001:db8::12
+
+# in_pod POD UID CMD...: run CMD in the pod's cgroup and netns as UID.
+in_pod() {
+    local pod=$1 uid=$2; shift 2
+    sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$CG/$pod" \
+        ip netns exec "mbdemo-$pod" setpriv --reuid "$uid" --regid "$uid" --clear-groups "$@"
+}
+
+step "meshbpf attach --cgroup $CG"
+"$BIN/meshbpf" attach --cgroup "$CG" --pin-dir "$PIN" | sed 's/^/    /'
+step "meshbpf register --netns /run/netns/mbdemo-app   (the 'plain' pod stays out of the mesh)"
+"$BIN/meshbpf" register --netns /run/netns/mbdemo-app --pin-dir "$PIN" | sed 's/^/    /'
+
+in_pod web 1000 "$EX/netprobe" serve 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
+PIDS+=($!)
+for pod in app plain; do
+    in_pod "$pod" 1337 "$EX/sidecar" >"$WORK/sidecar-$pod.log" 2>&1 &
+    PIDS+=($!)
+done
+for _ in $(seq 100); do
+    grep -q '::1' "$WORK/sidecar-app.log" 2>/dev/null && grep -q '8081' "$WORK/web.log" 2>/dev/null && break
+    sleep 0.05
+done
+info "server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
+
+request() {
+    local pod=$1 dest=$2 out local peer reply
+    out=$(in_pod "$pod" 1000 "$EX/netprobe" connect "$dest" --message "hello from $pod" 2>&1) || { info "$out"; return 1; }
+    local=$(sed -n 's/^local=//p' <<<"$out"); peer=$(sed -n 's/^peer=//p' <<<"$out"); reply=$(sed -n 's/^reply=//p' <<<"$out")
+    case $local in
+        127.0.0.1:*|\[::1\]:*) printf '    %s%-5s%s -> %-22s %sCAPTURED%s  socket really goes %s -> sidecar; getpeername() still says %s\n' "$C" "$pod" "$R" "$dest" "$G" "$R" "$local" "$peer" ;;
+        *) printf '    %s%-5s%s -> %-22s %sdirect%s    from %s, untouched\n' "$C" "$pod" "$R" "$dest" "$Y" "$R" "$local" ;;
+    esac
+    printf '    %s      server replied: %s%s\n' "$D" "$reply" "$R"
+}
+
+step "Connections from the registered pod (app) and the unregistered one (plain)"
+for pod in app plain; do
+    request "$pod" "$WEB4:8080"
+    request "$pod" "[$WEB6]:8081"
+done
+
+step "What the sidecar in app learned through getsockopt(SO_ORIGINAL_DST)"
+grep '^outbound' "$WORK/sidecar-app.log" | sed 's/^/    /'
+printf '    (the sidecar in plain saw %s connections)\n' "$(grep -c '^outbound' "$WORK/sidecar-plain.log" || true)"
+
+step "meshbpf status"
+"$BIN/meshbpf" status --pin-dir "$PIN" | sed 's/^/    /'

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and running meshbpf needs on Debian 12, if missing.
+# Sourced by scripts/test.sh and scripts/demo.sh; safe to run again.
+set -euo pipefail
+
+MESHBPF_PACKAGES=(clang-19 libelf-dev zlib1g-dev pkg-config make iproute2 bpftool iptables util-linux)
+
+meshbpf_install_deps() {
+    local missing=()
+    for pkg in "${MESHBPF_PACKAGES[@]}" "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "==> installing ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        # rustup installs into ~/.cargo/bin, which a root shell started by sudo may not have on PATH.
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+}
+
+meshbpf_require_root() {
+    if [ "$(id -u)" != 0 ]; then
+        echo "meshbpf: this needs root (it loads BPF programs and creates network namespaces); run it with sudo" >&2
+        exit 1
+    fi
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite: unit tests, BPF end-to-end tests with real pods, doc tests.
+# Run as root on Debian 12: installs what it needs, then runs `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+meshbpf_require_root
+meshbpf_install_deps
+if cargo fmt --version >/dev/null 2>&1; then
+    cargo fmt --all -- --check
+fi
+# End-to-end tests build examples/ too: `cargo test` compiles every target.
+cargo test --all-targets "$@"
+cargo test --doc

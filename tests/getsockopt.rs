@@ -1,0 +1,178 @@
+//! The getsockopt hook answers SO_ORIGINAL_DST for captured connections and
+//! leaves every other getsockopt exactly as the kernel answers it.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use common::*;
+
+/// `probe NAME=RESULT` lines of a `netprobe sockopts` run.
+fn probes(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// Runs `netprobe sockopts` as the proxy in `pod` on `listen`, has the application connect
+/// to `dest`, and returns the probe results.
+fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
+    let prober = pod.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", listen],
+    );
+    prober.wait_for("listening=");
+    let _app = pod.spawn(APP_UID, &example("netprobe"), &["connect", dest]);
+    let out = prober.wait();
+    let results = probes(&out);
+    assert_eq!(results.len(), 7, "{out}");
+    results
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of the `sockaddr_in`/`sockaddr_in6` the kernel ABI defines for `addr`.
+fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
+    let mut out = Vec::new();
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            out.extend_from_slice(&2u16.to_ne_bytes());
+            out.extend_from_slice(&v4.port().to_be_bytes());
+            out.extend_from_slice(&v4.ip().octets());
+            out.extend_from_slice(&[0; 8]);
+        }
+        std::net::SocketAddr::V6(v6) => {
+            out.extend_from_slice(&10u16.to_ne_bytes());
+            out.extend_from_slice(&v6.port().to_be_bytes());
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&v6.ip().octets());
+            out.extend_from_slice(&[0; 4]);
+        }
+    }
+    hex(&out)
+}
+
+fn passthrough(v6: bool) {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let registered = env.pod("registered");
+    let unregistered = env.pod("unregistered");
+    let baseline = env.pod_outside("baseline");
+    let server = env.pod("server");
+    let _server = server.server(&["0.0.0.0:8080", "[::]:8081"]);
+    mesh.register_netns(&registered.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    let (listen, dest) = if v6 {
+        ("[::1]:15001", server.addr(true, 8081))
+    } else {
+        ("127.0.0.1:15001", server.addr(false, 8080))
+    };
+
+    // A captured connection, a connection unknown to meshbpf, and one no hook ever saw.
+    let known = probe_accepted(&registered, listen, &dest);
+    let unknown = probe_accepted(&unregistered, listen, listen);
+    let without = probe_accepted(&baseline, listen, listen);
+
+    assert_eq!(
+        known["original_dst"],
+        format!("ok:{}", sockaddr_hex(dest.parse().unwrap()))
+    );
+    assert!(without["original_dst"].starts_with("err:"), "{without:?}");
+    for (name, kernel) in &without {
+        if name != "original_dst" {
+            assert_eq!(
+                &known[name], kernel,
+                "{name} on a captured connection differs from the kernel's answer"
+            );
+        }
+        assert_eq!(
+            &unknown[name], kernel,
+            "{name} on an unknown connection differs from the kernel's answer"
+        );
+    }
+    assert_eq!(counter(&mesh, "getsockopt_answered"), 1);
+}
+
+#[test]
+fn original_dst_is_answered_and_other_ipv4_getsockopts_pass_through() {
+    passthrough(false);
+}
+
+#[test]
+fn original_dst_is_answered_and_other_ipv6_getsockopts_pass_through() {
+    passthrough(true);
+}
+
+#[test]
+fn iptables_save_reads_its_40k_table_unchanged_in_a_registered_pod() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("pod");
+    mesh.register_netns(&pod.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    // 300 rules make IPT_SO_GET_ENTRIES return far more than a page.
+    let mut rules =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n");
+    for port in 1000..1300 {
+        rules.push_str(&format!("-A OUTPUT -p tcp -m tcp --dport {port} -m comment --comment \"rule {port}\" -j ACCEPT\n"));
+    }
+    rules.push_str("COMMIT\n");
+    let file = write_file(&env, "rules", &rules);
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ip netns exec {} iptables-legacy-restore < {}",
+            pod.name,
+            file.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let rules_only = |text: &str| {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // Inside the pod's cgroup, where the getsockopt hook runs ...
+    let inside = pod.run(
+        0,
+        std::path::Path::new("/usr/sbin/iptables-legacy-save"),
+        &["-t", "filter"],
+    );
+    // ... and from outside any attached cgroup.
+    let outside = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &pod.name,
+            "iptables-legacy-save",
+            "-t",
+            "filter",
+        ])
+        .output()
+        .unwrap();
+    let (inside, outside) = (
+        rules_only(&stdout_of(&inside)),
+        rules_only(&stdout_of(&outside)),
+    );
+    assert_eq!(
+        inside.iter().filter(|l| l.starts_with("-A OUTPUT")).count(),
+        300
+    );
+    assert_eq!(inside, outside);
+}
