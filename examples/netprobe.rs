@@ -5,6 +5,7 @@
 //! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
 //! netprobe connect DEST [--bind SRC] [--message TEXT]
 //!                                            # prints local=, peer=, reply=
+//! netprobe bind ADDR                        # bind (TCP, no listen): prints bound= or the errno
 //! netprobe sockopts --listen ADDR [--hold]   # accept one connection, run getsockopt probes on
 //!                                            # it; --hold keeps it open until killed
 //! ```
@@ -24,6 +25,7 @@ fn main() {
         Some("serve") => serve(&args[1..]),
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
+        Some("bind") => bind_only(&args[1..]),
         _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR [--hold]".into()),
     };
     if let Err(err) = result {
@@ -85,6 +87,29 @@ fn answer(stream: TcpStream) {
             return;
         }
     }
+}
+
+/// Binds a TCP socket and reports the address it got, or the error (`bind_error=EACCES`).
+fn bind_only(args: &[String]) -> Result<()> {
+    use nix::sys::socket::{
+        bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let addr = parse_addr(args.first().ok_or("bind needs an address")?)?;
+    let family = if addr.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
+    match bind(fd.as_raw_fd(), &SockaddrStorage::from(addr)) {
+        Ok(()) => {
+            let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+            say(format!("bound={local}"));
+        }
+        Err(errno) => say(format!("bind_error={errno:?}")),
+    }
+    Ok(())
 }
 
 fn connect(args: &[String]) -> Result<()> {

@@ -79,15 +79,18 @@ step "meshbpf register --netns /run/netns/mbdemo-app   (the 'plain' pod stays ou
 
 in_pod web 1000 "$EX/netprobe" serve 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
-for pod in app plain; do
-    in_pod "$pod" 1337 "$EX/sidecar" >"$WORK/sidecar-$pod.log" 2>&1 &
-    PIDS+=($!)
-done
-for _ in $(seq 100); do
-    grep -q '::1' "$WORK/sidecar-app.log" 2>/dev/null && grep -q '8081' "$WORK/web.log" 2>/dev/null && break
-    sleep 0.05
-done
+# The registered pod's own service: it asks for 0.0.0.0:80 (as root, like many images).
+in_pod app 0 "$EX/netprobe" serve 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
+PIDS+=($!)
+wait_for() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out waiting for $2 in $1" >&2; return 1; }
+wait_for "$WORK/app.log" listening=
+in_pod app 1337 "$EX/sidecar" --pod-ip 192.0.2.10 --pod-ip 2001:db8::10 --inbound 80 >"$WORK/sidecar-app.log" 2>&1 &
+PIDS+=($!)
+in_pod plain 1337 "$EX/sidecar" >"$WORK/sidecar-plain.log" 2>&1 &
+PIDS+=($!)
+wait_for "$WORK/sidecar-app.log" 'inbound=\[2001' && wait_for "$WORK/sidecar-plain.log" '::1' && wait_for "$WORK/web.log" 8081
 info "server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
+info "app's own service asked for 0.0.0.0:80 and got ${G}$(sed -n 's/^listening=//p' "$WORK/app.log")${R}; app's sidecar (not root) listens on 192.0.2.10:80 and [2001:db8::10]:80"
 
 request() {
     local pod=$1 dest=$2 out local peer reply
@@ -106,9 +109,16 @@ for pod in app plain; do
     request "$pod" "[$WEB6]:8081"
 done
 
+step "Inbound: plain connects to app's service on 192.0.2.10:80"
+request plain 192.0.2.10:80
+grep '^inbound' "$WORK/sidecar-app.log" | sed 's/^/    sidecar: /'
+
 step "What the sidecar in app learned through getsockopt(SO_ORIGINAL_DST)"
 grep '^outbound' "$WORK/sidecar-app.log" | sed 's/^/    /'
 printf '    (the sidecar in plain saw %s connections)\n' "$(grep -c '^outbound' "$WORK/sidecar-plain.log" || true)"
+
+step "meshbpf list: registered pods and the inbound listeners discovered in them"
+"$BIN/meshbpf" list --pin-dir "$PIN" | sed 's/^/    /'
 
 step "meshbpf status"
 "$BIN/meshbpf" status --pin-dir "$PIN" | sed 's/^/    /'

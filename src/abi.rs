@@ -7,11 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 
 pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
 pub(crate) use crate::skel::types::{
-    conn_key as ConnKey, mesh_meta as MeshMeta, orig_dst as OrigDst,
+    conn_key as ConnKey, inbound_key as InboundKey, mesh_meta as MeshMeta, orig_dst as OrigDst,
+    port_rule_key as PortRuleKey,
 };
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// `MAX_PODS` in meshbpf.h.
 pub const MAX_PODS: u32 = 16384;
 
@@ -21,6 +22,26 @@ pub(crate) const AF_INET6: u16 = 10;
 /// `POD_F_*` in meshbpf.h.
 pub(crate) mod pod_flags {
     pub const CAPTURE_OUTBOUND: u32 = 1 << 0;
+    pub const CAPTURE_INBOUND: u32 = 1 << 1;
+    pub const INBOUND_ALL_PORTS: u32 = 1 << 4;
+}
+
+/// `enum port_rule_kind` in meshbpf.h.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub(crate) enum RuleKind {
+    InboundInclude = 1,
+    InboundExclude = 2,
+}
+
+impl RuleKind {
+    pub(crate) fn from_raw(raw: u8) -> Option<Self> {
+        match raw {
+            1 => Some(RuleKind::InboundInclude),
+            2 => Some(RuleKind::InboundExclude),
+            _ => None,
+        }
+    }
 }
 /// `NO_GID` in meshbpf.h.
 pub(crate) const NO_GID: u32 = u32::MAX;
@@ -38,6 +59,9 @@ pub const COUNTER_NAMES: &[&str] = &[
     "getsockopt_answered",
     "getsockopt_miss",
     "getpeername_restored",
+    "bind_redirected",
+    "bind_skip_port",
+    "bind_proxy_privileged",
 ];
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
@@ -45,6 +69,8 @@ const _: () = assert!(size_of::<RawPodSettings>() == 20);
 const _: () = assert!(size_of::<OrigDst>() == 20);
 const _: () = assert!(size_of::<ConnKey>() == 48);
 const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
+const _: () = assert!(size_of::<PortRuleKey>() == 16);
+const _: () = assert!(size_of::<InboundKey>() == 16);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
 // object's BTF: every bit pattern is a valid value and they hold no pointers.
@@ -55,6 +81,21 @@ unsafe impl plain::Plain for OrigDst {}
 unsafe impl plain::Plain for ConnKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for MeshMeta {}
+// SAFETY: as above.
+unsafe impl plain::Plain for PortRuleKey {}
+// SAFETY: as above.
+unsafe impl plain::Plain for InboundKey {}
+
+impl PortRuleKey {
+    pub(crate) fn new(netns_cookie: u64, kind: RuleKind, port: u16) -> Self {
+        PortRuleKey {
+            netns_cookie,
+            port,
+            kind: kind as u8,
+            ..Default::default()
+        }
+    }
+}
 
 /// The bytes of a map key or value.
 pub(crate) fn bytes<T: plain::Plain>(value: &T) -> &[u8] {

@@ -34,6 +34,7 @@ pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFA
 pub use netns::{current_cookie, Netns};
 pub use origin::{original_dst, SO_ORIGINAL_DST};
 pub use settings::{
-    PodSettings, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+    parse_port_list, PodSettings, Ports, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT,
+    DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, MAX_PORTS_PER_LIST, MESH_INBOUND_EXCLUDES,
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

@@ -16,8 +16,11 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
+use std::collections::BTreeSet;
+
 use crate::abi::{
-    self, ConnKey, MeshMeta, OrigDst, RawPodSettings, COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS,
+    self, ConnKey, InboundKey, MeshMeta, OrigDst, PortRuleKey, RawPodSettings, RuleKind,
+    COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS,
 };
 use crate::error::{Context, Error, Result};
 use crate::netns::Netns;
@@ -39,8 +42,11 @@ const PROG_PREFIX: &str = "handle__";
 pub struct Pod {
     /// The network namespace's cookie (the `cookie_map` key).
     pub netns_cookie: u64,
-    /// Its settings (the `cookie_map` value).
+    /// Its settings (the `cookie_map` value and its port lists).
     pub settings: PodSettings,
+    /// Inbound listener discovery: the ports its applications listen on now, moved to
+    /// loopback, for which the sidecar should open inbound listeners.
+    pub inbound_listeners: Vec<u16>,
 }
 
 /// Options for [`Mesh::register_netns_with`].
@@ -87,6 +93,8 @@ pub struct Mesh {
     pin_dir: PathBuf,
     meta: MeshMeta,
     cookie_map: MapHandle,
+    port_rules: MapHandle,
+    inbound_ports: MapHandle,
     origin_dst_map: MapHandle,
     counters: MapHandle,
 }
@@ -160,6 +168,8 @@ impl Mesh {
             pin_dir: pin_dir.into(),
             meta,
             cookie_map: map("cookie_map")?,
+            port_rules: map("port_rules")?,
+            inbound_ports: map("inbound_ports")?,
             origin_dst_map: map("origin_dst_map")?,
             counters,
         })
@@ -197,24 +207,41 @@ impl Mesh {
         let netns = Netns::open(netns_path)?;
         netns.refuse_host(options.allow_host_netns)?;
         let cookie = netns.cookie();
-        let raw = settings.to_raw();
-        if let Err(err) =
-            self.cookie_map
-                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
-        {
-            return Err(match err.kind() {
-                libbpf_rs::ErrorKind::Other if is_map_full(&err) => {
-                    Error::PodMapFull { max: MAX_PODS }
-                }
-                _ => Error::Bpf {
+        let rules = settings.port_rules();
+        let stale: Vec<_> = self.rules_of(cookie)?.difference(&rules).copied().collect();
+        // New port rules first, then the settings that use them, then the stale rules: a
+        // connection decided in between sees either list or their union, never neither.
+        for &(kind, port) in &rules {
+            let key = PortRuleKey::new(cookie, kind, port);
+            if let Err(err) = self
+                .port_rules
+                .update(abi::bytes(&key), &[1], MapFlags::ANY)
+            {
+                return Err(map_write_error(err, "port_rules", "port list entries"));
+            }
+        }
+        if let Err(err) = self.cookie_map.update(
+            &cookie.to_ne_bytes(),
+            abi::bytes(&settings.to_raw()),
+            MapFlags::ANY,
+        ) {
+            return Err(match is_map_full(&err) {
+                true => Error::PodMapFull { max: MAX_PODS },
+                false => Error::Bpf {
                     context: "writing cookie_map".into(),
                     cause: err,
                 },
             });
         }
+        for (kind, port) in stale {
+            let _ = self
+                .port_rules
+                .delete(abi::bytes(&PortRuleKey::new(cookie, kind, port)));
+        }
         Ok(Pod {
             netns_cookie: cookie,
             settings: settings.clone(),
+            inbound_listeners: self.inbound_listeners(cookie)?,
         })
     }
 
@@ -226,13 +253,61 @@ impl Mesh {
         self.unregister_cookie(netns.cookie())
     }
 
-    /// Takes the pod with this netns cookie out of the mesh; returns whether it was registered.
+    /// Takes the pod with this netns cookie out of the mesh, with its port lists and
+    /// discovered listeners; returns whether it was registered.
     pub fn unregister_cookie(&self, netns_cookie: u64) -> Result<bool> {
-        match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
-            Ok(()) => Ok(true),
-            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => Ok(false),
-            Err(err) => Err(err).context(|| "deleting from cookie_map".into()),
+        let registered = match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
+            Ok(()) => true,
+            Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
+            Err(err) => return Err(err).context(|| "deleting from cookie_map".into()),
+        };
+        for (kind, port) in self.rules_of(netns_cookie)? {
+            let _ = self
+                .port_rules
+                .delete(abi::bytes(&PortRuleKey::new(netns_cookie, kind, port)));
         }
+        for key in self.inbound_ports.keys() {
+            if abi::from_bytes::<InboundKey>(&key).is_some_and(|k| k.netns_cookie == netns_cookie) {
+                let _ = self.inbound_ports.delete(&key);
+            }
+        }
+        Ok(registered)
+    }
+
+    /// The `port_rules` entries of one pod.
+    fn rules_of(&self, netns_cookie: u64) -> Result<BTreeSet<(RuleKind, u16)>> {
+        Ok(self
+            .port_rules
+            .keys()
+            .filter_map(|key| abi::from_bytes::<PortRuleKey>(&key))
+            .filter(|key| key.netns_cookie == netns_cookie)
+            .filter_map(|key| RuleKind::from_raw(key.kind).map(|kind| (kind, key.port)))
+            .collect())
+    }
+
+    /// Inbound listener discovery: the ports the pod's applications listen on now, moved to
+    /// loopback by the bind hooks.
+    pub fn inbound_listeners(&self, netns_cookie: u64) -> Result<Vec<u16>> {
+        let mut ports = BTreeSet::new();
+        for key in self.inbound_ports.keys() {
+            let Some(parsed) = abi::from_bytes::<InboundKey>(&key) else {
+                continue;
+            };
+            if parsed.netns_cookie != netns_cookie {
+                continue;
+            }
+            let count = self
+                .inbound_ports
+                .lookup(&key, MapFlags::ANY)
+                .context(|| "reading inbound_ports".into())?;
+            if count
+                .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
+                .is_some_and(|v| u32::from_ne_bytes(v) > 0)
+            {
+                ports.insert(parsed.port);
+            }
+        }
+        Ok(ports.into_iter().collect())
     }
 
     /// Every registered pod.
@@ -252,9 +327,11 @@ impl Mesh {
             ) else {
                 continue;
             };
+            let netns_cookie = u64::from_ne_bytes(cookie);
             pods.push(Pod {
-                netns_cookie: u64::from_ne_bytes(cookie),
-                settings: PodSettings::from_raw(&raw),
+                netns_cookie,
+                settings: PodSettings::from_parts(&raw, &self.rules_of(netns_cookie)?),
+                inbound_listeners: self.inbound_listeners(netns_cookie)?,
             });
         }
         pods.sort_by_key(|pod| pod.netns_cookie);
@@ -352,6 +429,19 @@ pub fn detach(pin_dir: impl AsRef<Path>) -> Result<bool> {
     }
     remove_pins(pin_dir)?;
     Ok(true)
+}
+
+fn map_write_error(err: libbpf_rs::Error, map: &str, what: &str) -> Error {
+    if is_map_full(&err) {
+        Error::InvalidSetting(format!(
+            "{map} is full: too many {what} on this node; unregister pods or shorten their lists"
+        ))
+    } else {
+        Error::Bpf {
+            context: format!("writing {map}"),
+            cause: err,
+        }
+    }
 }
 
 fn is_map_full(err: &libbpf_rs::Error) -> bool {

@@ -205,7 +205,10 @@ fn list_and_status_report_registered_pods_and_counters_as_json() {
 
     let status: serde_json::Value =
         serde_json::from_str(&stdout_of(&env.meshbpf(&["status", "--json"]))).unwrap();
-    assert_eq!(status["programs"].as_array().unwrap().len(), 6);
+    assert_eq!(
+        status["programs"].as_array().unwrap().len(),
+        ATTACH_TYPES.len()
+    );
     assert_eq!(status["pods"].as_array().unwrap().len(), 1);
     assert!(status["counters"]["connect_redirected"].is_u64());
 

@@ -8,16 +8,6 @@ use std::os::fd::AsRawFd;
 use common::*;
 use libbpf_rs::libbpf_sys;
 
-/// The attach types bpftool reports for meshbpf's programs, sorted.
-const HOOKS: [&str; 6] = [
-    "cgroup_getsockopt",
-    "cgroup_inet4_connect",
-    "cgroup_inet4_getpeername",
-    "cgroup_inet6_connect",
-    "cgroup_inet6_getpeername",
-    "cgroup_sock_ops",
-];
-
 fn sorted_hooks(env: &Env) -> Vec<String> {
     let mut hooks = env.attached_hooks();
     hooks.sort();
@@ -51,7 +41,7 @@ fn detach_stops_capture_and_removes_every_pin() {
         .connect(&dest, &[])
         .get("local")
         .starts_with("127.0.0.1:"));
-    assert_eq!(sorted_hooks(&env), HOOKS);
+    assert_eq!(sorted_hooks(&env), ATTACH_TYPES);
 
     let out = env.meshbpf(&["detach"]);
     assert!(stdout_of(&out).contains("detached"));
@@ -89,7 +79,7 @@ fn attach_twice_keeps_one_set_of_programs_and_the_registered_pods() {
 
     stdout_of(&env.meshbpf(&["attach", "--cgroup", &cgroup]));
 
-    assert_eq!(sorted_hooks(&env), HOOKS);
+    assert_eq!(sorted_hooks(&env), ATTACH_TYPES);
     let after = meshbpf::Mesh::open(&env.pin_dir).unwrap().status().unwrap();
     assert_eq!(after.pods, before.pods);
     for (old, new) in before.programs.iter().zip(&after.programs) {
@@ -217,5 +207,5 @@ fn a_failure_halfway_through_attach_leaves_nothing_attached_or_pinned() {
     drop(blocker);
     // With the obstacle gone the same command succeeds.
     stdout_of(&env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]));
-    assert_eq!(sorted_hooks(&env), HOOKS);
+    assert_eq!(sorted_hooks(&env), ATTACH_TYPES);
 }

@@ -291,11 +291,10 @@ fn origin_entries_are_removed_when_the_proxy_side_closes() {
     for _ in 0..20 {
         w.client.connect(&w.server.addr(false, 8080), &[]);
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while w.mesh.tracked_connections() > 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(w.mesh.tracked_connections(), 0);
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || format!("{} connections still tracked", w.mesh.tracked_connections()),
+    );
     assert_eq!(counter(&w.mesh, "origin_recorded"), 20);
     assert_eq!(counter(&w.mesh, "origin_removed"), 20);
 }

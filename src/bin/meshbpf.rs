@@ -44,15 +44,8 @@ enum Command {
         /// The pod's network namespace: /proc/PID/ns/net or /run/netns/NAME.
         #[arg(long)]
         netns: PathBuf,
-        /// The sidecar's uid; its own connections are never captured.
-        #[arg(long, default_value_t = meshbpf::DEFAULT_PROXY_UID)]
-        proxy_uid: u32,
-        /// The sidecar's gid, exempt like its uid.
-        #[arg(long)]
-        proxy_gid: Option<u32>,
-        /// The sidecar's outbound listener port on loopback.
-        #[arg(long, default_value_t = meshbpf::DEFAULT_OUTBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-        outbound_port: u16,
+        #[command(flatten)]
+        pod: PodArgs,
         /// Register even the host's own network namespace (captures the node's own traffic).
         #[arg(long)]
         allow_host_netns: bool,
@@ -100,6 +93,43 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+}
+
+/// One pod's settings, as `register` takes them.
+#[derive(clap::Args)]
+struct PodArgs {
+    /// The sidecar's uid; its own connections are never captured.
+    #[arg(long, default_value_t = meshbpf::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// The sidecar's gid, exempt like its uid.
+    #[arg(long)]
+    proxy_gid: Option<u32>,
+    /// The sidecar's outbound listener port on loopback.
+    #[arg(long, default_value_t = meshbpf::DEFAULT_OUTBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    outbound_port: u16,
+    /// Inbound ports whose wildcard binds move to loopback: `*` (all) or a list like 80,8080.
+    #[arg(long, default_value = "*")]
+    inbound_ports: String,
+    /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
+    #[arg(long, default_value = "")]
+    exclude_inbound_ports: String,
+    /// Do not capture inbound: applications' binds stay as they are.
+    #[arg(long)]
+    no_inbound: bool,
+}
+
+impl PodArgs {
+    fn settings(&self) -> meshbpf::Result<PodSettings> {
+        Ok(PodSettings {
+            proxy_uid: self.proxy_uid,
+            proxy_gid: self.proxy_gid,
+            outbound_port: self.outbound_port,
+            capture_inbound: !self.no_inbound,
+            inbound_ports: meshbpf::Ports::parse(&self.inbound_ports)?,
+            exclude_inbound_ports: meshbpf::parse_port_list(&self.exclude_inbound_ports)?,
+            ..PodSettings::default()
+        })
+    }
 }
 
 /// Exit codes a node agent can act on.
@@ -165,21 +195,14 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Register {
             netns,
-            proxy_uid,
-            proxy_gid,
-            outbound_port,
+            pod,
             allow_host_netns,
             pin,
         } => {
+            let settings = pod.settings()?;
             // Check the namespace before touching the attachment.
             meshbpf::Netns::open(&netns)?.refuse_host(allow_host_netns)?;
             let mesh = Mesh::open(&pin.pin_dir)?;
-            let settings = PodSettings {
-                proxy_uid,
-                proxy_gid,
-                outbound_port,
-                ..PodSettings::default()
-            };
             let pod =
                 mesh.register_netns_with(&netns, &settings, &RegisterOptions { allow_host_netns })?;
             println!(
@@ -204,13 +227,22 @@ fn run(command: Command) -> anyhow::Result<()> {
                 println!("no pods registered");
             } else {
                 println!(
-                    "{:>12}  {:>9}  {:>8}",
+                    "{:>12}  {:>9}  {:>8}  INBOUND-LISTENERS",
                     "NETNS-COOKIE", "PROXY-UID", "OUTBOUND"
                 );
                 for pod in &pods {
+                    let listeners: Vec<String> =
+                        pod.inbound_listeners.iter().map(u16::to_string).collect();
                     println!(
-                        "{:>12}  {:>9}  {:>8}",
-                        pod.netns_cookie, pod.settings.proxy_uid, pod.settings.outbound_port
+                        "{:>12}  {:>9}  {:>8}  {}",
+                        pod.netns_cookie,
+                        pod.settings.proxy_uid,
+                        pod.settings.outbound_port,
+                        if listeners.is_empty() {
+                            "-".to_string()
+                        } else {
+                            listeners.join(",")
+                        }
                     );
                 }
             }
@@ -281,5 +313,12 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         "proxy_gid": pod.settings.proxy_gid,
         "outbound_port": pod.settings.outbound_port,
         "capture_outbound": pod.settings.capture_outbound,
+        "capture_inbound": pod.settings.capture_inbound,
+        "inbound_ports": match &pod.settings.inbound_ports {
+            meshbpf::Ports::All => json!("*"),
+            meshbpf::Ports::Only(ports) => json!(ports),
+        },
+        "exclude_inbound_ports": pod.settings.exclude_inbound_ports,
+        "inbound_listeners": pod.inbound_listeners,
     })
 }

@@ -37,7 +37,7 @@ MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, struct orig_dst);
+	__type(value, struct sock_state);
 } sk_storage_map SEC(".maps");
 
 /*
@@ -59,6 +59,22 @@ MESHBPF_MAP struct {
 	__type(value, __u64);
 } counters SEC(".maps");
 
+/* Written by the library at register time; replaced as a whole on re-register. */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_PORT_RULES);
+	__type(key, struct port_rule_key);
+	__type(value, __u8);
+} port_rules SEC(".maps");
+
+/* Listener counts: incremented after a moved bind succeeds, decremented at socket release. */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_INBOUND_PORTS);
+	__type(key, struct inbound_key);
+	__type(value, __u32);
+} inbound_ports SEC(".maps");
+
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -73,6 +89,13 @@ static __always_inline void count(enum counter reason)
 
 	if (val)
 		*val += 1;
+}
+
+static __always_inline bool port_rule(__u64 netns_cookie, __u16 port, enum port_rule_kind kind)
+{
+	struct port_rule_key key = { .netns_cookie = netns_cookie, .port = port, .kind = kind };
+
+	return bpf_map_lookup_elem(&port_rules, &key) != NULL;
 }
 
 static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)

@@ -39,15 +39,15 @@ capture_tcp(struct bpf_sock_addr *ctx, bool loopback, __u16 dport)
 
 static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
 {
-	struct orig_dst *stored;
+	struct sock_state *state;
 
-	stored = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!stored) {
+	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
 		/* Without the original destination the proxy could not route: leave it alone. */
 		count(CNT_STORAGE_FAILED);
 		return false;
 	}
-	*stored = *dst;
+	state->dst = *dst;
 	return true;
 }
 
@@ -108,11 +108,13 @@ int handle__connect6(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername4")
 int handle__getpeername4(struct bpf_sock_addr *ctx)
 {
+	struct sock_state *state;
 	struct orig_dst *dst;
 
-	dst = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
-	if (!dst || dst->family != AF_INET)
+	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+	if (!state || state->dst.family != AF_INET)
 		return 1;
+	dst = &state->dst;
 	ctx->user_ip4 = dst->addr[0];
 	ctx->user_port = dst->port;
 	count(CNT_GETPEERNAME_RESTORED);
@@ -122,11 +124,13 @@ int handle__getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int handle__getpeername6(struct bpf_sock_addr *ctx)
 {
+	struct sock_state *state;
 	struct orig_dst *dst;
 
-	dst = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
-	if (!dst || dst->family != AF_INET6)
+	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+	if (!state || state->dst.family != AF_INET6)
 		return 1;
+	dst = &state->dst;
 	ctx->user_ip6[0] = dst->addr[0];
 	ctx->user_ip6[1] = dst->addr[1];
 	ctx->user_ip6[2] = dst->addr[2];

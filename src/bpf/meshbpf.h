@@ -8,17 +8,20 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 1
+#define MESHBPF_LAYOUT_VERSION 2
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
 #define MAX_TRACKED_CONNS 262144 /* origin_dst_map: captured live connections */
+#define MAX_PORT_RULES 65536	/* port_rules: per-pod port lists, all pods together */
+#define MAX_INBOUND_PORTS 65536	/* inbound_ports: discovered listeners, all pods together */
 
 /* pod_settings.flags */
 #define POD_F_CAPTURE_OUTBOUND (1U << 0)
 #define POD_F_CAPTURE_INBOUND (1U << 1)
 #define POD_F_CAPTURE_DNS (1U << 2)
 #define POD_F_SOCKMAP (1U << 3)
+#define POD_F_INBOUND_ALL_PORTS (1U << 4) /* capture every inbound port not excluded */
 
 #define NO_GID 0xffffffffU
 
@@ -38,6 +41,35 @@ struct orig_dst {
 	__u32 addr[4];		/* network byte order; IPv4 in addr[0] */
 	__u16 port;		/* network byte order */
 	__u16 family;		/* AF_INET or AF_INET6 */
+};
+
+/* sk_storage_map value: what meshbpf did to one socket. */
+struct sock_state {
+	struct orig_dst dst;	/* family 0: the socket's connect was not captured */
+	__u16 inbound_port;	/* host order; non-zero: its wildcard bind was moved to loopback */
+	__u16 flags;		/* SOCK_F_* */
+};
+
+#define SOCK_F_INBOUND_COUNTED (1U << 0) /* counted in inbound_ports */
+
+/* port_rules key: one port in one of a pod's lists; the value is unused (1). */
+enum port_rule_kind {
+	RULE_INBOUND_INCLUDE = 1,
+	RULE_INBOUND_EXCLUDE = 2,
+};
+
+struct port_rule_key {
+	__u64 netns_cookie;
+	__u16 port;		/* host byte order */
+	__u8 kind;		/* enum port_rule_kind */
+	__u8 _pad[5];
+};
+
+/* inbound_ports key: a port an application of a pod listens on (moved to loopback). */
+struct inbound_key {
+	__u64 netns_cookie;
+	__u16 port;		/* host byte order */
+	__u16 _pad[3];
 };
 
 /*
@@ -81,6 +113,9 @@ enum counter {
 	CNT_GETSOCKOPT_ANSWERED,
 	CNT_GETSOCKOPT_MISS,
 	CNT_GETPEERNAME_RESTORED,
+	CNT_BIND_REDIRECTED,
+	CNT_BIND_SKIP_PORT,
+	CNT_BIND_PROXY_PRIVILEGED,
 	CNT_MAX,
 };
 

@@ -45,14 +45,15 @@ static __always_inline void record_origin(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct conn_key key = {};
-	struct orig_dst dst, *stored;
+	struct sock_state *state;
+	struct orig_dst dst;
 
 	if (!sk)
 		return;
-	stored = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
-	if (!stored)
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+	if (!state || !state->dst.family)
 		return;
-	dst = *stored;
+	dst = state->dst;
 	orig_dst_normalize(&dst);
 	conn_key_from_ops(&key, skops, true);
 	if (bpf_map_update_elem(&origin_dst_map, &key, &dst, BPF_ANY)) {

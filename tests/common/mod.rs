@@ -17,6 +17,21 @@ use std::time::{Duration, Instant};
 
 use meshbpf::Mesh;
 
+/// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
+pub const ATTACH_TYPES: [&str; 11] = [
+    "cgroup_getsockopt",
+    "cgroup_inet4_bind",
+    "cgroup_inet4_connect",
+    "cgroup_inet4_getpeername",
+    "cgroup_inet4_post_bind",
+    "cgroup_inet6_bind",
+    "cgroup_inet6_connect",
+    "cgroup_inet6_getpeername",
+    "cgroup_inet6_post_bind",
+    "cgroup_inet_sock_release",
+    "cgroup_sock_ops",
+];
+
 pub const PROXY_UID: u32 = 1337;
 pub const APP_UID: u32 = 1000;
 const TIMEOUT: Duration = Duration::from_secs(20);
@@ -351,15 +366,36 @@ impl Pod {
         proc
     }
 
-    /// Starts `netprobe serve` on `addrs` and waits until it listens.
+    /// Starts `netprobe serve` on `addrs` as the application and waits until it listens.
     pub fn server(&self, addrs: &[&str]) -> Proc {
+        self.server_as(APP_UID, addrs)
+    }
+
+    /// Starts `netprobe serve` on `addrs` as `uid` and waits until it listens on all of them.
+    pub fn server_as(&self, uid: u32, addrs: &[&str]) -> Proc {
         let mut args = vec!["serve"];
         args.extend_from_slice(addrs);
-        let proc = self.spawn(APP_UID, &example("netprobe"), &args);
-        for addr in addrs {
-            proc.wait_for(&format!("listening={addr}"));
-        }
+        let proc = self.spawn(uid, &example("netprobe"), &args);
+        wait_until(
+            || proc.lines("listening=").len() == addrs.len(),
+            || format!("server did not listen; output:\n{}", proc.output()),
+        );
         proc
+    }
+
+    /// `netprobe bind ADDR` as `uid`: the address bound (`bound=`) or the error (`bind_error=`).
+    pub fn bind(&self, uid: u32, addr: &str) -> String {
+        let out = self.run(uid, &example("netprobe"), &["bind", addr]);
+        stdout_of(&out).trim().to_string()
+    }
+}
+
+/// Polls `done` until it holds; fails the test with `why()` after the harness timeout.
+pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{}", why());
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -403,28 +439,24 @@ impl Proc {
 
     /// Waits until the output contains `text`; panics with the output after a timeout.
     pub fn wait_for(&self, text: &str) {
-        let deadline = Instant::now() + TIMEOUT;
-        while !self.output().contains(text) {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {text:?}; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            || self.output().contains(text),
+            || format!("timed out waiting for {text:?}; output:\n{}", self.output()),
+        );
     }
 
     /// Waits until the process exits by itself.
     pub fn wait(mut self) -> String {
-        let deadline = Instant::now() + TIMEOUT;
-        while self.child.try_wait().expect("wait").is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit; output:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        let log = self.log.clone();
+        wait_until(
+            || self.child.try_wait().expect("wait").is_some(),
+            || {
+                format!(
+                    "process did not exit; output:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            },
+        );
         self.output()
     }
 }

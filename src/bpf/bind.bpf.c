@@ -1,0 +1,161 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Inbound capture: an application's wildcard bind (0.0.0.0:80, [::]:80) in a
+ * registered pod is moved to loopback, so that only the sidecar, which owns
+ * pod_ip:80, can reach it from outside — istio-iptables' inbound REDIRECT,
+ * done once per bind instead of once per packet.
+ *
+ * The non-root sidecar may bind privileged ports in its own pod: since Linux
+ * 5.12 ("bpf: Allow rewriting to ports under ip_unprivileged_port_start") a
+ * bind program returning 3 lets that one bind skip the CAP_NET_BIND_SERVICE
+ * check, so no node-wide or pod-wide sysctl is needed.
+ *
+ * Moved binds are counted per pod and port in inbound_ports (after the bind
+ * succeeded, until the socket is released): that is inbound listener
+ * discovery, which tells the sidecar which inbound listeners to open.
+ */
+#include "common.bpf.h"
+
+/* Return value of a bind program: allow, and skip the privileged-port check. */
+#define BIND_ALLOW_NO_CAP_NET_BIND_SERVICE 3
+
+static __always_inline bool inbound_port_captured(const struct pod_settings *pod, __u64 cookie,
+						  __u16 port)
+{
+	if (port_rule(cookie, port, RULE_INBOUND_EXCLUDE))
+		return false;
+	if (pod->flags & POD_F_INBOUND_ALL_PORTS)
+		return true;
+	return port_rule(cookie, port, RULE_INBOUND_INCLUDE);
+}
+
+/*
+ * Common part of bind4/bind6 once the address is known to be the wildcard:
+ * returns true when the bind must move to loopback (and marks the socket).
+ */
+static __always_inline bool capture_bind(struct bpf_sock_addr *ctx, const struct pod_settings *pod,
+					 __u64 cookie)
+{
+	__u16 port = bpf_ntohs(ctx->user_port);
+	struct sock_state *state;
+
+	/* UDP services are not proxied inbound (the sidecar speaks TCP), and port 0 is an
+	 * ephemeral bind before connect, not a listener. */
+	if (!(pod->flags & POD_F_CAPTURE_INBOUND) || ctx->protocol != IPPROTO_TCP || port == 0)
+		return false;
+	if (!inbound_port_captured(pod, cookie, port)) {
+		count(CNT_BIND_SKIP_PORT);
+		return false;
+	}
+	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		count(CNT_STORAGE_FAILED);
+		return false;
+	}
+	state->inbound_port = port;
+	count(CNT_BIND_REDIRECTED);
+	return true;
+}
+
+static __always_inline int proxy_bind(struct bpf_sock_addr *ctx)
+{
+	__u16 port = bpf_ntohs(ctx->user_port);
+
+	if (port == 0 || port >= 1024)
+		return 1;
+	count(CNT_BIND_PROXY_PRIVILEGED);
+	return BIND_ALLOW_NO_CAP_NET_BIND_SERVICE;
+}
+
+SEC("cgroup/bind4")
+int handle__bind4(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = lookup_pod(cookie);
+
+	if (!pod)
+		return 1;
+	if (is_proxy(pod))
+		return proxy_bind(ctx);
+	if (ctx->user_ip4 != 0 || !capture_bind(ctx, pod, cookie))
+		return 1;
+	ctx->user_ip4 = bpf_htonl(0x7f000001);
+	return 1;
+}
+
+SEC("cgroup/bind6")
+int handle__bind6(struct bpf_sock_addr *ctx)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = lookup_pod(cookie);
+
+	if (!pod)
+		return 1;
+	if (is_proxy(pod))
+		return proxy_bind(ctx);
+	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
+	    !capture_bind(ctx, pod, cookie))
+		return 1;
+	ctx->user_ip6[3] = bpf_htonl(1);
+	return 1;
+}
+
+/* After a moved bind succeeded: count the listener once. */
+static __always_inline void count_listener(struct bpf_sock *sk)
+{
+	struct inbound_key key = {};
+	struct sock_state *state;
+	__u32 one = 1, *listeners;
+
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+	if (!state || !state->inbound_port || (state->flags & SOCK_F_INBOUND_COUNTED))
+		return;
+	key.netns_cookie = bpf_get_netns_cookie(sk);
+	key.port = state->inbound_port;
+	listeners = bpf_map_lookup_elem(&inbound_ports, &key);
+	if (listeners)
+		__sync_fetch_and_add(listeners, 1);
+	else if (bpf_map_update_elem(&inbound_ports, &key, &one, BPF_NOEXIST))
+		return; /* full, or raced with another first listener: not counted */
+	state->flags |= SOCK_F_INBOUND_COUNTED;
+}
+
+SEC("cgroup/post_bind4")
+int handle__post_bind4(struct bpf_sock *sk)
+{
+	count_listener(sk);
+	return 1;
+}
+
+SEC("cgroup/post_bind6")
+int handle__post_bind6(struct bpf_sock *sk)
+{
+	count_listener(sk);
+	return 1;
+}
+
+/*
+ * The listener is gone. The entry stays at zero rather than being deleted:
+ * deleting could race with a new listener of the same port (a graceful
+ * restart with SO_REUSEPORT) and lose its count. The library ignores zeros
+ * and removes a pod's entries when the pod is unregistered.
+ */
+SEC("cgroup/sock_release")
+int handle__sock_release(struct bpf_sock *sk)
+{
+	struct inbound_key key = {};
+	struct sock_state *state;
+	__u32 *listeners;
+
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_F_INBOUND_COUNTED))
+		return 1;
+	key.netns_cookie = bpf_get_netns_cookie(sk);
+	key.port = state->inbound_port;
+	listeners = bpf_map_lookup_elem(&inbound_ports, &key);
+	if (listeners && *listeners > 0)
+		__sync_fetch_and_add(listeners, -1);
+	return 1;
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
