@@ -6,6 +6,9 @@
 //! netprobe connect DEST [--bind SRC] [--message TEXT]
 //!                                            # prints local=, peer=, reply=
 //! netprobe bind ADDR                        # bind (TCP, no listen): prints bound= or the errno
+//! netprobe dns SERVER NAME [A|AAAA] [--connected]
+//!                                            # one DNS query over UDP, with sendto() or
+//!                                            # connect()+send(): prints from=, rcode=, answer=
 //! netprobe sockopts --listen ADDR [--hold]   # accept one connection, run getsockopt probes on
 //!                                            # it; --hold keeps it open until killed
 //! ```
@@ -26,6 +29,7 @@ fn main() {
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
         Some("bind") => bind_only(&args[1..]),
+        Some("dns") => dns(&args[1..]),
         _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR [--hold]".into()),
     };
     if let Err(err) = result {
@@ -87,6 +91,116 @@ fn answer(stream: TcpStream) {
             return;
         }
     }
+}
+
+/// One DNS query for `NAME` to `SERVER`, unconnected (`sendto`/`recvfrom`) or connected.
+fn dns(args: &[String]) -> Result<()> {
+    let server = parse_addr(args.first().ok_or("dns needs a server address")?)?;
+    let name = args.get(1).ok_or("dns needs a name")?;
+    let qtype: u16 = if args.iter().any(|a| a == "AAAA") {
+        28
+    } else {
+        1
+    };
+    let connected = args.iter().any(|a| a == "--connected");
+    let any: SocketAddr = if server.is_ipv4() {
+        "0.0.0.0:0".parse().unwrap()
+    } else {
+        "[::]:0".parse().unwrap()
+    };
+    let socket = std::net::UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    let query = dns_query(0x4d42, name, qtype);
+    let mut buf = [0u8; 4096];
+    let (len, from) = if connected {
+        socket
+            .connect(server)
+            .map_err(|e| format!("connect {server}: {e}"))?;
+        socket.send(&query).map_err(|e| format!("send: {e}"))?;
+        let len = socket.recv(&mut buf).map_err(|e| format!("receive: {e}"))?;
+        // getpeername(): where the connected socket says it talks to.
+        (len, socket.peer_addr().map_err(|e| e.to_string())?)
+    } else {
+        socket
+            .send_to(&query, server)
+            .map_err(|e| format!("sendto {server}: {e}"))?;
+        socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("recvfrom: {e}"))?
+    };
+    say(format!("from={from}"));
+    let (rcode, answer) = dns_answer(&buf[..len], qtype).ok_or("malformed DNS reply")?;
+    say(format!("rcode={rcode}"));
+    say(format!(
+        "answer={}",
+        answer
+            .map(|ip| ip.to_string())
+            .unwrap_or_else(|| "none".into())
+    ));
+    Ok(())
+}
+
+/// A DNS query message (RFC 1035 4.1): header with RD set, one question of class IN.
+fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(32 + name.len());
+    for word in [id, 0x0100, 1, 0, 0, 0] {
+        msg.extend_from_slice(&word.to_be_bytes());
+    }
+    for label in name.trim_end_matches('.').split('.') {
+        msg.push(label.len() as u8);
+        msg.extend_from_slice(label.as_bytes());
+    }
+    msg.push(0);
+    msg.extend_from_slice(&qtype.to_be_bytes());
+    msg.extend_from_slice(&1u16.to_be_bytes());
+    msg
+}
+
+/// The rcode and the first answer record of type `qtype`, if any.
+fn dns_answer(msg: &[u8], qtype: u16) -> Option<(u8, Option<std::net::IpAddr>)> {
+    let word = |at: usize| Some(u16::from_be_bytes([*msg.get(at)?, *msg.get(at + 1)?]));
+    let rcode = msg.get(3)? & 0x0f;
+    let (questions, answers) = (word(4)?, word(6)?);
+    let mut at = 12;
+    let skip_name = |mut at: usize| -> Option<usize> {
+        loop {
+            let len = *msg.get(at)?;
+            if len & 0xc0 == 0xc0 {
+                return Some(at + 2);
+            }
+            at += 1 + len as usize;
+            if len == 0 {
+                return Some(at);
+            }
+        }
+    };
+    for _ in 0..questions {
+        at = skip_name(at)? + 4;
+    }
+    for _ in 0..answers {
+        at = skip_name(at)?;
+        let (rtype, rdlen) = (word(at)?, word(at + 8)? as usize);
+        let data = msg.get(at + 10..at + 10 + rdlen)?;
+        at += 10 + rdlen;
+        match (rtype == qtype, rdlen) {
+            (true, 4) => {
+                return Some((
+                    rcode,
+                    Some(std::net::IpAddr::from(<[u8; 4]>::try_from(data).ok()?)),
+                ))
+            }
+            (true, 16) => {
+                return Some((
+                    rcode,
+                    Some(std::net::IpAddr::from(<[u8; 16]>::try_from(data).ok()?)),
+                ))
+            }
+            _ => {}
+        }
+    }
+    Some((rcode, None))
 }
 
 /// Binds a TCP socket and reports the address it got, or the error (`bind_error=EACCES`).

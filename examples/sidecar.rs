@@ -7,6 +7,10 @@
 //! - Inbound: for each `--inbound PORT` it listens on the pod's own addresses
 //!   (`--pod-ip`) and forwards to the application, which meshbpf moved to
 //!   loopback.
+//! - DNS: on the DNS port (UDP and TCP, 127.0.0.1 and ::1) it forwards each
+//!   query to the server the application asked, which it learns with
+//!   `meshbpf::dns_query_original_dst` (UDP) or `SO_ORIGINAL_DST` (TCP), and
+//!   returns the answer.
 //!
 //! Run it as the proxy uid (1337): its own connections are then never
 //! captured, and meshbpf lets it bind privileged inbound ports.
@@ -14,15 +18,25 @@
 //! Every event is one line on stdout, for people and tests:
 //! `outbound peer=127.0.0.1:40312 original_dst=192.0.2.2:8080 upstream=connected`
 //! `inbound peer=192.0.2.11:51234 listener=192.0.2.10:80 upstream=127.0.0.1:80`
+//! `dns proto=udp peer=127.0.0.1:40001 original_dst=192.0.2.20:53 answer_bytes=61`
 //!
-//! Usage: `sidecar [--outbound-port 15001] [--pod-ip IP]... [--inbound PORT]...`
+//! Usage: `sidecar [--outbound-port 15001] [--dns-port 15053] [--pod-ip IP]... [--inbound PORT]...`
 
 use std::io::{self, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{
+    IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
+};
 use std::thread;
+use std::time::Duration;
+
+const LOOPBACKS: [IpAddr; 2] = [
+    IpAddr::V4(Ipv4Addr::LOCALHOST),
+    IpAddr::V6(Ipv6Addr::LOCALHOST),
+];
 
 fn main() {
     let mut outbound_port: u16 = meshbpf::DEFAULT_OUTBOUND_PORT;
+    let mut dns_port: u16 = meshbpf::DEFAULT_DNS_PORT;
     let mut pod_ips: Vec<IpAddr> = Vec::new();
     let mut inbound: Vec<u16> = Vec::new();
     let mut args = std::env::args().skip(1);
@@ -30,6 +44,7 @@ fn main() {
         let value = args.next().unwrap_or_else(|| usage());
         match arg.as_str() {
             "--outbound-port" => outbound_port = value.parse().unwrap_or_else(|_| usage()),
+            "--dns-port" => dns_port = value.parse().unwrap_or_else(|_| usage()),
             "--pod-ip" => pod_ips.push(value.parse().unwrap_or_else(|_| usage())),
             "--inbound" => inbound.push(value.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
@@ -37,14 +52,26 @@ fn main() {
     }
 
     let mut listeners: Vec<(TcpListener, Direction)> = Vec::new();
-    for ip in [
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(Ipv6Addr::LOCALHOST),
-    ] {
-        match TcpListener::bind((ip, outbound_port)) {
-            Ok(listener) => listeners.push((listener, Direction::Outbound)),
-            Err(err) if ip.is_ipv6() => eprintln!("sidecar: no IPv6 outbound listener ({err})"),
-            Err(err) => fail(&format!("cannot listen on {ip}:{outbound_port}: {err}")),
+    let mut dns_sockets: Vec<UdpSocket> = Vec::new();
+    for ip in LOOPBACKS {
+        for (port, direction) in [
+            (outbound_port, Direction::Outbound),
+            (dns_port, Direction::Dns),
+        ] {
+            match TcpListener::bind((ip, port)) {
+                Ok(listener) => listeners.push((listener, direction)),
+                Err(err) => fail(&format!(
+                    "cannot listen on {}: {err}",
+                    SocketAddr::new(ip, port)
+                )),
+            }
+        }
+        match UdpSocket::bind((ip, dns_port)) {
+            Ok(socket) => dns_sockets.push(socket),
+            Err(err) => fail(&format!(
+                "cannot listen on udp {}: {err}",
+                SocketAddr::new(ip, dns_port)
+            )),
         }
     }
     for &port in &inbound {
@@ -65,7 +92,17 @@ fn main() {
             .unwrap_or_default();
         say(format!("listening {}={addr}", direction.name()));
     }
+    for socket in &dns_sockets {
+        let addr = socket
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        say(format!("listening dns-udp={addr}"));
+    }
     thread::scope(|scope| {
+        for socket in &dns_sockets {
+            scope.spawn(move || serve_dns_udp(socket));
+        }
         for (listener, direction) in &listeners {
             let direction = *direction;
             scope.spawn(move || {
@@ -82,10 +119,63 @@ fn main() {
     });
 }
 
+/// One receiving thread per socket: the original server must be read right after recv_from.
+fn serve_dns_udp(socket: &UdpSocket) {
+    let mut buf = [0u8; 4096];
+    loop {
+        let (len, peer) = match socket.recv_from(&mut buf) {
+            Ok(got) => got,
+            Err(err) => return eprintln!("sidecar: dns recv: {err}"),
+        };
+        let original = match meshbpf::dns_query_original_dst(socket) {
+            Ok(addr) => addr,
+            Err(err) => {
+                say(format!(
+                    "dns proto=udp peer={peer} original_dst=none error={err}"
+                ));
+                continue;
+            }
+        };
+        let (query, Ok(reply_via)) = (buf[..len].to_vec(), socket.try_clone()) else {
+            continue;
+        };
+        thread::spawn(move || match forward_dns(&query, original) {
+            Ok(answer) => {
+                say(format!(
+                    "dns proto=udp peer={peer} original_dst={original} answer_bytes={}",
+                    answer.len()
+                ));
+                let _ = reply_via.send_to(&answer, peer);
+            }
+            Err(err) => say(format!(
+                "dns proto=udp peer={peer} original_dst={original} error={err}"
+            )),
+        });
+    }
+}
+
+/// Sends one query to `server` (from the sidecar's uid: not captured) and waits for its answer.
+fn forward_dns(query: &[u8], server: SocketAddr) -> io::Result<Vec<u8>> {
+    let any: SocketAddr = if server.is_ipv4() {
+        (Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let upstream = UdpSocket::bind(any)?;
+    upstream.connect(server)?;
+    upstream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    upstream.send(query)?;
+    let mut buf = vec![0u8; 4096];
+    let len = upstream.recv(&mut buf)?;
+    buf.truncate(len);
+    Ok(buf)
+}
+
 #[derive(Clone, Copy)]
 enum Direction {
     Outbound,
     Inbound(u16),
+    Dns,
 }
 
 impl Direction {
@@ -93,6 +183,7 @@ impl Direction {
         match self {
             Direction::Outbound => "outbound",
             Direction::Inbound(_) => "inbound",
+            Direction::Dns => "dns-tcp",
         }
     }
 
@@ -102,6 +193,22 @@ impl Direction {
             .map(|a| a.to_string())
             .unwrap_or_else(|_| "?".into());
         match self {
+            Direction::Dns => {
+                match meshbpf::original_dst(&client) {
+                    Ok(original) => match TcpStream::connect(original) {
+                        Ok(upstream) => {
+                            say(format!("dns proto=tcp peer={peer} original_dst={original} upstream=connected"));
+                            relay(client, upstream);
+                        }
+                        Err(err) => say(format!(
+                            "dns proto=tcp peer={peer} original_dst={original} error={err}"
+                        )),
+                    },
+                    Err(err) => say(format!(
+                        "dns proto=tcp peer={peer} original_dst=none error={err}"
+                    )),
+                }
+            }
             Direction::Outbound => {
                 let original = match meshbpf::original_dst(&client) {
                     Ok(addr) => addr,
@@ -179,7 +286,7 @@ fn say(line: String) {
 }
 
 fn usage() -> ! {
-    fail("usage: sidecar [--outbound-port PORT] [--pod-ip IP]... [--inbound PORT]...")
+    fail("usage: sidecar [--outbound-port PORT] [--dns-port PORT] [--pod-ip IP]... [--inbound PORT]...")
 }
 
 fn fail(msg: &str) -> ! {

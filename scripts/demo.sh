@@ -32,7 +32,7 @@ cleanup() {
     sleep 0.2
     [ -x "$BIN/meshbpf" ] && "$BIN/meshbpf" detach --pin-dir "$PIN" >/dev/null 2>&1
     [ -n "${CG:-}" ] && { for cg in "$CG"/*/; do rmdir "$cg" 2>/dev/null; done; rmdir "$CG" 2>/dev/null; }
-    for ns in mbdemo-app mbdemo-plain mbdemo-web mbdemo-br; do ip netns del "$ns" 2>/dev/null; done
+    for ns in mbdemo-app mbdemo-plain mbdemo-web mbdemo-dns mbdemo-br; do ip netns del "$ns" 2>/dev/null; done
     mountpoint -q "$WORK/bpf" && umount "$WORK/bpf"
     mountpoint -q "$WORK/cgroup2" && umount "$WORK/cgroup2"
     rm -rf "$WORK"
@@ -41,7 +41,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-step "Setting up: bpffs, a cgroup v2, three pods on a bridge"
+step "Setting up: bpffs, a cgroup v2, four pods on a bridge"
 mkdir -p "$WORK/bpf" "$WORK/cgroup2"
 mount -t bpf bpf "$WORK/bpf"
 # Our own cgroup2 mount: the same hierarchy as any other, whether or not one is mounted.
@@ -51,7 +51,7 @@ mkdir -p "$CG"
 ip netns add mbdemo-br
 ip -n mbdemo-br link add br0 type bridge && ip -n mbdemo-br link set br0 up
 n=10
-for pod in app plain web; do
+for pod in app plain web dns; do
     ns=mbdemo-$pod
     ip netns add "$ns"
     ip link add eth0 netns "$ns" type veth peer name "p$n" netns mbdemo-br
@@ -63,7 +63,7 @@ for pod in app plain web; do
     info "pod ${C}$pod${R}: netns $ns, 192.0.2.$n and 2001:db8::$n, cgroup $CG/$pod"
     n=$((n + 1))
 done
-WEB4=192.0.2.12 WEB6=2001:db8::12
+WEB4=192.0.2.12 WEB6=2001:db8::12 DNS4=192.0.2.13
 
 # in_pod POD UID CMD...: run CMD in the pod's cgroup and netns as UID.
 in_pod() {
@@ -79,6 +79,10 @@ step "meshbpf register --netns /run/netns/mbdemo-app   (the 'plain' pod stays ou
 
 in_pod web 1000 "$EX/netprobe" serve 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
+in_pod dns 0 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
+    --user=root --pid-file --log-facility=- --listen-address=$DNS4 --host-record=web.mesh.test,$WEB4,$WEB6 \
+    >"$WORK/dns.log" 2>&1 &
+PIDS+=($!)
 # The registered pod's own service: it asks for 0.0.0.0:80 (as root, like many images).
 in_pod app 0 "$EX/netprobe" serve 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
 PIDS+=($!)
@@ -88,7 +92,7 @@ in_pod app 1337 "$EX/sidecar" --pod-ip 192.0.2.10 --pod-ip 2001:db8::10 --inboun
 PIDS+=($!)
 in_pod plain 1337 "$EX/sidecar" >"$WORK/sidecar-plain.log" 2>&1 &
 PIDS+=($!)
-wait_for "$WORK/sidecar-app.log" 'inbound=\[2001' && wait_for "$WORK/sidecar-plain.log" '::1' && wait_for "$WORK/web.log" 8081
+wait_for "$WORK/sidecar-app.log" 'dns-udp=\[::1' && wait_for "$WORK/sidecar-plain.log" 'dns-udp=\[::1' && wait_for "$WORK/web.log" 8081 && wait_for "$WORK/dns.log" started
 info "server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
 info "app's own service asked for 0.0.0.0:80 and got ${G}$(sed -n 's/^listening=//p' "$WORK/app.log")${R}; app's sidecar (not root) listens on 192.0.2.10:80 and [2001:db8::10]:80"
 
@@ -113,8 +117,17 @@ step "Inbound: plain connects to app's service on 192.0.2.10:80"
 request plain 192.0.2.10:80
 grep '^inbound' "$WORK/sidecar-app.log" | sed 's/^/    sidecar: /'
 
+step "DNS: dig @$DNS4 web.mesh.test, from app (registered) and plain"
+for pod in app plain; do
+    out=$(in_pod "$pod" 1000 dig +time=3 +tries=1 @"$DNS4" web.mesh.test A)
+    answer=$(awk '/^web.mesh.test/ {print $NF}' <<<"$out"); server=$(sed -n 's/^;; SERVER: //p' <<<"$out")
+    via=$(grep -c '^dns ' "$WORK/sidecar-$pod.log" || true)
+    if [ "$via" -gt 0 ]; then how="${G}through the sidecar${R}"; else how="${Y}straight to the server${R}"; fi
+    printf '    %s%-5s%s answer %s from SERVER %s, %s\n' "$C" "$pod" "$R" "$answer" "$server" "$how"
+done
+
 step "What the sidecar in app learned through getsockopt(SO_ORIGINAL_DST)"
-grep '^outbound' "$WORK/sidecar-app.log" | sed 's/^/    /'
+grep -E '^(outbound|dns)' "$WORK/sidecar-app.log" | sed 's/^/    /'
 printf '    (the sidecar in plain saw %s connections)\n' "$(grep -c '^outbound' "$WORK/sidecar-plain.log" || true)"
 
 step "meshbpf list: registered pods and the inbound listeners discovered in them"

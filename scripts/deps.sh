@@ -3,7 +3,7 @@
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run again.
 set -euo pipefail
 
-MESHBPF_PACKAGES=(clang-19 libelf-dev zlib1g-dev pkg-config make iproute2 bpftool iptables util-linux)
+MESHBPF_PACKAGES=(clang-19 libelf-dev zlib1g-dev pkg-config make iproute2 bpftool iptables util-linux dnsmasq-base dnsutils)
 
 meshbpf_install_deps() {
     local missing=()

@@ -12,7 +12,7 @@ pub(crate) use crate::skel::types::{
 };
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// `MAX_PODS` in meshbpf.h.
 pub const MAX_PODS: u32 = 16384;
 
@@ -23,6 +23,7 @@ pub(crate) const AF_INET6: u16 = 10;
 pub(crate) mod pod_flags {
     pub const CAPTURE_OUTBOUND: u32 = 1 << 0;
     pub const CAPTURE_INBOUND: u32 = 1 << 1;
+    pub const CAPTURE_DNS: u32 = 1 << 2;
     pub const INBOUND_ALL_PORTS: u32 = 1 << 4;
 }
 
@@ -62,6 +63,10 @@ pub const COUNTER_NAMES: &[&str] = &[
     "bind_redirected",
     "bind_skip_port",
     "bind_proxy_privileged",
+    "dns_redirected",
+    "dns_reply_restored",
+    "dns_query_origin_found",
+    "dns_query_origin_miss",
 ];
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.

@@ -32,7 +32,7 @@ pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use error::{Error, Result};
 pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
 pub use netns::{current_cookie, Netns};
-pub use origin::{original_dst, SO_ORIGINAL_DST};
+pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use settings::{
     parse_port_list, PodSettings, Ports, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT,
     DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, MAX_PORTS_PER_LIST, MESH_INBOUND_EXCLUDES,

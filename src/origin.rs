@@ -2,7 +2,7 @@
 
 use std::io;
 use std::mem::{size_of, MaybeUninit};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 
 use nix::libc;
@@ -15,12 +15,19 @@ pub const SO_ORIGINAL_DST: libc::c_int = 80;
 /// `getsockopt(SO_ORIGINAL_DST)` that works the same behind iptables REDIRECT and behind
 /// meshbpf (IPv4 through `SOL_IP`, IPv6 through `SOL_IPV6`).
 pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
-    let is_v4 = match stream.local_addr()? {
-        SocketAddr::V4(_) => true,
-        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().is_some(),
-    };
-    let fd = stream.as_raw_fd();
-    if is_v4 {
+    original_dst_of(stream.as_raw_fd(), stream.local_addr()?)
+}
+
+/// For the sidecar's DNS listener socket: the server the application sent the datagram it
+/// received last to. Call it right after `recv_from`, from the same thread. meshbpf answers
+/// the same `getsockopt(SO_ORIGINAL_DST)` on the UDP socket (the kernel itself has no UDP
+/// counterpart); it fails with the kernel's error when the datagram was not captured.
+pub fn dns_query_original_dst(socket: &UdpSocket) -> io::Result<SocketAddr> {
+    original_dst_of(socket.as_raw_fd(), socket.local_addr()?)
+}
+
+fn original_dst_of(fd: libc::c_int, local: SocketAddr) -> io::Result<SocketAddr> {
+    if local.is_ipv4() {
         let sin: libc::sockaddr_in = getsockopt_struct(fd, libc::SOL_IP)?;
         Ok(SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),

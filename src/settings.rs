@@ -78,6 +78,8 @@ pub struct PodSettings {
     pub inbound_ports: Ports,
     /// Inbound ports never captured, on top of [`MESH_INBOUND_EXCLUDES`].
     pub exclude_inbound_ports: BTreeSet<u16>,
+    /// Send DNS (UDP and TCP to port 53) to the sidecar's DNS listener.
+    pub capture_dns: bool,
 }
 
 impl Default for PodSettings {
@@ -92,6 +94,7 @@ impl Default for PodSettings {
             capture_inbound: true,
             inbound_ports: Ports::All,
             exclude_inbound_ports: BTreeSet::new(),
+            capture_dns: true,
         }
     }
 }
@@ -177,6 +180,9 @@ impl PodSettings {
         if self.capture_inbound {
             flags |= pod_flags::CAPTURE_INBOUND;
         }
+        if self.capture_dns {
+            flags |= pod_flags::CAPTURE_DNS;
+        }
         if self.inbound_ports == Ports::All {
             flags |= pod_flags::INBOUND_ALL_PORTS;
         }
@@ -201,6 +207,7 @@ impl PodSettings {
             dns_port: raw.dns_port,
             capture_outbound: raw.flags & pod_flags::CAPTURE_OUTBOUND != 0,
             capture_inbound: raw.flags & pod_flags::CAPTURE_INBOUND != 0,
+            capture_dns: raw.flags & pod_flags::CAPTURE_DNS != 0,
             ..PodSettings::default()
         }
     }
@@ -227,6 +234,8 @@ mod tests {
             proxy_gid: Some(2102),
             outbound_port: 4140,
             capture_inbound: false,
+            capture_dns: false,
+            dns_port: 5353,
             inbound_ports: Ports::parse("80,8080").unwrap(),
             exclude_inbound_ports: parse_port_list("9000").unwrap(),
             ..Default::default()

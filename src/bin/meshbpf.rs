@@ -116,6 +116,12 @@ struct PodArgs {
     /// Do not capture inbound: applications' binds stay as they are.
     #[arg(long)]
     no_inbound: bool,
+    /// The sidecar's DNS listener port on loopback (UDP and TCP).
+    #[arg(long, default_value_t = meshbpf::DEFAULT_DNS_PORT, value_parser = clap::value_parser!(u16).range(1..))]
+    dns_port: u16,
+    /// Do not capture DNS: queries go straight to the servers.
+    #[arg(long)]
+    no_dns: bool,
 }
 
 impl PodArgs {
@@ -127,6 +133,8 @@ impl PodArgs {
             capture_inbound: !self.no_inbound,
             inbound_ports: meshbpf::Ports::parse(&self.inbound_ports)?,
             exclude_inbound_ports: meshbpf::parse_port_list(&self.exclude_inbound_ports)?,
+            dns_port: self.dns_port,
+            capture_dns: !self.no_dns,
             ..PodSettings::default()
         })
     }
@@ -320,5 +328,7 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         },
         "exclude_inbound_ports": pod.settings.exclude_inbound_ports,
         "inbound_listeners": pod.inbound_listeners,
+        "capture_dns": pod.settings.capture_dns,
+        "dns_port": pod.settings.dns_port,
     })
 }

@@ -117,9 +117,21 @@ static __always_inline bool is_loopback4(__u32 addr_be)
 	return (bpf_ntohl(addr_be) >> 24) == 127;
 }
 
+#define DNS_PORT 53
+
 static __always_inline bool is_v4_mapped(const __u32 addr[4])
 {
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+}
+
+/* The loopback address a redirected IPv6 socket talks to: ::1, or ::ffff:127.0.0.1 for an
+ * IPv4-mapped destination (the sidecar's IPv4 listener). */
+static __always_inline void proxy_addr6(__u32 out[4], bool mapped)
+{
+	out[0] = 0;
+	out[1] = 0;
+	out[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
+	out[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
 }
 
 static __always_inline bool is_loopback6(const __u32 addr[4])
@@ -149,6 +161,36 @@ static __always_inline void orig_dst_normalize(struct orig_dst *dst)
 	dst->family = AF_INET;
 	dst->addr[0] = dst->addr[3];
 	dst->addr[2] = dst->addr[3] = 0;
+}
+
+/*
+ * Puts the original destination kept on ctx's socket back into ctx's address
+ * (getpeername, a DNS reply's source), when the socket has one of ctx's
+ * family; returns whether it did.
+ */
+static __always_inline bool restore_orig_dst4(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+
+	if (!state || state->dst.family != AF_INET)
+		return false;
+	ctx->user_ip4 = state->dst.addr[0];
+	ctx->user_port = state->dst.port;
+	return true;
+}
+
+static __always_inline bool restore_orig_dst6(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+
+	if (!state || state->dst.family != AF_INET6)
+		return false;
+	ctx->user_ip6[0] = state->dst.addr[0];
+	ctx->user_ip6[1] = state->dst.addr[1];
+	ctx->user_ip6[2] = state->dst.addr[2];
+	ctx->user_ip6[3] = state->dst.addr[3];
+	ctx->user_port = state->dst.port;
+	return true;
 }
 
 #endif /* __COMMON_BPF_H */

@@ -1,40 +1,52 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Outbound TCP capture: connect() of a registered pod's application is sent to
- * the sidecar's outbound listener, the address it asked for is kept in the
- * socket's storage, and getpeername() keeps reporting that address, as it does
- * behind iptables REDIRECT (where NAT is undone on the way back).
+ * Outbound capture: connect() of a registered pod's application is sent to the
+ * sidecar on loopback (TCP to the outbound listener; TCP and UDP to port 53 to
+ * the DNS listener), as is sendto()/sendmsg() of DNS on an unconnected UDP
+ * socket. The address the application asked for is kept in the socket's
+ * storage, and getpeername() keeps reporting it, as it does behind iptables
+ * REDIRECT (where NAT is undone on the way back).
  */
 #include "common.bpf.h"
 
 /*
- * Decide once per connect(); returns the pod when the socket must be captured.
- * Order mirrors istio-iptables' ISTIO_OUTPUT: proxy uid/gid first, then
- * loopback destinations, then the proxy's own listener.
+ * Where the socket goes instead: a sidecar port on loopback, or 0 to leave it
+ * alone. Order mirrors istio-iptables' ISTIO_OUTPUT: the proxy's uid/gid
+ * first, then loopback destinations, then DNS, then the outbound listener.
  */
-static __always_inline struct pod_settings *
-capture_tcp(struct bpf_sock_addr *ctx, bool loopback, __u16 dport)
+static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool loopback, __u16 dport)
 {
+	bool tcp = ctx->protocol == IPPROTO_TCP;
+	bool dns = dport == DNS_PORT && (tcp || ctx->protocol == IPPROTO_UDP);
 	struct pod_settings *pod;
 
-	if (ctx->protocol != IPPROTO_TCP)
-		return NULL;
+	/* Most UDP sends are not DNS: decide them before any map lookup. */
+	if (!tcp && !dns)
+		return 0;
 	pod = lookup_pod(bpf_get_netns_cookie(ctx));
-	if (!pod || !(pod->flags & POD_F_CAPTURE_OUTBOUND))
-		return NULL;
+	if (!pod)
+		return 0;
+	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
+	if (!dns && !(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
+		return 0;
 	if (is_proxy(pod)) {
 		count(CNT_SKIP_PROXY_UID);
-		return NULL;
+		return 0;
 	}
 	if (loopback) {
 		count(CNT_SKIP_LOOPBACK);
-		return NULL;
+		return 0;
+	}
+	if (dns) {
+		count(CNT_DNS_REDIRECTED);
+		return pod->dns_port;
 	}
 	if (dport == pod->outbound_port) {
 		count(CNT_SKIP_PROXY_PORT);
-		return NULL;
+		return 0;
 	}
-	return pod;
+	count(CNT_CONNECT_REDIRECTED);
+	return pod->outbound_port;
 }
 
 static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
@@ -51,92 +63,89 @@ static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct ori
 	return true;
 }
 
-SEC("cgroup/connect4")
-int handle__connect4(struct bpf_sock_addr *ctx)
+static __always_inline int redirect4(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
-	struct pod_settings *pod;
 	__u32 ip = ctx->user_ip4;
+	__u16 port;
 
-	pod = capture_tcp(ctx, is_loopback4(ip), bpf_ntohs(ctx->user_port));
-	if (!pod)
+	port = redirect_port(ctx, is_loopback4(ip), bpf_ntohs(ctx->user_port));
+	if (!port)
 		return 1;
-
 	dst.addr[0] = ip;
 	dst.port = ctx->user_port;
 	dst.family = AF_INET;
 	if (!remember(ctx, &dst))
 		return 1;
-
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	ctx->user_port = bpf_htons(pod->outbound_port);
-	count(CNT_CONNECT_REDIRECTED);
+	ctx->user_port = bpf_htons(port);
 	return 1;
 }
 
-SEC("cgroup/connect6")
-int handle__connect6(struct bpf_sock_addr *ctx)
+static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 {
 	struct orig_dst dst = {};
-	struct pod_settings *pod;
-	bool mapped;
+	__u32 to[4];
+	__u16 port;
 
 	dst.addr[0] = ctx->user_ip6[0];
 	dst.addr[1] = ctx->user_ip6[1];
 	dst.addr[2] = ctx->user_ip6[2];
 	dst.addr[3] = ctx->user_ip6[3];
-	pod = capture_tcp(ctx, is_loopback6(dst.addr), bpf_ntohs(ctx->user_port));
-	if (!pod)
+	port = redirect_port(ctx, is_loopback6(dst.addr), bpf_ntohs(ctx->user_port));
+	if (!port)
 		return 1;
-
 	dst.port = ctx->user_port;
 	dst.family = AF_INET6;
 	if (!remember(ctx, &dst))
 		return 1;
-
-	/* An IPv4-mapped destination goes to the IPv4 listener, through ::ffff:127.0.0.1. */
-	mapped = is_v4_mapped(dst.addr);
-	ctx->user_ip6[0] = 0;
-	ctx->user_ip6[1] = 0;
-	ctx->user_ip6[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
-	ctx->user_ip6[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
-	ctx->user_port = bpf_htons(pod->outbound_port);
-	count(CNT_CONNECT_REDIRECTED);
+	proxy_addr6(to, is_v4_mapped(dst.addr));
+	ctx->user_ip6[0] = to[0];
+	ctx->user_ip6[1] = to[1];
+	ctx->user_ip6[2] = to[2];
+	ctx->user_ip6[3] = to[3];
+	ctx->user_port = bpf_htons(port);
 	return 1;
+}
+
+SEC("cgroup/connect4")
+int handle__connect4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx);
+}
+
+SEC("cgroup/connect6")
+int handle__connect6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx);
+}
+
+/* Unconnected UDP: every sendto() with an address passes here (connected sends do not). */
+SEC("cgroup/sendmsg4")
+int handle__sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return redirect4(ctx);
+}
+
+SEC("cgroup/sendmsg6")
+int handle__sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return redirect6(ctx);
 }
 
 SEC("cgroup/getpeername4")
 int handle__getpeername4(struct bpf_sock_addr *ctx)
 {
-	struct sock_state *state;
-	struct orig_dst *dst;
-
-	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
-	if (!state || state->dst.family != AF_INET)
-		return 1;
-	dst = &state->dst;
-	ctx->user_ip4 = dst->addr[0];
-	ctx->user_port = dst->port;
-	count(CNT_GETPEERNAME_RESTORED);
+	if (restore_orig_dst4(ctx))
+		count(CNT_GETPEERNAME_RESTORED);
 	return 1;
 }
 
 SEC("cgroup/getpeername6")
 int handle__getpeername6(struct bpf_sock_addr *ctx)
 {
-	struct sock_state *state;
-	struct orig_dst *dst;
-
-	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
-	if (!state || state->dst.family != AF_INET6)
-		return 1;
-	dst = &state->dst;
-	ctx->user_ip6[0] = dst->addr[0];
-	ctx->user_ip6[1] = dst->addr[1];
-	ctx->user_ip6[2] = dst->addr[2];
-	ctx->user_ip6[3] = dst->addr[3];
-	ctx->user_port = dst->port;
-	count(CNT_GETPEERNAME_RESTORED);
+	if (restore_orig_dst6(ctx))
+		count(CNT_GETPEERNAME_RESTORED);
 	return 1;
 }
 

@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Answers SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6) for the
- * proxy's accepted end of a captured connection, so that a proxy written for
- * iptables REDIRECT (Envoy's original_dst listener filter, HAProxy) works
- * unmodified. Everything else keeps the kernel's own answer.
+ * Answers SO_ORIGINAL_DST (SOL_IP) and IP6T_SO_ORIGINAL_DST (SOL_IPV6):
+ * - on the proxy's accepted TCP socket of a captured connection, so that a
+ *   proxy written for iptables REDIRECT (Envoy's original_dst listener
+ *   filter, HAProxy) works unmodified;
+ * - on the sidecar's UDP DNS socket, with the original server of the query it
+ *   received last (see dns.bpf.c).
+ * Everything else keeps the kernel's own answer.
  *
  * This hook runs after the kernel's getsockopt. Setting optlen to 0 tells the
  * kernel to leave its result (value, length, error) exactly as it was; that
- * is also the only way to let options larger than a page through, such as
+ * is also the way to let options larger than a page through, such as
  * iptables' 40 KB IPT_SO_GET_ENTRIES.
  */
 #include "common.bpf.h"
@@ -18,28 +21,16 @@ static __always_inline int pass(struct bpf_sockopt *ctx)
 	return 1;
 }
 
-SEC("cgroup/getsockopt")
-int handle__getsockopt(struct bpf_sockopt *ctx)
+/* The original destination of the captured TCP connection whose proxy end is `sk`. */
+static __always_inline struct orig_dst *tcp_origin(struct bpf_sockopt *ctx, struct bpf_sock *sk)
 {
-	struct bpf_sock *sk = ctx->sk;
 	struct conn_key key = {};
-	struct orig_dst *dst;
-	int family;
-
-	if (ctx->optname != SO_ORIGINAL_DST || !sk)
-		return pass(ctx);
-	family = sk->family;
-	/* A level that does not match the socket's family keeps the kernel's answer
-	 * (EOPNOTSUPP for SOL_IPV6 on IPv4): proxies probe v6 first, then v4. */
-	if (!((family == AF_INET && ctx->level == SOL_IP) ||
-	      (family == AF_INET6 && ctx->level == SOL_IPV6)))
-		return pass(ctx);
 
 	/* The accepted socket's peer is the application: it is the key's source. */
-	key.family = family;
+	key.family = sk->family;
 	key.src_port = sk->dst_port;
 	key.dst_port = bpf_htons((__u16)sk->src_port);
-	if (family == AF_INET) {
+	if (sk->family == AF_INET) {
 		key.src_addr[0] = sk->dst_ip4;
 		key.dst_addr[0] = sk->src_ip4;
 	} else {
@@ -54,8 +45,38 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 	}
 	key.netns_cookie = bpf_get_netns_cookie(ctx);
 	conn_key_normalize(&key);
+	return bpf_map_lookup_elem(&origin_dst_map, &key);
+}
 
-	dst = bpf_map_lookup_elem(&origin_dst_map, &key);
+static __always_inline struct orig_dst *udp_origin(struct bpf_sock *sk)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+
+	return state && state->query_dst.family ? &state->query_dst : NULL;
+}
+
+SEC("cgroup/getsockopt")
+int handle__getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct orig_dst *dst;
+	int family;
+
+	if (ctx->optname != SO_ORIGINAL_DST || !sk)
+		return pass(ctx);
+	family = sk->family;
+	/* A level that does not match the socket's family keeps the kernel's answer
+	 * (EOPNOTSUPP for SOL_IPV6 on IPv4): proxies probe v6 first, then v4. */
+	if (!((family == AF_INET && ctx->level == SOL_IP) ||
+	      (family == AF_INET6 && ctx->level == SOL_IPV6)))
+		return pass(ctx);
+
+	if (sk->protocol == IPPROTO_TCP)
+		dst = tcp_origin(ctx, sk);
+	else if (sk->protocol == IPPROTO_UDP)
+		dst = udp_origin(sk);
+	else
+		return pass(ctx);
 	if (!dst) {
 		count(CNT_GETSOCKOPT_MISS);
 		return pass(ctx);

@@ -8,7 +8,7 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 2
+#define MESHBPF_LAYOUT_VERSION 3
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
@@ -46,6 +46,8 @@ struct orig_dst {
 /* sk_storage_map value: what meshbpf did to one socket. */
 struct sock_state {
 	struct orig_dst dst;	/* family 0: the socket's connect was not captured */
+	/* On the sidecar's DNS socket: the original server of the datagram it received last. */
+	struct orig_dst query_dst;
 	__u16 inbound_port;	/* host order; non-zero: its wildcard bind was moved to loopback */
 	__u16 flags;		/* SOCK_F_* */
 };
@@ -116,6 +118,10 @@ enum counter {
 	CNT_BIND_REDIRECTED,
 	CNT_BIND_SKIP_PORT,
 	CNT_BIND_PROXY_PRIVILEGED,
+	CNT_DNS_REDIRECTED,
+	CNT_DNS_REPLY_RESTORED,
+	CNT_DNS_QUERY_ORIGIN_FOUND,
+	CNT_DNS_QUERY_ORIGIN_MISS,
 	CNT_MAX,
 };
 

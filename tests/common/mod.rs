@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use meshbpf::Mesh;
 
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
-pub const ATTACH_TYPES: [&str; 11] = [
+pub const ATTACH_TYPES: [&str; 15] = [
     "cgroup_getsockopt",
     "cgroup_inet4_bind",
     "cgroup_inet4_connect",
@@ -30,6 +30,10 @@ pub const ATTACH_TYPES: [&str; 11] = [
     "cgroup_inet6_post_bind",
     "cgroup_inet_sock_release",
     "cgroup_sock_ops",
+    "cgroup_udp4_recvmsg",
+    "cgroup_udp4_sendmsg",
+    "cgroup_udp6_recvmsg",
+    "cgroup_udp6_sendmsg",
 ];
 
 pub const PROXY_UID: u32 = 1337;
@@ -362,7 +366,7 @@ impl Pod {
     /// Starts the sidecar stand-in as the proxy uid and waits until it listens.
     pub fn sidecar(&self) -> Proc {
         let proc = self.spawn(PROXY_UID, &example("sidecar"), &[]);
-        proc.wait_for("listening outbound=[::1]");
+        proc.wait_for("listening dns-udp=[::1]");
         proc
     }
 
