@@ -12,7 +12,7 @@ pub(crate) use crate::skel::types::{
 };
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// `MAX_PODS` in meshbpf.h.
 pub const MAX_PODS: u32 = 16384;
 
@@ -24,6 +24,7 @@ pub(crate) mod pod_flags {
     pub const CAPTURE_OUTBOUND: u32 = 1 << 0;
     pub const CAPTURE_INBOUND: u32 = 1 << 1;
     pub const CAPTURE_DNS: u32 = 1 << 2;
+    pub const SOCKMAP: u32 = 1 << 3;
     pub const INBOUND_ALL_PORTS: u32 = 1 << 4;
 }
 
@@ -67,7 +68,15 @@ pub const COUNTER_NAMES: &[&str] = &[
     "dns_reply_restored",
     "dns_query_origin_found",
     "dns_query_origin_miss",
+    "sockmap_added",
+    "sockmap_add_failed",
+    "sockmap_msg_redirected",
+    "sockmap_bytes_redirected",
+    "sockmap_msg_no_peer",
 ];
+
+/// `META_F_SOCKMAP` in meshbpf.h.
+pub(crate) const META_F_SOCKMAP: u32 = 1 << 0;
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
 const _: () = assert!(size_of::<RawPodSettings>() == 20);

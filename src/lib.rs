@@ -30,7 +30,9 @@ mod system;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use error::{Error, Result};
-pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
+pub use mesh::{
+    detach, AttachOptions, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
+};
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use settings::{

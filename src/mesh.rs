@@ -10,11 +10,11 @@
 use std::fs;
 use std::mem::MaybeUninit;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramType};
 
 use std::collections::BTreeSet;
 
@@ -49,6 +49,20 @@ pub struct Pod {
     pub inbound_listeners: Vec<u16>,
 }
 
+/// Options for [`Mesh::attach_with`]: node-wide choices.
+#[derive(Clone, Debug)]
+pub struct AttachOptions {
+    /// Attach the sockmap fast path (sk_msg); when off, no socket is accelerated on this
+    /// node whatever the pods' settings.
+    pub sockmap: bool,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions { sockmap: true }
+    }
+}
+
 /// Options for [`Mesh::register_netns_with`].
 #[derive(Clone, Debug, Default)]
 pub struct RegisterOptions {
@@ -79,6 +93,8 @@ pub struct Status {
     pub cgroup_id: u64,
     /// The map layout version of the pinned maps.
     pub layout_version: u32,
+    /// Whether the sockmap fast path is attached.
+    pub sockmap: bool,
     /// The attached programs.
     pub programs: Vec<AttachedProgram>,
     /// The registered pods.
@@ -108,6 +124,15 @@ impl Mesh {
     /// maps, so registered pods and live connections carry on. A failure leaves nothing
     /// new attached or pinned.
     pub fn attach(cgroup: impl AsRef<Path>, pin_dir: impl AsRef<Path>) -> Result<Mesh> {
+        Mesh::attach_with(cgroup, pin_dir, &AttachOptions::default())
+    }
+
+    /// [`Mesh::attach`] with node-wide options.
+    pub fn attach_with(
+        cgroup: impl AsRef<Path>,
+        pin_dir: impl AsRef<Path>,
+        options: &AttachOptions,
+    ) -> Result<Mesh> {
         let (cgroup, pin_dir) = (cgroup.as_ref(), pin_dir.as_ref());
         system::require(Privilege::Bpf, "attach BPF programs")?;
         system::check_kernel()?;
@@ -128,12 +153,14 @@ impl Mesh {
                     attached: meta_cgroup_path(&existing),
                 });
             }
-            replace_in_place(pin_dir, &cgroup_dir)?;
+            replace_in_place(pin_dir, &cgroup_dir, &existing, options)?;
         } else {
-            let meta = new_meta(cgroup, cgroup_id);
-            match attach_fresh(pin_dir, &cgroup_dir, &meta) {
+            let meta = new_meta(cgroup, cgroup_id, options);
+            match attach_fresh(pin_dir, &cgroup_dir, &meta, options) {
                 // Another attach won the race to the pin directory: join it.
-                Err(AttachError::PinDirTaken) => replace_in_place(pin_dir, &cgroup_dir)?,
+                Err(AttachError::PinDirTaken) => {
+                    replace_in_place(pin_dir, &cgroup_dir, &read_meta(pin_dir)?, options)?
+                }
                 Err(AttachError::Failed(err)) => return Err(err),
                 Ok(()) => {}
             }
@@ -409,6 +436,7 @@ impl Mesh {
             cgroup_path: meta_cgroup_path(&self.meta),
             cgroup_id: self.meta.cgroup_id,
             layout_version: self.meta.layout_version,
+            sockmap: self.meta.flags & abi::META_F_SOCKMAP != 0,
             programs,
             pods: self.pods()?,
             counters: self.counters()?,
@@ -449,11 +477,16 @@ fn is_map_full(err: &libbpf_rs::Error) -> bool {
     err.to_string().contains("Argument list too long") || err.to_string().contains("E2BIG")
 }
 
-fn new_meta(cgroup: &Path, cgroup_id: u64) -> MeshMeta {
+fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
     let mut meta = MeshMeta {
         layout_version: LAYOUT_VERSION,
         cgroup_id,
         ..Default::default()
+    };
+    meta.flags = if options.sockmap {
+        abi::META_F_SOCKMAP
+    } else {
+        0
     };
     let path = fs::canonicalize(cgroup).unwrap_or_else(|_| cgroup.into());
     let bytes = path.as_os_str().as_encoded_bytes();
@@ -514,11 +547,14 @@ fn hook_name(prog_name: &std::ffi::OsStr) -> String {
 fn load<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     maps_dir: &Path,
+    options: &AttachOptions,
 ) -> Result<MeshbpfSkel<'obj>> {
-    let open = MeshbpfSkelBuilder::default()
+    let mut open = MeshbpfSkelBuilder::default()
         .open(open_object)
         .context(|| "opening the BPF object".into())?;
-    let mut open = open;
+    if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
+        rodata.sockmap_enabled = options.sockmap;
+    }
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         if name.contains('.') {
@@ -581,7 +617,12 @@ fn staging_prefix(pin_dir: &Path) -> String {
 
 /// Attaches into a fresh staging directory next to `pin_dir`, then renames it into place,
 /// so that `pin_dir` appears complete or not at all.
-fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<(), AttachError> {
+fn attach_fresh(
+    pin_dir: &Path,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<(), AttachError> {
     let parent = pin_dir.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(parent).context(|| format!("creating {}", parent.display()))?;
     let mut staging = Staging {
@@ -595,25 +636,12 @@ fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<()
     }
 
     let mut open_object = MaybeUninit::uninit();
-    let skel = load(&mut open_object, &staging.path.join(MAPS_DIR))?;
-    // Links live in this vector until pinned; on an early return they are dropped, which
-    // detaches them, and `staging` unpins whatever was pinned already.
-    let mut links = Vec::new();
-    for prog in skel.object().progs_mut() {
-        let hook = hook_name(prog.name());
-        let link = attach_prog(&prog, cgroup).context(|| format!("attaching {hook}"))?;
-        links.push((hook, link));
-    }
-    for (hook, link) in &mut links {
-        let path = staging.path.join(LINKS_DIR).join(&*hook);
-        link.pin(&path)
-            .context(|| format!("pinning {}", path.display()))?;
-    }
+    let skel = load(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
+    // On an early return the new links are dropped, which detaches them, and `staging`
+    // unpins whatever was pinned already.
+    attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
     // meta_map last: it marks the directory complete.
-    skel.maps
-        .meta_map
-        .update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY)
-        .context(|| "writing meta_map".into())?;
+    write_meta(&skel, meta)?;
 
     match fs::rename(&staging.path, pin_dir) {
         Ok(()) => {
@@ -636,45 +664,83 @@ fn attach_fresh(pin_dir: &Path, cgroup: &fs::File, meta: &MeshMeta) -> Result<()
     }
 }
 
-/// Every program so far hangs off the cgroup.
-fn attach_prog(
-    prog: &libbpf_rs::ProgramMut<'_>,
-    cgroup: &fs::File,
-) -> Result<Link, libbpf_rs::Error> {
-    prog.attach_cgroup(cgroup.as_raw_fd())
+fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
+    skel.maps
+        .meta_map
+        .update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY)
+        .context(|| "writing meta_map".into())
 }
 
-/// Replaces each program of an existing attachment through its pinned link, keeping the
-/// pinned maps; attaches and pins any program whose link is missing.
-fn replace_in_place(pin_dir: &Path, cgroup: &fs::File) -> Result<()> {
-    let mut open_object = MaybeUninit::uninit();
-    let skel = load(&mut open_object, &pin_dir.join(MAPS_DIR)).map_err(|err| match err {
-        Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
-            Error::LayoutMismatch {
-                pin_dir: pin_dir.into(),
-                found: "incompatible pinned maps".into(),
-                expected: LAYOUT_VERSION,
-            }
-        }
-        other => other,
-    })?;
+/// Attaches every program of `skel`, or replaces it in place through its link pinned
+/// under `links_dir`, and pins the links it creates there.
+///
+/// The sk_msg program goes first, onto sock_hash (it has no link before Linux 6.10; the
+/// map holds it): a socket takes the map's programs when it enters the map, so every
+/// socket sockops adds must find sk_msg already there.
+fn attach_programs(
+    skel: &MeshbpfSkel<'_>,
+    cgroup: &fs::File,
+    links_dir: &Path,
+    options: &AttachOptions,
+) -> Result<()> {
+    if options.sockmap {
+        let sock_hash = skel.maps.sock_hash.as_fd().as_raw_fd();
+        skel.progs
+            .handle__sk_msg
+            .attach_sockmap(sock_hash)
+            .context(|| "attaching sk_msg to sock_hash".into())?;
+    }
+    let mut created = Vec::new();
     for prog in skel.object().progs_mut() {
+        if prog.prog_type() == ProgramType::SkMsg {
+            continue;
+        }
         let hook = hook_name(prog.name());
-        let path = pin_dir.join(LINKS_DIR).join(&hook);
+        let path = links_dir.join(&hook);
         if path.exists() {
             let mut link =
                 Link::open(&path).context(|| format!("opening link {}", path.display()))?;
             link.update_prog(&prog)
                 .context(|| format!("replacing the {hook} program"))?;
         } else {
-            let mut link = attach_prog(&prog, cgroup).context(|| format!("attaching {hook}"))?;
-            fs::create_dir_all(path.parent().unwrap_or(pin_dir))
-                .context(|| format!("creating {}", pin_dir.display()))?;
-            link.pin(&path)
-                .context(|| format!("pinning {}", path.display()))?;
+            let link = prog
+                .attach_cgroup(cgroup.as_raw_fd())
+                .context(|| format!("attaching {hook}"))?;
+            created.push((path, link));
         }
     }
+    fs::create_dir_all(links_dir).context(|| format!("creating {}", links_dir.display()))?;
+    for (path, link) in &mut created {
+        link.pin(&*path)
+            .context(|| format!("pinning {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// Replaces each program of an existing attachment through its pinned link, keeping the
+/// pinned maps; attaches and pins any program whose link is missing.
+fn replace_in_place(
+    pin_dir: &Path,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<()> {
+    let mut open_object = MaybeUninit::uninit();
+    let skel =
+        load(&mut open_object, &pin_dir.join(MAPS_DIR), options).map_err(|err| match err {
+            Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
+                Error::LayoutMismatch {
+                    pin_dir: pin_dir.into(),
+                    found: "incompatible pinned maps".into(),
+                    expected: LAYOUT_VERSION,
+                }
+            }
+            other => other,
+        })?;
+    attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    let mut meta = *meta;
+    meta.flags = new_meta(Path::new(""), 0, options).flags;
+    write_meta(&skel, &meta)
 }
 
 /// Removes the staging directories of attaches whose process is gone; returns whether any.

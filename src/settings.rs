@@ -80,6 +80,9 @@ pub struct PodSettings {
     pub exclude_inbound_ports: BTreeSet<u16>,
     /// Send DNS (UDP and TCP to port 53) to the sidecar's DNS listener.
     pub capture_dns: bool,
+    /// Move bytes between the pod's applications and its sidecar through sockmap, skipping
+    /// the loopback TCP/IP stack (when the node's attachment has sockmap on).
+    pub sockmap: bool,
 }
 
 impl Default for PodSettings {
@@ -95,6 +98,7 @@ impl Default for PodSettings {
             inbound_ports: Ports::All,
             exclude_inbound_ports: BTreeSet::new(),
             capture_dns: true,
+            sockmap: true,
         }
     }
 }
@@ -183,6 +187,9 @@ impl PodSettings {
         if self.capture_dns {
             flags |= pod_flags::CAPTURE_DNS;
         }
+        if self.sockmap {
+            flags |= pod_flags::SOCKMAP;
+        }
         if self.inbound_ports == Ports::All {
             flags |= pod_flags::INBOUND_ALL_PORTS;
         }
@@ -208,6 +215,7 @@ impl PodSettings {
             capture_outbound: raw.flags & pod_flags::CAPTURE_OUTBOUND != 0,
             capture_inbound: raw.flags & pod_flags::CAPTURE_INBOUND != 0,
             capture_dns: raw.flags & pod_flags::CAPTURE_DNS != 0,
+            sockmap: raw.flags & pod_flags::SOCKMAP != 0,
             ..PodSettings::default()
         }
     }
@@ -235,6 +243,7 @@ mod tests {
             outbound_port: 4140,
             capture_inbound: false,
             capture_dns: false,
+            sockmap: false,
             dns_port: 5353,
             inbound_ports: Ports::parse("80,8080").unwrap(),
             exclude_inbound_ports: parse_port_list("9000").unwrap(),

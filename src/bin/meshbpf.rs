@@ -31,6 +31,9 @@ enum Command {
         /// A cgroup v2 directory: every pod's processes must be in it or below it.
         #[arg(long, default_value = "/sys/fs/cgroup")]
         cgroup: PathBuf,
+        /// Do not attach the sockmap fast path: no connection on this node is accelerated.
+        #[arg(long)]
+        no_sockmap: bool,
         #[command(flatten)]
         pin: PinDirArg,
     },
@@ -122,6 +125,9 @@ struct PodArgs {
     /// Do not capture DNS: queries go straight to the servers.
     #[arg(long)]
     no_dns: bool,
+    /// Do not accelerate this pod's application-sidecar connections with sockmap.
+    #[arg(long)]
+    no_sockmap: bool,
 }
 
 impl PodArgs {
@@ -135,6 +141,7 @@ impl PodArgs {
             exclude_inbound_ports: meshbpf::parse_port_list(&self.exclude_inbound_ports)?,
             dns_port: self.dns_port,
             capture_dns: !self.no_dns,
+            sockmap: !self.no_sockmap,
             ..PodSettings::default()
         })
     }
@@ -181,12 +188,24 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Attach { cgroup, pin } => {
-            let mesh = Mesh::attach(&cgroup, &pin.pin_dir)?;
+        Command::Attach {
+            cgroup,
+            no_sockmap,
+            pin,
+        } => {
+            let options = meshbpf::AttachOptions {
+                sockmap: !no_sockmap,
+            };
+            let mesh = Mesh::attach_with(&cgroup, &pin.pin_dir, &options)?;
             let status = mesh.status().context("reading the attachment back")?;
             println!(
-                "attached {} programs to {}, pinned under {}",
+                "attached {} programs{} to {}, pinned under {}",
                 status.programs.len(),
+                if status.sockmap {
+                    " and the sockmap fast path"
+                } else {
+                    ""
+                },
                 status.cgroup_path,
                 pin.pin_dir.display()
             );
@@ -263,6 +282,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "cgroup": status.cgroup_path,
                     "cgroup_id": status.cgroup_id,
                     "layout_version": status.layout_version,
+                    "sockmap": status.sockmap,
                     "programs": status.programs.iter().map(|p| json!({
                         "hook": p.hook, "link_id": p.link_id, "prog_id": p.prog_id,
                     })).collect::<Vec<_>>(),
@@ -281,6 +301,12 @@ fn run(command: Command) -> anyhow::Result<()> {
                 for p in &status.programs {
                     println!("  {:<14} link {:<6} prog {}", p.hook, p.link_id, p.prog_id);
                 }
+                let sockmap = if status.sockmap {
+                    "sk_msg on sock_hash"
+                } else {
+                    "off (attach --no-sockmap)"
+                };
+                println!("  {:<14} {sockmap}", "sockmap");
                 println!("registered pods: {}", status.pods.len());
                 println!("counters:");
                 for (name, value) in &status.counters {
@@ -330,5 +356,6 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         "inbound_listeners": pod.inbound_listeners,
         "capture_dns": pod.settings.capture_dns,
         "dns_port": pod.settings.dns_port,
+        "sockmap": pod.settings.sockmap,
     })
 }

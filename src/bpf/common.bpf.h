@@ -52,6 +52,18 @@ MESHBPF_MAP struct {
 	__type(value, struct orig_dst);
 } origin_dst_map SEC(".maps");
 
+/*
+ * Both ends of each accelerated loopback connection, keyed by 4-tuple (src =
+ * the socket's own end) plus the pod's netns cookie, so that pods using the
+ * same loopback 4-tuple never collide. A socket leaves it when it closes.
+ */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_SOCKMAP_SOCKETS);
+	__type(key, struct conn_key);
+	__type(value, __u64);
+} sock_hash SEC(".maps");
+
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, CNT_MAX);
@@ -82,13 +94,18 @@ MESHBPF_MAP struct {
 	__type(value, struct mesh_meta);
 } meta_map SEC(".maps");
 
-static __always_inline void count(enum counter reason)
+static __always_inline void count_n(enum counter reason, __u64 n)
 {
 	__u32 key = reason;
 	__u64 *val = bpf_map_lookup_elem(&counters, &key);
 
 	if (val)
-		*val += 1;
+		*val += n;
+}
+
+static __always_inline void count(enum counter reason)
+{
+	count_n(reason, 1);
 }
 
 static __always_inline bool port_rule(__u64 netns_cookie, __u16 port, enum port_rule_kind kind)

@@ -8,13 +8,14 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 3
+#define MESHBPF_LAYOUT_VERSION 4
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
 #define MAX_TRACKED_CONNS 262144 /* origin_dst_map: captured live connections */
 #define MAX_PORT_RULES 65536	/* port_rules: per-pod port lists, all pods together */
 #define MAX_INBOUND_PORTS 65536	/* inbound_ports: discovered listeners, all pods together */
+#define MAX_SOCKMAP_SOCKETS 65536 /* sock_hash: accelerated loopback sockets (two per connection) */
 
 /* pod_settings.flags */
 #define POD_F_CAPTURE_OUTBOUND (1U << 0)
@@ -95,9 +96,11 @@ struct conn_key {
  * meta_map's only value: which layout and which cgroup the pinned attachment
  * belongs to. Written by the library at attach; never read by a program.
  */
+#define META_F_SOCKMAP (1U << 0) /* attached with sockmap acceleration */
+
 struct mesh_meta {
 	__u32 layout_version;
-	__u32 _pad;
+	__u32 flags;		/* META_F_* */
 	__u64 cgroup_id;
 	char cgroup_path[CGROUP_PATH_MAX];
 };
@@ -122,6 +125,11 @@ enum counter {
 	CNT_DNS_REPLY_RESTORED,
 	CNT_DNS_QUERY_ORIGIN_FOUND,
 	CNT_DNS_QUERY_ORIGIN_MISS,
+	CNT_SOCKMAP_ADDED,
+	CNT_SOCKMAP_ADD_FAILED,
+	CNT_SOCKMAP_MSG_REDIRECTED,
+	CNT_SOCKMAP_BYTES_REDIRECTED,
+	CNT_SOCKMAP_MSG_NO_PEER,
 	CNT_MAX,
 };
 

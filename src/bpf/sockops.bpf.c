@@ -74,6 +74,48 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 						     BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
+/* Set before load by `meshbpf attach --no-sockmap` (false): no socket enters sock_hash. */
+const volatile bool sockmap_enabled = true;
+
+static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return is_loopback4(skops->local_ip4) && is_loopback4(skops->remote_ip4);
+	if (skops->family == AF_INET6) {
+		__u32 local[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+				   skops->local_ip6[3] };
+		__u32 remote[4] = { skops->remote_ip6[0], skops->remote_ip6[1],
+				    skops->remote_ip6[2], skops->remote_ip6[3] };
+
+		return is_loopback6(local) && is_loopback6(remote);
+	}
+	return false;
+}
+
+/*
+ * Both ends of a loopback connection inside a registered pod (an application
+ * and its sidecar) enter sock_hash; sk_msg then moves their bytes directly.
+ * Only loopback: a connection that leaves the pod crosses the veth where
+ * network policy is enforced, and must keep doing so.
+ */
+static __always_inline void accelerate(struct bpf_sock_ops *skops)
+{
+	struct pod_settings *pod;
+	struct conn_key key = {};
+
+	if (!sockmap_enabled || !ops_is_loopback(skops))
+		return;
+	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	if (!pod || !(pod->flags & POD_F_SOCKMAP))
+		return;
+	conn_key_from_ops(&key, skops, true);
+	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
+		count(CNT_SOCKMAP_ADD_FAILED);
+		return;
+	}
+	count(CNT_SOCKMAP_ADDED);
+}
+
 static __always_inline void forget_origin(struct bpf_sock_ops *skops)
 {
 	struct conn_key key = {};
@@ -89,9 +131,11 @@ int handle__sockops(struct bpf_sock_ops *skops)
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		record_origin(skops);
+		accelerate(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
+		accelerate(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state */
