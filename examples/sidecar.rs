@@ -22,7 +22,10 @@
 //!
 //! Usage: `sidecar [--outbound-port 15001] [--dns-port 15053] [--pod-ip IP]... [--inbound PORT]...`
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+
+use nix::libc;
 use std::net::{
     IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket,
 };
@@ -274,9 +277,43 @@ fn relay(client: TcpStream, upstream: TcpStream) {
 }
 
 /// Copies until EOF, then passes the half-close on.
+///
+/// A read may fail with EAGAIN although the socket is blocking: with sockmap acceleration
+/// the kernel's sockmap receive path (tcp_bpf_recvmsg) reports a spurious wakeup that way,
+/// for example when this socket's own FIN is acknowledged. Like Envoy, which reads
+/// non-blocking sockets, the relay waits for readability and reads again.
 fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                wait_readable(&from);
+                continue;
+            }
+            Err(_) => break,
+        };
+        if to.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
     let _ = to.shutdown(Shutdown::Write);
+}
+
+fn wait_readable(stream: &TcpStream) {
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a bounded wait.
+    unsafe { libc::poll(&mut pfd, 1, 1000) };
 }
 
 fn say(line: String) {

@@ -73,6 +73,7 @@ pub const COUNTER_NAMES: &[&str] = &[
     "sockmap_msg_redirected",
     "sockmap_bytes_redirected",
     "sockmap_msg_no_peer",
+    "sockmap_left_on_shutdown",
 ];
 
 /// `META_F_SOCKMAP` in meshbpf.h.

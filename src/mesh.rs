@@ -112,6 +112,7 @@ pub struct Mesh {
     port_rules: MapHandle,
     inbound_ports: MapHandle,
     origin_dst_map: MapHandle,
+    sock_hash: MapHandle,
     counters: MapHandle,
 }
 
@@ -198,6 +199,7 @@ impl Mesh {
             port_rules: map("port_rules")?,
             inbound_ports: map("inbound_ports")?,
             origin_dst_map: map("origin_dst_map")?,
+            sock_hash: map("sock_hash")?,
             counters,
         })
     }
@@ -387,6 +389,11 @@ impl Mesh {
     /// How many connections `origin_dst_map` tracks now.
     pub fn tracked_connections(&self) -> usize {
         self.origin_dst_map.keys().count()
+    }
+
+    /// How many sockets `sock_hash` holds now (two per accelerated connection).
+    pub fn accelerated_sockets(&self) -> usize {
+        self.sock_hash.keys().count()
     }
 
     /// Every counter, by name, summed over CPUs.

@@ -54,6 +54,7 @@ struct sock_state {
 };
 
 #define SOCK_F_INBOUND_COUNTED (1U << 0) /* counted in inbound_ports */
+#define SOCK_F_SOCKMAP_SENDER (1U << 1)	 /* its sends are redirected to its peer by sk_msg */
 
 /* port_rules key: one port in one of a pod's lists; the value is unused (1). */
 enum port_rule_kind {
@@ -130,6 +131,7 @@ enum counter {
 	CNT_SOCKMAP_MSG_REDIRECTED,
 	CNT_SOCKMAP_BYTES_REDIRECTED,
 	CNT_SOCKMAP_MSG_NO_PEER,
+	CNT_SOCKMAP_LEFT_ON_SHUTDOWN,
 	CNT_MAX,
 };
 

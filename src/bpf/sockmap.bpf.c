@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
- * Sockmap fast path between an application and its sidecar: each message a
- * socket in sock_hash sends goes straight into the receive queue of its peer
- * socket (bpf_msg_redirect_hash with BPF_F_INGRESS), skipping the loopback
- * TCP/IP stack. sockops.bpf.c decides which sockets enter sock_hash.
+ * Sockmap fast path from an application to its sidecar: each message the
+ * application's end of a captured connection sends goes straight into the
+ * receive queue of the sidecar's end (bpf_msg_redirect_hash with
+ * BPF_F_INGRESS), skipping the loopback TCP/IP stack. sockops.bpf.c decides
+ * which sockets enter sock_hash and explains why only this direction.
  */
 #include "common.bpf.h"
 
@@ -11,8 +12,14 @@ SEC("sk_msg")
 int handle__sk_msg(struct sk_msg_md *msg)
 {
 	struct conn_key peer = {};
+	struct sock_state *state;
 	__u32 size = msg->size;
 	long verdict;
+
+	/* The sidecar's end is in sock_hash as a target; its own sends take the normal path. */
+	state = msg->sk ? bpf_sk_storage_get(&sk_storage_map, msg->sk, 0, 0) : NULL;
+	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
+		return SK_PASS;
 
 	/* The peer's own end is our remote end: its key has src and dst swapped. */
 	peer.family = msg->family;

@@ -8,6 +8,9 @@
  * proxy even accepts; behind iptables the conntrack entry outlives that, so
  * here the entry lives until the socket that asks for it (the accepted one)
  * is gone.
+ *
+ * It also puts captured loopback connections into sock_hash for the sockmap
+ * fast path (see below).
  */
 #include "common.bpf.h"
 
@@ -40,6 +43,97 @@ static __always_inline void conn_key_from_ops(struct conn_key *key, struct bpf_s
 	conn_key_normalize(key);
 }
 
+/* Set before load by `meshbpf attach --no-sockmap` (false): no socket enters sock_hash. */
+const volatile bool sockmap_enabled = true;
+
+static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return is_loopback4(skops->local_ip4) && is_loopback4(skops->remote_ip4);
+	if (skops->family == AF_INET6) {
+		__u32 local[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+				   skops->local_ip6[3] };
+		__u32 remote[4] = { skops->remote_ip6[0], skops->remote_ip6[1],
+				    skops->remote_ip6[2], skops->remote_ip6[3] };
+
+		return is_loopback6(local) && is_loopback6(remote);
+	}
+	return false;
+}
+
+/*
+ * Sockmap acceleration of captured connections, application -> sidecar only.
+ *
+ * Both ends enter sock_hash: the application's end so that sk_msg sees its
+ * sends, the sidecar's accepted end as the target they are redirected into.
+ * Only the application's sends are redirected. Redirected bytes land in the
+ * receiver's sockmap queue, which splice(2) cannot see (it returns 0, the data
+ * stays unread) and where a blocking read can fail with EAGAIN on a spurious
+ * wakeup (measured on 6.18, KERNEL-NOTES.md). The application may do either,
+ * so nothing is ever redirected toward it: the sidecar's replies take the
+ * normal stack. The sidecar, a known program, reads with non-blocking sockets
+ * and without splice (as Envoy does); a sidecar that does not opts its pod out
+ * with `register --no-sockmap`.
+ *
+ * Only connections that connect4/6 captured, never other loopback traffic,
+ * and never a connection that leaves the pod: that crosses the veth, where
+ * network policy is enforced, and must keep doing so.
+ */
+static __always_inline bool sockmap_wanted(struct bpf_sock_ops *skops)
+{
+	struct pod_settings *pod;
+
+	if (!sockmap_enabled || !ops_is_loopback(skops))
+		return false;
+	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	return pod && (pod->flags & POD_F_SOCKMAP);
+}
+
+static __always_inline bool sockmap_add(struct bpf_sock_ops *skops)
+{
+	struct conn_key key = {};
+
+	conn_key_from_ops(&key, skops, true);
+	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
+		count(CNT_SOCKMAP_ADD_FAILED);
+		return false;
+	}
+	count(CNT_SOCKMAP_ADDED);
+	return true;
+}
+
+/* The application's end of a captured connection, now established. */
+static __always_inline void accelerate_sender(struct bpf_sock_ops *skops, struct sock_state *state)
+{
+	if (!sockmap_wanted(skops) || !sockmap_add(skops))
+		return;
+	state->flags |= SOCK_F_SOCKMAP_SENDER;
+	/* To leave sock_hash when it shuts down writing (see sockmap_leave). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/*
+ * The application's end stops sending (shutdown(SHUT_WR) or close): it leaves
+ * sock_hash, so that its reads from now on are plain TCP reads. Nothing was
+ * ever redirected into it, so nothing is queued there to lose.
+ */
+static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *state;
+	struct conn_key key = {};
+
+	if (!sk)
+		return;
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
+		return;
+	state->flags &= ~SOCK_F_SOCKMAP_SENDER;
+	conn_key_from_ops(&key, skops, true);
+	if (!bpf_map_delete_elem(&sock_hash, &key))
+		count(CNT_SOCKMAP_LEFT_ON_SHUTDOWN);
+}
+
 /* Application side: connect() finished; publish what connect4/6 kept. */
 static __always_inline void record_origin(struct bpf_sock_ops *skops)
 {
@@ -61,6 +155,7 @@ static __always_inline void record_origin(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(CNT_ORIGIN_RECORDED);
+	accelerate_sender(skops, state);
 }
 
 /* Proxy side: if this accepted socket is a captured connection, watch it to clean up. */
@@ -69,51 +164,12 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 	struct conn_key key = {};
 
 	conn_key_from_ops(&key, skops, false);
-	if (bpf_map_lookup_elem(&origin_dst_map, &key))
-		bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags |
-						     BPF_SOCK_OPS_STATE_CB_FLAG);
-}
-
-/* Set before load by `meshbpf attach --no-sockmap` (false): no socket enters sock_hash. */
-const volatile bool sockmap_enabled = true;
-
-static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
-{
-	if (skops->family == AF_INET)
-		return is_loopback4(skops->local_ip4) && is_loopback4(skops->remote_ip4);
-	if (skops->family == AF_INET6) {
-		__u32 local[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
-				   skops->local_ip6[3] };
-		__u32 remote[4] = { skops->remote_ip6[0], skops->remote_ip6[1],
-				    skops->remote_ip6[2], skops->remote_ip6[3] };
-
-		return is_loopback6(local) && is_loopback6(remote);
-	}
-	return false;
-}
-
-/*
- * Both ends of a loopback connection inside a registered pod (an application
- * and its sidecar) enter sock_hash; sk_msg then moves their bytes directly.
- * Only loopback: a connection that leaves the pod crosses the veth where
- * network policy is enforced, and must keep doing so.
- */
-static __always_inline void accelerate(struct bpf_sock_ops *skops)
-{
-	struct pod_settings *pod;
-	struct conn_key key = {};
-
-	if (!sockmap_enabled || !ops_is_loopback(skops))
+	if (!bpf_map_lookup_elem(&origin_dst_map, &key))
 		return;
-	pod = lookup_pod(bpf_get_netns_cookie(skops));
-	if (!pod || !(pod->flags & POD_F_SOCKMAP))
-		return;
-	conn_key_from_ops(&key, skops, true);
-	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
-		count(CNT_SOCKMAP_ADD_FAILED);
-		return;
-	}
-	count(CNT_SOCKMAP_ADDED);
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* The target the application's sends are redirected into. */
+	if (sockmap_wanted(skops))
+		sockmap_add(skops);
 }
 
 static __always_inline void forget_origin(struct bpf_sock_ops *skops)
@@ -128,18 +184,21 @@ static __always_inline void forget_origin(struct bpf_sock_ops *skops)
 SEC("sockops")
 int handle__sockops(struct bpf_sock_ops *skops)
 {
+	__u32 new_state;
+
 	switch (skops->op) {
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		record_origin(skops);
-		accelerate(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
-		accelerate(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		/* args[1] is the new state */
-		if (skops->args[1] == BPF_TCP_CLOSE)
+		/* args[1] is the new state; read once (the verifier refuses a recomputed ctx offset) */
+		new_state = skops->args[1];
+		if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE)
+			sockmap_leave(skops);
+		if (new_state == BPF_TCP_CLOSE)
 			forget_origin(skops);
 		break;
 	}

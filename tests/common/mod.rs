@@ -346,13 +346,18 @@ impl Pod {
 
     /// Runs a process in the pod to completion (killed after a timeout) and returns its output.
     pub fn run(&self, uid: u32, program: &Path, args: &[&str]) -> Output {
+        self.run_for(TIMEOUT, uid, program, args)
+    }
+
+    /// [`Pod::run`] with a timeout of its own, for bounded load loops.
+    pub fn run_for(&self, timeout: Duration, uid: u32, program: &Path, args: &[&str]) -> Output {
         let child = self
             .command(uid, program, args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
-        wait_with_timeout(child)
+        wait_with_timeout(child, timeout)
     }
 
     /// `netprobe connect DEST [extra...]` as the application; returns its `key=value` lines.
@@ -403,8 +408,8 @@ pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
     }
 }
 
-fn wait_with_timeout(mut child: Child) -> Output {
-    let deadline = Instant::now() + TIMEOUT;
+fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
+    let deadline = Instant::now() + timeout;
     loop {
         if child.try_wait().expect("wait").is_some() {
             return child.wait_with_output().expect("output");

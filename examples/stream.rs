@@ -1,0 +1,634 @@
+//! Byte-exact stream checks through the sidecar, for the sockmap tests (and the
+//! benchmarks): a server and a client that move N bytes of a deterministic
+//! pattern with a chosen syscall on each side and check every byte.
+//!
+//! ```text
+//! stream serve ADDR
+//! stream run DEST --op upload|download|halfclose|abort --size N
+//!            [--send write|writev|sendmsg|sendfile|splice|epoll]
+//!            [--recv read|small|peek|splice|epoll] [--parallel P] [--count C]
+//! ```
+//! The client's header line tells the server what to do:
+//! - upload: the client sends N bytes; the server answers `ok N` (or `bad ...`).
+//! - download: the server sends N bytes and closes.
+//! - halfclose: the client sends N bytes and shuts down writing; the server reads to EOF,
+//!   then sends N bytes back and closes (data flowing toward a half-closed socket).
+//! - serverfirst: the server sends N bytes and shuts down writing; the client reads to EOF,
+//!   then sends N bytes and closes; the server, which can no longer answer, prints
+//!   `verdict serverfirst ok N` (or `bad ...`) on its stdout (data flowing toward a socket
+//!   that shut down writing).
+//! - abort: the server sends N/2 bytes and resets the connection; the client must see an
+//!   error or EOF promptly, never hang.
+//!
+//! Every byte received is checked against the pattern at its offset, so a lost, duplicated
+//! or reordered byte is caught where it happens. `run` prints `ok op=... bytes=...` per
+//! connection, or `fail ...` and exits 1.
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::thread;
+use std::time::Duration;
+
+use nix::libc;
+
+const CHUNK: usize = 64 * 1024;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") => args.get(1).ok_or_else(|| "serve ADDR".to_string()).and_then(|a| serve(a)),
+        Some("run") => run(&args[1..]),
+        _ => Err("usage: stream serve ADDR | stream run DEST --op OP --size N [--send M] [--recv M] [--parallel P]".into()),
+    };
+    if let Err(err) = result {
+        eprintln!("stream: {err}");
+        std::process::exit(1);
+    }
+}
+
+/// The pattern byte at `offset`: cheap, deterministic, not periodic at any power of two.
+fn pattern(offset: u64) -> u8 {
+    let x = offset.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (x >> 56) as u8 ^ (offset % 251) as u8
+}
+
+fn fill(buf: &mut [u8], offset: u64) {
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = pattern(offset + i as u64);
+    }
+}
+
+/// Checks a received stream against the pattern as it arrives: its length, and the first
+/// offset where a byte was lost, duplicated or reordered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Verifier {
+    len: u64,
+    first_bad: Option<u64>,
+}
+
+impl Verifier {
+    fn new() -> Self {
+        Verifier {
+            len: 0,
+            first_bad: None,
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) {
+        if self.first_bad.is_none() {
+            if let Some(i) = data
+                .iter()
+                .enumerate()
+                .position(|(i, &b)| b != pattern(self.len + i as u64))
+            {
+                self.first_bad = Some(self.len + i as u64);
+            }
+        }
+        self.len += data.len() as u64;
+    }
+
+    /// `ok N`, or what went wrong compared with `expected` bytes of pattern.
+    fn verdict(&self, expected: u64) -> String {
+        match self.first_bad {
+            None if self.len == expected => format!("ok {}", self.len),
+            None => format!("bad got {} of {expected} bytes", self.len),
+            Some(at) => format!(
+                "bad got {} of {expected} bytes, wrong from offset {at}",
+                self.len
+            ),
+        }
+    }
+}
+
+// ---------- server ----------
+
+fn serve(addr: &str) -> Result<(), String> {
+    let addr: SocketAddr = addr.parse().map_err(|_| format!("bad address {addr}"))?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    println!(
+        "listening={}",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    for stream in listener.incoming().flatten() {
+        thread::spawn(move || {
+            if let Err(err) = serve_one(stream) {
+                eprintln!("stream server: {err}");
+            }
+        });
+    }
+    Ok(())
+}
+
+fn serve_one(stream: TcpStream) -> io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::with_capacity(CHUNK, stream.try_clone()?);
+    let mut header = String::new();
+    reader.read_line(&mut header)?;
+    let mut words = header.split_whitespace();
+    let (op, size) = (
+        words.next().unwrap_or(""),
+        words
+            .next()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0),
+    );
+    let mut out = stream;
+    match op {
+        "upload" => {
+            let got = verify_reader(&mut reader.by_ref().take(size))?;
+            writeln!(out, "{}", got.verdict(size))?;
+        }
+        "download" => send_pattern_write(&mut out, size)?,
+        "halfclose" => {
+            let got = verify_reader(&mut reader)?; // to EOF
+            if got.verdict(size) != format!("ok {size}") {
+                return Err(io::Error::other(format!(
+                    "halfclose upload: {}",
+                    got.verdict(size)
+                )));
+            }
+            send_pattern_write(&mut out, size)?;
+        }
+        "serverfirst" => {
+            send_pattern_write(&mut out, size)?;
+            out.shutdown(Shutdown::Write)?;
+            let got = verify_reader(&mut reader)?; // to EOF
+            println!("verdict serverfirst {}", got.verdict(size));
+            return Ok(());
+        }
+        "abort" => {
+            send_pattern_write(&mut out, size / 2)?;
+            // SO_LINGER 0: close() sends a reset.
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: valid fd and a correctly sized linger struct.
+            unsafe {
+                libc::setsockopt(
+                    out.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as _,
+                )
+            };
+            return Ok(());
+        }
+        other => return Err(io::Error::other(format!("unknown op {other:?}"))),
+    }
+    out.shutdown(Shutdown::Write)
+}
+
+fn verify_reader(r: &mut impl Read) -> io::Result<Verifier> {
+    let mut d = Verifier::new();
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(d);
+        }
+        d.update(&buf[..n]);
+    }
+}
+
+fn send_pattern_write(w: &mut impl Write, size: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(CHUNK as u64) as usize;
+        fill(&mut buf[..n], at);
+        w.write_all(&buf[..n])?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+// ---------- client ----------
+
+struct Opts {
+    dest: SocketAddr,
+    op: String,
+    size: u64,
+    send: String,
+    recv: String,
+    parallel: usize,
+    count: usize,
+}
+
+fn run(args: &[String]) -> Result<(), String> {
+    let dest = args
+        .first()
+        .ok_or("run needs a destination")?
+        .parse()
+        .map_err(|_| "bad destination")?;
+    let mut o = Opts {
+        dest,
+        op: "upload".into(),
+        size: 1024,
+        send: "write".into(),
+        recv: "read".into(),
+        parallel: 1,
+        count: 1,
+    };
+    let mut it = args[1..].iter();
+    while let Some(flag) = it.next() {
+        let v = it.next().ok_or(format!("{flag} needs a value"))?.clone();
+        match flag.as_str() {
+            "--op" => o.op = v,
+            "--size" => o.size = v.parse().map_err(|_| "bad size")?,
+            "--send" => o.send = v,
+            "--recv" => o.recv = v,
+            "--parallel" => o.parallel = v.parse().map_err(|_| "bad parallel")?,
+            "--count" => o.count = v.parse().map_err(|_| "bad count")?,
+            _ => return Err(format!("unknown flag {flag}")),
+        }
+    }
+    let results: Vec<Result<String, String>> = thread::scope(|s| {
+        let handles: Vec<_> = (0..o.parallel).map(|_| s.spawn(|| run_many(&o))).collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("client thread panicked".into()))
+            })
+            .collect()
+    });
+    let mut failed = false;
+    for r in results {
+        match r {
+            Ok(line) => println!("{line}"),
+            Err(err) => {
+                println!("fail {err}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        return Err("at least one connection failed".into());
+    }
+    Ok(())
+}
+
+/// `count` connections one after another; reports the last, or the first failure.
+fn run_many(o: &Opts) -> Result<String, String> {
+    let mut last = String::new();
+    for i in 0..o.count {
+        last = run_one(o).map_err(|e| format!("connection {i}: {e}"))?;
+    }
+    Ok(if o.count > 1 {
+        format!("{last} connections={}", o.count)
+    } else {
+        last
+    })
+}
+
+fn run_one(o: &Opts) -> Result<String, String> {
+    let stream =
+        TcpStream::connect_timeout(&o.dest, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .set_write_timeout(Some(TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut s = stream;
+    writeln!(s, "{} {}", o.op, o.size).map_err(|e| format!("header: {e}"))?;
+    let want = format!("ok {}", o.size);
+    match o.op.as_str() {
+        "upload" => {
+            send(&s, &o.send, o.size)?;
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the verdict: {e}"))?;
+            if line.trim() != want {
+                return Err(format!("server: {}", line.trim()));
+            }
+            Ok(format!("ok op=upload send={} bytes={}", o.send, o.size))
+        }
+        "download" | "halfclose" => {
+            if o.op == "halfclose" {
+                send(&s, &o.send, o.size)?;
+                s.shutdown(Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))?;
+            }
+            let got = receive(&s, &o.recv, None)?;
+            if got.verdict(o.size) != want {
+                return Err(format!("received: {}", got.verdict(o.size)));
+            }
+            Ok(format!("ok op={} recv={} bytes={}", o.op, o.recv, got.len))
+        }
+        "serverfirst" => {
+            let got = receive(&s, &o.recv, None)?;
+            if got.verdict(o.size) != want {
+                return Err(format!("received: {}", got.verdict(o.size)));
+            }
+            send(&s, &o.send, o.size)?;
+            Ok(format!(
+                "ok op=serverfirst recv={} send={} bytes={}",
+                o.recv, o.send, got.len
+            ))
+        }
+        "abort" => match receive(&s, &o.recv, Some(o.size)) {
+            // EOF or an error before all bytes: the reset reached the application.
+            Ok(got) if got.len < o.size => {
+                Ok(format!("ok op=abort recv={} eof_after={}", o.recv, got.len))
+            }
+            Ok(got) => Err(format!(
+                "received {} bytes of a stream that was reset at {}",
+                got.len,
+                o.size / 2
+            )),
+            Err(err) if err.contains("timed out") || err.contains("Resource temporarily") => {
+                Err(format!("hang: {err}"))
+            }
+            Err(err) => Ok(format!("ok op=abort recv={} error={err}", o.recv)),
+        },
+        other => Err(format!("unknown op {other}")),
+    }
+}
+
+fn check(ret: isize, what: &str) -> Result<usize, String> {
+    if ret < 0 {
+        Err(format!("{what}: {}", io::Error::last_os_error()))
+    } else {
+        Ok(ret as usize)
+    }
+}
+
+/// Sends `size` pattern bytes on `s` with the syscall `method`.
+fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
+    let fd = s.as_raw_fd();
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0u64;
+    if method == "epoll" {
+        set_nonblocking(fd, true)?;
+    }
+    let pipe = if method == "splice" {
+        Some(make_pipe()?)
+    } else {
+        None
+    };
+    while at < size {
+        let n = (size - at).min(CHUNK as u64) as usize;
+        fill(&mut buf[..n], at);
+        let mut off = 0;
+        while off < n {
+            let rest = &buf[off..n];
+            let sent = match method {
+                "write" => check(unsafe_write(fd, rest), "write")?,
+                "writev" | "sendmsg" => {
+                    // Three (writev) or four (sendmsg) iovecs of uneven sizes.
+                    let parts = if method == "writev" { 3 } else { 4 };
+                    let cuts: Vec<usize> = (1..parts)
+                        .map(|i| rest.len() * i / parts + i)
+                        .map(|c| c.min(rest.len()))
+                        .collect();
+                    let mut iov = Vec::new();
+                    let mut start = 0;
+                    for &c in cuts.iter().chain(std::iter::once(&rest.len())) {
+                        iov.push(libc::iovec {
+                            iov_base: rest[start..].as_ptr() as *mut _,
+                            iov_len: c - start,
+                        });
+                        start = c;
+                    }
+                    if method == "writev" {
+                        // SAFETY: the iovecs point into `rest`, which outlives the call.
+                        check(
+                            unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as _) },
+                            "writev",
+                        )?
+                    } else {
+                        // SAFETY: as above; a zeroed msghdr with only the iovecs set is valid.
+                        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                        msg.msg_iov = iov.as_mut_ptr();
+                        msg.msg_iovlen = iov.len() as _;
+                        check(unsafe { libc::sendmsg(fd, &msg, 0) }, "sendmsg")?
+                    }
+                }
+                "sendfile" => {
+                    let file = memfd_with(rest)?;
+                    let mut sent = 0usize;
+                    while sent < rest.len() {
+                        let mut offset = sent as libc::off_t;
+                        // SAFETY: valid descriptors and offset pointer.
+                        sent += check(
+                            unsafe {
+                                libc::sendfile(fd, file.as_raw_fd(), &mut offset, rest.len() - sent)
+                            },
+                            "sendfile",
+                        )?;
+                    }
+                    sent
+                }
+                "splice" => {
+                    let (r, w) = pipe.as_ref().ok_or("no pipe")?;
+                    let put = check(unsafe_write(w.as_raw_fd(), rest), "write to pipe")?;
+                    let mut moved = 0;
+                    while moved < put {
+                        // SAFETY: valid descriptors; null offsets for pipe and socket.
+                        moved += check(
+                            unsafe {
+                                libc::splice(
+                                    r.as_raw_fd(),
+                                    std::ptr::null_mut(),
+                                    fd,
+                                    std::ptr::null_mut(),
+                                    put - moved,
+                                    libc::SPLICE_F_MOVE,
+                                )
+                            },
+                            "splice to socket",
+                        )?;
+                    }
+                    put
+                }
+                "epoll" => match unsafe_write(fd, rest) {
+                    n if n >= 0 => n as usize,
+                    _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => {
+                        wait_ready(fd, libc::EPOLLOUT)?;
+                        0
+                    }
+                    _ => return Err(format!("write: {}", io::Error::last_os_error())),
+                },
+                other => return Err(format!("unknown send method {other}")),
+            };
+            off += sent;
+        }
+        at += n as u64;
+    }
+    if method == "epoll" {
+        set_nonblocking(fd, false)?;
+    }
+    Ok(())
+}
+
+/// Receives to EOF (or `limit` bytes) with the syscall `method`.
+fn receive(s: &TcpStream, method: &str, limit: Option<u64>) -> Result<Verifier, String> {
+    let fd = s.as_raw_fd();
+    let mut d = Verifier::new();
+    let mut buf = vec![0u8; CHUNK];
+    let pipe = if method == "splice" {
+        Some(make_pipe()?)
+    } else {
+        None
+    };
+    if method == "epoll" {
+        set_nonblocking(fd, true)?;
+    }
+    loop {
+        if limit.is_some_and(|l| d.len >= l) {
+            return Ok(d);
+        }
+        let n = match method {
+            "read" => check(unsafe_read(fd, &mut buf), "read")?,
+            "small" => check(unsafe_read(fd, &mut buf[..7]), "read")?,
+            "peek" => {
+                // SAFETY: `buf` is valid for writes of its length.
+                let peeked = check(
+                    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), 4096, libc::MSG_PEEK) },
+                    "recv(MSG_PEEK)",
+                )?;
+                let mut again = vec![0u8; peeked];
+                let got = check(unsafe_read(fd, &mut again), "read after peek")?;
+                if got != peeked || again[..] != buf[..peeked] {
+                    return Err(format!(
+                        "MSG_PEEK saw {peeked} bytes, read returned {got} different ones"
+                    ));
+                }
+                got
+            }
+            "splice" => {
+                let (r, w) = pipe.as_ref().ok_or("no pipe")?;
+                // SAFETY: valid descriptors; null offsets for socket and pipe.
+                let moved = check(
+                    unsafe {
+                        libc::splice(
+                            fd,
+                            std::ptr::null_mut(),
+                            w.as_raw_fd(),
+                            std::ptr::null_mut(),
+                            CHUNK,
+                            libc::SPLICE_F_MOVE,
+                        )
+                    },
+                    "splice from socket",
+                )?;
+                let mut got = 0;
+                while got < moved {
+                    got += check(
+                        unsafe_read(r.as_raw_fd(), &mut buf[got..moved]),
+                        "read from pipe",
+                    )?;
+                }
+                moved
+            }
+            "epoll" => match unsafe_read(fd, &mut buf) {
+                n if n >= 0 => n as usize,
+                _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => {
+                    wait_ready(fd, libc::EPOLLIN)?;
+                    continue;
+                }
+                _ => return Err(format!("read: {}", io::Error::last_os_error())),
+            },
+            other => return Err(format!("unknown recv method {other}")),
+        };
+        if n == 0 {
+            return Ok(d);
+        }
+        d.update(&buf[..n]);
+    }
+}
+
+fn unsafe_write(fd: RawFd, data: &[u8]) -> isize {
+    // SAFETY: `data` is valid for reads of its length.
+    unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) }
+}
+
+fn unsafe_read(fd: RawFd, buf: &mut [u8]) -> isize {
+    // SAFETY: `buf` is valid for writes of its length.
+    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
+}
+
+fn make_pipe() -> Result<(OwnedFd, OwnedFd), String> {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    check(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } as isize,
+        "pipe",
+    )?;
+    // SAFETY: both descriptors are fresh and owned by nothing else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn memfd_with(data: &[u8]) -> Result<OwnedFd, String> {
+    // SAFETY: the name is NUL-terminated.
+    let fd = check(
+        unsafe { libc::memfd_create(c"stream".as_ptr(), libc::MFD_CLOEXEC) } as isize,
+        "memfd_create",
+    )?;
+    // SAFETY: a fresh descriptor owned by nothing else.
+    let file = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    let mut written = 0;
+    while written < data.len() {
+        written += check(
+            unsafe_write(file.as_raw_fd(), &data[written..]),
+            "write to memfd",
+        )?;
+    }
+    Ok(file)
+}
+
+fn set_nonblocking(fd: RawFd, on: bool) -> Result<(), String> {
+    // SAFETY: F_GETFL/F_SETFL on a valid descriptor.
+    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) } as isize, "fcntl")? as i32;
+    let flags = if on {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
+    check(
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } as isize,
+        "fcntl",
+    )
+    .map(|_| ())
+}
+
+/// Waits (bounded) until `fd` is ready for `events`.
+fn wait_ready(fd: RawFd, events: i32) -> Result<(), String> {
+    // SAFETY: epoll calls on descriptors this function owns or borrows.
+    let ep = check(
+        unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) } as isize,
+        "epoll_create1",
+    )?;
+    // SAFETY: a fresh descriptor owned by nothing else.
+    let ep = unsafe { OwnedFd::from_raw_fd(ep as RawFd) };
+    let mut ev = libc::epoll_event {
+        events: (events | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32,
+        u64: 0,
+    };
+    check(
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } as isize,
+        "epoll_ctl",
+    )?;
+    let mut out = [libc::epoll_event { events: 0, u64: 0 }];
+    let n = check(
+        unsafe {
+            libc::epoll_wait(
+                ep.as_raw_fd(),
+                out.as_mut_ptr(),
+                1,
+                TIMEOUT.as_millis() as i32,
+            )
+        } as isize,
+        "epoll_wait",
+    )?;
+    if n == 0 {
+        return Err("epoll_wait timed out: the stream stalled".into());
+    }
+    Ok(())
+}

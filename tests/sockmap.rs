@@ -1,0 +1,305 @@
+//! Sockmap acceleration between an application and its sidecar must never
+//! lose, reorder or stall data: every way programs move bytes, checked byte
+//! for byte (length and checksum) through the sidecar stand-in, with
+//! acceleration on.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use meshbpf::{AttachOptions, Mesh, PodSettings};
+
+struct World {
+    env: Env,
+    mesh: Mesh,
+    app: Pod,
+    server_addr: String,
+    server: Proc,
+    sidecar: Proc,
+}
+
+fn world_with(node_sockmap: bool, pod_sockmap: bool) -> World {
+    let mut env = Env::new();
+    let options = AttachOptions {
+        sockmap: node_sockmap,
+    };
+    let mesh = Mesh::attach_with(&env.cgroup, &env.pin_dir, &options).unwrap();
+    let app = env.pod("app");
+    let server_pod = env.pod("server");
+    let server = server_pod.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
+    server.wait_for("listening=");
+    let settings = PodSettings {
+        sockmap: pod_sockmap,
+        ..PodSettings::default()
+    };
+    mesh.register_netns(&app.netns, &settings).unwrap();
+    // 100,000 short connections need more ephemeral ports than the default range in this
+    // pod's own netns (the node's settings stay untouched).
+    let sysctl = |key: &str, value: &str| {
+        stdout_of(&app.run(
+            0,
+            Path::new("/sbin/sysctl"),
+            &["-qw", &format!("{key}={value}")],
+        ))
+    };
+    sysctl("net.ipv4.ip_local_port_range", "1024 65000");
+    let sidecar = app.sidecar();
+    World {
+        server_addr: server_pod.addr(false, 9000),
+        env,
+        mesh,
+        app,
+        server,
+        sidecar,
+    }
+}
+
+fn world() -> World {
+    world_with(true, true)
+}
+
+/// `stream run` in the application pod; returns (success, output).
+fn stream(w: &World, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["run", w.server_addr.as_str()];
+    all.extend_from_slice(args);
+    let out = w.app.run(APP_UID, &example("stream"), &all);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn assert_stream(w: &World, args: &[&str]) -> String {
+    let (ok, text) = stream(w, args);
+    assert!(
+        ok,
+        "stream {args:?} failed:\n{text}\nsidecar:\n{}",
+        w.sidecar.output()
+    );
+    text
+}
+
+#[test]
+fn every_send_and_receive_method_keeps_every_byte() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let sizes = ["1", "1000", "100000", "4000000"];
+    let cases: [(&str, &str, &[&str]); 5] = [
+        (
+            "upload",
+            "--send",
+            &["write", "writev", "sendmsg", "sendfile", "splice", "epoll"],
+        ),
+        (
+            "download",
+            "--recv",
+            &["read", "small", "peek", "splice", "epoll"],
+        ),
+        (
+            "halfclose",
+            "--recv",
+            &["read", "small", "peek", "splice", "epoll"],
+        ),
+        (
+            "serverfirst",
+            "--send",
+            &["write", "writev", "sendfile", "splice", "epoll"],
+        ),
+        ("abort", "--recv", &["read", "splice", "epoll"]),
+    ];
+    let mut serverfirst = 0;
+    for (op, flag, methods) in cases {
+        for method in methods {
+            for size in sizes {
+                // Seven-byte reads of megabytes would only take long.
+                if *method == "small" && size == "4000000" {
+                    continue;
+                }
+                let out = assert_stream(&w, &["--op", op, "--size", size, flag, method]);
+                assert!(out.starts_with("ok "), "{out}");
+                if op == "serverfirst" {
+                    // The server checks what it received after shutting down its side.
+                    serverfirst += 1;
+                    wait_until(
+                        || w.server.lines("verdict ").len() == serverfirst,
+                        || format!("server verdicts:\n{}", w.server.output()),
+                    );
+                    let last = w.server.lines("verdict ").pop().unwrap_or_default();
+                    assert_eq!(last, format!("verdict serverfirst ok {size}"));
+                }
+            }
+        }
+    }
+    // The fast path really carried the application's bytes.
+    assert!(counter(&w.mesh, "sockmap_bytes_redirected") > 50_000_000);
+    assert_eq!(counter(&w.mesh, "sockmap_add_failed"), 0);
+}
+
+#[test]
+fn two_hundred_fifty_six_mib_each_way_is_byte_exact() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let size = (256u64 << 20).to_string();
+    assert_stream(&w, &["--op", "upload", "--size", &size, "--send", "write"]);
+    assert_stream(&w, &["--op", "download", "--size", &size, "--recv", "read"]);
+    assert!(counter(&w.mesh, "sockmap_bytes_redirected") >= 256 << 20);
+}
+
+#[test]
+fn many_parallel_connections_are_byte_exact() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    for (op, flag, method) in [
+        ("upload", "--send", "writev"),
+        ("download", "--recv", "epoll"),
+        ("halfclose", "--recv", "read"),
+    ] {
+        let out = assert_stream(
+            &w,
+            &[
+                "--op",
+                op,
+                "--size",
+                "1000000",
+                flag,
+                method,
+                "--parallel",
+                "32",
+            ],
+        );
+        assert_eq!(
+            out.lines().filter(|l| l.starts_with("ok ")).count(),
+            32,
+            "{out}"
+        );
+    }
+}
+
+#[test]
+fn killing_the_sidecar_mid_stream_ends_the_application_s_stream_without_a_hang() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world();
+    let huge = (64u64 << 30).to_string();
+    for (op, flag, method) in [
+        ("upload", "--send", "write"),
+        ("download", "--recv", "read"),
+    ] {
+        let app = w.app.spawn(
+            APP_UID,
+            &example("stream"),
+            &[
+                "run",
+                &w.server_addr,
+                "--op",
+                op,
+                "--size",
+                &huge,
+                flag,
+                method,
+            ],
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        drop(std::mem::replace(
+            &mut w.sidecar,
+            w.app.spawn(0, Path::new("/bin/true"), &[]),
+        ));
+        // The application ends by itself (Proc::wait fails the test after its timeout).
+        let out = app.wait();
+        assert!(
+            out.contains("fail ") && !out.contains("timed out") && !out.contains("stalled"),
+            "{op}: {out}"
+        );
+        w.sidecar = w.app.sidecar();
+    }
+}
+
+#[test]
+fn only_the_application_s_sends_take_the_fast_path() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    assert_stream(&w, &["--op", "download", "--size", "4000000"]);
+    // The application sent a header line; the four megabytes came back over the normal
+    // stack, where splice and blocking reads behave.
+    let redirected = counter(&w.mesh, "sockmap_bytes_redirected");
+    assert!(redirected > 0 && redirected < 100, "{redirected}");
+    assert_eq!(counter(&w.mesh, "sockmap_added"), 2);
+}
+
+#[test]
+fn sockets_leave_sock_hash_when_they_close_even_after_100000_connections() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let args = [
+        "run",
+        &w.server_addr,
+        "--op",
+        "upload",
+        "--size",
+        "1",
+        "--parallel",
+        "8",
+        "--count",
+        "12500",
+    ];
+    let out = stdout_of(&w.app.run_for(
+        std::time::Duration::from_secs(180),
+        APP_UID,
+        &example("stream"),
+        &args,
+    ));
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.ends_with("connections=12500"))
+            .count(),
+        8,
+        "{out}"
+    );
+    assert!(counter(&w.mesh, "sockmap_added") >= 200_000);
+    wait_until(
+        || w.mesh.accelerated_sockets() == 0,
+        || format!("{} sockets left in sock_hash", w.mesh.accelerated_sockets()),
+    );
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || format!("{} origins left", w.mesh.tracked_connections()),
+    );
+}
+
+#[test]
+fn pods_and_nodes_without_sockmap_are_not_accelerated_and_still_correct() {
+    if !privileged() {
+        return;
+    }
+    for (node, pod) in [(true, false), (false, true)] {
+        let w = world_with(node, pod);
+        assert_stream(
+            &w,
+            &["--op", "upload", "--size", "100000", "--send", "sendfile"],
+        );
+        assert_stream(
+            &w,
+            &["--op", "download", "--size", "100000", "--recv", "splice"],
+        );
+        assert_eq!(counter(&w.mesh, "sockmap_added"), 0);
+        assert_eq!(counter(&w.mesh, "sockmap_msg_redirected"), 0);
+        let status: serde_json::Value =
+            serde_json::from_str(&stdout_of(&w.env.meshbpf(&["status", "--json"]))).unwrap();
+        assert_eq!(status["sockmap"], node);
+        assert_eq!(status["pods"][0]["sockmap"], pod);
+    }
+}
