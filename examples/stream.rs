@@ -7,6 +7,7 @@
 //! stream run DEST --op upload|download|halfclose|abort --size N
 //!            [--send write|writev|sendmsg|sendfile|splice|epoll]
 //!            [--recv read|small|peek|splice|epoll] [--parallel P] [--count C]
+//!            [--duration SECS]
 //! ```
 //! The client's header line tells the server what to do:
 //! - upload: the client sends N bytes; the server answers `ok N` (or `bad ...`).
@@ -19,6 +20,11 @@
 //!   that shut down writing).
 //! - abort: the server sends N/2 bytes and resets the connection; the client must see an
 //!   error or EOF promptly, never hang.
+//!
+//! Two more ops measure instead of check (`--duration SECS`):
+//! - pingpong: the client sends N bytes, the server echoes them, for the duration;
+//!   prints requests per second and latency percentiles.
+//! - flood: the client writes N-byte messages for the duration; prints throughput.
 //!
 //! Every byte received is checked against the pattern at its offset, so a lost, duplicated
 //! or reordered byte is caught where it happens. `run` prints `ok op=... bytes=...` per
@@ -158,6 +164,23 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
             println!("verdict serverfirst {}", got.verdict(size));
             return Ok(());
         }
+        "pingpong" => {
+            let mut buf = vec![0u8; size as usize];
+            loop {
+                if let Err(err) = reader.read_exact(&mut buf) {
+                    return if err.kind() == io::ErrorKind::UnexpectedEof {
+                        Ok(())
+                    } else {
+                        Err(err)
+                    };
+                }
+                out.write_all(&buf)?;
+            }
+        }
+        "flood" => {
+            let got = io::copy(&mut reader, &mut io::sink())?;
+            writeln!(out, "ok {got}")?;
+        }
         "abort" => {
             send_pattern_write(&mut out, size / 2)?;
             // SO_LINGER 0: close() sends a reset.
@@ -216,6 +239,7 @@ struct Opts {
     recv: String,
     parallel: usize,
     count: usize,
+    duration: Duration,
 }
 
 fn run(args: &[String]) -> Result<(), String> {
@@ -232,6 +256,7 @@ fn run(args: &[String]) -> Result<(), String> {
         recv: "read".into(),
         parallel: 1,
         count: 1,
+        duration: Duration::from_secs(2),
     };
     let mut it = args[1..].iter();
     while let Some(flag) = it.next() {
@@ -243,6 +268,9 @@ fn run(args: &[String]) -> Result<(), String> {
             "--recv" => o.recv = v,
             "--parallel" => o.parallel = v.parse().map_err(|_| "bad parallel")?,
             "--count" => o.count = v.parse().map_err(|_| "bad count")?,
+            "--duration" => {
+                o.duration = Duration::from_secs_f64(v.parse().map_err(|_| "bad duration")?)
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -295,7 +323,14 @@ fn run_one(o: &Opts) -> Result<String, String> {
         .set_write_timeout(Some(TIMEOUT))
         .map_err(|e| e.to_string())?;
     let mut s = stream;
-    writeln!(s, "{} {}", o.op, o.size).map_err(|e| format!("header: {e}"))?;
+    let header = format!("{} {}\n", o.op, o.size);
+    if matches!(o.op.as_str(), "pingpong" | "flood") {
+        // Measuring ops send the header with their first payload, in one write: what a
+        // client's first message looks like, and what sockmap's first-message policy sees.
+        return measure(s, o, header.as_bytes());
+    }
+    s.write_all(header.as_bytes())
+        .map_err(|e| format!("header: {e}"))?;
     let want = format!("ok {}", o.size);
     match o.op.as_str() {
         "upload" => {
@@ -332,23 +367,97 @@ fn run_one(o: &Opts) -> Result<String, String> {
                 o.recv, o.send, got.len
             ))
         }
-        "abort" => match receive(&s, &o.recv, Some(o.size)) {
-            // EOF or an error before all bytes: the reset reached the application.
-            Ok(got) if got.len < o.size => {
-                Ok(format!("ok op=abort recv={} eof_after={}", o.recv, got.len))
-            }
-            Ok(got) => Err(format!(
-                "received {} bytes of a stream that was reset at {}",
-                got.len,
-                o.size / 2
-            )),
-            Err(err) if err.contains("timed out") || err.contains("Resource temporarily") => {
-                Err(format!("hang: {err}"))
-            }
-            Err(err) => Ok(format!("ok op=abort recv={} error={err}", o.recv)),
-        },
+        "abort" => check_abort(&s, o),
         other => Err(format!("unknown op {other}")),
     }
+}
+
+fn measure(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String> {
+    match o.op.as_str() {
+        "pingpong" => pingpong(s, o, header),
+        _ => {
+            let chunk = vec![0x5au8; o.size as usize];
+            let first = [header, &chunk].concat();
+            let start = std::time::Instant::now();
+            s.write_all(&first).map_err(|e| format!("write: {e}"))?;
+            let mut sent = o.size;
+            while start.elapsed() < o.duration {
+                s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
+                sent += o.size;
+            }
+            s.shutdown(Shutdown::Write)
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let mut line = String::new();
+            BufReader::new(&s)
+                .read_line(&mut line)
+                .map_err(|e| format!("reading the count: {e}"))?;
+            let secs = start.elapsed().as_secs_f64();
+            if line.trim() != format!("ok {sent}") {
+                return Err(format!("sent {sent}, server: {}", line.trim()));
+            }
+            Ok(format!(
+                "ok op=flood size={} bytes={sent} mbytes_per_sec={:.1}",
+                o.size,
+                sent as f64 / secs / 1e6
+            ))
+        }
+    }
+}
+
+fn check_abort(s: &TcpStream, o: &Opts) -> Result<String, String> {
+    match receive(s, &o.recv, Some(o.size)) {
+        // EOF or an error before all bytes: the reset reached the application.
+        Ok(got) if got.len < o.size => {
+            Ok(format!("ok op=abort recv={} eof_after={}", o.recv, got.len))
+        }
+        Ok(got) => Err(format!(
+            "received {} bytes of a stream that was reset at {}",
+            got.len,
+            o.size / 2
+        )),
+        Err(err) if err.contains("timed out") || err.contains("Resource temporarily") => {
+            Err(format!("hang: {err}"))
+        }
+        Err(err) => Ok(format!("ok op=abort recv={} error={err}", o.recv)),
+    }
+}
+
+/// Request/response over one connection for the duration: requests per second and
+/// latency percentiles (microseconds) from every sample.
+fn pingpong(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String> {
+    let request = vec![0xa5u8; o.size as usize];
+    let mut response = vec![0u8; o.size as usize];
+    let mut reader = s.try_clone().map_err(|e| e.to_string())?;
+    let mut samples: Vec<u32> = Vec::new();
+    let mut first = Some([header, &request].concat());
+    let start = std::time::Instant::now();
+    while start.elapsed() < o.duration {
+        let t = std::time::Instant::now();
+        s.write_all(first.take().as_deref().unwrap_or(&request))
+            .map_err(|e| format!("write: {e}"))?;
+        reader
+            .read_exact(&mut response)
+            .map_err(|e| format!("read: {e}"))?;
+        samples.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    samples.sort_unstable();
+    let pct = |p: f64| {
+        samples
+            .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    Ok(format!(
+        "ok op=pingpong size={} requests={} rps={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
+        o.size,
+        samples.len(),
+        samples.len() as f64 / secs,
+        pct(0.50),
+        pct(0.99),
+        pct(0.999)
+    ))
 }
 
 fn check(ret: isize, what: &str) -> Result<usize, String> {

@@ -9,6 +9,6 @@ meshbpf_install_deps
 if cargo fmt --version >/dev/null 2>&1; then
     cargo fmt --all -- --check
 fi
-# End-to-end tests build examples/ too: `cargo test` compiles every target.
-cargo test --all-targets "$@"
-cargo test --doc
+# Unit, end-to-end and doc tests; `cargo test` also builds examples/, which the
+# end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
+cargo test "$@"

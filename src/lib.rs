@@ -37,6 +37,7 @@ pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use settings::{
     parse_port_list, PodSettings, Ports, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT,
-    DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, MAX_PORTS_PER_LIST, MESH_INBOUND_EXCLUDES,
+    DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, DEFAULT_SOCKMAP_MIN_BYTES, MAX_PORTS_PER_LIST,
+    MESH_INBOUND_EXCLUDES,
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

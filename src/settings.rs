@@ -11,6 +11,9 @@ pub const DEFAULT_PROXY_UID: u32 = 1337;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Istio's inbound listener (istio-iptables `-z`, default 15006).
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// First-message size from which a connection is accelerated by default: below it, sockmap
+/// measured slower than loopback TCP on this project's benchmark (README).
+pub const DEFAULT_SOCKMAP_MIN_BYTES: u32 = 16 * 1024;
 /// Istio's DNS proxy port (istio-agent, default 15053).
 pub const DEFAULT_DNS_PORT: u16 = 15053;
 
@@ -80,9 +83,12 @@ pub struct PodSettings {
     pub exclude_inbound_ports: BTreeSet<u16>,
     /// Send DNS (UDP and TCP to port 53) to the sidecar's DNS listener.
     pub capture_dns: bool,
-    /// Move bytes between the pod's applications and its sidecar through sockmap, skipping
-    /// the loopback TCP/IP stack (when the node's attachment has sockmap on).
+    /// Move bytes from the pod's applications to its sidecar through sockmap, skipping the
+    /// loopback TCP/IP stack (when the node's attachment has sockmap on).
     pub sockmap: bool,
+    /// With `sockmap`, a connection is accelerated when its first message is at least this
+    /// many bytes; smaller first messages mark streams where sockmap loses (README).
+    pub sockmap_min_bytes: u32,
 }
 
 impl Default for PodSettings {
@@ -99,6 +105,7 @@ impl Default for PodSettings {
             exclude_inbound_ports: BTreeSet::new(),
             capture_dns: true,
             sockmap: true,
+            sockmap_min_bytes: DEFAULT_SOCKMAP_MIN_BYTES,
         }
     }
 }
@@ -201,6 +208,7 @@ impl PodSettings {
             dns_port: self.dns_port,
             _pad: 0,
             flags,
+            sockmap_min_bytes: self.sockmap_min_bytes,
         }
     }
 
@@ -216,6 +224,7 @@ impl PodSettings {
             capture_inbound: raw.flags & pod_flags::CAPTURE_INBOUND != 0,
             capture_dns: raw.flags & pod_flags::CAPTURE_DNS != 0,
             sockmap: raw.flags & pod_flags::SOCKMAP != 0,
+            sockmap_min_bytes: raw.sockmap_min_bytes,
             ..PodSettings::default()
         }
     }
@@ -244,6 +253,7 @@ mod tests {
             capture_inbound: false,
             capture_dns: false,
             sockmap: false,
+            sockmap_min_bytes: 1,
             dns_port: 5353,
             inbound_ports: Ports::parse("80,8080").unwrap(),
             exclude_inbound_ports: parse_port_list("9000").unwrap(),

@@ -29,8 +29,11 @@ fn world_with(node_sockmap: bool, pod_sockmap: bool) -> World {
     let server_pod = env.pod("server");
     let server = server_pod.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
     server.wait_for("listening=");
+    // Every connection accelerated, whatever its first message: the correctness claims
+    // must hold on the fast path itself.
     let settings = PodSettings {
         sockmap: pod_sockmap,
+        sockmap_min_bytes: 0,
         ..PodSettings::default()
     };
     mesh.register_netns(&app.netns, &settings).unwrap();
@@ -277,6 +280,38 @@ fn sockets_leave_sock_hash_when_they_close_even_after_100000_connections() {
     wait_until(
         || w.mesh.tracked_connections() == 0,
         || format!("{} origins left", w.mesh.tracked_connections()),
+    );
+}
+
+#[test]
+fn by_default_only_connections_whose_first_message_is_large_are_accelerated() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let defaults = PodSettings::default();
+    assert_eq!(
+        defaults.sockmap_min_bytes,
+        meshbpf::DEFAULT_SOCKMAP_MIN_BYTES
+    );
+    w.mesh.register_netns(&w.app.netns, &defaults).unwrap();
+    // A stream of small writes (first message: header + 64 bytes) stays on the normal stack.
+    let small = assert_stream(&w, &["--op", "flood", "--size", "64", "--duration", "0.3"]);
+    assert!(small.starts_with("ok op=flood"), "{small}");
+    assert_eq!(counter(&w.mesh, "sockmap_left_small_first_msg"), 1);
+    assert_eq!(counter(&w.mesh, "sockmap_msg_redirected"), 0);
+    // A first write of 64 KiB: accelerated for the whole connection.
+    let big = assert_stream(
+        &w,
+        &["--op", "flood", "--size", "65536", "--duration", "0.3"],
+    );
+    assert!(big.starts_with("ok op=flood"), "{big}");
+    assert_eq!(counter(&w.mesh, "sockmap_left_small_first_msg"), 1);
+    assert!(counter(&w.mesh, "sockmap_bytes_redirected") > 65536);
+    // The left socket is gone from sock_hash at once, the accelerated ones when they close.
+    wait_until(
+        || w.mesh.accelerated_sockets() == 0,
+        || format!("{} sockets in sock_hash", w.mesh.accelerated_sockets()),
     );
 }
 

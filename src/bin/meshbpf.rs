@@ -128,6 +128,10 @@ struct PodArgs {
     /// Do not accelerate this pod's application-sidecar connections with sockmap.
     #[arg(long)]
     no_sockmap: bool,
+    /// Accelerate a connection only if its first message is at least this many bytes
+    /// (0: every connection).
+    #[arg(long, default_value_t = meshbpf::DEFAULT_SOCKMAP_MIN_BYTES)]
+    sockmap_min_bytes: u32,
 }
 
 impl PodArgs {
@@ -142,6 +146,7 @@ impl PodArgs {
             dns_port: self.dns_port,
             capture_dns: !self.no_dns,
             sockmap: !self.no_sockmap,
+            sockmap_min_bytes: self.sockmap_min_bytes,
             ..PodSettings::default()
         })
     }
@@ -357,5 +362,6 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         "capture_dns": pod.settings.capture_dns,
         "dns_port": pod.settings.dns_port,
         "sockmap": pod.settings.sockmap,
+        "sockmap_min_bytes": pod.settings.sockmap_min_bytes,
     })
 }

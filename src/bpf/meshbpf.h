@@ -8,7 +8,7 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 4
+#define MESHBPF_LAYOUT_VERSION 5
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
@@ -35,6 +35,8 @@ struct pod_settings {
 	__u16 dns_port;		/* DNS listener, host byte order (15053) */
 	__u16 _pad;
 	__u32 flags;		/* POD_F_* */
+	/* A captured connection is accelerated when its first message is at least this big. */
+	__u32 sockmap_min_bytes;
 };
 
 /* An address as the application asked for it. */
@@ -54,7 +56,9 @@ struct sock_state {
 };
 
 #define SOCK_F_INBOUND_COUNTED (1U << 0) /* counted in inbound_ports */
-#define SOCK_F_SOCKMAP_SENDER (1U << 1)	 /* its sends are redirected to its peer by sk_msg */
+#define SOCK_F_SOCKMAP_SENDER (1U << 1)	 /* in sock_hash, its first message not seen yet */
+#define SOCK_F_SOCKMAP_REDIRECT (1U << 2) /* its sends are redirected to its peer by sk_msg */
+#define SOCK_F_SOCKMAP_LEAVE (1U << 3)	  /* small first message: sockops removes it from sock_hash */
 
 /* port_rules key: one port in one of a pod's lists; the value is unused (1). */
 enum port_rule_kind {
@@ -132,6 +136,7 @@ enum counter {
 	CNT_SOCKMAP_BYTES_REDIRECTED,
 	CNT_SOCKMAP_MSG_NO_PEER,
 	CNT_SOCKMAP_LEFT_ON_SHUTDOWN,
+	CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG,
 	CNT_MAX,
 };
 

@@ -5,8 +5,62 @@
  * receive queue of the sidecar's end (bpf_msg_redirect_hash with
  * BPF_F_INGRESS), skipping the loopback TCP/IP stack. sockops.bpf.c decides
  * which sockets enter sock_hash and explains why only this direction.
+ *
+ * Which connections: measured on 6.18 (README), redirecting per message
+ * loses badly against loopback TCP for streams of small writes (TCP batches
+ * them; sk_msg pays per message) and wins for large ones; merely staying in
+ * sock_hash without redirecting costs too. A connection's path cannot change
+ * once bytes are in flight (the peer would read the redirected bytes before
+ * earlier ones still queued by TCP), so the first message decides, before any
+ * byte has left: at least the pod's sockmap_min_bytes and the connection is
+ * accelerated for good; smaller, and the socket leaves sock_hash for good
+ * (sk_msg may not delete from a sockmap: sockops does, at the RTT callback
+ * that the first message's ACK triggers).
  */
 #include "common.bpf.h"
+
+static __always_inline void msg_key(struct conn_key *key, struct sk_msg_md *msg, bool local_is_src)
+{
+	__u32 *local = local_is_src ? key->src_addr : key->dst_addr;
+	__u32 *remote = local_is_src ? key->dst_addr : key->src_addr;
+	/* remote_port is the be16 port widened so that ntohl() yields the host-order port */
+	__u16 local_port = bpf_htons((__u16)msg->local_port);
+	__u16 remote_port = bpf_htons((__u16)bpf_ntohl(msg->remote_port));
+
+	key->family = msg->family;
+	if (msg->family == AF_INET) {
+		local[0] = msg->local_ip4;
+		remote[0] = msg->remote_ip4;
+	} else {
+		local[0] = msg->local_ip6[0];
+		local[1] = msg->local_ip6[1];
+		local[2] = msg->local_ip6[2];
+		local[3] = msg->local_ip6[3];
+		remote[0] = msg->remote_ip6[0];
+		remote[1] = msg->remote_ip6[1];
+		remote[2] = msg->remote_ip6[2];
+		remote[3] = msg->remote_ip6[3];
+	}
+	key->src_port = local_is_src ? local_port : remote_port;
+	key->dst_port = local_is_src ? remote_port : local_port;
+	/* bpf_get_netns_cookie() for sk_msg: Linux 5.15 (commit fab60e29fcc6). */
+	key->netns_cookie = bpf_get_netns_cookie(msg);
+	conn_key_normalize(key);
+}
+
+/* The connection's first message: accelerate it for good, or leave sock_hash for good. */
+static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, struct sock_state *state)
+{
+	struct pod_settings *pod = lookup_pod(bpf_get_netns_cookie(msg));
+
+	if (pod && msg->size >= pod->sockmap_min_bytes) {
+		state->flags |= SOCK_F_SOCKMAP_REDIRECT;
+		return true;
+	}
+	state->flags = (state->flags & ~SOCK_F_SOCKMAP_SENDER) | SOCK_F_SOCKMAP_LEAVE;
+	count(CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG);
+	return false;
+}
 
 SEC("sk_msg")
 int handle__sk_msg(struct sk_msg_md *msg)
@@ -20,28 +74,11 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	state = msg->sk ? bpf_sk_storage_get(&sk_storage_map, msg->sk, 0, 0) : NULL;
 	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
 		return SK_PASS;
+	if (!(state->flags & SOCK_F_SOCKMAP_REDIRECT) && !first_message_accelerates(msg, state))
+		return SK_PASS;
 
 	/* The peer's own end is our remote end: its key has src and dst swapped. */
-	peer.family = msg->family;
-	if (msg->family == AF_INET) {
-		peer.src_addr[0] = msg->remote_ip4;
-		peer.dst_addr[0] = msg->local_ip4;
-	} else {
-		peer.src_addr[0] = msg->remote_ip6[0];
-		peer.src_addr[1] = msg->remote_ip6[1];
-		peer.src_addr[2] = msg->remote_ip6[2];
-		peer.src_addr[3] = msg->remote_ip6[3];
-		peer.dst_addr[0] = msg->local_ip6[0];
-		peer.dst_addr[1] = msg->local_ip6[1];
-		peer.dst_addr[2] = msg->local_ip6[2];
-		peer.dst_addr[3] = msg->local_ip6[3];
-	}
-	/* remote_port is the be16 port widened so that ntohl() yields the host-order port */
-	peer.src_port = bpf_htons((__u16)bpf_ntohl(msg->remote_port));
-	peer.dst_port = bpf_htons((__u16)msg->local_port);
-	/* bpf_get_netns_cookie() for sk_msg: Linux 5.15 (commit fab60e29fcc6). */
-	peer.netns_cookie = bpf_get_netns_cookie(msg);
-	conn_key_normalize(&peer);
+	msg_key(&peer, msg, false);
 
 	verdict = bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS);
 	if (verdict != SK_PASS) {

@@ -108,8 +108,10 @@ static __always_inline void accelerate_sender(struct bpf_sock_ops *skops, struct
 	if (!sockmap_wanted(skops) || !sockmap_add(skops))
 		return;
 	state->flags |= SOCK_F_SOCKMAP_SENDER;
-	/* To leave sock_hash when it shuts down writing (see sockmap_leave). */
-	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+	/* STATE: to leave sock_hash when it shuts down writing (sockmap_leave). RTT: to leave it
+	 * after a small first message, at that message's ACK (sockmap_first_ack). */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
+						 BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
 /*
@@ -126,12 +128,38 @@ static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
 	if (!sk)
 		return;
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
-	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
+	if (!state || !(state->flags & (SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE)))
 		return;
-	state->flags &= ~SOCK_F_SOCKMAP_SENDER;
+	state->flags &= ~(SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE);
 	conn_key_from_ops(&key, skops, true);
 	if (!bpf_map_delete_elem(&sock_hash, &key))
 		count(CNT_SOCKMAP_LEFT_ON_SHUTDOWN);
+}
+
+/*
+ * An ACK reached the application's end. Once sk_msg has seen the first
+ * message, the RTT callbacks are no longer needed; if that message was small,
+ * the socket leaves sock_hash now, so that the rest of the connection pays
+ * nothing for sockmap.
+ */
+static __always_inline void sockmap_first_ack(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+	struct sock_state *state;
+	struct conn_key key = {};
+
+	if (!sk)
+		return;
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
+	if (state && (state->flags & SOCK_F_SOCKMAP_SENDER) &&
+	    !(state->flags & SOCK_F_SOCKMAP_REDIRECT))
+		return; /* no message yet: the handshake's own ACK */
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_RTT_CB_FLAG);
+	if (!state || !(state->flags & SOCK_F_SOCKMAP_LEAVE))
+		return;
+	state->flags &= ~SOCK_F_SOCKMAP_LEAVE;
+	conn_key_from_ops(&key, skops, true);
+	bpf_map_delete_elem(&sock_hash, &key);
 }
 
 /* Application side: connect() finished; publish what connect4/6 kept. */
@@ -192,6 +220,9 @@ int handle__sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
+		break;
+	case BPF_SOCK_OPS_RTT_CB:
+		sockmap_first_ack(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
 		/* args[1] is the new state; read once (the verifier refuses a recomputed ctx offset) */
