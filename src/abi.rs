@@ -7,12 +7,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 
 pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
 pub(crate) use crate::skel::types::{
-    conn_key as ConnKey, inbound_key as InboundKey, mesh_meta as MeshMeta, orig_dst as OrigDst,
-    port_rule_key as PortRuleKey,
+    cidr_key as CidrKey, conn_key as ConnKey, inbound_key as InboundKey, mesh_meta as MeshMeta,
+    orig_dst as OrigDst, rule_key as RuleKey,
 };
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// `MAX_PODS` in meshbpf.h.
 pub const MAX_PODS: u32 = 16384;
 
@@ -26,23 +26,34 @@ pub(crate) mod pod_flags {
     pub const CAPTURE_DNS: u32 = 1 << 2;
     pub const SOCKMAP: u32 = 1 << 3;
     pub const INBOUND_ALL_PORTS: u32 = 1 << 4;
+    pub const OUTBOUND_ALL_CIDRS: u32 = 1 << 5;
+    pub const MORE_PROXY_IDS: u32 = 1 << 6;
 }
 
-/// `enum port_rule_kind` in meshbpf.h.
+/// `enum rule_kind` in meshbpf.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub(crate) enum RuleKind {
     InboundInclude = 1,
     InboundExclude = 2,
+    OutboundInclude = 3,
+    OutboundExclude = 4,
+    ProxyUid = 5,
+    ProxyGid = 6,
 }
 
 impl RuleKind {
+    const ALL: [RuleKind; 6] = [
+        RuleKind::InboundInclude,
+        RuleKind::InboundExclude,
+        RuleKind::OutboundInclude,
+        RuleKind::OutboundExclude,
+        RuleKind::ProxyUid,
+        RuleKind::ProxyGid,
+    ];
+
     pub(crate) fn from_raw(raw: u8) -> Option<Self> {
-        match raw {
-            1 => Some(RuleKind::InboundInclude),
-            2 => Some(RuleKind::InboundExclude),
-            _ => None,
-        }
+        RuleKind::ALL.into_iter().find(|k| *k as u8 == raw)
     }
 }
 /// `NO_GID` in meshbpf.h.
@@ -75,6 +86,9 @@ pub const COUNTER_NAMES: &[&str] = &[
     "sockmap_msg_no_peer",
     "sockmap_left_on_shutdown",
     "sockmap_left_small_first_msg",
+    "skip_excluded_port",
+    "skip_excluded_cidr",
+    "skip_not_included",
 ];
 
 /// `META_F_SOCKMAP` in meshbpf.h.
@@ -85,7 +99,8 @@ const _: () = assert!(size_of::<RawPodSettings>() == 24);
 const _: () = assert!(size_of::<OrigDst>() == 20);
 const _: () = assert!(size_of::<ConnKey>() == 48);
 const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
-const _: () = assert!(size_of::<PortRuleKey>() == 16);
+const _: () = assert!(size_of::<RuleKey>() == 16);
+const _: () = assert!(size_of::<CidrKey>() == 28);
 const _: () = assert!(size_of::<InboundKey>() == 16);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
@@ -98,18 +113,57 @@ unsafe impl plain::Plain for ConnKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for MeshMeta {}
 // SAFETY: as above.
-unsafe impl plain::Plain for PortRuleKey {}
+unsafe impl plain::Plain for RuleKey {}
+// SAFETY: as above.
+unsafe impl plain::Plain for CidrKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for InboundKey {}
 
-impl PortRuleKey {
-    pub(crate) fn new(netns_cookie: u64, kind: RuleKind, port: u16) -> Self {
-        PortRuleKey {
+impl RuleKey {
+    pub(crate) fn new(netns_cookie: u64, kind: RuleKind, value: u32) -> Self {
+        RuleKey {
             netns_cookie,
-            port,
+            value,
             kind: kind as u8,
             ..Default::default()
         }
+    }
+}
+
+/// Bits of a CIDR trie key that the pod's cookie takes.
+const COOKIE_BITS: u32 = 64;
+
+impl CidrKey {
+    /// The trie key of one prefix of one pod.
+    pub(crate) fn new(netns_cookie: u64, cidr: &crate::settings::Cidr) -> Self {
+        let (octets, plen) = cidr.as_v6();
+        let mut addr = [0u32; 4];
+        for (i, w) in addr.iter_mut().enumerate() {
+            *w = u32::from_ne_bytes([
+                octets[4 * i],
+                octets[4 * i + 1],
+                octets[4 * i + 2],
+                octets[4 * i + 3],
+            ]);
+        }
+        CidrKey {
+            prefixlen: COOKIE_BITS + u32::from(plen),
+            netns_cookie: [netns_cookie as u32, (netns_cookie >> 32) as u32],
+            addr,
+        }
+    }
+
+    pub(crate) fn cookie(&self) -> u64 {
+        u64::from(self.netns_cookie[0]) | (u64::from(self.netns_cookie[1]) << 32)
+    }
+
+    pub(crate) fn cidr(&self) -> Option<crate::settings::Cidr> {
+        let mut octets = [0u8; 16];
+        for (i, w) in self.addr.iter().enumerate() {
+            octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        let plen = self.prefixlen.checked_sub(COOKIE_BITS)?;
+        crate::settings::Cidr::from_v6(octets, u8::try_from(plen).ok()?)
     }
 }
 

@@ -24,6 +24,7 @@ mod error;
 mod mesh;
 mod netns;
 mod origin;
+mod presets;
 mod settings;
 mod skel;
 mod system;
@@ -35,9 +36,10 @@ pub use mesh::{
 };
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
+pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
 pub use settings::{
-    parse_port_list, PodSettings, Ports, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT,
-    DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID, DEFAULT_SOCKMAP_MIN_BYTES, MAX_PORTS_PER_LIST,
-    MESH_INBOUND_EXCLUDES,
+    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, PodSettings, Ports, Selection,
+    DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+    DEFAULT_SOCKMAP_MIN_BYTES, MAX_ENTRIES_PER_LIST, MESH_INBOUND_EXCLUDES,
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

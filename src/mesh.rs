@@ -19,12 +19,12 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, ProgramType};
 use std::collections::BTreeSet;
 
 use crate::abi::{
-    self, ConnKey, InboundKey, MeshMeta, OrigDst, PortRuleKey, RawPodSettings, RuleKind,
+    self, CidrKey, ConnKey, InboundKey, MeshMeta, OrigDst, RawPodSettings, RuleKey, RuleKind,
     COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS,
 };
 use crate::error::{Context, Error, Result};
 use crate::netns::Netns;
-use crate::settings::PodSettings;
+use crate::settings::{Lists, PodSettings};
 use crate::skel::{MeshbpfSkel, MeshbpfSkelBuilder};
 use crate::system::{self, Privilege};
 
@@ -109,7 +109,9 @@ pub struct Mesh {
     pin_dir: PathBuf,
     meta: MeshMeta,
     cookie_map: MapHandle,
-    port_rules: MapHandle,
+    pod_rules: MapHandle,
+    cidr_include: MapHandle,
+    cidr_exclude: MapHandle,
     inbound_ports: MapHandle,
     origin_dst_map: MapHandle,
     sock_hash: MapHandle,
@@ -196,7 +198,9 @@ impl Mesh {
             pin_dir: pin_dir.into(),
             meta,
             cookie_map: map("cookie_map")?,
-            port_rules: map("port_rules")?,
+            pod_rules: map("pod_rules")?,
+            cidr_include: map("cidr_include")?,
+            cidr_exclude: map("cidr_exclude")?,
             inbound_ports: map("inbound_ports")?,
             origin_dst_map: map("origin_dst_map")?,
             sock_hash: map("sock_hash")?,
@@ -236,17 +240,16 @@ impl Mesh {
         let netns = Netns::open(netns_path)?;
         netns.refuse_host(options.allow_host_netns)?;
         let cookie = netns.cookie();
-        let rules = settings.port_rules();
-        let stale: Vec<_> = self.rules_of(cookie)?.difference(&rules).copied().collect();
-        // New port rules first, then the settings that use them, then the stale rules: a
-        // connection decided in between sees either list or their union, never neither.
-        for &(kind, port) in &rules {
-            let key = PortRuleKey::new(cookie, kind, port);
-            if let Err(err) = self
-                .port_rules
-                .update(abi::bytes(&key), &[1], MapFlags::ANY)
-            {
-                return Err(map_write_error(err, "port_rules", "port list entries"));
+        let new = list_keys(cookie, &settings.lists());
+        let old = self.stored_keys(cookie);
+        // New list entries first, then the settings that use them, then the stale entries:
+        // a connection decided in between sees the old lists, the new ones or their union.
+        for ((map, name), keys) in self.list_maps().into_iter().zip(&new) {
+            for key in keys {
+                if let Err(err) = map.update(key, &[1], MapFlags::ANY) {
+                    self.remove_keys(&new, &old);
+                    return Err(map_write_error(err, name));
+                }
             }
         }
         if let Err(err) = self.cookie_map.update(
@@ -254,6 +257,7 @@ impl Mesh {
             abi::bytes(&settings.to_raw()),
             MapFlags::ANY,
         ) {
+            self.remove_keys(&new, &old);
             return Err(match is_map_full(&err) {
                 true => Error::PodMapFull { max: MAX_PODS },
                 false => Error::Bpf {
@@ -262,16 +266,68 @@ impl Mesh {
                 },
             });
         }
-        for (kind, port) in stale {
-            let _ = self
-                .port_rules
-                .delete(abi::bytes(&PortRuleKey::new(cookie, kind, port)));
-        }
+        self.remove_keys(&old, &new);
         Ok(Pod {
             netns_cookie: cookie,
             settings: settings.clone(),
             inbound_listeners: self.inbound_listeners(cookie)?,
         })
+    }
+
+    /// The maps that hold per-pod lists, with their names, in [`ListKeys`] order.
+    fn list_maps(&self) -> [(&MapHandle, &'static str); 3] {
+        [
+            (&self.pod_rules, "pod_rules"),
+            (&self.cidr_include, "cidr_include"),
+            (&self.cidr_exclude, "cidr_exclude"),
+        ]
+    }
+
+    /// The keys one pod has in the list maps now.
+    fn stored_keys(&self, netns_cookie: u64) -> ListKeys {
+        let rules = self
+            .pod_rules
+            .keys()
+            .filter(|k| {
+                abi::from_bytes::<RuleKey>(k).is_some_and(|k| k.netns_cookie == netns_cookie)
+            })
+            .collect();
+        let cidrs = |map: &MapHandle| {
+            map.keys()
+                .filter(|k| {
+                    abi::from_bytes::<CidrKey>(k).is_some_and(|k| k.cookie() == netns_cookie)
+                })
+                .collect()
+        };
+        [rules, cidrs(&self.cidr_include), cidrs(&self.cidr_exclude)]
+    }
+
+    /// Deletes the keys of `these` that are not in `keep`.
+    fn remove_keys(&self, these: &ListKeys, keep: &ListKeys) {
+        for (((map, _), these), keep) in self.list_maps().into_iter().zip(these).zip(keep) {
+            for key in these.difference(keep) {
+                let _ = map.delete(key);
+            }
+        }
+    }
+
+    /// One pod's lists, read back from the maps.
+    fn lists_of(&self, netns_cookie: u64) -> Lists {
+        let [rules, include, exclude] = self.stored_keys(netns_cookie);
+        let cidrs = |keys: BTreeSet<Vec<u8>>| {
+            keys.iter()
+                .filter_map(|k| abi::from_bytes::<CidrKey>(k)?.cidr())
+                .collect()
+        };
+        Lists {
+            rules: rules
+                .iter()
+                .filter_map(|k| abi::from_bytes::<RuleKey>(k))
+                .filter_map(|k| RuleKind::from_raw(k.kind).map(|kind| (kind, k.value)))
+                .collect(),
+            include_cidrs: cidrs(include),
+            exclude_cidrs: cidrs(exclude),
+        }
     }
 
     /// Takes the pod whose network namespace is at `netns_path` out of the mesh; returns
@@ -290,28 +346,13 @@ impl Mesh {
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
             Err(err) => return Err(err).context(|| "deleting from cookie_map".into()),
         };
-        for (kind, port) in self.rules_of(netns_cookie)? {
-            let _ = self
-                .port_rules
-                .delete(abi::bytes(&PortRuleKey::new(netns_cookie, kind, port)));
-        }
+        self.remove_keys(&self.stored_keys(netns_cookie), &ListKeys::default());
         for key in self.inbound_ports.keys() {
             if abi::from_bytes::<InboundKey>(&key).is_some_and(|k| k.netns_cookie == netns_cookie) {
                 let _ = self.inbound_ports.delete(&key);
             }
         }
         Ok(registered)
-    }
-
-    /// The `port_rules` entries of one pod.
-    fn rules_of(&self, netns_cookie: u64) -> Result<BTreeSet<(RuleKind, u16)>> {
-        Ok(self
-            .port_rules
-            .keys()
-            .filter_map(|key| abi::from_bytes::<PortRuleKey>(&key))
-            .filter(|key| key.netns_cookie == netns_cookie)
-            .filter_map(|key| RuleKind::from_raw(key.kind).map(|kind| (kind, key.port)))
-            .collect())
     }
 
     /// Inbound listener discovery: the ports the pod's applications listen on now, moved to
@@ -359,7 +400,7 @@ impl Mesh {
             let netns_cookie = u64::from_ne_bytes(cookie);
             pods.push(Pod {
                 netns_cookie,
-                settings: PodSettings::from_parts(&raw, &self.rules_of(netns_cookie)?),
+                settings: PodSettings::from_parts(&raw, &self.lists_of(netns_cookie)),
                 inbound_listeners: self.inbound_listeners(netns_cookie)?,
             });
         }
@@ -466,10 +507,31 @@ pub fn detach(pin_dir: impl AsRef<Path>) -> Result<bool> {
     Ok(true)
 }
 
-fn map_write_error(err: libbpf_rs::Error, map: &str, what: &str) -> Error {
+/// One pod's keys in the list maps: `pod_rules`, `cidr_include`, `cidr_exclude`.
+type ListKeys = [BTreeSet<Vec<u8>>; 3];
+
+/// The keys the list maps hold for `lists` of the pod with `netns_cookie`.
+fn list_keys(netns_cookie: u64, lists: &Lists) -> ListKeys {
+    let cidrs = |set: &BTreeSet<crate::settings::Cidr>| {
+        set.iter()
+            .map(|c| abi::bytes(&CidrKey::new(netns_cookie, c)).to_vec())
+            .collect()
+    };
+    [
+        lists
+            .rules
+            .iter()
+            .map(|&(kind, value)| abi::bytes(&RuleKey::new(netns_cookie, kind, value)).to_vec())
+            .collect(),
+        cidrs(&lists.include_cidrs),
+        cidrs(&lists.exclude_cidrs),
+    ]
+}
+
+fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
     if is_map_full(&err) {
         Error::InvalidSetting(format!(
-            "{map} is full: too many {what} on this node; unregister pods or shorten their lists"
+            "{map} is full: too many list entries on this node; unregister pods or shorten their lists"
         ))
     } else {
         Error::Bpf {

@@ -1,6 +1,10 @@
-//! One pod's capture settings: what `register` stores as the pod's `cookie_map` value.
+//! One pod's capture settings: what `register` stores as the pod's `cookie_map`
+//! value and its entries in the per-pod list maps (`pod_rules`, the CIDR tries).
 
 use std::collections::BTreeSet;
+use std::fmt;
+use std::net::{IpAddr, Ipv6Addr};
+use std::str::FromStr;
 
 use crate::abi::{pod_flags, RawPodSettings, RuleKind, NO_GID};
 use crate::error::{Error, Result};
@@ -11,38 +15,67 @@ pub const DEFAULT_PROXY_UID: u32 = 1337;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Istio's inbound listener (istio-iptables `-z`, default 15006).
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
-/// First-message size from which a connection is accelerated by default: below it, sockmap
-/// measured slower than loopback TCP on this project's benchmark (README).
-pub const DEFAULT_SOCKMAP_MIN_BYTES: u32 = 16 * 1024;
 /// Istio's DNS proxy port (istio-agent, default 15053).
 pub const DEFAULT_DNS_PORT: u16 = 15053;
+/// First-message size from which a connection is accelerated by default: below it, sockmap
+/// measured slower than loopback TCP on this project's benchmark (docs/bench-sockmap.md).
+pub const DEFAULT_SOCKMAP_MIN_BYTES: u32 = 16 * 1024;
 
 /// Ports the mesh itself uses inside a pod, never captured inbound: Istio's HBONE (15008),
 /// agent (15020), health (15021) and Envoy metrics (15090) ports; istio-iptables excludes them
 /// with `-d 15090,15021,15020`.
 pub const MESH_INBOUND_EXCLUDES: [u16; 4] = [15008, 15020, 15021, 15090];
 
-/// The most ports one list of one pod may hold.
-pub const MAX_PORTS_PER_LIST: usize = 1024;
+/// The most entries one list of one pod may hold (ports, ids or CIDRs). The maps behind
+/// them hold 65,536 entries for all pods of a node together.
+pub const MAX_ENTRIES_PER_LIST: usize = 1024;
 
-/// A set of ports: all of them, or those listed.
+/// Every value of a kind, or only those listed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Ports {
-    /// Every port.
+pub enum Selection<T: Ord> {
+    /// Every value (`*`).
     All,
-    /// Only these.
-    Only(BTreeSet<u16>),
+    /// Only these (empty: none).
+    Only(BTreeSet<T>),
 }
 
-impl Ports {
-    /// Parses `*` or a comma-separated list such as `80,8080`; the error names the bad value.
-    pub fn parse(text: &str) -> Result<Ports> {
-        let text = text.trim();
-        if text == "*" {
-            return Ok(Ports::All);
+/// A set of ports: all of them, or those listed.
+pub type Ports = Selection<u16>;
+/// A set of destination prefixes: all of them, or those listed.
+pub type Cidrs = Selection<Cidr>;
+
+impl<T: Ord> Selection<T> {
+    fn parse_with(text: &str, list: impl Fn(&str) -> Result<BTreeSet<T>>) -> Result<Self> {
+        match text.trim() {
+            "*" => Ok(Selection::All),
+            text => list(text).map(Selection::Only),
         }
-        parse_port_list(text).map(Ports::Only)
     }
+}
+
+impl Selection<u16> {
+    /// Parses `*` or a comma-separated list of ports (empty: none); the error names the bad
+    /// value.
+    pub fn parse(text: &str) -> Result<Self> {
+        Selection::parse_with(text, parse_port_list)
+    }
+}
+
+impl Selection<Cidr> {
+    /// Parses `*` or a comma-separated list of IPv4 and IPv6 prefixes (empty: none); the error
+    /// names the bad value.
+    pub fn parse(text: &str) -> Result<Self> {
+        Selection::parse_with(text, parse_cidr_list)
+    }
+}
+
+/// Parses a comma-separated list of IPv4 and IPv6 prefixes; the error names the bad value.
+pub fn parse_cidr_list(text: &str) -> Result<BTreeSet<Cidr>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 /// Parses a comma-separated list of ports (empty = none); the error names the bad value.
@@ -59,27 +92,145 @@ pub fn parse_port_list(text: &str) -> Result<BTreeSet<u16>> {
         .collect()
 }
 
+/// Parses a comma-separated list of uids or gids; the error names the bad value.
+pub fn parse_id_list(text: &str) -> Result<BTreeSet<u32>> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.parse::<u32>() {
+            Ok(id) if id != NO_GID => Ok(id),
+            _ => Err(Error::InvalidSetting(format!(
+                "id {p:?}: give a uid/gid from 0 to 4294967294"
+            ))),
+        })
+        .collect()
+}
+
+/// An IPv4 or IPv6 prefix, such as `10.0.0.0/8` or `2001:db8::/32`; host bits are cleared,
+/// as istio-iptables (Go's `net.ParseCIDR`) does. A bare address is a /32 or /128.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// The prefix's first address.
+    pub fn addr(&self) -> IpAddr {
+        self.addr
+    }
+
+    /// The prefix length.
+    pub fn prefix(&self) -> u8 {
+        self.prefix
+    }
+
+    /// The 16 bytes of the address as IPv6 (IPv4 as IPv4-mapped) and the prefix length over
+    /// those 128 bits: the form the CIDR tries hold.
+    pub(crate) fn as_v6(&self) -> ([u8; 16], u8) {
+        match self.addr {
+            IpAddr::V4(v4) => (v4.to_ipv6_mapped().octets(), 96 + self.prefix),
+            IpAddr::V6(v6) => (v6.octets(), self.prefix),
+        }
+    }
+
+    pub(crate) fn from_v6(octets: [u8; 16], prefix: u8) -> Option<Self> {
+        let v6 = Ipv6Addr::from(octets);
+        match v6.to_ipv4_mapped() {
+            Some(v4) if prefix >= 96 => Some(Cidr {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            }),
+            _ if prefix <= 128 => Some(Cidr {
+                addr: IpAddr::V6(v6),
+                prefix,
+            }),
+            _ => None,
+        }
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        let bad = || {
+            Error::InvalidSetting(format!(
+                "CIDR {text:?}: give a prefix like 10.0.0.0/8 or 2001:db8::/32"
+            ))
+        };
+        let (addr, prefix) = match text.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (text, None),
+        };
+        let addr: IpAddr = addr.trim().parse().map_err(|_| bad())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p
+                .trim()
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(bad)?,
+        };
+        let addr = match addr {
+            IpAddr::V4(v4) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - prefix)
+                };
+                IpAddr::V4((u32::from(v4) & mask).into())
+            }
+            IpAddr::V6(v6) => {
+                let mask = if prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - prefix)
+                };
+                IpAddr::V6((u128::from(v6) & mask).into())
+            }
+        };
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
 /// What one registered pod wants captured, and where its sidecar listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSettings {
-    /// The sidecar's uid: its own sockets are never captured.
-    pub proxy_uid: u32,
-    /// The sidecar's gid, if its group should be exempt too.
-    pub proxy_gid: Option<u32>,
-    /// The sidecar's outbound listener on loopback.
+    /// The sidecar's uids: their sockets are never captured (istio-iptables `-u`).
+    pub proxy_uids: BTreeSet<u32>,
+    /// Groups whose sockets are never captured either (istio-iptables `-g`).
+    pub proxy_gids: BTreeSet<u32>,
+    /// The sidecar's outbound listener on loopback (`-p`).
     pub outbound_port: u16,
-    /// The sidecar's inbound listener.
+    /// The sidecar's inbound listener (`-z`).
     pub inbound_port: u16,
     /// The sidecar's DNS listener on loopback.
     pub dns_port: u16,
     /// Capture outbound TCP connections.
     pub capture_outbound: bool,
+    /// Destinations captured (`-i`, default all).
+    pub include_outbound_cidrs: Cidrs,
+    /// Destinations never captured; wins over the included ones (`-x`).
+    pub exclude_outbound_cidrs: BTreeSet<Cidr>,
+    /// Destination ports always captured, even outside the included CIDRs (`-q`).
+    pub include_outbound_ports: BTreeSet<u16>,
+    /// Destination ports never captured, TCP and UDP (`-o`).
+    pub exclude_outbound_ports: BTreeSet<u16>,
     /// Move the applications' wildcard TCP binds to loopback, so inbound traffic reaches them
     /// only through the sidecar.
     pub capture_inbound: bool,
-    /// Inbound ports captured (default: all).
+    /// Inbound ports captured (`-b`, default all).
     pub inbound_ports: Ports,
-    /// Inbound ports never captured, on top of [`MESH_INBOUND_EXCLUDES`].
+    /// Inbound ports never captured, on top of [`MESH_INBOUND_EXCLUDES`] (`-d`).
     pub exclude_inbound_ports: BTreeSet<u16>,
     /// Send DNS (UDP and TCP to port 53) to the sidecar's DNS listener.
     pub capture_dns: bool,
@@ -87,27 +238,39 @@ pub struct PodSettings {
     /// loopback TCP/IP stack (when the node's attachment has sockmap on).
     pub sockmap: bool,
     /// With `sockmap`, a connection is accelerated when its first message is at least this
-    /// many bytes; smaller first messages mark streams where sockmap loses (README).
+    /// many bytes; smaller first messages mark streams where sockmap loses.
     pub sockmap_min_bytes: u32,
 }
 
 impl Default for PodSettings {
     fn default() -> Self {
         PodSettings {
-            proxy_uid: DEFAULT_PROXY_UID,
-            proxy_gid: None,
+            proxy_uids: BTreeSet::from([DEFAULT_PROXY_UID]),
+            proxy_gids: BTreeSet::new(),
             outbound_port: DEFAULT_OUTBOUND_PORT,
             inbound_port: DEFAULT_INBOUND_PORT,
             dns_port: DEFAULT_DNS_PORT,
             capture_outbound: true,
+            include_outbound_cidrs: Selection::All,
+            exclude_outbound_cidrs: BTreeSet::new(),
+            include_outbound_ports: BTreeSet::new(),
+            exclude_outbound_ports: BTreeSet::new(),
             capture_inbound: true,
-            inbound_ports: Ports::All,
+            inbound_ports: Selection::All,
             exclude_inbound_ports: BTreeSet::new(),
             capture_dns: true,
             sockmap: true,
             sockmap_min_bytes: DEFAULT_SOCKMAP_MIN_BYTES,
         }
     }
+}
+
+/// The per-pod list entries of one pod, as the maps hold them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Lists {
+    pub rules: BTreeSet<(RuleKind, u32)>,
+    pub include_cidrs: BTreeSet<Cidr>,
+    pub exclude_cidrs: BTreeSet<Cidr>,
 }
 
 impl PodSettings {
@@ -124,85 +287,136 @@ impl PodSettings {
                 )));
             }
         }
-        if self.proxy_uid == u32::MAX || self.proxy_gid == Some(NO_GID) {
+        if self.proxy_uids.is_empty() {
+            return Err(Error::InvalidSetting(
+                "proxy uids: give at least one (1337 for Istio)".into(),
+            ));
+        }
+        if self.proxy_uids.contains(&NO_GID) || self.proxy_gids.contains(&NO_GID) {
             return Err(Error::InvalidSetting(
                 "proxy uid/gid 4294967295 is not a valid id".into(),
             ));
         }
+        let only = |s: &Ports| match s {
+            Selection::All => 0,
+            Selection::Only(p) => p.len(),
+        };
+        let cidrs = |s: &Cidrs| match s {
+            Selection::All => 0,
+            Selection::Only(c) => c.len(),
+        };
         let lists = [
+            ("proxy uids", self.proxy_uids.len()),
+            ("proxy gids", self.proxy_gids.len()),
             (
-                "inbound ports",
-                match &self.inbound_ports {
-                    Ports::All => None,
-                    Ports::Only(ports) => Some(ports),
-                },
+                "included outbound CIDRs",
+                cidrs(&self.include_outbound_cidrs),
             ),
-            ("excluded inbound ports", Some(&self.exclude_inbound_ports)),
+            ("excluded outbound CIDRs", self.exclude_outbound_cidrs.len()),
+            ("included outbound ports", self.include_outbound_ports.len()),
+            ("excluded outbound ports", self.exclude_outbound_ports.len()),
+            ("inbound ports", only(&self.inbound_ports)),
+            ("excluded inbound ports", self.exclude_inbound_ports.len()),
         ];
-        for (name, ports) in lists {
-            let Some(ports) = ports else { continue };
-            if ports.contains(&0) {
+        for (name, len) in lists {
+            if len > MAX_ENTRIES_PER_LIST {
                 return Err(Error::InvalidSetting(format!(
-                    "{name}: port 0: give ports from 1 to 65535"
+                    "{name}: {len} entries, at most {MAX_ENTRIES_PER_LIST} per list"
                 )));
             }
-            if ports.len() > MAX_PORTS_PER_LIST {
-                return Err(Error::InvalidSetting(format!(
-                    "{name}: {} ports, at most {MAX_PORTS_PER_LIST} per list",
-                    ports.len()
-                )));
+        }
+        let mut ports = self
+            .include_outbound_ports
+            .iter()
+            .chain(&self.exclude_outbound_ports)
+            .chain(&self.exclude_inbound_ports);
+        if let Selection::Only(p) = &self.inbound_ports {
+            if p.contains(&0) {
+                return Err(Error::InvalidSetting(
+                    "inbound ports: port 0: give ports from 1 to 65535".into(),
+                ));
             }
+        }
+        if ports.any(|p| *p == 0) {
+            return Err(Error::InvalidSetting(
+                "port 0 in a port list: give ports from 1 to 65535".into(),
+            ));
         }
         Ok(())
     }
 
-    /// The pod's `port_rules` entries.
-    pub(crate) fn port_rules(&self) -> BTreeSet<(RuleKind, u16)> {
+    /// The pod's entries in `pod_rules` and the CIDR tries.
+    pub(crate) fn lists(&self) -> Lists {
         let mut rules = BTreeSet::new();
-        if let Ports::Only(ports) = &self.inbound_ports {
-            rules.extend(ports.iter().map(|&p| (RuleKind::InboundInclude, p)));
+        let mut add = |kind: RuleKind, values: &mut dyn Iterator<Item = u32>| {
+            rules.extend(values.map(|v| (kind, v)));
+        };
+        if let Selection::Only(ports) = &self.inbound_ports {
+            add(
+                RuleKind::InboundInclude,
+                &mut ports.iter().map(|&p| p.into()),
+            );
         }
-        let excludes = self
-            .exclude_inbound_ports
-            .iter()
-            .chain(&MESH_INBOUND_EXCLUDES);
-        rules.extend(excludes.map(|&p| (RuleKind::InboundExclude, p)));
-        rules
-    }
-
-    /// Rebuilds settings from a `cookie_map` value and the pod's `port_rules`.
-    pub(crate) fn from_parts(raw: &RawPodSettings, rules: &BTreeSet<(RuleKind, u16)>) -> Self {
-        let mut settings = PodSettings::from_raw(raw);
-        let of = |kind: RuleKind| rules.iter().filter(move |r| r.0 == kind).map(|r| r.1);
-        if raw.flags & pod_flags::INBOUND_ALL_PORTS == 0 {
-            settings.inbound_ports = Ports::Only(of(RuleKind::InboundInclude).collect());
+        add(
+            RuleKind::InboundExclude,
+            &mut self
+                .exclude_inbound_ports
+                .iter()
+                .chain(&MESH_INBOUND_EXCLUDES)
+                .map(|&p| p.into()),
+        );
+        add(
+            RuleKind::OutboundInclude,
+            &mut self.include_outbound_ports.iter().map(|&p| p.into()),
+        );
+        add(
+            RuleKind::OutboundExclude,
+            &mut self.exclude_outbound_ports.iter().map(|&p| p.into()),
+        );
+        // The first uid and gid live in cookie_map; the rest here.
+        add(
+            RuleKind::ProxyUid,
+            &mut self.proxy_uids.iter().skip(1).copied(),
+        );
+        add(
+            RuleKind::ProxyGid,
+            &mut self.proxy_gids.iter().skip(1).copied(),
+        );
+        Lists {
+            rules,
+            include_cidrs: match &self.include_outbound_cidrs {
+                Selection::All => BTreeSet::new(),
+                Selection::Only(c) => c.clone(),
+            },
+            exclude_cidrs: self.exclude_outbound_cidrs.clone(),
         }
-        settings.exclude_inbound_ports = of(RuleKind::InboundExclude)
-            .filter(|p| !MESH_INBOUND_EXCLUDES.contains(p))
-            .collect();
-        settings
     }
 
     pub(crate) fn to_raw(&self) -> RawPodSettings {
-        let mut flags = 0;
-        if self.capture_outbound {
-            flags |= pod_flags::CAPTURE_OUTBOUND;
-        }
-        if self.capture_inbound {
-            flags |= pod_flags::CAPTURE_INBOUND;
-        }
-        if self.capture_dns {
-            flags |= pod_flags::CAPTURE_DNS;
-        }
-        if self.sockmap {
-            flags |= pod_flags::SOCKMAP;
-        }
-        if self.inbound_ports == Ports::All {
-            flags |= pod_flags::INBOUND_ALL_PORTS;
-        }
+        let flag = |on: bool, bit: u32| if on { bit } else { 0 };
+        let flags = flag(self.capture_outbound, pod_flags::CAPTURE_OUTBOUND)
+            | flag(self.capture_inbound, pod_flags::CAPTURE_INBOUND)
+            | flag(self.capture_dns, pod_flags::CAPTURE_DNS)
+            | flag(self.sockmap, pod_flags::SOCKMAP)
+            | flag(
+                self.inbound_ports == Selection::All,
+                pod_flags::INBOUND_ALL_PORTS,
+            )
+            | flag(
+                self.include_outbound_cidrs == Selection::All,
+                pod_flags::OUTBOUND_ALL_CIDRS,
+            )
+            | flag(
+                self.proxy_uids.len() > 1 || self.proxy_gids.len() > 1,
+                pod_flags::MORE_PROXY_IDS,
+            );
         RawPodSettings {
-            proxy_uid: self.proxy_uid,
-            proxy_gid: self.proxy_gid.unwrap_or(NO_GID),
+            proxy_uid: self
+                .proxy_uids
+                .first()
+                .copied()
+                .unwrap_or(DEFAULT_PROXY_UID),
+            proxy_gid: self.proxy_gids.first().copied().unwrap_or(NO_GID),
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             dns_port: self.dns_port,
@@ -212,20 +426,49 @@ impl PodSettings {
         }
     }
 
-    /// The `cookie_map` part only; port lists come from [`PodSettings::from_parts`].
-    fn from_raw(raw: &RawPodSettings) -> Self {
+    /// Rebuilds settings from a `cookie_map` value and the pod's list entries.
+    pub(crate) fn from_parts(raw: &RawPodSettings, lists: &Lists) -> Self {
+        let has = |bit: u32| raw.flags & bit != 0;
+        let of = |kind: RuleKind| lists.rules.iter().filter(move |r| r.0 == kind).map(|r| r.1);
+        let ports = |kind: RuleKind| {
+            of(kind)
+                .filter_map(|v| u16::try_from(v).ok())
+                .collect::<BTreeSet<_>>()
+        };
+        let mut proxy_uids: BTreeSet<u32> = of(RuleKind::ProxyUid).collect();
+        proxy_uids.insert(raw.proxy_uid);
+        let mut proxy_gids: BTreeSet<u32> = of(RuleKind::ProxyGid).collect();
+        if raw.proxy_gid != NO_GID {
+            proxy_gids.insert(raw.proxy_gid);
+        }
         PodSettings {
-            proxy_uid: raw.proxy_uid,
-            proxy_gid: (raw.proxy_gid != NO_GID).then_some(raw.proxy_gid),
+            proxy_uids,
+            proxy_gids,
             outbound_port: raw.outbound_port,
             inbound_port: raw.inbound_port,
             dns_port: raw.dns_port,
-            capture_outbound: raw.flags & pod_flags::CAPTURE_OUTBOUND != 0,
-            capture_inbound: raw.flags & pod_flags::CAPTURE_INBOUND != 0,
-            capture_dns: raw.flags & pod_flags::CAPTURE_DNS != 0,
-            sockmap: raw.flags & pod_flags::SOCKMAP != 0,
+            capture_outbound: has(pod_flags::CAPTURE_OUTBOUND),
+            include_outbound_cidrs: if has(pod_flags::OUTBOUND_ALL_CIDRS) {
+                Selection::All
+            } else {
+                Selection::Only(lists.include_cidrs.clone())
+            },
+            exclude_outbound_cidrs: lists.exclude_cidrs.clone(),
+            include_outbound_ports: ports(RuleKind::OutboundInclude),
+            exclude_outbound_ports: ports(RuleKind::OutboundExclude),
+            capture_inbound: has(pod_flags::CAPTURE_INBOUND),
+            inbound_ports: if has(pod_flags::INBOUND_ALL_PORTS) {
+                Selection::All
+            } else {
+                Selection::Only(ports(RuleKind::InboundInclude))
+            },
+            exclude_inbound_ports: ports(RuleKind::InboundExclude)
+                .into_iter()
+                .filter(|p| !MESH_INBOUND_EXCLUDES.contains(p))
+                .collect(),
+            capture_dns: has(pod_flags::CAPTURE_DNS),
+            sockmap: has(pod_flags::SOCKMAP),
             sockmap_min_bytes: raw.sockmap_min_bytes,
-            ..PodSettings::default()
         }
     }
 }
@@ -237,19 +480,25 @@ mod tests {
     #[test]
     fn defaults_are_istio_s() {
         let s = PodSettings::default();
+        assert_eq!(s.proxy_uids, BTreeSet::from([1337]));
         assert_eq!(
-            (s.proxy_uid, s.outbound_port, s.dns_port),
-            (1337, 15001, 15053)
+            (s.outbound_port, s.inbound_port, s.dns_port),
+            (15001, 15006, 15053)
         );
-        assert!(s.capture_outbound);
+        assert_eq!(s.include_outbound_cidrs, Selection::All);
+        assert!(s.capture_outbound && s.capture_inbound && s.capture_dns && s.sockmap);
     }
 
     #[test]
     fn round_trip_through_the_maps_keeps_every_field() {
         let s = PodSettings {
-            proxy_uid: 2102,
-            proxy_gid: Some(2102),
+            proxy_uids: parse_id_list("2102,3000").unwrap(),
+            proxy_gids: parse_id_list("4000,4001").unwrap(),
             outbound_port: 4140,
+            include_outbound_cidrs: Cidrs::parse("10.0.0.0/8,2001:db8::/32").unwrap(),
+            exclude_outbound_cidrs: parse_cidr_list("10.1.0.0/16").unwrap(),
+            include_outbound_ports: parse_port_list("8443").unwrap(),
+            exclude_outbound_ports: parse_port_list("3306").unwrap(),
             capture_inbound: false,
             capture_dns: false,
             sockmap: false,
@@ -259,26 +508,27 @@ mod tests {
             exclude_inbound_ports: parse_port_list("9000").unwrap(),
             ..Default::default()
         };
-        assert_eq!(PodSettings::from_parts(&s.to_raw(), &s.port_rules()), s);
+        assert_eq!(PodSettings::from_parts(&s.to_raw(), &s.lists()), s);
         let d = PodSettings::default();
-        assert_eq!(PodSettings::from_parts(&d.to_raw(), &d.port_rules()), d);
+        assert_eq!(PodSettings::from_parts(&d.to_raw(), &d.lists()), d);
     }
 
     #[test]
     fn mesh_ports_are_always_excluded_inbound() {
-        let rules = PodSettings::default().port_rules();
+        let rules = PodSettings::default().lists().rules;
         for port in MESH_INBOUND_EXCLUDES {
-            assert!(rules.contains(&(RuleKind::InboundExclude, port)));
+            assert!(rules.contains(&(RuleKind::InboundExclude, u32::from(port))));
         }
     }
 
     #[test]
     fn port_lists_parse_and_name_bad_values() {
-        assert_eq!(Ports::parse("*").unwrap(), Ports::All);
+        assert_eq!(Ports::parse("*").unwrap(), Selection::All);
         assert_eq!(
             Ports::parse(" 80, 443 ").unwrap(),
-            Ports::Only([80, 443].into())
+            Selection::Only([80, 443].into())
         );
+        assert_eq!(Ports::parse("").unwrap(), Selection::Only(BTreeSet::new()));
         for bad in ["0", "65536", "http", "80;81"] {
             let err = Ports::parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad), "{err}");
@@ -286,13 +536,36 @@ mod tests {
     }
 
     #[test]
-    fn too_many_ports_are_refused_with_the_limit() {
+    fn cidrs_parse_both_families_clear_host_bits_and_name_bad_values() {
+        let c: Cidr = "10.1.2.3/8".parse().unwrap();
+        assert_eq!(c.to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "2001:db8::1/32".parse::<Cidr>().unwrap().to_string(),
+            "2001:db8::/32"
+        );
+        assert_eq!("192.0.2.7".parse::<Cidr>().unwrap().prefix(), 32);
+        let (octets, plen) = c.as_v6();
+        assert_eq!(Cidr::from_v6(octets, plen), Some(c));
+        for bad in [
+            "10.0.0.0/33",
+            "2001:db8::/129",
+            "10.0.0/8",
+            "example.com/8",
+            "10.0.0.0/x",
+        ] {
+            let err = Cidrs::parse(bad).unwrap_err().to_string();
+            assert!(err.contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn too_many_entries_are_refused_with_the_limit() {
         let s = PodSettings {
             exclude_inbound_ports: (1..=1025).collect(),
             ..Default::default()
         };
         let err = s.validate().unwrap_err().to_string();
-        assert!(err.contains("1025 ports, at most 1024"), "{err}");
+        assert!(err.contains("1025 entries, at most 1024"), "{err}");
     }
 
     #[test]

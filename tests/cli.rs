@@ -200,7 +200,7 @@ fn list_and_status_report_registered_pods_and_counters_as_json() {
     let list: serde_json::Value =
         serde_json::from_str(&stdout_of(&env.meshbpf(&["list", "--json"]))).unwrap();
     assert_eq!(list[0]["netns_cookie"], cookie);
-    assert_eq!(list[0]["proxy_uid"], 2102);
+    assert_eq!(list[0]["proxy_uids"], serde_json::json!([2102]));
     assert_eq!(list[0]["outbound_port"], 4140);
 
     let status: serde_json::Value =

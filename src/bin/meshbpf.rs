@@ -25,6 +25,8 @@ struct PinDirArg {
 }
 
 #[derive(Subcommand)]
+// Parsed once per run: the size of the register variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Attach the programs to a cgroup v2 (once per node); re-running replaces them in place.
     Attach {
@@ -98,30 +100,50 @@ enum Command {
     },
 }
 
-/// One pod's settings, as `register` takes them.
+/// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
+/// annotations, then each flag given, each overriding the one before. Lists are
+/// comma-separated; `*` means all.
 #[derive(clap::Args)]
 struct PodArgs {
-    /// The sidecar's uid; its own connections are never captured.
-    #[arg(long, default_value_t = meshbpf::DEFAULT_PROXY_UID)]
-    proxy_uid: u32,
-    /// The sidecar's gid, exempt like its uid.
-    #[arg(long)]
-    proxy_gid: Option<u32>,
-    /// The sidecar's outbound listener port on loopback.
-    #[arg(long, default_value_t = meshbpf::DEFAULT_OUTBOUND_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    outbound_port: u16,
-    /// Inbound ports whose wildcard binds move to loopback: `*` (all) or a list like 80,8080.
-    #[arg(long, default_value = "*")]
-    inbound_ports: String,
+    /// Start from this mesh's conventions: istio (default), linkerd, kuma, generic.
+    #[arg(long, value_name = "MESH")]
+    mesh: Option<String>,
+    /// Apply a pod's traffic.sidecar.istio.io/* annotations (a YAML or JSON map).
+    #[arg(long, value_name = "FILE")]
+    from_annotations: Option<PathBuf>,
+    /// Users whose connections are never captured (the sidecar's; 1337 for Istio).
+    #[arg(long, value_name = "LIST")]
+    proxy_uid: Option<String>,
+    /// Groups whose connections are never captured.
+    #[arg(long, value_name = "LIST")]
+    proxy_gid: Option<String>,
+    /// The sidecar's outbound listener port on loopback (15001).
+    #[arg(long, value_name = "PORT")]
+    outbound_port: Option<String>,
+    /// Only these destinations are captured (`*`, the default, is all).
+    #[arg(long, value_name = "LIST")]
+    include_outbound_cidrs: Option<String>,
+    /// Destinations never captured; wins over the included ones.
+    #[arg(long, value_name = "LIST")]
+    exclude_outbound_cidrs: Option<String>,
+    /// Destination ports always captured, even outside the included CIDRs.
+    #[arg(long, value_name = "LIST")]
+    include_outbound_ports: Option<String>,
+    /// Destination ports never captured, TCP and UDP.
+    #[arg(long, value_name = "LIST")]
+    exclude_outbound_ports: Option<String>,
+    /// Inbound ports whose wildcard binds move to loopback (`*`, the default, is all).
+    #[arg(long, value_name = "LIST")]
+    inbound_ports: Option<String>,
     /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
-    #[arg(long, default_value = "")]
-    exclude_inbound_ports: String,
+    #[arg(long, value_name = "LIST")]
+    exclude_inbound_ports: Option<String>,
     /// Do not capture inbound: applications' binds stay as they are.
     #[arg(long)]
     no_inbound: bool,
-    /// The sidecar's DNS listener port on loopback (UDP and TCP).
-    #[arg(long, default_value_t = meshbpf::DEFAULT_DNS_PORT, value_parser = clap::value_parser!(u16).range(1..))]
-    dns_port: u16,
+    /// The sidecar's DNS listener port on loopback, UDP and TCP (15053).
+    #[arg(long, value_name = "PORT")]
+    dns_port: Option<String>,
     /// Do not capture DNS: queries go straight to the servers.
     #[arg(long)]
     no_dns: bool,
@@ -129,26 +151,69 @@ struct PodArgs {
     #[arg(long)]
     no_sockmap: bool,
     /// Accelerate a connection only if its first message is at least this many bytes
-    /// (0: every connection).
-    #[arg(long, default_value_t = meshbpf::DEFAULT_SOCKMAP_MIN_BYTES)]
-    sockmap_min_bytes: u32,
+    /// (16384; 0: every connection).
+    #[arg(long, value_name = "BYTES")]
+    sockmap_min_bytes: Option<u32>,
+}
+
+/// One port, 1 to 65535; the error names the value.
+fn port(text: &str) -> meshbpf::Result<u16> {
+    let ports = meshbpf::parse_port_list(text)?;
+    match (ports.len(), ports.first()) {
+        (1, Some(&p)) => Ok(p),
+        _ => Err(meshbpf::Error::InvalidSetting(format!(
+            "port {text:?}: give one port from 1 to 65535"
+        ))),
+    }
 }
 
 impl PodArgs {
-    fn settings(&self) -> meshbpf::Result<PodSettings> {
-        Ok(PodSettings {
-            proxy_uid: self.proxy_uid,
-            proxy_gid: self.proxy_gid,
-            outbound_port: self.outbound_port,
-            capture_inbound: !self.no_inbound,
-            inbound_ports: meshbpf::Ports::parse(&self.inbound_ports)?,
-            exclude_inbound_ports: meshbpf::parse_port_list(&self.exclude_inbound_ports)?,
-            dns_port: self.dns_port,
-            capture_dns: !self.no_dns,
-            sockmap: !self.no_sockmap,
-            sockmap_min_bytes: self.sockmap_min_bytes,
-            ..PodSettings::default()
-        })
+    fn settings(&self) -> anyhow::Result<PodSettings> {
+        let preset: meshbpf::MeshPreset = self.mesh.as_deref().unwrap_or("istio").parse()?;
+        let mut s = preset.settings();
+        if let Some(file) = &self.from_annotations {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            s = meshbpf::apply_istio_annotations(s, &meshbpf::parse_annotations(&text)?)?;
+        }
+        if let Some(v) = &self.proxy_uid {
+            s.proxy_uids = meshbpf::parse_id_list(v)?;
+        }
+        if let Some(v) = &self.proxy_gid {
+            s.proxy_gids = meshbpf::parse_id_list(v)?;
+        }
+        if let Some(v) = &self.outbound_port {
+            s.outbound_port = port(v)?;
+        }
+        if let Some(v) = &self.include_outbound_cidrs {
+            s.include_outbound_cidrs = meshbpf::Cidrs::parse(v)?;
+        }
+        if let Some(v) = &self.exclude_outbound_cidrs {
+            s.exclude_outbound_cidrs = meshbpf::parse_cidr_list(v)?;
+        }
+        if let Some(v) = &self.include_outbound_ports {
+            s.include_outbound_ports = meshbpf::parse_port_list(v)?;
+        }
+        if let Some(v) = &self.exclude_outbound_ports {
+            s.exclude_outbound_ports = meshbpf::parse_port_list(v)?;
+        }
+        if let Some(v) = &self.inbound_ports {
+            s.inbound_ports = meshbpf::Ports::parse(v)?;
+        }
+        if let Some(v) = &self.exclude_inbound_ports {
+            s.exclude_inbound_ports = meshbpf::parse_port_list(v)?;
+        }
+        if let Some(v) = &self.dns_port {
+            s.dns_port = port(v)?;
+        }
+        if let Some(v) = self.sockmap_min_bytes {
+            s.sockmap_min_bytes = v;
+        }
+        s.capture_inbound &= !self.no_inbound;
+        s.capture_dns &= !self.no_dns;
+        s.sockmap &= !self.no_sockmap;
+        s.validate()?;
+        Ok(s)
     }
 }
 
@@ -268,7 +333,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     println!(
                         "{:>12}  {:>9}  {:>8}  {}",
                         pod.netns_cookie,
-                        pod.settings.proxy_uid,
+                        pod.settings.proxy_uids.first().copied().unwrap_or_default(),
                         pod.settings.outbound_port,
                         if listeners.is_empty() {
                             "-".to_string()
@@ -348,14 +413,21 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
     json!({
         "netns_cookie": pod.netns_cookie,
-        "proxy_uid": pod.settings.proxy_uid,
-        "proxy_gid": pod.settings.proxy_gid,
+        "proxy_uids": pod.settings.proxy_uids,
+        "proxy_gids": pod.settings.proxy_gids,
+        "include_outbound_cidrs": match &pod.settings.include_outbound_cidrs {
+            meshbpf::Selection::All => json!("*"),
+            meshbpf::Selection::Only(c) => json!(c.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
+        },
+        "exclude_outbound_cidrs": pod.settings.exclude_outbound_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "include_outbound_ports": pod.settings.include_outbound_ports,
+        "exclude_outbound_ports": pod.settings.exclude_outbound_ports,
         "outbound_port": pod.settings.outbound_port,
         "capture_outbound": pod.settings.capture_outbound,
         "capture_inbound": pod.settings.capture_inbound,
         "inbound_ports": match &pod.settings.inbound_ports {
-            meshbpf::Ports::All => json!("*"),
-            meshbpf::Ports::Only(ports) => json!(ports),
+            meshbpf::Selection::All => json!("*"),
+            meshbpf::Selection::Only(ports) => json!(ports),
         },
         "exclude_inbound_ports": pod.settings.exclude_inbound_ports,
         "inbound_listeners": pod.inbound_listeners,

@@ -22,11 +22,11 @@
 static __always_inline bool inbound_port_captured(const struct pod_settings *pod, __u64 cookie,
 						  __u16 port)
 {
-	if (port_rule(cookie, port, RULE_INBOUND_EXCLUDE))
+	if (pod_rule(cookie, port, RULE_INBOUND_EXCLUDE))
 		return false;
 	if (pod->flags & POD_F_INBOUND_ALL_PORTS)
 		return true;
-	return port_rule(cookie, port, RULE_INBOUND_INCLUDE);
+	return pod_rule(cookie, port, RULE_INBOUND_INCLUDE);
 }
 
 /*
@@ -75,7 +75,7 @@ int handle__bind4(struct bpf_sock_addr *ctx)
 
 	if (!pod)
 		return 1;
-	if (is_proxy(pod))
+	if (is_proxy(pod, cookie))
 		return proxy_bind(ctx);
 	if (ctx->user_ip4 != 0 || !capture_bind(ctx, pod, cookie))
 		return 1;
@@ -91,7 +91,7 @@ int handle__bind6(struct bpf_sock_addr *ctx)
 
 	if (!pod)
 		return 1;
-	if (is_proxy(pod))
+	if (is_proxy(pod, cookie))
 		return proxy_bind(ctx);
 	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
 	    !capture_bind(ctx, pod, cookie))

@@ -74,10 +74,27 @@ MESHBPF_MAP struct {
 /* Written by the library at register time; replaced as a whole on re-register. */
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MAX_PORT_RULES);
-	__type(key, struct port_rule_key);
+	__uint(max_entries, MAX_POD_RULES);
+	__type(key, struct rule_key);
 	__type(value, __u8);
-} port_rules SEC(".maps");
+} pod_rules SEC(".maps");
+
+/* Per-pod outbound CIDR lists (LPM tries need BPF_F_NO_PREALLOC). */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_POD_CIDRS);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidr_include SEC(".maps");
+
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_POD_CIDRS);
+	__type(key, struct cidr_key);
+	__type(value, __u8);
+} cidr_exclude SEC(".maps");
 
 /* Listener counts: incremented after a moved bind succeeds, decremented at socket release. */
 MESHBPF_MAP struct {
@@ -108,11 +125,31 @@ static __always_inline void count(enum counter reason)
 	count_n(reason, 1);
 }
 
-static __always_inline bool port_rule(__u64 netns_cookie, __u16 port, enum port_rule_kind kind)
+static __always_inline bool pod_rule(__u64 netns_cookie, __u32 value, enum rule_kind kind)
 {
-	struct port_rule_key key = { .netns_cookie = netns_cookie, .port = port, .kind = kind };
+	struct rule_key key = { .netns_cookie = netns_cookie, .value = value, .kind = kind };
 
-	return bpf_map_lookup_elem(&port_rules, &key) != NULL;
+	return bpf_map_lookup_elem(&pod_rules, &key) != NULL;
+}
+
+/* Whether `addr` (IPv4 in addr[0], or IPv6) falls in one of the pod's prefixes in `trie`. */
+static __always_inline bool in_cidrs(void *trie, __u64 netns_cookie, bool v6, const __u32 addr[4])
+{
+	struct cidr_key key = {
+		.prefixlen = 64 + 128,
+		.netns_cookie = { (__u32)netns_cookie, (__u32)(netns_cookie >> 32) },
+	};
+
+	if (v6) {
+		key.addr[0] = addr[0];
+		key.addr[1] = addr[1];
+		key.addr[2] = addr[2];
+		key.addr[3] = addr[3];
+	} else {
+		key.addr[2] = bpf_htonl(0x0000ffff);
+		key.addr[3] = addr[0];
+	}
+	return bpf_map_lookup_elem(trie, &key) != NULL;
 }
 
 static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
@@ -120,13 +157,21 @@ static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
 	return bpf_map_lookup_elem(&cookie_map, &netns_cookie);
 }
 
-/* Sockets of the sidecar (by uid or gid) are never captured: that is what keeps it loop-free. */
-static __always_inline bool is_proxy(const struct pod_settings *pod)
+/*
+ * Sockets of the sidecar (by uid or gid) are never captured: that is what
+ * keeps it loop-free. The first uid and gid sit in the pod's settings; more,
+ * rarely, in pod_rules.
+ */
+static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns_cookie)
 {
 	__u64 ugid = bpf_get_current_uid_gid();
 	__u32 uid = (__u32)ugid, gid = ugid >> 32;
 
-	return uid == pod->proxy_uid || (pod->proxy_gid != NO_GID && gid == pod->proxy_gid);
+	if (uid == pod->proxy_uid || (pod->proxy_gid != NO_GID && gid == pod->proxy_gid))
+		return true;
+	return (pod->flags & POD_F_MORE_PROXY_IDS) &&
+	       (pod_rule(netns_cookie, uid, RULE_PROXY_UID) ||
+		pod_rule(netns_cookie, gid, RULE_PROXY_GID));
 }
 
 static __always_inline bool is_loopback4(__u32 addr_be)

@@ -11,25 +11,40 @@
 
 /*
  * Where the socket goes instead: a sidecar port on loopback, or 0 to leave it
- * alone. Order mirrors istio-iptables' ISTIO_OUTPUT: the proxy's uid/gid
- * first, then loopback destinations, then DNS, then the outbound listener.
+ * alone. Decided once per connect (per sendto for unconnected UDP), in
+ * istio-iptables' ISTIO_OUTPUT order:
+ *   1. excluded outbound ports (-o)          never, TCP and UDP
+ *   2. the proxy's uids / gids (-u, -g)      never
+ *   3. loopback destinations                 never
+ *   4. DNS, port 53, TCP and UDP             the DNS port (--redirect-dns)
+ *   5. excluded outbound CIDRs (-x)          never
+ *   6. included outbound ports (-q)          the outbound port
+ *   7. included outbound CIDRs (-i, or *)    the outbound port
+ *   8. anything else                         never
  */
-static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool loopback, __u16 dport)
+static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, const __u32 addr[4],
+					   bool loopback, __u16 dport)
 {
 	bool tcp = ctx->protocol == IPPROTO_TCP;
 	bool dns = dport == DNS_PORT && (tcp || ctx->protocol == IPPROTO_UDP);
 	struct pod_settings *pod;
+	__u64 cookie;
 
 	/* Most UDP sends are not DNS: decide them before any map lookup. */
 	if (!tcp && !dns)
 		return 0;
-	pod = lookup_pod(bpf_get_netns_cookie(ctx));
+	cookie = bpf_get_netns_cookie(ctx);
+	pod = lookup_pod(cookie);
 	if (!pod)
 		return 0;
 	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
 	if (!dns && !(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
 		return 0;
-	if (is_proxy(pod)) {
+	if (pod_rule(cookie, dport, RULE_OUTBOUND_EXCLUDE)) {
+		count(CNT_SKIP_EXCLUDED_PORT);
+		return 0;
+	}
+	if (is_proxy(pod, cookie)) {
 		count(CNT_SKIP_PROXY_UID);
 		return 0;
 	}
@@ -43,6 +58,15 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool loopb
 	}
 	if (dport == pod->outbound_port) {
 		count(CNT_SKIP_PROXY_PORT);
+		return 0;
+	}
+	if (in_cidrs(&cidr_exclude, cookie, v6, addr)) {
+		count(CNT_SKIP_EXCLUDED_CIDR);
+		return 0;
+	}
+	if (!pod_rule(cookie, dport, RULE_OUTBOUND_INCLUDE) &&
+	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) && !in_cidrs(&cidr_include, cookie, v6, addr)) {
+		count(CNT_SKIP_NOT_INCLUDED);
 		return 0;
 	}
 	count(CNT_CONNECT_REDIRECTED);
@@ -69,10 +93,10 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx)
 	__u32 ip = ctx->user_ip4;
 	__u16 port;
 
-	port = redirect_port(ctx, is_loopback4(ip), bpf_ntohs(ctx->user_port));
+	dst.addr[0] = ip;
+	port = redirect_port(ctx, false, dst.addr, is_loopback4(ip), bpf_ntohs(ctx->user_port));
 	if (!port)
 		return 1;
-	dst.addr[0] = ip;
 	dst.port = ctx->user_port;
 	dst.family = AF_INET;
 	if (!remember(ctx, &dst))
@@ -92,7 +116,10 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 	dst.addr[1] = ctx->user_ip6[1];
 	dst.addr[2] = ctx->user_ip6[2];
 	dst.addr[3] = ctx->user_ip6[3];
-	port = redirect_port(ctx, is_loopback6(dst.addr), bpf_ntohs(ctx->user_port));
+	/* An IPv4-mapped destination is matched against the IPv4 prefixes. */
+	port = redirect_port(ctx, !is_v4_mapped(dst.addr),
+			     is_v4_mapped(dst.addr) ? &dst.addr[3] : dst.addr, is_loopback6(dst.addr),
+			     bpf_ntohs(ctx->user_port));
 	if (!port)
 		return 1;
 	dst.port = ctx->user_port;

@@ -13,9 +13,9 @@
  */
 #include "common.bpf.h"
 
-static __always_inline struct pod_settings *dns_pod(struct bpf_sock_addr *ctx)
+static __always_inline struct pod_settings *dns_pod(struct bpf_sock_addr *ctx, __u64 cookie)
 {
-	struct pod_settings *pod = lookup_pod(bpf_get_netns_cookie(ctx));
+	struct pod_settings *pod = lookup_pod(cookie);
 
 	return pod && (pod->flags & POD_F_CAPTURE_DNS) ? pod : NULL;
 }
@@ -43,13 +43,14 @@ static __always_inline void keep_query_origin(struct bpf_sock_addr *ctx, struct 
 SEC("cgroup/recvmsg4")
 int handle__recvmsg4(struct bpf_sock_addr *ctx)
 {
-	struct pod_settings *pod = dns_pod(ctx);
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = dns_pod(ctx, cookie);
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *app;
 
 	if (!pod)
 		return 1;
-	if (is_proxy(pod)) {
+	if (is_proxy(pod, cookie)) {
 		if (ctx->sk->src_port != pod->dns_port)
 			return 1;
 		/* The application's socket is the one a datagram from here to its address reaches. */
@@ -72,7 +73,8 @@ int handle__recvmsg4(struct bpf_sock_addr *ctx)
 SEC("cgroup/recvmsg6")
 int handle__recvmsg6(struct bpf_sock_addr *ctx)
 {
-	struct pod_settings *pod = dns_pod(ctx);
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = dns_pod(ctx, cookie);
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *app;
 	__u32 from[4], proxy[4];
@@ -83,7 +85,7 @@ int handle__recvmsg6(struct bpf_sock_addr *ctx)
 	from[1] = ctx->user_ip6[1];
 	from[2] = ctx->user_ip6[2];
 	from[3] = ctx->user_ip6[3];
-	if (is_proxy(pod)) {
+	if (is_proxy(pod, cookie)) {
 		if (ctx->sk->src_port != pod->dns_port)
 			return 1;
 		proxy_addr6(proxy, is_v4_mapped(from));

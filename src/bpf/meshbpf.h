@@ -8,12 +8,13 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 5
+#define MESHBPF_LAYOUT_VERSION 6
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
 #define MAX_TRACKED_CONNS 262144 /* origin_dst_map: captured live connections */
-#define MAX_PORT_RULES 65536	/* port_rules: per-pod port lists, all pods together */
+#define MAX_POD_RULES 65536	/* pod_rules: per-pod port and id lists, all pods together */
+#define MAX_POD_CIDRS 65536	/* cidr_include, cidr_exclude: per-pod CIDR lists, each */
 #define MAX_INBOUND_PORTS 65536	/* inbound_ports: discovered listeners, all pods together */
 #define MAX_SOCKMAP_SOCKETS 65536 /* sock_hash: accelerated loopback sockets (two per connection) */
 
@@ -23,6 +24,8 @@
 #define POD_F_CAPTURE_DNS (1U << 2)
 #define POD_F_SOCKMAP (1U << 3)
 #define POD_F_INBOUND_ALL_PORTS (1U << 4) /* capture every inbound port not excluded */
+#define POD_F_OUTBOUND_ALL_CIDRS (1U << 5) /* capture every destination not excluded */
+#define POD_F_MORE_PROXY_IDS (1U << 6) /* proxy uids/gids beyond the first are in pod_rules */
 
 #define NO_GID 0xffffffffU
 
@@ -60,17 +63,33 @@ struct sock_state {
 #define SOCK_F_SOCKMAP_REDIRECT (1U << 2) /* its sends are redirected to its peer by sk_msg */
 #define SOCK_F_SOCKMAP_LEAVE (1U << 3)	  /* small first message: sockops removes it from sock_hash */
 
-/* port_rules key: one port in one of a pod's lists; the value is unused (1). */
-enum port_rule_kind {
-	RULE_INBOUND_INCLUDE = 1,
-	RULE_INBOUND_EXCLUDE = 2,
+/* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
+enum rule_kind {
+	RULE_INBOUND_INCLUDE = 1,	/* value: a port */
+	RULE_INBOUND_EXCLUDE = 2,	/* value: a port */
+	RULE_OUTBOUND_INCLUDE = 3,	/* value: a port */
+	RULE_OUTBOUND_EXCLUDE = 4,	/* value: a port (TCP and UDP) */
+	RULE_PROXY_UID = 5,		/* value: a uid */
+	RULE_PROXY_GID = 6,		/* value: a gid */
 };
 
-struct port_rule_key {
+struct rule_key {
 	__u64 netns_cookie;
-	__u16 port;		/* host byte order */
-	__u8 kind;		/* enum port_rule_kind */
-	__u8 _pad[5];
+	__u32 value;		/* host byte order */
+	__u8 kind;		/* enum rule_kind */
+	__u8 _pad[3];
+};
+
+/*
+ * cidr_include / cidr_exclude (LPM tries) key: the pod's cookie then the
+ * address, IPv4 as IPv4-mapped IPv6, so one trie serves both families.
+ * prefixlen counts the cookie's 64 bits too; the cookie is split in two u32
+ * so that the data starts right after prefixlen, as an LPM key's must.
+ */
+struct cidr_key {
+	__u32 prefixlen;
+	__u32 netns_cookie[2];
+	__u32 addr[4];		/* network byte order */
 };
 
 /* inbound_ports key: a port an application of a pod listens on (moved to loopback). */
@@ -137,6 +156,9 @@ enum counter {
 	CNT_SOCKMAP_MSG_NO_PEER,
 	CNT_SOCKMAP_LEFT_ON_SHUTDOWN,
 	CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG,
+	CNT_SKIP_EXCLUDED_PORT,
+	CNT_SKIP_EXCLUDED_CIDR,
+	CNT_SKIP_NOT_INCLUDED,
 	CNT_MAX,
 };
 
