@@ -12,7 +12,7 @@ pub(crate) use crate::skel::types::{
 };
 
 /// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// `MAX_PODS` in meshbpf.h.
 pub const MAX_PODS: u32 = 16384;
 
@@ -95,7 +95,7 @@ pub const COUNTER_NAMES: &[&str] = &[
 pub(crate) const META_F_SOCKMAP: u32 = 1 << 0;
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
-const _: () = assert!(size_of::<RawPodSettings>() == 24);
+const _: () = assert!(size_of::<RawPodSettings>() == 32);
 const _: () = assert!(size_of::<OrigDst>() == 20);
 const _: () = assert!(size_of::<ConnKey>() == 48);
 const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);

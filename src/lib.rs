@@ -25,6 +25,7 @@ mod mesh;
 mod netns;
 mod origin;
 mod presets;
+mod probe;
 mod settings;
 mod skel;
 mod system;
@@ -37,6 +38,7 @@ pub use mesh::{
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
+pub use probe::{probe, require_features as probe_required, Feature};
 pub use settings::{
     parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, PodSettings, Ports, Selection,
     DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,

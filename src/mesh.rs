@@ -44,6 +44,8 @@ pub struct Pod {
     pub netns_cookie: u64,
     /// Its settings (the `cookie_map` value and its port lists).
     pub settings: PodSettings,
+    /// The network namespace's nsfs inode, as `/proc/PID/ns/net -> net:[INODE]` shows it.
+    pub netns_inode: u64,
     /// Inbound listener discovery: the ports its applications listen on now, moved to
     /// loopback, for which the sidecar should open inbound listeners.
     pub inbound_listeners: Vec<u16>,
@@ -139,6 +141,7 @@ impl Mesh {
         let (cgroup, pin_dir) = (cgroup.as_ref(), pin_dir.as_ref());
         system::require(Privilege::Bpf, "attach BPF programs")?;
         system::check_kernel()?;
+        crate::probe::require_features()?;
         let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
         system::check_bpffs(pin_dir)?;
         remove_stale_staging(pin_dir)?;
@@ -252,11 +255,15 @@ impl Mesh {
                 }
             }
         }
-        if let Err(err) = self.cookie_map.update(
-            &cookie.to_ne_bytes(),
-            abi::bytes(&settings.to_raw()),
-            MapFlags::ANY,
-        ) {
+        let netns_inode = netns.inode()?;
+        let raw = RawPodSettings {
+            netns_ino: netns_inode,
+            ..settings.to_raw()
+        };
+        if let Err(err) =
+            self.cookie_map
+                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
+        {
             self.remove_keys(&new, &old);
             return Err(match is_map_full(&err) {
                 true => Error::PodMapFull { max: MAX_PODS },
@@ -270,6 +277,7 @@ impl Mesh {
         Ok(Pod {
             netns_cookie: cookie,
             settings: settings.clone(),
+            netns_inode,
             inbound_listeners: self.inbound_listeners(cookie)?,
         })
     }
@@ -380,6 +388,33 @@ impl Mesh {
         Ok(ports.into_iter().collect())
     }
 
+    /// Unregisters every pod whose network namespace no longer exists (no process in it, no
+    /// process holding it open, no bind mount of it), with its lists, listeners and tracked
+    /// connections; returns the pods removed.
+    pub fn gc(&self) -> Result<Vec<Pod>> {
+        system::require(Privilege::Bpf, "garbage-collect registered pods")?;
+        // Pods first, then the live namespaces: a pod registered in between is not in the
+        // list, so it can never be taken for dead.
+        let pods = self.pods()?;
+        let live = crate::netns::live_netns_inodes();
+        let mut removed = Vec::new();
+        for pod in pods {
+            if live.contains(&pod.netns_inode) {
+                continue;
+            }
+            self.unregister_cookie(pod.netns_cookie)?;
+            for key in self.origin_dst_map.keys() {
+                if abi::from_bytes::<ConnKey>(&key)
+                    .is_some_and(|k| k.netns_cookie == pod.netns_cookie)
+                {
+                    let _ = self.origin_dst_map.delete(&key);
+                }
+            }
+            removed.push(pod);
+        }
+        Ok(removed)
+    }
+
     /// Every registered pod.
     pub fn pods(&self) -> Result<Vec<Pod>> {
         let mut pods = Vec::new();
@@ -401,6 +436,7 @@ impl Mesh {
             pods.push(Pod {
                 netns_cookie,
                 settings: PodSettings::from_parts(&raw, &self.lists_of(netns_cookie)),
+                netns_inode: raw.netns_ino,
                 inbound_listeners: self.inbound_listeners(netns_cookie)?,
             });
         }
@@ -700,8 +736,7 @@ fn attach_fresh(
     };
     let _ = remove_pins(&staging.path);
     for dir in [MAPS_DIR, LINKS_DIR] {
-        fs::create_dir_all(staging.path.join(dir))
-            .context(|| format!("creating {}", staging.path.display()))?;
+        private_dir(&staging.path.join(dir))?;
     }
 
     let mut open_object = MaybeUninit::uninit();
@@ -778,7 +813,7 @@ fn attach_programs(
             created.push((path, link));
         }
     }
-    fs::create_dir_all(links_dir).context(|| format!("creating {}", links_dir.display()))?;
+    private_dir(links_dir)?;
     for (path, link) in &mut created {
         link.pin(&*path)
             .context(|| format!("pinning {}", path.display()))?;
@@ -810,6 +845,17 @@ fn replace_in_place(
     let mut meta = *meta;
     meta.flags = new_meta(Path::new(""), 0, options).flags;
     write_meta(&skel, &meta)
+}
+
+/// Creates a directory (and its missing parents inside the pin directory) readable by root
+/// only: the pins beneath give control over every pod's traffic. Pins themselves are 0600.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .context(|| format!("creating {}", dir.display()))
 }
 
 /// Removes the staging directories of attaches whose process is gone; returns whether any.

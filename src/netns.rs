@@ -53,6 +53,15 @@ impl Netns {
         self.cookie
     }
 
+    /// The namespace's nsfs inode number (as in `/proc/PID/ns/net -> net:[INODE]`).
+    pub fn inode(&self) -> Result<u64> {
+        Ok(self
+            .file
+            .metadata()
+            .context(|| format!("reading {}", self.path.display()))?
+            .ino())
+    }
+
     /// The path it was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -134,6 +143,56 @@ fn cookie_of(ns: &File) -> std::io::Result<u64> {
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("netns cookie thread panicked")))
     })
+}
+
+/// The inodes of every network namespace that still exists as far as this node can see:
+/// those of processes (`/proc/PID/ns/net`), held open by a process (`/proc/PID/fd/N`), or
+/// bind-mounted anywhere (nsfs mounts in `/proc/self/mountinfo`, such as `/run/netns/NAME`).
+pub fn live_netns_inodes() -> std::collections::BTreeSet<u64> {
+    fn net_inode(link: &str) -> Option<u64> {
+        link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+    }
+    let mut live = std::collections::BTreeSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return live;
+    };
+    for proc in procs.flatten() {
+        if !proc
+            .file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+        {
+            continue;
+        }
+        let path = proc.path();
+        if let Some(ino) = std::fs::read_link(path.join("ns/net"))
+            .ok()
+            .and_then(|l| net_inode(&l.to_string_lossy()))
+        {
+            live.insert(ino);
+        }
+        if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+            for fd in fds.flatten() {
+                if let Some(ino) = std::fs::read_link(fd.path())
+                    .ok()
+                    .and_then(|l| net_inode(&l.to_string_lossy()))
+                {
+                    live.insert(ino);
+                }
+            }
+        }
+    }
+    if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
+        // Field 4 of an nsfs bind mount is the namespace, e.g. `net:[4026532481]`.
+        live.extend(
+            mountinfo
+                .lines()
+                .filter_map(|l| l.split(' ').nth(3))
+                .filter_map(net_inode),
+        );
+    }
+    live
 }
 
 /// The cookie of the calling thread's network namespace.

@@ -423,6 +423,7 @@ impl PodSettings {
             _pad: 0,
             flags,
             sockmap_min_bytes: self.sockmap_min_bytes,
+            netns_ino: 0,
         }
     }
 

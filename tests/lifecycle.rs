@@ -4,6 +4,7 @@ mod common;
 
 use std::fs;
 use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
 
 use common::*;
 use libbpf_rs::libbpf_sys;
@@ -208,4 +209,388 @@ fn a_failure_halfway_through_attach_leaves_nothing_attached_or_pinned() {
     // With the obstacle gone the same command succeeds.
     stdout_of(&env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]));
     assert_eq!(sorted_hooks(&env), ATTACH_TYPES);
+}
+
+/// A registered pod with its sidecar, and a stream server in another pod.
+struct Loaded {
+    env: Env,
+    mesh: meshbpf::Mesh,
+    pod: Pod,
+    sidecar: Proc,
+    dest: String,
+    _server: Proc,
+}
+
+fn loaded() -> Loaded {
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("app");
+    let server_pod = env.pod("server");
+    let server = server_pod.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
+    server.wait_for("listening=");
+    mesh.register_netns(&pod.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    let sidecar = pod.sidecar();
+    Loaded {
+        dest: server_pod.addr(false, 9000),
+        env,
+        mesh,
+        pod,
+        sidecar,
+        _server: server,
+    }
+}
+
+#[test]
+fn upgrading_under_load_fails_no_connection_and_lets_none_escape() {
+    if !privileged() {
+        return;
+    }
+    let l = loaded();
+    let cgroup = l.env.cgroup.to_str().unwrap().to_string();
+    let load = l.pod.spawn(
+        APP_UID,
+        &example("stream"),
+        &[
+            "run",
+            &l.dest,
+            "--op",
+            "upload",
+            "--size",
+            "2000",
+            "--parallel",
+            "4",
+            "--count",
+            "400",
+        ],
+    );
+    // Replace every program in place, repeatedly, while connections keep coming.
+    for _ in 0..6 {
+        stdout_of(&l.env.meshbpf(&["attach", "--cgroup", &cgroup]));
+    }
+    let out = load.wait();
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.ends_with("connections=400"))
+            .count(),
+        4,
+        "{out}"
+    );
+    assert!(!out.contains("fail"), "{out}");
+    // Every one of the 1,600 connections went through the sidecar.
+    assert_eq!(counter(&l.mesh, "connect_redirected"), 1600);
+    assert_eq!(l.sidecar.lines("outbound ").len(), 1600);
+    let mut hooks = l.env.attached_hooks();
+    hooks.sort();
+    assert_eq!(hooks, ATTACH_TYPES);
+}
+
+#[test]
+fn an_attachment_of_another_map_layout_is_refused_with_the_fix() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let _mesh = env.attach();
+    // Pretend an older meshbpf pinned these maps.
+    let meta = libbpf_rs::MapHandle::from_pinned_path(env.pin_dir.join("maps/meta_map")).unwrap();
+    use libbpf_rs::MapCore;
+    let mut value = meta
+        .lookup(&0u32.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .unwrap()
+        .unwrap();
+    value[..4].copy_from_slice(&1u32.to_ne_bytes());
+    meta.update(&0u32.to_ne_bytes(), &value, libbpf_rs::MapFlags::ANY)
+        .unwrap();
+
+    let out = env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("map layout 1") && stderr.contains("meshbpf detach"),
+        "{stderr}"
+    );
+    // detach still cleans it all up.
+    stdout_of(&env.meshbpf(&["detach"]));
+    assert!(bpffs_entries(&env).is_empty());
+    assert!(env.attached_hooks().is_empty());
+}
+
+#[test]
+fn killing_attach_register_or_detach_at_any_moment_leaves_a_state_the_next_call_repairs() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let pod = env.pod("pod");
+    let cgroup = env.cgroup.to_str().unwrap().to_string();
+    let netns = pod.netns.to_str().unwrap().to_string();
+    for i in 0u64..18 {
+        // Attach, register or detach, killed after 0 to 50 ms (spread, not random: repeatable).
+        let verb: Vec<&str> = match i % 3 {
+            0 => vec!["attach", "--cgroup", &cgroup],
+            1 => vec!["register", "--netns", &netns],
+            _ => vec!["detach"],
+        };
+        let mut child = Command::new(cli())
+            .args(&verb)
+            .arg("--pin-dir")
+            .arg(&env.pin_dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis((i * 37) % 51));
+        let _ = child.kill();
+        let _ = child.wait();
+
+        // The next attach repairs whatever was left: one set of programs, all pinned.
+        stdout_of(&env.meshbpf(&["attach", "--cgroup", &cgroup]));
+        assert_eq!(sorted_hooks(&env), ATTACH_TYPES, "after killing {verb:?}");
+        meshbpf::Mesh::open(&env.pin_dir).unwrap().status().unwrap();
+        if i % 2 == 1 {
+            stdout_of(&env.meshbpf(&["detach"]));
+            assert!(
+                bpffs_entries(&env).is_empty(),
+                "after killing {verb:?}: {:?}",
+                bpffs_entries(&env)
+            );
+            assert!(env.attached_hooks().is_empty());
+        }
+    }
+}
+
+#[test]
+fn detach_leaves_existing_connections_working() {
+    if !privileged() {
+        return;
+    }
+    let l = loaded();
+    let pingpong = l.pod.spawn(
+        APP_UID,
+        &example("stream"),
+        &[
+            "run",
+            &l.dest,
+            "--op",
+            "pingpong",
+            "--size",
+            "100",
+            "--duration",
+            "1.5",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(400));
+    stdout_of(&l.env.meshbpf(&["detach"]));
+    let out = pingpong.wait();
+    assert!(out.starts_with("ok op=pingpong"), "{out}");
+    // New connections are no longer captured.
+    let probe = l.pod.connect(&l.dest, &[]);
+    assert!(
+        probe.stdout.contains(&format!("local={}:", l.pod.v4)),
+        "{probe:?}"
+    );
+}
+
+#[test]
+fn gc_drops_pods_whose_netns_is_gone_and_a_recreated_netns_registers_anew() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let keep = env.pod("keep");
+    let gone = env.pod("gone");
+    mesh.register_netns(&keep.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    let old = mesh
+        .register_netns(&gone.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    // Nothing runs in `gone`: deleting its name is the end of the namespace.
+    sh_ok(Command::new("ip").args(["netns", "del", &gone.name]));
+
+    let out: serde_json::Value =
+        serde_json::from_str(&stdout_of(&env.meshbpf(&["gc", "--json"]))).unwrap();
+    assert_eq!(out.as_array().unwrap().len(), 1, "{out}");
+    assert_eq!(out[0]["netns_cookie"], old.netns_cookie);
+    let pods = mesh.pods().unwrap();
+    assert_eq!(pods.len(), 1);
+    assert_eq!(
+        pods[0].netns_inode,
+        meshbpf::Netns::open(&keep.netns).unwrap().inode().unwrap()
+    );
+    // Nothing else is dead: a second gc removes nothing.
+    assert!(mesh.gc().unwrap().is_empty());
+
+    sh_ok(Command::new("ip").args(["netns", "add", &gone.name]));
+    let new = mesh
+        .register_netns(&gone.netns, &meshbpf::PodSettings::default())
+        .unwrap();
+    assert_ne!(new.netns_cookie, old.netns_cookie);
+    assert_eq!(mesh.pods().unwrap().len(), 2);
+}
+
+#[test]
+fn concurrent_registrations_from_separate_processes_lose_nothing() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pods: Vec<Pod> = (0..16).map(|i| env.pod(&format!("p{i}"))).collect();
+    let spawn = |args: Vec<String>| {
+        Command::new(cli())
+            .args(args)
+            .arg("--pin-dir")
+            .arg(&env.pin_dir)
+            .output()
+    };
+    let outputs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .map(|p| {
+                let args = vec![
+                    "register".into(),
+                    "--netns".into(),
+                    p.netns.to_str().unwrap().to_string(),
+                    "--exclude-outbound-ports".into(),
+                    "9999".into(),
+                ];
+                s.spawn(move || spawn(args))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(outputs.iter().all(|o| o.status.success()));
+    assert_eq!(mesh.pods().unwrap().len(), 16);
+    // Half unregister while the other half re-register with other settings, all at once.
+    let outputs: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = pods
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let netns = p.netns.to_str().unwrap().to_string();
+                let args: Vec<String> = if i % 2 == 0 {
+                    vec!["unregister".into(), "--netns".into(), netns]
+                } else {
+                    vec![
+                        "register".into(),
+                        "--netns".into(),
+                        netns,
+                        "--exclude-outbound-ports".into(),
+                        "8888".into(),
+                    ]
+                };
+                s.spawn(move || spawn(args))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(outputs.iter().all(|o| o.status.success()));
+    let left = mesh.pods().unwrap();
+    assert_eq!(left.len(), 8);
+    assert!(
+        left.iter()
+            .all(|p| p.settings.exclude_outbound_ports == [8888].into()),
+        "{left:?}"
+    );
+}
+
+#[test]
+fn pins_are_readable_by_root_only() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let _mesh = env.attach();
+    let mut seen = 0;
+    let mut stack = vec![env.pin_dir.clone()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            use std::os::unix::fs::MetadataExt;
+            assert_eq!(
+                meta.mode() & 0o077,
+                0,
+                "{} is open to others: {:o}",
+                entry.path().display(),
+                meta.mode()
+            );
+            assert_eq!(meta.uid(), 0);
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen > 10, "{seen}");
+}
+
+#[test]
+fn a_pod_cannot_read_another_pod_s_original_destination() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let a = env.pod("a");
+    let b = env.pod("b");
+    let server = env.pod("server");
+    let _srv = server.server(&["0.0.0.0:8080"]);
+    for p in [&a, &b] {
+        mesh.register_netns(&p.netns, &meshbpf::PodSettings::default())
+            .unwrap();
+    }
+    // Pod A: a captured connection 127.0.0.1:40000 -> 127.0.0.1:15001, held open.
+    let holder = a.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", "127.0.0.1:15001", "--hold"],
+    );
+    holder.wait_for("listening=");
+    let _app = a.spawn(
+        APP_UID,
+        &example("netprobe"),
+        &[
+            "connect",
+            &server.addr(false, 8080),
+            "--bind",
+            "0.0.0.0:40000",
+        ],
+    );
+    holder.wait_for("probes done");
+    assert!(
+        holder.output().contains("probe original_dst=ok:"),
+        "{}",
+        holder.output()
+    );
+    // Pod B: the very same 4-tuple, not captured; its proxy asks for the original destination.
+    let prober = b.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", "127.0.0.1:15001"],
+    );
+    prober.wait_for("listening=");
+    let _direct = b.spawn(
+        APP_UID,
+        &example("netprobe"),
+        &["connect", "127.0.0.1:15001", "--bind", "0.0.0.0:40000"],
+    );
+    let out = prober.wait();
+    assert!(out.contains("accepted peer=127.0.0.1:40000"), "{out}");
+    assert!(
+        out.contains("probe original_dst=err:"),
+        "pod B learned pod A's destination:\n{out}"
+    );
+}
+
+fn sh_ok(cmd: &mut Command) {
+    assert!(cmd.status().unwrap().success(), "{cmd:?}");
 }

@@ -81,6 +81,20 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+    /// Unregister pods whose network namespace no longer exists.
+    Gc {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// Probe the running kernel for every feature meshbpf uses.
+    Check {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Look up the original destination of a captured connection.
     Origin {
         /// The pod's network namespace.
@@ -384,6 +398,47 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Gc { json, pin } => {
+            let removed = Mesh::open(&pin.pin_dir)?.gc()?;
+            if json {
+                println!(
+                    "{}",
+                    json!(removed.iter().map(pod_json).collect::<Vec<_>>())
+                );
+            } else if removed.is_empty() {
+                println!("every registered pod's network namespace still exists");
+            } else {
+                for pod in &removed {
+                    println!(
+                        "removed netns cookie {} (netns inode {} is gone)",
+                        pod.netns_cookie, pod.netns_inode
+                    );
+                }
+            }
+        }
+        Command::Check { json } => {
+            let features = meshbpf::probe();
+            if json {
+                let rows: Vec<_> = features
+                    .iter()
+                    .map(|f| json!({"feature": f.name, "min_kernel": f.min_kernel, "available": f.available, "how": f.how}))
+                    .collect();
+                println!("{}", json!(rows));
+            } else {
+                println!("{:<52} {:<28} {:<5} HOW", "FEATURE", "MINIMUM KERNEL", "OK");
+                for f in &features {
+                    println!(
+                        "{:<52} {:<28} {:<5} {}",
+                        f.name,
+                        f.min_kernel,
+                        if f.available { "yes" } else { "NO" },
+                        f.how
+                    );
+                }
+            }
+            meshbpf::check_kernel()?;
+            meshbpf::probe_required()?;
+        }
         Command::Origin {
             netns,
             client,
@@ -413,6 +468,7 @@ fn run(command: Command) -> anyhow::Result<()> {
 fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
     json!({
         "netns_cookie": pod.netns_cookie,
+        "netns_inode": pod.netns_inode,
         "proxy_uids": pod.settings.proxy_uids,
         "proxy_gids": pod.settings.proxy_gids,
         "include_outbound_cidrs": match &pod.settings.include_outbound_cidrs {

@@ -8,7 +8,7 @@
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 6
+#define MESHBPF_LAYOUT_VERSION 7
 
 /* Map bounds (documented in the README). */
 #define MAX_PODS 16384		/* cookie_map: registered network namespaces */
@@ -40,6 +40,8 @@ struct pod_settings {
 	__u32 flags;		/* POD_F_* */
 	/* A captured connection is accelerated when its first message is at least this big. */
 	__u32 sockmap_min_bytes;
+	/* The netns's nsfs inode, for `meshbpf gc` and listings; programs do not read it. */
+	__u64 netns_ino;
 };
 
 /* An address as the application asked for it. */

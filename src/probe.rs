@@ -1,0 +1,253 @@
+//! `meshbpf check`: what the running kernel offers of each feature meshbpf uses,
+//! probed where the kernel can be asked (libbpf's program, map and helper
+//! probes load tiny programs) and read from its version where it cannot.
+
+use std::path::Path;
+
+use libbpf_rs::libbpf_sys as sys;
+
+use crate::error::{Error, Result};
+use crate::system;
+
+/// One feature and whether this kernel has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Feature {
+    /// What meshbpf uses.
+    pub name: &'static str,
+    /// The first kernel that has it (`≤ 5.15`: present in 5.15, meshbpf's floor, and not
+    /// pinned to an earlier release here).
+    pub min_kernel: &'static str,
+    /// Whether it is there.
+    pub available: bool,
+    /// How that was found: `probed`, `version`, or what is missing.
+    pub how: String,
+}
+
+fn prog_type(t: sys::bpf_prog_type) -> bool {
+    // SAFETY: plain libbpf probe; null opts are allowed.
+    unsafe { sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
+}
+
+fn map_type(t: sys::bpf_map_type) -> bool {
+    // SAFETY: as above.
+    unsafe { sys::libbpf_probe_bpf_map_type(t, std::ptr::null()) == 1 }
+}
+
+fn helper(t: sys::bpf_prog_type, h: sys::bpf_func_id) -> bool {
+    // SAFETY: as above.
+    unsafe { sys::libbpf_probe_bpf_helper(t, h, std::ptr::null()) == 1 }
+}
+
+fn kernel_version() -> (u32, u32) {
+    let release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|p| !p.is_empty());
+    let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+/// Every feature meshbpf uses, checked on this kernel.
+pub fn probe() -> Vec<Feature> {
+    let version = kernel_version();
+    let since = |name: &'static str, min: &'static str, at: (u32, u32)| Feature {
+        name,
+        min_kernel: min,
+        available: version >= at,
+        how: "version".into(),
+    };
+    let probed = |name: &'static str, min: &'static str, ok: bool| Feature {
+        name,
+        min_kernel: min,
+        available: ok,
+        how: if ok {
+            "probed".into()
+        } else {
+            "probe failed".into()
+        },
+    };
+    let cgroup2 = system::mounts_of_type("cgroup2");
+    let bpffs = system::mounts_of_type("bpf");
+    vec![
+        Feature {
+            name: "BTF of the running kernel (CO-RE)",
+            min_kernel: "5.4 (CONFIG_DEBUG_INFO_BTF)",
+            available: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            how: "/sys/kernel/btf/vmlinux".into(),
+        },
+        Feature {
+            name: "a cgroup v2 mount",
+            min_kernel: "4.5",
+            available: !cgroup2.is_empty(),
+            how: cgroup2
+                .first()
+                .map_or("none mounted: mount -t cgroup2 none DIR".into(), |p| {
+                    p.display().to_string()
+                }),
+        },
+        Feature {
+            name: "a bpffs mount",
+            min_kernel: "4.4",
+            available: !bpffs.is_empty(),
+            how: bpffs
+                .first()
+                .map_or("none mounted: mount -t bpf bpf /sys/fs/bpf".into(), |p| {
+                    p.display().to_string()
+                }),
+        },
+        probed(
+            "cgroup/connect, bind, sendmsg programs (sock_addr)",
+            "4.17",
+            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR),
+        ),
+        probed(
+            "cgroup/post_bind, sock_release programs (sock)",
+            "4.17",
+            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCK),
+        ),
+        probed(
+            "sockops programs",
+            "4.13",
+            prog_type(sys::BPF_PROG_TYPE_SOCK_OPS),
+        ),
+        probed(
+            "cgroup/getsockopt programs",
+            "5.3",
+            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCKOPT),
+        ),
+        probed(
+            "sk_msg programs",
+            "4.17",
+            prog_type(sys::BPF_PROG_TYPE_SK_MSG),
+        ),
+        probed(
+            "sk_storage maps",
+            "5.2",
+            map_type(sys::BPF_MAP_TYPE_SK_STORAGE),
+        ),
+        probed(
+            "sockhash maps",
+            "4.18",
+            map_type(sys::BPF_MAP_TYPE_SOCKHASH),
+        ),
+        probed(
+            "LPM trie maps",
+            "4.11",
+            map_type(sys::BPF_MAP_TYPE_LPM_TRIE),
+        ),
+        probed(
+            "sk_storage from sock_addr hooks",
+            "≤ 5.15",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                sys::BPF_FUNC_sk_storage_get,
+            ),
+        ),
+        probed(
+            "sk_storage from sockops",
+            "≤ 5.15",
+            helper(sys::BPF_PROG_TYPE_SOCK_OPS, sys::BPF_FUNC_sk_storage_get),
+        ),
+        probed(
+            "sk_storage from getsockopt hooks",
+            "5.3",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                sys::BPF_FUNC_sk_storage_get,
+            ),
+        ),
+        probed(
+            "sk_storage from sk_msg",
+            "≤ 5.15",
+            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_sk_storage_get),
+        ),
+        probed(
+            "sk_storage from sock hooks",
+            "≤ 5.15",
+            helper(sys::BPF_PROG_TYPE_CGROUP_SOCK, sys::BPF_FUNC_sk_storage_get),
+        ),
+        probed(
+            "netns cookie in sock_addr hooks",
+            "5.7",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                sys::BPF_FUNC_get_netns_cookie,
+            ),
+        ),
+        probed(
+            "netns cookie in sockops",
+            "5.15",
+            helper(sys::BPF_PROG_TYPE_SOCK_OPS, sys::BPF_FUNC_get_netns_cookie),
+        ),
+        probed(
+            "netns cookie in sk_msg",
+            "5.15",
+            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_get_netns_cookie),
+        ),
+        probed(
+            "netns cookie in getsockopt hooks",
+            "5.8",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                sys::BPF_FUNC_get_netns_cookie,
+            ),
+        ),
+        probed(
+            "caller's uid in sock_addr hooks",
+            "≤ 5.15",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                sys::BPF_FUNC_get_current_uid_gid,
+            ),
+        ),
+        probed(
+            "UDP socket lookup in sock_addr hooks",
+            "5.2",
+            helper(
+                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                sys::BPF_FUNC_sk_lookup_udp,
+            ),
+        ),
+        probed(
+            "sockhash redirect from sk_msg",
+            "4.18",
+            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_msg_redirect_hash),
+        ),
+        since("cgroup recvmsg4/6 hooks", "5.2", (5, 2)),
+        since(
+            "cgroup links and link update (replace in place)",
+            "5.7",
+            (5, 7),
+        ),
+        since("cgroup getpeername4/6 hooks", "5.8", (5, 8)),
+        since("cgroup sock_release hook", "5.9", (5, 9)),
+        since(
+            "bind skipping CAP_NET_BIND_SERVICE (return 3)",
+            "5.12",
+            (5, 12),
+        ),
+        since("SO_NETNS_COOKIE", "5.14", (5, 14)),
+    ]
+}
+
+/// Probes, and refuses with what is missing (mounts aside) when anything is.
+pub fn require_features() -> Result<()> {
+    let missing: Vec<String> = probe()
+        .into_iter()
+        .filter(|f| !f.available && !f.name.contains("mount"))
+        .map(|f| format!("{} (Linux {}; {})", f.name, f.min_kernel, f.how))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(Error::MissingKernelFeature {
+        feature: format!("{} feature(s)", missing.len()),
+        detail: format!(
+            "missing: {}; run `meshbpf check` for the full table",
+            missing.join("; ")
+        ),
+    })
+}
