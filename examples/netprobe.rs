@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
+//! netprobe http ADDR...                      # HTTP/1.1: 200 "served by LOCAL to PEER"
 //! netprobe connect DEST [--bind SRC] [--message TEXT]
 //!                                            # prints local=, peer=, reply=
 //! netprobe bind ADDR                        # bind (TCP, no listen): prints bound= or the errno
@@ -25,7 +26,8 @@ use nix::libc;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("serve") => serve(&args[1..]),
+        Some("serve") => serve(&args[1..], answer),
+        Some("http") => serve(&args[1..], answer_http),
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
         Some("bind") => bind_only(&args[1..]),
@@ -50,7 +52,7 @@ fn say(line: String) {
     let _ = out.flush();
 }
 
-fn serve(addrs: &[String]) -> Result<()> {
+fn serve(addrs: &[String], handler: fn(TcpStream)) -> Result<()> {
     let listeners = addrs
         .iter()
         .map(|a| TcpListener::bind(parse_addr(a)?).map_err(|e| format!("bind {a}: {e}")))
@@ -65,7 +67,7 @@ fn serve(addrs: &[String]) -> Result<()> {
         for listener in &listeners {
             scope.spawn(move || {
                 for stream in listener.incoming().flatten() {
-                    thread::spawn(move || answer(stream));
+                    thread::spawn(move || handler(stream));
                 }
             });
         }
@@ -224,6 +226,35 @@ fn bind_only(args: &[String]) -> Result<()> {
         Err(errno) => say(format!("bind_error={errno:?}")),
     }
     Ok(())
+}
+
+/// One HTTP/1.1 exchange: reads the request head, answers 200 naming both ends, closes.
+fn answer_http(stream: TcpStream) {
+    let local = stream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+        if line == "\r\n" || line == "\n" {
+            break;
+        }
+        line.clear();
+    }
+    let body = format!("served by {local} to {peer}\n");
+    let _ = write!(
+        writer,
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
 }
 
 fn connect(args: &[String]) -> Result<()> {

@@ -21,10 +21,13 @@
 //! - abort: the server sends N/2 bytes and resets the connection; the client must see an
 //!   error or EOF promptly, never hang.
 //!
-//! Two more ops measure instead of check (`--duration SECS`):
+//! Three more ops measure instead of check (`--duration SECS`), each connection of
+//! `--parallel` on its own thread, and end with one `summary` line over all of them:
 //! - pingpong: the client sends N bytes, the server echoes them, for the duration;
-//!   prints requests per second and latency percentiles.
-//! - flood: the client writes N-byte messages for the duration; prints throughput.
+//!   requests per second and latency percentiles from every sample (not averages).
+//! - shortconn: the same, with a new connection per request; connections per second,
+//!   request and connect() latency percentiles.
+//! - flood: the client writes N-byte messages for the duration; throughput.
 //!
 //! Every byte received is checked against the pattern at its offset, so a lost, duplicated
 //! or reordered byte is caught where it happens. `run` prints `ok op=... bytes=...` per
@@ -33,12 +36,20 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
 use nix::libc;
 
 const CHUNK: usize = 64 * 1024;
+
+/// Latency samples (ns) of every request, and of every connect(), over all threads.
+static SAMPLES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static CONNECT_SAMPLES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+/// Bytes flooded, over all threads.
+static FLOODED: AtomicU64 = AtomicU64::new(0);
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() {
@@ -274,6 +285,7 @@ fn run(args: &[String]) -> Result<(), String> {
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
+    let start = std::time::Instant::now();
     let results: Vec<Result<String, String>> = thread::scope(|s| {
         let handles: Vec<_> = (0..o.parallel).map(|_| s.spawn(|| run_many(&o))).collect();
         handles
@@ -297,7 +309,50 @@ fn run(args: &[String]) -> Result<(), String> {
     if failed {
         return Err("at least one connection failed".into());
     }
+    if matches!(o.op.as_str(), "pingpong" | "shortconn" | "flood") {
+        println!("{}", summary(&o, start.elapsed().as_secs_f64()));
+    }
     Ok(())
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    let at = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(at).copied().unwrap_or(0) as f64 / 1000.0
+}
+
+/// One line over every connection of a measuring run.
+fn summary(o: &Opts, secs: f64) -> String {
+    let take = |m: &Mutex<Vec<u32>>| {
+        let mut v = std::mem::take(&mut *m.lock().unwrap_or_else(|e| e.into_inner()));
+        v.sort_unstable();
+        v
+    };
+    let (samples, connects) = (take(&SAMPLES), take(&CONNECT_SAMPLES));
+    let mut line = format!(
+        "summary op={} size={} connections={} requests={} rps={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
+        o.op,
+        o.size,
+        o.parallel,
+        samples.len(),
+        samples.len() as f64 / secs,
+        percentile(&samples, 0.50),
+        percentile(&samples, 0.99),
+        percentile(&samples, 0.999)
+    );
+    if !connects.is_empty() {
+        line += &format!(
+            " connect_p50_us={:.1} connect_p99_us={:.1}",
+            percentile(&connects, 0.50),
+            percentile(&connects, 0.99)
+        );
+    }
+    if o.op == "flood" {
+        line += &format!(
+            " mbytes_per_sec={:.1}",
+            FLOODED.load(Ordering::Relaxed) as f64 / secs / 1e6
+        );
+    }
+    line
 }
 
 /// `count` connections one after another; reports the last, or the first failure.
@@ -314,6 +369,9 @@ fn run_many(o: &Opts) -> Result<String, String> {
 }
 
 fn run_one(o: &Opts) -> Result<String, String> {
+    if o.op == "shortconn" {
+        return shortconn(o);
+    }
     let stream =
         TcpStream::connect_timeout(&o.dest, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
     stream
@@ -395,6 +453,7 @@ fn measure(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String> 
             if line.trim() != format!("ok {sent}") {
                 return Err(format!("sent {sent}, server: {}", line.trim()));
             }
+            FLOODED.fetch_add(sent, Ordering::Relaxed);
             Ok(format!(
                 "ok op=flood size={} bytes={sent} mbytes_per_sec={:.1}",
                 o.size,
@@ -442,13 +501,11 @@ fn pingpong(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String>
     }
     let secs = start.elapsed().as_secs_f64();
     samples.sort_unstable();
-    let pct = |p: f64| {
-        samples
-            .get(((samples.len() as f64 * p) as usize).min(samples.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
+    let pct = |p: f64| percentile(&samples, p);
+    SAMPLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend_from_slice(&samples);
     Ok(format!(
         "ok op=pingpong size={} requests={} rps={:.0} p50_us={:.1} p99_us={:.1} p999_us={:.1}",
         o.size,
@@ -458,6 +515,41 @@ fn pingpong(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String>
         pct(0.99),
         pct(0.999)
     ))
+}
+
+/// A new connection per request for the duration (the "pingpong" protocol, one exchange).
+fn shortconn(o: &Opts) -> Result<String, String> {
+    let request = [
+        format!("pingpong {}\n", o.size).into_bytes(),
+        vec![0xa5u8; o.size as usize],
+    ]
+    .concat();
+    let mut response = vec![0u8; o.size as usize];
+    let (mut samples, mut connects) = (Vec::new(), Vec::new());
+    let start = std::time::Instant::now();
+    while start.elapsed() < o.duration {
+        let t = std::time::Instant::now();
+        let mut s =
+            TcpStream::connect_timeout(&o.dest, TIMEOUT).map_err(|e| format!("connect: {e}"))?;
+        connects.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        s.set_read_timeout(Some(TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        s.write_all(&request).map_err(|e| format!("write: {e}"))?;
+        s.read_exact(&mut response)
+            .map_err(|e| format!("read: {e}"))?;
+        drop(s);
+        samples.push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+    }
+    let n = samples.len();
+    SAMPLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend_from_slice(&samples);
+    CONNECT_SAMPLES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend_from_slice(&connects);
+    Ok(format!("ok op=shortconn size={} requests={n}", o.size))
 }
 
 fn check(ret: isize, what: &str) -> Result<usize, String> {

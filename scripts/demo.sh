@@ -13,7 +13,7 @@ step() { printf '\n%s==> %s%s\n' "$B" "$*" "$R"; }
 info() { printf '    %s\n' "$*"; }
 
 step "Installing build dependencies (if missing)"
-meshbpf_install_deps
+meshbpf_install_deps curl
 step "Building meshbpf, the sidecar stand-in and the demo workloads (release)"
 cargo build --release --bins --examples 2>&1 | sed -u 's/^/    /'
 BIN=$PWD/target/release
@@ -77,14 +77,14 @@ step "meshbpf attach --cgroup $CG"
 step "meshbpf register --netns /run/netns/mbdemo-app   (the 'plain' pod stays out of the mesh)"
 "$BIN/meshbpf" register --netns /run/netns/mbdemo-app --pin-dir "$PIN" | sed 's/^/    /'
 
-in_pod web 1000 "$EX/netprobe" serve 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
+in_pod web 1000 "$EX/netprobe" http 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
 in_pod dns 0 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
     --user=root --pid-file --log-facility=- --listen-address=$DNS4 --host-record=web.mesh.test,$WEB4,$WEB6 \
     >"$WORK/dns.log" 2>&1 &
 PIDS+=($!)
 # The registered pod's own service: it asks for 0.0.0.0:80 (as root, like many images).
-in_pod app 0 "$EX/netprobe" serve 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
+in_pod app 0 "$EX/netprobe" http 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
 PIDS+=($!)
 wait_for() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out waiting for $2 in $1" >&2; return 1; }
 wait_for "$WORK/app.log" listening=
@@ -93,28 +93,35 @@ PIDS+=($!)
 in_pod plain 1337 "$EX/sidecar" >"$WORK/sidecar-plain.log" 2>&1 &
 PIDS+=($!)
 wait_for "$WORK/sidecar-app.log" 'dns-udp=\[::1' && wait_for "$WORK/sidecar-plain.log" 'dns-udp=\[::1' && wait_for "$WORK/web.log" 8081 && wait_for "$WORK/dns.log" started
-info "server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
+info "HTTP server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
 info "app's own service asked for 0.0.0.0:80 and got ${G}$(sed -n 's/^listening=//p' "$WORK/app.log")${R}; app's sidecar (not root) listens on 192.0.2.10:80 and [2001:db8::10]:80"
 
+# curl prints IPv6 addresses bare: 2001:db8::1:80 -> [2001:db8::1]:80
+bracket() { case $1 in *:*:*) echo "[${1%:*}]:${1##*:}" ;; *) echo "$1" ;; esac; }
+
+# request POD URL: a real HTTP GET with curl, which also reports its socket's two ends
+# (the remote one through getpeername(), which meshbpf keeps pointing at the server).
 request() {
-    local pod=$1 dest=$2 out local peer reply
-    out=$(in_pod "$pod" 1000 "$EX/netprobe" connect "$dest" --message "hello from $pod" 2>&1) || { info "$out"; return 1; }
-    local=$(sed -n 's/^local=//p' <<<"$out"); peer=$(sed -n 's/^peer=//p' <<<"$out"); reply=$(sed -n 's/^reply=//p' <<<"$out")
+    local pod=$1 url=$2 out local peer reply dest
+    dest=${url#http://}; dest=${dest%%/*}
+    out=$(in_pod "$pod" 1000 curl -sS --max-time 5 -w 'local=%{local_ip}:%{local_port}\npeer=%{remote_ip}:%{remote_port}\n' "$url" 2>&1) || { info "$out"; return 1; }
+    local=$(sed -n 's/^local=//p' <<<"$out"); peer=$(sed -n 's/^peer=//p' <<<"$out"); reply=$(grep '^served by' <<<"$out")
+    local=$(bracket "$local"); peer=$(bracket "$peer")
     case $local in
         127.0.0.1:*|\[::1\]:*) printf '    %s%-5s%s -> %-22s %sCAPTURED%s  socket really goes %s -> sidecar; getpeername() still says %s\n' "$C" "$pod" "$R" "$dest" "$G" "$R" "$local" "$peer" ;;
         *) printf '    %s%-5s%s -> %-22s %sdirect%s    from %s, untouched\n' "$C" "$pod" "$R" "$dest" "$Y" "$R" "$local" ;;
     esac
-    printf '    %s      server replied: %s%s\n' "$D" "$reply" "$R"
+    printf '    %s      HTTP 200: %s%s\n' "$D" "$reply" "$R"
 }
 
-step "Connections from the registered pod (app) and the unregistered one (plain)"
+step "HTTP from the registered pod (app) and the unregistered one (plain)"
 for pod in app plain; do
-    request "$pod" "$WEB4:8080"
-    request "$pod" "[$WEB6]:8081"
+    request "$pod" "http://$WEB4:8080/"
+    request "$pod" "http://[$WEB6]:8081/"
 done
 
-step "Inbound: plain connects to app's service on 192.0.2.10:80"
-request plain 192.0.2.10:80
+step "Inbound: plain calls app's own service at http://192.0.2.10/"
+request plain "http://192.0.2.10/"
 grep '^inbound' "$WORK/sidecar-app.log" | sed 's/^/    sidecar: /'
 
 step "DNS: dig @$DNS4 web.mesh.test, from app (registered) and plain"

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# CO-RE proof on a second kernel: boots Debian 12's own kernel (linux-image-amd64, 6.1)
+# in QEMU (KVM when /dev/kvm exists, emulation otherwise) with this machine's root
+# filesystem shared read-only over 9p, and runs the very test binaries built here
+# inside it. Results per test land in target/vm/results/; exit status 0 only if every
+# test binary passed. Run as root: vm/run.sh [TEST-BINARY-FILTER]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+meshbpf_require_root
+meshbpf_install_deps qemu-system-x86 busybox-static kmod cpio
+repo=$PWD
+vm=$repo/target/vm
+results=$vm/results
+mkdir -p "$vm"
+
+# The kernel: whatever linux-image-amd64 points at in Debian 12 (6.1.x).
+pkg=$(apt-cache depends linux-image-amd64 | sed -n 's/^ *Depends: \(linux-image-[^ ]*\)/\1/p' | head -1)
+kver=${pkg#linux-image-}
+if [ ! -f "$vm/kernel/boot/vmlinuz-$kver" ]; then
+    echo "==> fetching $pkg"
+    rm -rf "$vm/kernel" "$vm/deb" && mkdir -p "$vm/deb"
+    (cd "$vm/deb" && apt-get download "$pkg" 2>/dev/null)
+    dpkg-deb -x "$vm"/deb/*.deb "$vm/kernel"
+    depmod -b "$vm/kernel" "$kver"
+fi
+
+echo "==> building the test binaries (the same ones CI runs)"
+cargo build --quiet --bins --examples
+cargo test --no-run --message-format=json 2>/dev/null \
+    | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 \
+    | grep '/deps/' | sort -u | grep -e "${1:-.}" > "$vm/tests.list"
+echo "    $(wc -l < "$vm/tests.list") test binaries"
+
+echo "==> building the initramfs (busybox + the 9p modules of $kver)"
+init=$vm/initramfs
+rm -rf "$init" && mkdir -p "$init"/{bin,modules,proc,sys,dev,newroot}
+cp /bin/busybox "$init/bin/busybox"
+moddir=$vm/kernel/lib/modules/$kver
+# Load order for 9p over virtio-pci: each module after the modules it depends on.
+order=()
+load() {
+    local m=$1 dep
+    for seen in "${order[@]:-}"; do [ "$seen" = "$m" ] && return; done
+    for dep in $(grep -E "(^|/)$m\.ko:" "$moddir/modules.dep" | cut -d: -f2); do load "$(basename "$dep" .ko)"; done
+    order+=("$m")
+}
+for m in virtio_pci 9pnet_virtio 9p; do load "$m"; done
+for m in "${order[@]}"; do
+    cp "$(find "$moddir" -name "$m.ko" | head -1)" "$init/modules/"
+    echo "$m" >> "$init/modules/order"
+done
+cat > "$init/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /modules/order); do insmod /modules/$m.ko; done
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot || { echo "9p root failed"; poweroff -f; }
+mount -t tmpfs tmpfs /newroot/tmp
+mount -t tmpfs tmpfs /newroot/run
+for d in proc sys dev; do mount --move /$d /newroot/$d; done
+exec switch_root /newroot /bin/bash "$meshbpf_repo/vm/guest.sh"
+INIT
+chmod +x "$init/init"
+(cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) > "$vm/initramfs.cpio.gz"
+
+rm -rf "$results" && mkdir -p "$results"
+accel=tcg; cpu=max
+[ -w /dev/kvm ] && { accel=kvm; cpu=host; }
+echo "==> booting Linux $kver ($accel); the suite runs inside"
+timeout 3000 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
+    -nographic -no-reboot -nic none \
+    -kernel "$vm/kernel/boot/vmlinuz-$kver" -initrd "$vm/initramfs.cpio.gz" \
+    -append "console=ttyS0 panic=-1 quiet meshbpf_repo=$repo" \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on \
+    -virtfs local,path="$results",mount_tag=results,security_model=passthrough \
+    > "$vm/console.log" 2>&1 || true
+
+echo "==> results (kernel $(cat "$results/kernel" 2>/dev/null || echo '?'))"
+if [ ! -f "$results/done" ]; then
+    echo "the VM did not finish; see $vm/console.log" >&2
+    tail -20 "$vm/console.log" >&2
+    exit 1
+fi
+grep -hE '^test .* \.\.\. (ok|FAILED)$' "$results"/*.log | sort > "$results/per-test.txt" || true
+cat "$results/summary.txt"
+! grep -q FAILED "$results/summary.txt"
