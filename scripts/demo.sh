@@ -14,9 +14,14 @@ info() { printf '    %s\n' "$*"; }
 
 step "Installing build dependencies (if missing)"
 meshbpf_install_deps curl
-step "Building meshbpf, the sidecar stand-in and the demo workloads (release)"
-cargo build --release --bins --examples 2>&1 | sed -u 's/^/    /'
-BIN=$PWD/target/release
+if [ -n "${MESHBPF_DEMO_BIN:-}" ]; then
+    # Binaries built already (the end-to-end test of this demo passes its own).
+    BIN=$MESHBPF_DEMO_BIN
+else
+    step "Building meshbpf, the sidecar stand-in and the demo workloads (release)"
+    cargo build --release --bins --examples 2>&1 | sed -u 's/^/    /'
+    BIN=$PWD/target/release
+fi
 EX=$BIN/examples
 
 WORK=/run/meshbpf-demo
@@ -24,7 +29,9 @@ PIN=$WORK/bpf/mesh
 PIDS=()
 cleanup() {
     set +e
-    trap - EXIT INT TERM
+    # Run once, and to the end: a second Ctrl-C must not leave half the cleanup undone.
+    trap - EXIT
+    trap '' INT TERM
     printf '\n%s==> Cleaning up%s\n' "$B" "$R"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     wait 2>/dev/null
