@@ -181,6 +181,10 @@ static __always_inline bool is_loopback4(__u32 addr_be)
 
 #define DNS_PORT 53
 
+/* BPF_F_CURRENT_NETNS (-1): a #define in older kernels' uapi, so absent from their BTF
+ * (Debian 12's arm64 vmlinux.h); an enum in newer ones. Spelled out once here. */
+#define LOOKUP_CURRENT_NETNS ((__u64)-1)
+
 static __always_inline bool is_v4_mapped(const __u32 addr[4])
 {
 	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);

@@ -58,7 +58,7 @@ int handle__recvmsg4(struct bpf_sock_addr *ctx)
 		tuple.ipv4.sport = bpf_htons(pod->dns_port);
 		tuple.ipv4.daddr = ctx->user_ip4;
 		tuple.ipv4.dport = ctx->user_port;
-		app = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
+		app = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv4), LOOKUP_CURRENT_NETNS, 0);
 		keep_query_origin(ctx, app);
 		if (app)
 			bpf_sk_release(app);
@@ -93,7 +93,7 @@ int handle__recvmsg6(struct bpf_sock_addr *ctx)
 		__builtin_memcpy(tuple.ipv6.daddr, from, sizeof(from));
 		tuple.ipv6.sport = bpf_htons(pod->dns_port);
 		tuple.ipv6.dport = ctx->user_port;
-		app = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv6), BPF_F_CURRENT_NETNS, 0);
+		app = bpf_sk_lookup_udp(ctx, &tuple, sizeof(tuple.ipv6), LOOKUP_CURRENT_NETNS, 0);
 		keep_query_origin(ctx, app);
 		if (app)
 			bpf_sk_release(app);
