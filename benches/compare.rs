@@ -7,6 +7,7 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod util;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -17,6 +18,7 @@ use common::*;
 use libbpf_rs::MapCore;
 use meshbpf::PodSettings;
 use serde_json::json;
+use util::{field, median};
 
 const ROUNDS: usize = 2;
 const SECONDS: &str = "1.5";
@@ -105,15 +107,6 @@ fn cpu_seconds() -> (f64, f64) {
     ((get(0) + get(1)) / hz, (get(2) + get(5) + get(6)) / hz)
 }
 
-/// `key=value` from a summary line.
-fn field(line: &str, key: &str) -> f64 {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(f64::NAN)
-}
-
 #[derive(Default, Clone)]
 struct Result {
     rps: Vec<f64>,
@@ -124,11 +117,6 @@ struct Result {
     connect_p50: Vec<f64>,
     user_per_k: Vec<f64>,
     sys_per_k: Vec<f64>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Per-pod sysctls (this pod's netns only) so that tens of thousands of short connections

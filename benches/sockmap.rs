@@ -8,22 +8,15 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+mod util;
 
 use common::*;
 use meshbpf::PodSettings;
+use util::{field, median};
 
 const SIZES: [u64; 4] = [64, 512, 4096, 65536];
 const ROUNDS: usize = 3;
 const SECONDS: &str = "1.5";
-
-/// `key=value` from a `stream run` result line.
-fn field(line: &str, key: &str) -> f64 {
-    let prefix = format!("{key}=");
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&prefix))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-}
 
 /// One path's measurements over the rounds.
 #[derive(Clone, Default)]
@@ -33,11 +26,6 @@ struct Samples {
     p99: Vec<f64>,
     p999: Vec<f64>,
     mbs: Vec<f64>,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 fn main() {

@@ -75,15 +75,14 @@ fn serve(addrs: &[String], handler: fn(TcpStream)) -> Result<()> {
     Ok(())
 }
 
+/// The local and the peer address of a connection, as text.
+fn ends(stream: &TcpStream) -> (String, String) {
+    let text = |a: std::io::Result<SocketAddr>| a.map(|a| a.to_string()).unwrap_or_default();
+    (text(stream.local_addr()), text(stream.peer_addr()))
+}
+
 fn answer(stream: TcpStream) {
-    let local = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (local, peer) = ends(&stream);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
@@ -230,14 +229,7 @@ fn bind_only(args: &[String]) -> Result<()> {
 
 /// One HTTP/1.1 exchange: reads the request head, answers 200 naming both ends, closes.
 fn answer_http(stream: TcpStream) {
-    let local = stream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+    let (local, peer) = ends(&stream);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };

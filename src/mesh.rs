@@ -577,9 +577,9 @@ fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
     }
 }
 
+/// A full hash map answers E2BIG to an insert.
 fn is_map_full(err: &libbpf_rs::Error) -> bool {
-    // A full hash map answers E2BIG to an insert.
-    err.to_string().contains("Argument list too long") || err.to_string().contains("E2BIG")
+    err.kind() == libbpf_rs::ErrorKind::TooBig
 }
 
 fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {

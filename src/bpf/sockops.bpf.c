@@ -114,6 +114,23 @@ static __always_inline void accelerate_sender(struct bpf_sock_ops *skops, struct
 						 BPF_SOCK_OPS_RTT_CB_FLAG);
 }
 
+/* The socket's meshbpf state, if it has any. */
+static __always_inline struct sock_state *ops_state(struct bpf_sock_ops *skops)
+{
+	struct bpf_sock *sk = skops->sk;
+
+	return sk ? bpf_sk_storage_get(&sk_storage_map, sk, 0, 0) : NULL;
+}
+
+/* Takes the socket out of sock_hash; returns whether it was there. */
+static __always_inline bool sock_hash_remove(struct bpf_sock_ops *skops)
+{
+	struct conn_key key = {};
+
+	conn_key_from_ops(&key, skops, true);
+	return bpf_map_delete_elem(&sock_hash, &key) == 0;
+}
+
 /*
  * The application's end stops sending (shutdown(SHUT_WR) or close): it leaves
  * sock_hash, so that its reads from now on are plain TCP reads. Nothing was
@@ -121,18 +138,12 @@ static __always_inline void accelerate_sender(struct bpf_sock_ops *skops, struct
  */
 static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct sock_state *state;
-	struct conn_key key = {};
+	struct sock_state *state = ops_state(skops);
 
-	if (!sk)
-		return;
-	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (!state || !(state->flags & (SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE)))
 		return;
 	state->flags &= ~(SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE);
-	conn_key_from_ops(&key, skops, true);
-	if (!bpf_map_delete_elem(&sock_hash, &key))
+	if (sock_hash_remove(skops))
 		count(CNT_SOCKMAP_LEFT_ON_SHUTDOWN);
 }
 
@@ -144,13 +155,8 @@ static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
  */
 static __always_inline void sockmap_first_ack(struct bpf_sock_ops *skops)
 {
-	struct bpf_sock *sk = skops->sk;
-	struct sock_state *state;
-	struct conn_key key = {};
+	struct sock_state *state = ops_state(skops);
 
-	if (!sk)
-		return;
-	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (state && (state->flags & SOCK_F_SOCKMAP_SENDER) &&
 	    !(state->flags & SOCK_F_SOCKMAP_REDIRECT))
 		return; /* no message yet: the handshake's own ACK */
@@ -158,8 +164,7 @@ static __always_inline void sockmap_first_ack(struct bpf_sock_ops *skops)
 	if (!state || !(state->flags & SOCK_F_SOCKMAP_LEAVE))
 		return;
 	state->flags &= ~SOCK_F_SOCKMAP_LEAVE;
-	conn_key_from_ops(&key, skops, true);
-	bpf_map_delete_elem(&sock_hash, &key);
+	sock_hash_remove(skops);
 }
 
 /* Application side: connect() finished; publish what connect4/6 kept. */
