@@ -170,8 +170,7 @@ fn main() {
     let mut env = Env::new();
     let mesh = env.attach();
     let server = env.pod("server");
-    let _server = server.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
-    let dest = server.addr(false, 9000);
+    let (_server, dest) = server.stream_server();
 
     // The four client pods: the two baselines outside the attached cgroup, so no meshbpf
     // program ever runs for them.

@@ -35,8 +35,7 @@ fn main() {
     let mut env = Env::new();
     let mesh = env.attach();
     let server = env.pod("server");
-    let _server = server.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
-    let dest = server.addr(false, 9000);
+    let (_server, dest) = server.stream_server();
     let mut pods = Vec::new();
     for (name, sockmap, min) in [
         ("normal", false, 0),

@@ -226,13 +226,12 @@ fn loaded() -> Loaded {
     let mesh = env.attach();
     let pod = env.pod("app");
     let server_pod = env.pod("server");
-    let server = server_pod.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
-    server.wait_for("listening=");
+    let (server, dest) = server_pod.stream_server();
     mesh.register_netns(&pod.netns, &meshbpf::PodSettings::default())
         .unwrap();
     let sidecar = pod.sidecar();
     Loaded {
-        dest: server_pod.addr(false, 9000),
+        dest,
         env,
         mesh,
         pod,

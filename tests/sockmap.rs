@@ -27,8 +27,7 @@ fn world_with(node_sockmap: bool, pod_sockmap: bool) -> World {
     let mesh = Mesh::attach_with(&env.cgroup, &env.pin_dir, &options).unwrap();
     let app = env.pod("app");
     let server_pod = env.pod("server");
-    let server = server_pod.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
-    server.wait_for("listening=");
+    let (server, server_addr) = server_pod.stream_server();
     // Every connection accelerated, whatever its first message: the correctness claims
     // must hold on the fast path itself.
     let settings = PodSettings {
@@ -49,7 +48,7 @@ fn world_with(node_sockmap: bool, pod_sockmap: bool) -> World {
     sysctl("net.ipv4.ip_local_port_range", "1024 65000");
     let sidecar = app.sidecar();
     World {
-        server_addr: server_pod.addr(false, 9000),
+        server_addr,
         env,
         mesh,
         app,

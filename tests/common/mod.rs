@@ -392,6 +392,14 @@ impl Pod {
         proc
     }
 
+    /// Starts the byte-exact stream server (`examples/stream.rs`) on port 9000; returns it
+    /// and the IPv4 address clients reach it at.
+    pub fn stream_server(&self) -> (Proc, String) {
+        let proc = self.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
+        proc.wait_for("listening=");
+        (proc, self.addr(false, 9000))
+    }
+
     /// `netprobe bind ADDR` as `uid`: the address bound (`bound=`) or the error (`bind_error=`).
     pub fn bind(&self, uid: u32, addr: &str) -> String {
         let out = self.run(uid, &example("netprobe"), &["bind", addr]);
