@@ -3,7 +3,11 @@
 # Sourced by scripts/test.sh and scripts/demo.sh; safe to run again.
 set -euo pipefail
 
-MESHBPF_PACKAGES=(clang-19 libelf-dev zlib1g-dev pkg-config make iproute2 bpftool iptables util-linux dnsmasq-base dnsutils)
+# Build: clang-19 for the BPF programs; gcc, libc6-dev, make, pkg-config, libelf-dev and
+# zlib1g-dev for the vendored libbpf. Tests and demo: iproute2, bpftool, iptables,
+# util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig).
+MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
+    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils)
 
 meshbpf_install_deps() {
     local missing=()
