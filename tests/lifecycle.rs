@@ -365,24 +365,39 @@ fn detach_leaves_existing_connections_working() {
         return;
     }
     let l = loaded();
-    let pingpong = l.pod.spawn(
-        APP_UID,
-        &example("stream"),
-        &[
+    // Both kinds of live connection: on the normal stack, and on the sockmap fast path.
+    let fast = meshbpf::PodSettings {
+        sockmap_min_bytes: 0,
+        ..Default::default()
+    };
+    let run = |size: &str| {
+        let args = [
             "run",
             &l.dest,
             "--op",
             "pingpong",
             "--size",
-            "100",
+            size,
+            "--parallel",
+            "4",
             "--duration",
             "1.5",
-        ],
-    );
+        ];
+        l.pod.spawn(APP_UID, &example("stream"), &args)
+    };
+    let plain = run("100");
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    l.mesh.register_netns(&l.pod.netns, &fast).unwrap();
+    let accelerated = run("100");
     std::thread::sleep(std::time::Duration::from_millis(400));
+    assert!(counter(&l.mesh, "sockmap_msg_redirected") > 0);
     stdout_of(&l.env.meshbpf(&["detach"]));
-    let out = pingpong.wait();
-    assert!(out.starts_with("ok op=pingpong"), "{out}");
+    for out in [plain.wait(), accelerated.wait()] {
+        assert!(
+            out.contains("summary op=pingpong") && !out.contains("fail"),
+            "{out}"
+        );
+    }
     // New connections are no longer captured.
     let probe = l.pod.connect(&l.dest, &[]);
     assert!(
