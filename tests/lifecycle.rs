@@ -452,61 +452,57 @@ fn concurrent_registrations_from_separate_processes_lose_nothing() {
     let mut env = Env::new();
     let mesh = env.attach();
     let pods: Vec<Pod> = (0..16).map(|i| env.pod(&format!("p{i}"))).collect();
-    let spawn = |args: Vec<String>| {
-        Command::new(cli())
-            .args(args)
-            .arg("--pin-dir")
-            .arg(&env.pin_dir)
-            .output()
+    // Runs one CLI process per argument list, all at once; every one must succeed.
+    let all_at_once = |commands: Vec<Vec<String>>| {
+        std::thread::scope(|s| {
+            let running: Vec<_> = commands
+                .into_iter()
+                .map(|args| {
+                    s.spawn(|| {
+                        Command::new(cli())
+                            .args(args)
+                            .arg("--pin-dir")
+                            .arg(&env.pin_dir)
+                            .output()
+                    })
+                })
+                .collect();
+            for run in running {
+                let out = run.join().unwrap().unwrap();
+                assert!(
+                    out.status.success(),
+                    "{}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        })
     };
-    let outputs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = pods
-            .iter()
-            .map(|p| {
-                let args = vec![
-                    "register".into(),
-                    "--netns".into(),
-                    p.netns.to_str().unwrap().to_string(),
-                    "--exclude-outbound-ports".into(),
-                    "9999".into(),
-                ];
-                s.spawn(move || spawn(args))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect()
-    });
-    assert!(outputs.iter().all(|o| o.status.success()));
+    let register = |p: &Pod, port: &str| -> Vec<String> {
+        let netns = p.netns.to_str().unwrap().to_string();
+        [
+            "register",
+            "--netns",
+            &netns,
+            "--exclude-outbound-ports",
+            port,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    all_at_once(pods.iter().map(|p| register(p, "9999")).collect());
     assert_eq!(mesh.pods().unwrap().len(), 16);
     // Half unregister while the other half re-register with other settings, all at once.
-    let outputs: Vec<_> = std::thread::scope(|s| {
-        let handles: Vec<_> = pods
-            .iter()
+    all_at_once(
+        pods.iter()
             .enumerate()
-            .map(|(i, p)| {
-                let netns = p.netns.to_str().unwrap().to_string();
-                let args: Vec<String> = if i % 2 == 0 {
-                    vec!["unregister".into(), "--netns".into(), netns]
-                } else {
-                    vec![
-                        "register".into(),
-                        "--netns".into(),
-                        netns,
-                        "--exclude-outbound-ports".into(),
-                        "8888".into(),
-                    ]
-                };
-                s.spawn(move || spawn(args))
+            .map(|(i, p)| match i % 2 {
+                0 => ["unregister", "--netns", p.netns.to_str().unwrap()]
+                    .map(String::from)
+                    .to_vec(),
+                _ => register(p, "8888"),
             })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().unwrap().unwrap())
-            .collect()
-    });
-    assert!(outputs.iter().all(|o| o.status.success()));
+            .collect(),
+    );
     let left = mesh.pods().unwrap();
     assert_eq!(left.len(), 8);
     assert!(
