@@ -13,7 +13,7 @@ step() { printf '\n%s==> %s%s\n' "$B" "$*" "$R"; }
 info() { printf '    %s\n' "$*"; }
 
 step "Installing build dependencies (if missing)"
-meshbpf_install_deps curl
+meshbpf_install_deps
 if [ -n "${MESHBPF_DEMO_BIN:-}" ]; then
     # Binaries built already (the end-to-end test of this demo passes its own).
     BIN=$MESHBPF_DEMO_BIN
