@@ -49,7 +49,11 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 step "Setting up: bpffs, a cgroup v2, four pods on a bridge"
-mkdir -p "$WORK/bpf" "$WORK/cgroup2"
+mkdir -p "$WORK/bpf" "$WORK/cgroup2" "$WORK/bin"
+# The pods' processes run as uids 1000 and 1337: give them copies they can reach even when
+# this checkout sits below a directory only root may enter (such as /root).
+install -m 755 "$BIN/meshbpf" "$EX/sidecar" "$EX/netprobe" "$WORK/bin/"
+BIN=$WORK/bin EX=$WORK/bin
 mount -t bpf bpf "$WORK/bpf"
 # Our own cgroup2 mount: the same hierarchy as any other, whether or not one is mounted.
 mount -t cgroup2 none "$WORK/cgroup2"

@@ -151,7 +151,7 @@ fn a_non_root_user_is_told_to_run_as_root() {
         &["status"],
         &["detach"],
     ] {
-        let mut cmd = Command::new(cli());
+        let mut cmd = command_via_fd(&cli());
         cmd.args(verb).arg("--pin-dir").arg(&env.pin_dir);
         // SAFETY: only async-signal-safe set*id calls between fork and exec.
         unsafe {

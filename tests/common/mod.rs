@@ -66,6 +66,28 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// A command that runs `program` through a descriptor opened now (as root) and executed as
+/// `/proc/self/fd/N`: a process that drops to a non-root uid can then run it even when the
+/// checkout sits below a directory only root may enter, such as /root.
+pub fn command_via_fd(program: &Path) -> Command {
+    let exe = File::open(program).unwrap_or_else(|e| panic!("opening {}: {e}", program.display()));
+    let fd = exe.as_raw_fd();
+    let mut cmd = Command::new(format!("/proc/self/fd/{fd}"));
+    cmd.arg0(program);
+    // SAFETY: one fcntl(2) on a descriptor the closure keeps open; async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &exe;
+            // Opened close-on-exec, so no other child inherits it; this one needs it at exec.
+            if nix::libc::fcntl(fd, nix::libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
 /// The meshbpf CLI.
 pub fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
@@ -297,7 +319,7 @@ impl Pod {
             .write(true)
             .open(self.cgroup.join("cgroup.procs"))
             .expect("open cgroup.procs");
-        let mut cmd = Command::new(program);
+        let mut cmd = command_via_fd(program);
         cmd.args(args);
         let (netns_fd, procs_fd): (RawFd, RawFd) = (netns.as_raw_fd(), procs.as_raw_fd());
         // SAFETY: the closure only makes async-signal-safe system calls (write, setns,
