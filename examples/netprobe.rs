@@ -32,7 +32,7 @@ fn main() {
         Some("sockopts") => sockopts(&args[1..]),
         Some("bind") => bind_only(&args[1..]),
         Some("dns") => dns(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | connect DEST [--bind SRC] [--message TEXT] | sockopts --listen ADDR [--hold]".into()),
+        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold]".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
