@@ -582,16 +582,21 @@ fn is_map_full(err: &libbpf_rs::Error) -> bool {
     err.kind() == libbpf_rs::ErrorKind::TooBig
 }
 
-fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
-    let mut meta = MeshMeta {
-        layout_version: LAYOUT_VERSION,
-        cgroup_id,
-        ..Default::default()
-    };
-    meta.flags = if options.sockmap {
+/// `meta_map` flags for an attachment made with `options`.
+fn meta_flags(options: &AttachOptions) -> u32 {
+    if options.sockmap {
         abi::META_F_SOCKMAP
     } else {
         0
+    }
+}
+
+fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
+    let mut meta = MeshMeta {
+        layout_version: LAYOUT_VERSION,
+        flags: meta_flags(options),
+        cgroup_id,
+        ..Default::default()
     };
     let path = fs::canonicalize(cgroup).unwrap_or_else(|_| cgroup.into());
     let bytes = path.as_os_str().as_encoded_bytes();
@@ -843,7 +848,7 @@ fn replace_in_place(
         })?;
     attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
     let mut meta = *meta;
-    meta.flags = new_meta(Path::new(""), 0, options).flags;
+    meta.flags = meta_flags(options);
     write_meta(&skel, &meta)
 }
 
