@@ -93,6 +93,8 @@ pub const COUNTER_NAMES: &[&str] = &[
 
 /// `META_F_SOCKMAP` in meshbpf.h.
 pub(crate) const META_F_SOCKMAP: u32 = 1 << 0;
+/// `META_F_DRAINING` in meshbpf.h.
+pub(crate) const META_F_DRAINING: u32 = 1 << 1;
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
 const _: () = assert!(size_of::<RawPodSettings>() == 32);

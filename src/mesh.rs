@@ -539,8 +539,34 @@ pub fn detach(pin_dir: impl AsRef<Path>) -> Result<bool> {
     if !pin_dir.exists() {
         return Ok(stale);
     }
+    drain_sockmap(pin_dir);
     remove_pins(pin_dir)?;
     Ok(true)
+}
+
+/// How long detach gives the sidecars to read what sk_msg already redirected to them.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Before sock_hash goes (and with it every queue that sockmap redirects into), stop the
+/// redirects and give the sidecars a moment to read what is queued: accelerated
+/// connections then carry on over the normal stack, losing nothing. Best effort: an
+/// attachment that cannot be read (another layout) is removed without it.
+fn drain_sockmap(pin_dir: &Path) {
+    let open = |name: &str| MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join(name)).ok();
+    let (Some(meta_map), Some(sock_hash)) = (open(META_MAP), open("sock_hash")) else {
+        return;
+    };
+    let Ok(Some(value)) = meta_map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) else {
+        return;
+    };
+    let Some(mut meta) = abi::from_bytes::<MeshMeta>(&value) else {
+        return;
+    };
+    meta.flags |= abi::META_F_DRAINING;
+    let drained = meta_map.update(&0u32.to_ne_bytes(), abi::bytes(&meta), MapFlags::ANY);
+    if drained.is_ok() && sock_hash.keys().next().is_some() {
+        std::thread::sleep(DRAIN_GRACE);
+    }
 }
 
 /// One pod's keys in the list maps: `pod_rules`, `cidr_include`, `cidr_exclude`.

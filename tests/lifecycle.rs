@@ -381,16 +381,23 @@ fn detach_leaves_existing_connections_working() {
             "--parallel",
             "4",
             "--duration",
-            "1.5",
+            "3",
         ];
         l.pod.spawn(APP_UID, &example("stream"), &args)
     };
     let plain = run("100");
-    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Registered again: connections from now on take the fast path.
+    wait_until(
+        || counter(&l.mesh, "connect_redirected") >= 4,
+        || "no plain connection yet".into(),
+    );
     l.mesh.register_netns(&l.pod.netns, &fast).unwrap();
     let accelerated = run("100");
-    std::thread::sleep(std::time::Duration::from_millis(400));
-    assert!(counter(&l.mesh, "sockmap_msg_redirected") > 0);
+    // Detach while both runs are under way (however slow this machine is to start them).
+    wait_until(
+        || counter(&l.mesh, "sockmap_msg_redirected") > 0,
+        || "nothing accelerated yet".into(),
+    );
     stdout_of(&l.env.meshbpf(&["detach"]));
     for out in [plain.wait(), accelerated.wait()] {
         assert!(

@@ -123,6 +123,7 @@ struct conn_key {
  * belongs to. Written by the library at attach; never read by a program.
  */
 #define META_F_SOCKMAP (1U << 0) /* attached with sockmap acceleration */
+#define META_F_DRAINING (1U << 1) /* detach under way: sk_msg redirects nothing more */
 
 struct mesh_meta {
 	__u32 layout_version;

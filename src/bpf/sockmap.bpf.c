@@ -19,6 +19,20 @@
  */
 #include "common.bpf.h"
 
+/*
+ * `meshbpf detach` is under way: from now on messages take the normal stack,
+ * behind what was redirected already (the receiver reads its sockmap queue
+ * first), so the sidecars can read that before sock_hash, and the queues with
+ * it, go away.
+ */
+static __always_inline bool draining(void)
+{
+	__u32 zero = 0;
+	struct mesh_meta *meta = bpf_map_lookup_elem(&meta_map, &zero);
+
+	return meta && (meta->flags & META_F_DRAINING);
+}
+
 static __always_inline void msg_key(struct conn_key *key, struct sk_msg_md *msg, bool local_is_src)
 {
 	__u32 *local = local_is_src ? key->src_addr : key->dst_addr;
@@ -75,6 +89,8 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
 		return SK_PASS;
 	if (!(state->flags & SOCK_F_SOCKMAP_REDIRECT) && !first_message_accelerates(msg, state))
+		return SK_PASS;
+	if (draining())
 		return SK_PASS;
 
 	/* The peer's own end is our remote end: its key has src and dst swapped. */
