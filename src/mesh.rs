@@ -552,14 +552,11 @@ const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 /// connections then carry on over the normal stack, losing nothing. Best effort: an
 /// attachment that cannot be read (another layout) is removed without it.
 fn drain_sockmap(pin_dir: &Path) {
-    let open = |name: &str| MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join(name)).ok();
-    let (Some(meta_map), Some(sock_hash)) = (open(META_MAP), open("sock_hash")) else {
+    let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {
         return;
     };
-    let Ok(Some(value)) = meta_map.lookup(&0u32.to_ne_bytes(), MapFlags::ANY) else {
-        return;
-    };
-    let Some(mut meta) = abi::from_bytes::<MeshMeta>(&value) else {
+    let Ok(sock_hash) = MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join("sock_hash"))
+    else {
         return;
     };
     meta.flags |= abi::META_F_DRAINING;
@@ -646,6 +643,11 @@ fn meta_cgroup_path(meta: &MeshMeta) -> String {
 }
 
 fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
+    open_meta(pin_dir).map(|(_, meta)| meta)
+}
+
+/// The pinned `meta_map` and its value, refused unless written by this layout.
+fn open_meta(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
     let path = pin_dir.join(MAPS_DIR).join(META_MAP);
     if !path.exists() {
         return Err(Error::NotAttached {
@@ -659,7 +661,7 @@ fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
         .context(|| format!("reading {}", path.display()))?;
     let meta = value.as_deref().and_then(abi::from_bytes::<MeshMeta>);
     match meta {
-        Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok(meta),
+        Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok((map, meta)),
         Some(meta) => Err(Error::LayoutMismatch {
             pin_dir: pin_dir.into(),
             found: meta.layout_version.to_string(),
