@@ -38,21 +38,9 @@ fn helper(t: sys::bpf_prog_type, h: sys::bpf_func_id) -> bool {
     unsafe { sys::libbpf_probe_bpf_helper(t, h, std::ptr::null()) == 1 }
 }
 
-fn kernel_version() -> (u32, u32) {
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let mut parts = release
-        .split(|c: char| !c.is_ascii_digit())
-        .filter(|p| !p.is_empty());
-    let major = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor)
-}
-
 /// Every feature meshbpf uses, checked on this kernel.
 pub fn probe() -> Vec<Feature> {
-    let version = kernel_version();
+    let version = system::kernel_version();
     let since = |name: &'static str, min: &'static str, at: (u32, u32)| Feature {
         name,
         min_kernel: min,

@@ -173,28 +173,37 @@ fn missing_caps(caps: u64, privilege: Privilege) -> Option<String> {
     (!missing.is_empty()).then(|| missing.join(", "))
 }
 
-/// Checks the running kernel: version and BTF. Returns the release string.
+/// Checks the running kernel's version (BTF and the rest are `meshbpf check`'s probe).
+/// Returns the release string.
 pub fn check_kernel() -> Result<String> {
-    let release = nix::sys::utsname::uname()
-        .map(|u| u.release().to_string_lossy().into_owned())
-        .context(|| "uname".into())?;
+    let release = kernel_release().context(|| "uname".into())?;
     check_release(&release)?;
-    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        return Err(Error::MissingKernelFeature {
-            feature: "BTF".into(),
-            detail: "/sys/kernel/btf/vmlinux does not exist".into(),
-        });
-    }
     Ok(release)
 }
 
-fn check_release(release: &str) -> Result<()> {
+fn kernel_release() -> nix::Result<String> {
+    nix::sys::utsname::uname().map(|u| u.release().to_string_lossy().into_owned())
+}
+
+/// The running kernel's (major, minor), (0, 0) when unknown.
+pub(crate) fn kernel_version() -> (u32, u32) {
+    kernel_release()
+        .map(|r| parse_release(&r))
+        .unwrap_or((0, 0))
+}
+
+/// (major, minor) of a release string such as `6.1.0-18-amd64`.
+fn parse_release(release: &str) -> (u32, u32) {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .filter(|p| !p.is_empty());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    if (major, minor) < MIN_KERNEL {
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let major = next();
+    (major, next())
+}
+
+fn check_release(release: &str) -> Result<()> {
+    if parse_release(release) < MIN_KERNEL {
         return Err(Error::MissingKernelFeature {
             feature: "the netns cookie in sockops and sk_msg programs (Linux 5.15)".into(),
             detail: format!("this is Linux {release}"),
