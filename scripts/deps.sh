@@ -6,9 +6,9 @@ set -euo pipefail
 # Build: clang-19 for the BPF programs; gcc, libc6-dev, make, pkg-config, libelf-dev and
 # zlib1g-dev for the vendored libbpf. Tests and demo: iproute2, bpftool, iptables,
 # util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig), curl
-# (the demo, which tests/demo.rs runs).
+# (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach at each step).
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
-    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl)
+    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace)
 
 meshbpf_install_deps() {
     local missing=()

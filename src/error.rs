@@ -74,6 +74,31 @@ pub enum Error {
         dir: PathBuf,
     },
 
+    /// The pin directory is not one meshbpf may safely use.
+    #[error(
+        "pin directory {path} {why}; meshbpf keeps its pins in a root-owned directory of mode \
+         0700 inside bpffs and never follows links there: choose another --pin-dir (or remove \
+         the entry if you know what made it)"
+    )]
+    PinDirUnsafe {
+        /// The pin directory given.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+
+    /// The pin directory holds something meshbpf did not create.
+    #[error(
+        "{path} holds {found}: it is not a meshbpf attachment, so meshbpf will not touch it; \
+         choose another --pin-dir"
+    )]
+    NotOurPinDir {
+        /// The pin directory given.
+        path: PathBuf,
+        /// What was found there.
+        found: String,
+    },
+
     /// The process lacks the capabilities the operation needs.
     #[error(
         "meshbpf needs root to {action} (missing {missing}); run it as root, for example with sudo"

@@ -24,6 +24,7 @@ mod error;
 mod mesh;
 mod netns;
 mod origin;
+mod pins;
 mod presets;
 mod probe;
 mod settings;
@@ -32,11 +33,10 @@ mod system;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use error::{Error, Result};
-pub use mesh::{
-    detach, AttachOptions, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
-};
+pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
+pub use pins::AttachOptions;
 pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
 pub use probe::{probe, require_features as probe_required, Feature};
 pub use settings::{

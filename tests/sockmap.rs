@@ -21,9 +21,7 @@ struct World {
 
 fn world_with(node_sockmap: bool, pod_sockmap: bool) -> World {
     let mut env = Env::new();
-    let options = AttachOptions {
-        sockmap: node_sockmap,
-    };
+    let options = AttachOptions::with_sockmap(node_sockmap);
     let mesh = Mesh::attach_with(&env.cgroup, &env.pin_dir, &options).unwrap();
     let app = env.pod("app");
     let server_pod = env.pod("server");

@@ -263,6 +263,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::CgroupNotFound { .. }
             | Error::CgroupNotV2 { .. }
             | Error::BpffsNotMounted { .. }
+            | Error::PinDirUnsafe { .. }
+            | Error::NotOurPinDir { .. }
             | Error::AttachedElsewhere { .. }
             | Error::InvalidSetting(_),
         ) => exit::BAD_INPUT,
@@ -277,9 +279,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             no_sockmap,
             pin,
         } => {
-            let options = meshbpf::AttachOptions {
-                sockmap: !no_sockmap,
-            };
+            let options = meshbpf::AttachOptions::with_sockmap(!no_sockmap);
             let mesh = Mesh::attach_with(&cgroup, &pin.pin_dir, &options)?;
             let status = mesh.status().context("reading the attachment back")?;
             println!(

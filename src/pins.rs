@@ -1,0 +1,782 @@
+//! The pin directory: where an attachment's links and maps live in bpffs, and its
+//! lifecycle — attach through a staging directory, replace in place, drain, detach.
+//!
+//! Layout, under the pin directory (default `/sys/fs/bpf/meshbpf`): `maps/<map>` for every
+//! map and `links/<hook>` for every program's link. `maps/meta_map` is written last at
+//! attach and removed last at detach: its presence means "an attachment lives here",
+//! possibly one to repair.
+//!
+//! Safety. bpffs mounted by hand has mode 1777, so other users may create entries next to
+//! the pin directory. meshbpf therefore acts only on directories it created: real
+//! directories (never a symbolic link), owned by the caller (root), mode 0700, below
+//! ancestors that nobody else can rename. Inside such a directory only root can create
+//! anything, so paths below it are safe to use once it has been checked. Every change to
+//! a pin directory happens under an exclusive `flock` on its parent, so concurrent
+//! `attach`, `register` and `detach` calls are serialised, and a killed process releases it.
+//!
+//! Order. A program set is consistent when every hook that captures has the hooks that
+//! answer for it: a connection redirected by `connect4` needs `sockops` to publish its
+//! original destination and `getsockopt` to hand it to the proxy. Attach therefore goes
+//! answers first, capture last, and detach the other way round ([`HOOK_ORDER`]): a kill at
+//! any moment leaves at worst answers without capture, which changes nothing for anyone.
+
+use std::fs;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, MapType, ProgramType};
+
+use crate::abi::{self, MeshMeta, LAYOUT_VERSION};
+use crate::error::{Context, Error, Result};
+use crate::skel::{MeshbpfSkel, MeshbpfSkelBuilder};
+
+pub(crate) const MAPS_DIR: &str = "maps";
+pub(crate) const LINKS_DIR: &str = "links";
+pub(crate) const META_MAP: &str = "meta_map";
+/// Program names in the BPF C start with this; the rest names the hook and its link pin.
+const PROG_PREFIX: &str = "handle__";
+/// bpffs refuses names with a dot, so a staging directory is `<name>-staging-<pid>`.
+const STAGING_INFIX: &str = "-staging-";
+
+/// Every hook with a link, in attach order: the hooks that answer (the original
+/// destination to the proxy, the peer's address to the application) and keep books first,
+/// the hooks that capture last. Detach goes in reverse. `sk_msg` has no link: it hangs on
+/// `sock_hash` and is attached before `sockops` fills that map.
+pub(crate) const HOOK_ORDER: [&str; 15] = [
+    "getsockopt",
+    "getpeername4",
+    "getpeername6",
+    "recvmsg4",
+    "recvmsg6",
+    "sock_release",
+    "post_bind4",
+    "post_bind6",
+    "sockops",
+    "bind4",
+    "bind6",
+    "sendmsg4",
+    "sendmsg6",
+    "connect4",
+    "connect6",
+];
+
+/// Where `hook` comes in [`HOOK_ORDER`]; a hook this build does not know (a newer build's)
+/// comes just before the capturing ones, so that detach removes it right after them.
+fn attach_rank(hook: &str) -> usize {
+    let first_capture = HOOK_ORDER.iter().position(|h| *h == "bind4").unwrap_or(0);
+    HOOK_ORDER
+        .iter()
+        .position(|h| *h == hook)
+        .map_or(2 * first_capture, |i| 2 * i + 1)
+}
+
+/// Node-wide choices made at attach.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct AttachOptions {
+    /// Attach the sockmap fast path (sk_msg); when off, no socket is accelerated on this
+    /// node whatever the pods' settings.
+    pub sockmap: bool,
+}
+
+impl Default for AttachOptions {
+    fn default() -> Self {
+        AttachOptions { sockmap: true }
+    }
+}
+
+impl AttachOptions {
+    /// The defaults with the sockmap fast path on or off.
+    pub fn with_sockmap(sockmap: bool) -> Self {
+        AttachOptions { sockmap }
+    }
+}
+
+/// A pin directory that has been checked to be safe to use (see the module docs): its
+/// path goes through no symbolic link, and its existing ancestors inside bpffs cannot be
+/// renamed by other users.
+#[derive(Clone, Debug)]
+pub(crate) struct PinDir {
+    path: PathBuf,
+    parent: PathBuf,
+}
+
+/// What a pin directory holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum PinState {
+    /// Nothing: no directory.
+    Absent,
+    /// An attachment (`maps/meta_map` is there).
+    Attached,
+    /// What an interrupted detach leaves: empty `maps` / `links` directories at most.
+    Remnant,
+}
+
+/// An advisory lock on a pin directory's parent, released when dropped (or when the
+/// process dies).
+pub(crate) struct PinLock {
+    _dir: fs::File,
+}
+
+impl PinDir {
+    /// Checks `path` for use as a pin directory; creates nothing.
+    pub(crate) fn new(path: &Path) -> Result<PinDir> {
+        let unsafe_dir = |why: String| Error::PinDirUnsafe {
+            path: path.into(),
+            why,
+        };
+        let name = match path.file_name() {
+            Some(name) if path.file_name() != Some(std::ffi::OsStr::new("..")) => name,
+            _ => return Err(unsafe_dir("names no directory".into())),
+        };
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let parent = canonical_prefix(parent)?;
+        crate::system::check_bpffs(&parent).map_err(|err| match err {
+            // The pin directory itself is the root of a bpffs mount: its parent is not bpffs.
+            Error::BpffsNotMounted { .. } if crate::system::check_bpffs(path).is_ok() => {
+                unsafe_dir(format!(
+                    "is the root of a bpffs mount; give a directory inside it, such as {}",
+                    path.join("meshbpf").display()
+                ))
+            }
+            Error::BpffsNotMounted { .. } => Error::BpffsNotMounted { dir: path.into() },
+            other => other,
+        })?;
+        check_ancestors(&parent).map_err(unsafe_dir)?;
+        let pin = PinDir {
+            path: parent.join(name),
+            parent,
+        };
+        if let Some(why) = not_ours(&pin.path)? {
+            return Err(unsafe_dir(why));
+        }
+        Ok(pin)
+    }
+
+    /// The checked path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Takes the lock serialising changes to this pin directory: `exclusive` for writers
+    /// (attach, detach, register), shared for readers. Creates missing parents (0700) when
+    /// `exclusive`.
+    pub(crate) fn lock(&self, exclusive: bool) -> Result<PinLock> {
+        if exclusive && !self.parent.exists() {
+            private_dir(&self.parent)?;
+            check_ancestors(&self.parent).map_err(|why| Error::PinDirUnsafe {
+                path: self.path.clone(),
+                why,
+            })?;
+        }
+        let dir = fs::File::open(&self.parent)
+            .context(|| format!("opening {}", self.parent.display()))?;
+        let arg = if exclusive {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockShared
+        };
+        #[allow(deprecated)] // nix 0.29's Flock wrapper takes the fd by value; this is simpler.
+        nix::fcntl::flock(dir.as_raw_fd(), arg)
+            .context(|| format!("locking {}", self.parent.display()))?;
+        Ok(PinLock { _dir: dir })
+    }
+
+    /// What the directory holds; refuses a directory that is not a meshbpf attachment.
+    pub(crate) fn state(&self) -> Result<PinState> {
+        if fs::symlink_metadata(&self.path).is_err() {
+            return Ok(PinState::Absent);
+        }
+        if let Some(why) = not_ours(&self.path)? {
+            return Err(Error::PinDirUnsafe {
+                path: self.path.clone(),
+                why,
+            });
+        }
+        let meta = self.path.join(MAPS_DIR).join(META_MAP);
+        if fs::symlink_metadata(&meta).is_ok() {
+            return match is_meta_map(&meta) {
+                true => Ok(PinState::Attached),
+                false => Err(self.foreign("a map named meta_map that is not meshbpf's")),
+            };
+        }
+        let entries = dir_names(&self.path)?;
+        for name in &entries {
+            let sub = self.path.join(name);
+            let empty_dir = (name == MAPS_DIR || name == LINKS_DIR)
+                && not_ours(&sub)?.is_none()
+                && dir_names(&sub)?.is_empty();
+            if !empty_dir {
+                return Err(self.foreign(&format!("{name:?} and no meshbpf meta_map")));
+            }
+        }
+        Ok(PinState::Remnant)
+    }
+
+    fn foreign(&self, found: &str) -> Error {
+        Error::NotOurPinDir {
+            path: self.path.clone(),
+            found: found.into(),
+        }
+    }
+
+    fn staging_prefix(&self) -> String {
+        let name = self.path.file_name().unwrap_or_default().to_string_lossy();
+        format!("{name}{STAGING_INFIX}")
+    }
+
+    /// Removes the staging directories of attaches that did not finish (their process died:
+    /// a live one would hold the lock the caller holds now). Entries of that name that
+    /// meshbpf did not create are left alone. Returns whether any was removed.
+    fn remove_stale_staging(&self, _lock: &PinLock) -> Result<bool> {
+        let prefix = self.staging_prefix();
+        let mut removed = false;
+        for name in dir_names(&self.parent)? {
+            let Some(pid) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
+            }
+            let path = self.parent.join(&name);
+            if not_ours(&path)?.is_some() {
+                continue; // a symlink, another user's: not ours to touch
+            }
+            remove_tree(&path)?;
+            removed = true;
+        }
+        Ok(removed)
+    }
+}
+
+/// The longest existing prefix of `path` resolved to its canonical form, with the missing
+/// rest appended.
+fn canonical_prefix(path: &Path) -> Result<PathBuf> {
+    let mut missing = Vec::new();
+    let mut probe = path.to_path_buf();
+    loop {
+        match fs::canonicalize(&probe) {
+            Ok(real) => {
+                return Ok(missing.iter().rev().fold(real, |p, c| p.join(c)));
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                let (Some(parent), Some(name)) = (probe.parent(), probe.file_name()) else {
+                    return Err(err).context(|| format!("resolving {}", path.display()));
+                };
+                missing.push(name.to_owned());
+                probe = if parent.as_os_str().is_empty() {
+                    PathBuf::from(".")
+                } else {
+                    parent.to_path_buf()
+                };
+            }
+            Err(err) => return Err(err).context(|| format!("resolving {}", path.display())),
+        }
+    }
+}
+
+/// Refuses ancestors of a pin directory, up to its bpffs mount's root, that another user
+/// could rename or replace: owned by someone else, or writable by others without the
+/// sticky bit (a hand-mounted bpffs root is 1777: fine).
+fn check_ancestors(parent: &Path) -> std::result::Result<(), String> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let mut dev = None;
+    for dir in parent.ancestors() {
+        let Ok(md) = fs::symlink_metadata(dir) else {
+            continue; // not created yet
+        };
+        if *dev.get_or_insert(md.dev()) != md.dev() {
+            break; // left bpffs
+        }
+        let shared = md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0;
+        if md.uid() != euid && md.uid() != 0 {
+            return Err(format!(
+                "lies below {}, owned by uid {}: another user could replace it",
+                dir.display(),
+                md.uid()
+            ));
+        }
+        if shared {
+            return Err(format!(
+                "lies below {} (mode {:o}), which other users may write without the sticky bit",
+                dir.display(),
+                md.mode() & 0o7777
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why `path` is not a directory meshbpf created (a real directory owned by the caller,
+/// mode 0700), or `None` when it is — or does not exist.
+fn not_ours(path: &Path) -> Result<Option<String>> {
+    let md = match fs::symlink_metadata(path) {
+        Ok(md) => md,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(err).context(|| format!("stat {}", path.display())),
+    };
+    let euid = nix::unistd::geteuid().as_raw();
+    Ok(if md.file_type().is_symlink() {
+        Some("is a symbolic link".into())
+    } else if !md.is_dir() {
+        Some("is not a directory".into())
+    } else if md.uid() != euid {
+        Some(format!("is owned by uid {}, not by this user", md.uid()))
+    } else if md.mode() & 0o077 != 0 {
+        Some(format!(
+            "has mode {:o}: meshbpf's pin directories are 0700",
+            md.mode() & 0o7777
+        ))
+    } else {
+        None
+    })
+}
+
+/// Whether the pin at `path` is meshbpf's meta map: a one-entry array of `mesh_meta`. Its
+/// shape never changes between layouts: it is what tells which layout the rest has.
+fn is_meta_map(path: &Path) -> bool {
+    MapHandle::from_pinned_path(path).is_ok_and(|map| {
+        map.map_type() == MapType::Array
+            && map.key_size() == 4
+            && map.value_size() as usize == std::mem::size_of::<MeshMeta>()
+            && map.max_entries() == 1
+    })
+}
+
+fn dir_names(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).context(|| format!("reading {}", dir.display())),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.context(|| format!("reading {}", dir.display()))?;
+        names.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    Ok(names)
+}
+
+/// Creates a directory (and its missing parents) readable by root only: the pins beneath
+/// give control over every pod's traffic.
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .context(|| format!("creating {}", dir.display()))
+}
+
+/// Attaches to the cgroup v2 directory `cgroup` under `pin`, or replaces the programs of
+/// the attachment already there in place. Holds the exclusive lock throughout.
+pub(crate) fn attach(
+    pin: &PinDir,
+    cgroup: &Path,
+    cgroup_dir: &fs::File,
+    cgroup_id: u64,
+    options: &AttachOptions,
+) -> Result<()> {
+    let lock = pin.lock(true)?;
+    pin.remove_stale_staging(&lock)?;
+    match pin.state()? {
+        PinState::Remnant => {
+            // A detach was interrupted after its last pin: finish it, then attach afresh.
+            remove_tree(pin.path())?;
+            attach_fresh(
+                pin,
+                cgroup_dir,
+                &new_meta(cgroup, cgroup_id, options),
+                options,
+            )
+        }
+        PinState::Absent => attach_fresh(
+            pin,
+            cgroup_dir,
+            &new_meta(cgroup, cgroup_id, options),
+            options,
+        ),
+        PinState::Attached => {
+            let existing = read_meta(pin.path())?;
+            if existing.cgroup_id != cgroup_id {
+                return Err(Error::AttachedElsewhere {
+                    pin_dir: pin.path().into(),
+                    attached: meta_cgroup_path(&existing),
+                });
+            }
+            replace_in_place(pin.path(), cgroup_dir, &existing, options)
+        }
+    }
+}
+
+/// Detaches every program (capture first, answers last) and removes every pin under
+/// `pin`, also when the attachment cannot be opened (another layout, a half-finished
+/// attach); refuses a directory meshbpf did not create. Returns whether anything was there.
+pub(crate) fn detach(pin: &PinDir) -> Result<bool> {
+    let lock = pin.lock(true)?;
+    let stale = pin.remove_stale_staging(&lock)?;
+    if pin.state()? == PinState::Absent {
+        return Ok(stale);
+    }
+    drain_sockmap(pin.path());
+    remove_tree(pin.path())?;
+    Ok(true)
+}
+
+/// How long detach gives the sidecars to read what sk_msg already redirected to them.
+const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Before sock_hash goes (and with it every queue that sockmap redirects into), stop the
+/// redirects and give the sidecars a moment to read what is queued: accelerated
+/// connections then carry on over the normal stack, losing nothing. Best effort: an
+/// attachment that cannot be read (another layout) is removed without it.
+fn drain_sockmap(pin_dir: &Path) {
+    let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {
+        return;
+    };
+    let Ok(sock_hash) = MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join("sock_hash"))
+    else {
+        return;
+    };
+    meta.flags |= abi::META_F_DRAINING;
+    let drained = meta_map.update(&0u32.to_ne_bytes(), abi::bytes(&meta), MapFlags::ANY);
+    if drained.is_ok() && sock_hash.keys().next().is_some() {
+        std::thread::sleep(DRAIN_GRACE);
+    }
+}
+
+/// `meta_map` flags for an attachment made with `options`.
+fn meta_flags(options: &AttachOptions) -> u32 {
+    if options.sockmap {
+        abi::META_F_SOCKMAP
+    } else {
+        0
+    }
+}
+
+fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
+    let mut meta = MeshMeta {
+        layout_version: LAYOUT_VERSION,
+        flags: meta_flags(options),
+        cgroup_id,
+        ..Default::default()
+    };
+    let path = fs::canonicalize(cgroup).unwrap_or_else(|_| cgroup.into());
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // Keep the last byte a NUL; a longer path is cut (the id is what identifies the cgroup).
+    let len = bytes.len().min(meta.cgroup_path.len() - 1);
+    for (dst, src) in meta.cgroup_path.iter_mut().zip(&bytes[..len]) {
+        *dst = *src as _;
+    }
+    meta
+}
+
+/// The cgroup an attachment belongs to, as text for messages.
+pub(crate) fn meta_cgroup_path(meta: &MeshMeta) -> String {
+    let bytes: Vec<u8> = meta
+        .cgroup_path
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as u8)
+        .collect();
+    let path = String::from_utf8_lossy(&bytes);
+    format!("{path} (cgroup id {})", meta.cgroup_id)
+}
+
+pub(crate) fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
+    open_meta(pin_dir).map(|(_, meta)| meta)
+}
+
+/// The pinned `meta_map` and its value, refused unless written by this layout.
+pub(crate) fn open_meta(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
+    let path = pin_dir.join(MAPS_DIR).join(META_MAP);
+    if fs::symlink_metadata(&path).is_err() {
+        return Err(Error::NotAttached {
+            pin_dir: pin_dir.into(),
+        });
+    }
+    let map =
+        MapHandle::from_pinned_path(&path).context(|| format!("opening {}", path.display()))?;
+    let value = map
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .context(|| format!("reading {}", path.display()))?;
+    let meta = value.as_deref().and_then(abi::from_bytes::<MeshMeta>);
+    match meta {
+        Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok((map, meta)),
+        Some(meta) => Err(Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: meta.layout_version.to_string(),
+            expected: LAYOUT_VERSION,
+        }),
+        None => Err(Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: format!("unknown ({} bytes of meta)", value.map_or(0, |v| v.len())),
+            expected: LAYOUT_VERSION,
+        }),
+    }
+}
+
+/// The hook a program serves, from its name: `handle__connect4` → `connect4`.
+fn hook_name(prog_name: &std::ffi::OsStr) -> String {
+    let name = prog_name.to_string_lossy();
+    name.strip_prefix(PROG_PREFIX).unwrap_or(&name).to_string()
+}
+
+/// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
+fn load<'obj>(
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    maps_dir: &Path,
+    options: &AttachOptions,
+) -> Result<MeshbpfSkel<'obj>> {
+    let mut open = MeshbpfSkelBuilder::default()
+        .open(open_object)
+        .context(|| "opening the BPF object".into())?;
+    if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
+        rodata.sockmap_enabled = options.sockmap;
+    }
+    for mut map in open.open_object_mut().maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        if name.contains('.') {
+            continue; // .rodata and friends belong to this load only
+        }
+        map.set_pin_path(maps_dir.join(&name))
+            .context(|| format!("setting the pin path of {name}"))?;
+    }
+    open.load().map_err(|cause| {
+        if cause.kind() == libbpf_rs::ErrorKind::PermissionDenied {
+            Error::PermissionDenied {
+                action: "load BPF programs",
+                missing: "CAP_BPF or a high enough RLIMIT_MEMLOCK".into(),
+            }
+        } else {
+            Error::Bpf {
+                context: "loading the BPF programs (the kernel verifier's log is printed above; \
+                          `meshbpf` needs Linux 5.15+ with BTF)"
+                    .into(),
+                cause,
+            }
+        }
+    })
+}
+
+/// A staging directory that is removed, with every link in it detached, unless kept.
+struct Staging {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = remove_tree(&self.path);
+        }
+    }
+}
+
+/// Attaches into a fresh staging directory next to the pin directory, then renames it into
+/// place, so that the pin directory appears complete or not at all.
+fn attach_fresh(
+    pin: &PinDir,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<()> {
+    let mut staging = Staging {
+        path: pin
+            .parent
+            .join(format!("{}{}", pin.staging_prefix(), std::process::id())),
+        keep: false,
+    };
+    for dir in [MAPS_DIR, LINKS_DIR] {
+        private_dir(&staging.path.join(dir))?;
+    }
+
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
+    // On an early return the new links are dropped, which detaches them, and `staging`
+    // unpins whatever was pinned already.
+    attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
+    // meta_map last: it marks the directory complete.
+    write_meta(&skel, meta)?;
+
+    fs::rename(&staging.path, pin.path())
+        .context(|| format!("moving the attachment to {}", pin.path().display()))?;
+    staging.keep = true;
+    Ok(())
+}
+
+fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
+    skel.maps
+        .meta_map
+        .update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY)
+        .context(|| "writing meta_map".into())
+}
+
+/// Attaches every program of `skel` in [`HOOK_ORDER`], or replaces it in place through its
+/// link pinned under `links_dir`, and pins the links it creates there.
+///
+/// The sk_msg program goes first, onto sock_hash (it has no link before Linux 6.10; the
+/// map holds it): a socket takes the map's programs when it enters the map, so every
+/// socket sockops adds must find sk_msg already there.
+fn attach_programs(
+    skel: &MeshbpfSkel<'_>,
+    cgroup: &fs::File,
+    links_dir: &Path,
+    options: &AttachOptions,
+) -> Result<()> {
+    if options.sockmap {
+        let sock_hash = skel.maps.sock_hash.as_fd().as_raw_fd();
+        skel.progs
+            .handle__sk_msg
+            .attach_sockmap(sock_hash)
+            .context(|| "attaching sk_msg to sock_hash".into())?;
+    }
+    let mut progs: Vec<_> = skel
+        .object()
+        .progs_mut()
+        .filter(|prog| prog.prog_type() != ProgramType::SkMsg)
+        .map(|prog| (hook_name(prog.name()), prog))
+        .collect();
+    progs.sort_by_key(|(hook, _)| attach_rank(hook));
+    let mut created = Vec::new();
+    for (hook, prog) in progs {
+        let path = links_dir.join(&hook);
+        if let Some(mut link) = live_link(&path)? {
+            link.update_prog(&prog)
+                .context(|| format!("replacing the {hook} program"))?;
+        } else {
+            let link = prog
+                .attach_cgroup(cgroup.as_raw_fd())
+                .context(|| format!("attaching {hook}"))?;
+            created.push((path, link));
+        }
+    }
+    private_dir(links_dir)?;
+    for (path, link) in &mut created {
+        link.pin(&*path)
+            .context(|| format!("pinning {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// The link pinned at `path` if it is still attached to a cgroup. A pin whose link was
+/// detached (by a detach that stopped before unpinning it) is removed: its hook needs a
+/// new link.
+fn live_link(path: &Path) -> Result<Option<Link>> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(None);
+    }
+    let link = Link::open(path).context(|| format!("opening link {}", path.display()))?;
+    let info = link
+        .info()
+        .context(|| format!("querying link {}", path.display()))?;
+    if matches!(info.info, libbpf_rs::query::LinkTypeInfo::Cgroup(ref c) if c.cgroup_id == 0) {
+        fs::remove_file(path).context(|| format!("removing {}", path.display()))?;
+        return Ok(None);
+    }
+    Ok(Some(link))
+}
+
+/// Replaces each program of an existing attachment through its pinned link, keeping the
+/// pinned maps; attaches and pins any program whose link is missing.
+fn replace_in_place(
+    pin_dir: &Path,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<()> {
+    let mut open_object = MaybeUninit::uninit();
+    let skel =
+        load(&mut open_object, &pin_dir.join(MAPS_DIR), options).map_err(|err| match err {
+            Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
+                Error::LayoutMismatch {
+                    pin_dir: pin_dir.into(),
+                    found: "incompatible pinned maps".into(),
+                    expected: LAYOUT_VERSION,
+                }
+            }
+            other => other,
+        })?;
+    attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    let mut meta = *meta;
+    meta.flags = meta_flags(options);
+    write_meta(&skel, &meta)
+}
+
+/// Detaches every link pinned under `dir` (capture first, answers last), then removes
+/// every pin and directory, with the meta map last. `dir` must be one meshbpf created
+/// (checked by the caller): nothing below it follows a symbolic link of someone else's.
+fn remove_tree(dir: &Path) -> Result<()> {
+    let links = dir.join(LINKS_DIR);
+    let mut hooks = dir_names(&links)?;
+    hooks.sort_by_key(|hook| std::cmp::Reverse(attach_rank(hook)));
+    for hook in hooks {
+        let path = links.join(&hook);
+        if let Ok(link) = Link::open(&path) {
+            // Detach even if another process still holds the link open.
+            let _ = link.detach();
+        }
+        fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+    }
+    remove_dir_if_there(&links)?;
+    let maps = dir.join(MAPS_DIR);
+    let mut names = dir_names(&maps)?;
+    names.sort_by_key(|name| name == META_MAP);
+    for name in names {
+        let path = maps.join(name);
+        fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+    }
+    remove_dir_if_there(&maps)?;
+    remove_dir_if_there(dir)
+}
+
+fn remove_dir_if_there(dir: &Path) -> Result<()> {
+    match fs::remove_dir(dir) {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err).context(|| {
+            format!(
+                "removing {} (does it hold files meshbpf did not create?)",
+                dir.display()
+            )
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_program_has_its_place_in_the_hook_order() {
+        let mut object = MaybeUninit::uninit();
+        let open = MeshbpfSkelBuilder::default().open(&mut object).unwrap();
+        let mut hooks: Vec<String> = open
+            .open_object()
+            .progs()
+            .filter(|p| p.prog_type() != ProgramType::SkMsg)
+            .map(|p| hook_name(p.name()))
+            .collect();
+        hooks.sort();
+        let mut known = HOOK_ORDER.map(String::from).to_vec();
+        known.sort();
+        assert_eq!(hooks, known);
+    }
+
+    #[test]
+    fn capture_hooks_come_after_every_hook_that_answers_and_unknown_hooks_between() {
+        for capture in [
+            "bind4", "bind6", "sendmsg4", "sendmsg6", "connect4", "connect6",
+        ] {
+            for answer in ["getsockopt", "sockops", "getpeername4", "recvmsg6"] {
+                assert!(attach_rank(answer) < attach_rank(capture));
+            }
+            assert!(attach_rank("some_future_hook") < attach_rank(capture));
+        }
+        assert!(attach_rank("sockops") < attach_rank("some_future_hook"));
+    }
+}
