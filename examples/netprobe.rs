@@ -12,6 +12,11 @@
 //!                                            # connect()+send(): prints from=, rcode=, answer=
 //! netprobe sockopts --listen ADDR [--hold]   # accept one connection, run getsockopt probes on
 //!                                            # it; --hold keeps it open until killed
+//! netprobe reuse tcp FIRST SECOND [--unspec]  # one TCP socket connects to FIRST (may fail),
+//!                                            # [dissolves with connect(AF_UNSPEC)], then to
+//!                                            # SECOND: prints first=, local=, peer=, reply=
+//! netprobe reuse udp-dns FIRST SECOND         # sendto() a DNS query to FIRST, then connect()
+//!                                            # the same UDP socket to SECOND: prints peer=
 //! ```
 
 use std::io::{self, BufRead, BufReader, Write};
@@ -32,7 +37,8 @@ fn main() {
         Some("sockopts") => sockopts(&args[1..]),
         Some("bind") => bind_only(&args[1..]),
         Some("dns") => dns(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold]".into()),
+        Some("reuse") => reuse(&args[1..]),
+        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] | reuse tcp|udp-dns FIRST SECOND [--unspec]".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -403,4 +409,88 @@ fn getsockopt_raw(
     }
     buf.truncate(optlen as usize);
     Ok(buf)
+}
+
+/// One socket, two connects (see the usage at the top): what the second one shows must not
+/// depend on the first.
+fn reuse(args: &[String]) -> Result<()> {
+    use nix::sys::socket::{
+        connect, getpeername, getsockname, sendto, socket, AddressFamily, MsgFlags, SockFlag,
+        SockType, SockaddrStorage,
+    };
+    let [kind, first, second, rest @ ..] = args else {
+        return Err("reuse tcp|udp-dns FIRST SECOND [--unspec]".into());
+    };
+    let (first, second) = (parse_addr(first)?, parse_addr(second)?);
+    let unspec = rest.iter().any(|a| a == "--unspec");
+    let family = if second.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let tcp = match kind.as_str() {
+        "tcp" => true,
+        "udp-dns" => false,
+        other => return Err(format!("reuse: unknown kind {other}")),
+    };
+    let kind = if tcp {
+        SockType::Stream
+    } else {
+        SockType::Datagram
+    };
+    let fd = socket(family, kind, SockFlag::SOCK_CLOEXEC, None).map_err(|e| e.to_string())?;
+    let first_addr = SockaddrStorage::from(first);
+    let outcome = if tcp {
+        connect(fd.as_raw_fd(), &first_addr).map(|_| ())
+    } else {
+        let query = dns_query(0x4d43, "example.test", 1);
+        sendto(fd.as_raw_fd(), &query, &first_addr, MsgFlags::empty()).map(|_| ())
+    };
+    say(match outcome {
+        Ok(()) => "first=ok".into(),
+        Err(errno) => format!("first=err:{errno:?}"),
+    });
+    if unspec {
+        // connect(2) with AF_UNSPEC dissolves the association (TCP: disconnect).
+        let addr = libc::sockaddr {
+            sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+            sa_data: [0; 14],
+        };
+        // SAFETY: `addr` is a valid sockaddr of the length passed.
+        let ret = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                &addr,
+                size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+        };
+        if ret < 0 {
+            return Err(format!(
+                "connect(AF_UNSPEC): {}",
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(second))
+        .map_err(|e| format!("connect {second}: {e}"))?;
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    let peer: SockaddrStorage = getpeername(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    say(format!("local={local}"));
+    say(format!("peer={peer}"));
+    if tcp {
+        // A server that answers lines answers this one; one that does not (a getsockopt
+        // prober) leaves `reply_error=`.
+        let stream = TcpStream::from(fd);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
+        let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+        writeln!(writer, "hello").map_err(|e| format!("send: {e}"))?;
+        let mut reply = String::new();
+        match BufReader::new(stream).read_line(&mut reply) {
+            Ok(_) => say(format!("reply={}", reply.trim_end())),
+            Err(err) => say(format!("reply_error={err}")),
+        }
+    }
+    Ok(())
 }

@@ -8,16 +8,6 @@ use std::process::Command;
 
 use common::*;
 
-/// `probe NAME=RESULT` lines of a `netprobe sockopts` run.
-fn probes(output: &str) -> BTreeMap<String, String> {
-    output
-        .lines()
-        .filter_map(|l| l.strip_prefix("probe "))
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
 /// Runs `netprobe sockopts` as the proxy in `pod` on `listen`, has the application connect
 /// to `dest`, and returns the probe results.
 fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
@@ -32,31 +22,6 @@ fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, Strin
     let results = probes(&out);
     assert_eq!(results.len(), 7, "{out}");
     results
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// The bytes of the `sockaddr_in`/`sockaddr_in6` the kernel ABI defines for `addr`.
-fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
-    let mut out = Vec::new();
-    match addr {
-        std::net::SocketAddr::V4(v4) => {
-            out.extend_from_slice(&2u16.to_ne_bytes());
-            out.extend_from_slice(&v4.port().to_be_bytes());
-            out.extend_from_slice(&v4.ip().octets());
-            out.extend_from_slice(&[0; 8]);
-        }
-        std::net::SocketAddr::V6(v6) => {
-            out.extend_from_slice(&10u16.to_ne_bytes());
-            out.extend_from_slice(&v6.port().to_be_bytes());
-            out.extend_from_slice(&[0; 4]);
-            out.extend_from_slice(&v6.ip().octets());
-            out.extend_from_slice(&[0; 4]);
-        }
-    }
-    hex(&out)
 }
 
 fn passthrough(v6: bool) {

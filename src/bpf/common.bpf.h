@@ -174,6 +174,17 @@ static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns
 		pod_rule(netns_cookie, gid, RULE_PROXY_GID));
 }
 
+/*
+ * Whether `port` (host order) is one of the pod's sidecar listeners: the only peer a
+ * socket whose connect was captured can have. Checked before its original destination is
+ * published or shown, so that nothing kept from an earlier connect of the same socket is
+ * ever attributed to another peer.
+ */
+static __always_inline bool is_sidecar_port(const struct pod_settings *pod, __u16 port)
+{
+	return port == pod->outbound_port || port == pod->dns_port;
+}
+
 static __always_inline bool is_loopback4(__u32 addr_be)
 {
 	return (bpf_ntohl(addr_be) >> 24) == 127;

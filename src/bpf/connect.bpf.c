@@ -73,6 +73,24 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, c
 	return pod->outbound_port;
 }
 
+/*
+ * Destinations that reach this host over loopback, never captured: 127.0.0.0/8 and ::1,
+ * and the unspecified addresses, which connect(2) turns into loopback (the kernel routes
+ * 0.0.0.0 to 127.0.0.1 and :: to ::1), so that istio-iptables' `-d 127.0.0.1/32 -j RETURN`
+ * and `-o lo` rules leave them alone too.
+ */
+static __always_inline bool to_this_host4(__u32 ip)
+{
+	return ip == 0 || is_loopback4(ip);
+}
+
+static __always_inline bool to_this_host6(const __u32 addr[4])
+{
+	if (is_v4_mapped(addr))
+		return to_this_host4(addr[3]);
+	return (addr[0] | addr[1] | addr[2] | addr[3]) == 0 || is_loopback6(addr);
+}
+
 static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
 {
 	struct sock_state *state;
@@ -87,16 +105,36 @@ static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct ori
 	return true;
 }
 
-static __always_inline int redirect4(struct bpf_sock_addr *ctx)
+/*
+ * A socket that connects again (after a failed connect, connect(AF_UNSPEC), or an
+ * unconnected DNS sendto) and is not captured this time must not keep an original
+ * destination from before: getpeername() would lie, sockops would publish it for this
+ * connection (a loopback server of the pod would be told a forged SO_ORIGINAL_DST), and the
+ * socket would enter sock_hash. A datagram sent with sendto() keeps it: a reply to an
+ * earlier DNS query may still be on its way.
+ */
+static __always_inline int leave_alone(struct bpf_sock_addr *ctx, bool connecting)
+{
+	struct sock_state *state;
+
+	if (!connecting)
+		return 1;
+	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+	if (state)
+		state->dst.family = 0;
+	return 1;
+}
+
+static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 {
 	struct orig_dst dst = {};
 	__u32 ip = ctx->user_ip4;
 	__u16 port;
 
 	dst.addr[0] = ip;
-	port = redirect_port(ctx, false, dst.addr, is_loopback4(ip), bpf_ntohs(ctx->user_port));
+	port = redirect_port(ctx, false, dst.addr, to_this_host4(ip), bpf_ntohs(ctx->user_port));
 	if (!port)
-		return 1;
+		return leave_alone(ctx, connecting);
 	dst.port = ctx->user_port;
 	dst.family = AF_INET;
 	if (!remember(ctx, &dst))
@@ -106,7 +144,7 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx)
 	return 1;
 }
 
-static __always_inline int redirect6(struct bpf_sock_addr *ctx)
+static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 {
 	struct orig_dst dst = {};
 	__u32 to[4];
@@ -118,10 +156,10 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 	dst.addr[3] = ctx->user_ip6[3];
 	/* An IPv4-mapped destination is matched against the IPv4 prefixes. */
 	port = redirect_port(ctx, !is_v4_mapped(dst.addr),
-			     is_v4_mapped(dst.addr) ? &dst.addr[3] : dst.addr, is_loopback6(dst.addr),
+			     is_v4_mapped(dst.addr) ? &dst.addr[3] : dst.addr, to_this_host6(dst.addr),
 			     bpf_ntohs(ctx->user_port));
 	if (!port)
-		return 1;
+		return leave_alone(ctx, connecting);
 	dst.port = ctx->user_port;
 	dst.family = AF_INET6;
 	if (!remember(ctx, &dst))
@@ -138,32 +176,43 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int handle__connect4(struct bpf_sock_addr *ctx)
 {
-	return redirect4(ctx);
+	return redirect4(ctx, true);
 }
 
 SEC("cgroup/connect6")
 int handle__connect6(struct bpf_sock_addr *ctx)
 {
-	return redirect6(ctx);
+	return redirect6(ctx, true);
 }
 
 /* Unconnected UDP: every sendto() with an address passes here (connected sends do not). */
 SEC("cgroup/sendmsg4")
 int handle__sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return redirect4(ctx);
+	return redirect4(ctx, false);
 }
 
 SEC("cgroup/sendmsg6")
 int handle__sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return redirect6(ctx);
+	return redirect6(ctx, false);
+}
+
+/* getpeername() of a socket talking to its pod's sidecar: ctx holds that peer. */
+static __always_inline bool peer_is_sidecar(struct bpf_sock_addr *ctx, bool loopback)
+{
+	struct pod_settings *pod;
+
+	if (!loopback)
+		return false;
+	pod = lookup_pod(bpf_get_netns_cookie(ctx));
+	return pod && is_sidecar_port(pod, bpf_ntohs(ctx->user_port));
 }
 
 SEC("cgroup/getpeername4")
 int handle__getpeername4(struct bpf_sock_addr *ctx)
 {
-	if (restore_orig_dst4(ctx))
+	if (peer_is_sidecar(ctx, is_loopback4(ctx->user_ip4)) && restore_orig_dst4(ctx))
 		count(CNT_GETPEERNAME_RESTORED);
 	return 1;
 }
@@ -171,7 +220,9 @@ int handle__getpeername4(struct bpf_sock_addr *ctx)
 SEC("cgroup/getpeername6")
 int handle__getpeername6(struct bpf_sock_addr *ctx)
 {
-	if (restore_orig_dst6(ctx))
+	__u32 peer[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+
+	if (peer_is_sidecar(ctx, is_loopback6(peer)) && restore_orig_dst6(ctx))
 		count(CNT_GETPEERNAME_RESTORED);
 	return 1;
 }

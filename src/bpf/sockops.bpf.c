@@ -171,6 +171,7 @@ static __always_inline void sockmap_first_ack(struct bpf_sock_ops *skops)
 static __always_inline void record_origin(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
+	struct pod_settings *pod;
 	struct conn_key key = {};
 	struct sock_state *state;
 	struct orig_dst dst;
@@ -179,6 +180,11 @@ static __always_inline void record_origin(struct bpf_sock_ops *skops)
 		return;
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (!state || !state->dst.family)
+		return;
+	/* Only a connection to the pod's sidecar carries an original destination. */
+	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	if (!pod || !ops_is_loopback(skops) ||
+	    !is_sidecar_port(pod, (__u16)bpf_ntohl(skops->remote_port)))
 		return;
 	dst = state->dst;
 	orig_dst_normalize(&dst);

@@ -5,6 +5,7 @@
 //! when the test fails.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -567,4 +568,39 @@ pub fn counter(mesh: &Mesh, name: &str) -> u64 {
         .find(|(n, _)| *n == name)
         .map(|(_, v)| v)
         .unwrap()
+}
+
+/// `probe NAME=RESULT` lines of a `netprobe sockopts` run.
+pub fn probes(output: &str) -> BTreeMap<String, String> {
+    output
+        .lines()
+        .filter_map(|l| l.strip_prefix("probe "))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The bytes of the `sockaddr_in`/`sockaddr_in6` the kernel ABI defines for `addr`.
+pub fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
+    let mut out = Vec::new();
+    match addr {
+        std::net::SocketAddr::V4(v4) => {
+            out.extend_from_slice(&2u16.to_ne_bytes());
+            out.extend_from_slice(&v4.port().to_be_bytes());
+            out.extend_from_slice(&v4.ip().octets());
+            out.extend_from_slice(&[0; 8]);
+        }
+        std::net::SocketAddr::V6(v6) => {
+            out.extend_from_slice(&10u16.to_ne_bytes());
+            out.extend_from_slice(&v6.port().to_be_bytes());
+            out.extend_from_slice(&[0; 4]);
+            out.extend_from_slice(&v6.ip().octets());
+            out.extend_from_slice(&[0; 4]);
+        }
+    }
+    hex(&out)
 }

@@ -1,0 +1,178 @@
+//! Socket semantics at parity with iptables REDIRECT: sockets reused for a second connect,
+//! destinations the kernel treats as loopback, and the other socket kinds real applications
+//! and proxies use.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::*;
+use meshbpf::PodSettings;
+
+/// A registered client pod and a server pod answering lines on [`port`]s 8080 and 8082.
+struct World {
+    _env: Env,
+    mesh: meshbpf::Mesh,
+    client: Pod,
+    server: Pod,
+    _server_proc: Proc,
+}
+
+fn world(settings: &PodSettings) -> World {
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let client = env.pod("client");
+    let server = env.pod("server");
+    let server_proc = server.server(&["0.0.0.0:8080", "0.0.0.0:8082", "[::]:8090", "[::]:8092"]);
+    mesh.register_netns(&client.netns, settings).unwrap();
+    World {
+        _env: env,
+        mesh,
+        client,
+        server,
+        _server_proc: server_proc,
+    }
+}
+
+/// The server's port for `base` in one family (IPv6 ports are 10 up).
+fn port(v6: bool, base: u16) -> u16 {
+    if v6 {
+        base + 10
+    } else {
+        base
+    }
+}
+
+fn loopback(v6: bool, port: u16) -> String {
+    if v6 {
+        format!("[::1]:{port}")
+    } else {
+        format!("127.0.0.1:{port}")
+    }
+}
+
+/// `netprobe reuse ...` as the application; its `key=value` lines.
+fn reuse(w: &World, args: &[&str]) -> BTreeMap<String, String> {
+    let mut all = vec!["reuse"];
+    all.extend_from_slice(args);
+    let out = w.client.run(APP_UID, &example("netprobe"), &all);
+    let text = stdout_of(&out);
+    text.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A getsockopt prober of the pod's own on loopback (an application, not the sidecar):
+/// what it is told about the one connection it accepts.
+fn loopback_prober(w: &World, v6: bool, port: u16) -> Proc {
+    let proc = w.client.spawn(
+        APP_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", &loopback(v6, port), "--hold"],
+    );
+    proc.wait_for("listening=");
+    proc
+}
+
+fn stale_destination_is_forgotten(v6: bool) {
+    if !privileged() {
+        return;
+    }
+    let w = world(&PodSettings {
+        exclude_outbound_ports: [8082, 8092].into(),
+        ..Default::default()
+    });
+    let captured = w.server.addr(v6, port(v6, 8080));
+    let sockmap_before = counter(&w.mesh, "sockmap_added");
+
+    // 1. A captured connect fails (no sidecar yet), then the socket connects to a loopback
+    //    server of the pod.
+    let prober = loopback_prober(&w, v6, 7000);
+    let seen = reuse(&w, &["tcp", &captured, &loopback(v6, 7000)]);
+    assert_eq!(seen["first"], "err:ECONNREFUSED", "{seen:?}");
+    assert_eq!(
+        seen["peer"],
+        loopback(v6, 7000),
+        "getpeername lies: {seen:?}"
+    );
+    prober.wait_for("probes done");
+    let told = probes(&prober.output());
+    // No conntrack here: the kernel's own answer for a connection never redirected.
+    assert_eq!(
+        told["original_dst"], "err:2",
+        "forged SO_ORIGINAL_DST: {told:?}"
+    );
+    assert_ne!(
+        told["original_dst"],
+        format!("ok:{}", sockaddr_hex(captured.parse().unwrap()))
+    );
+
+    // 2. A captured connection through the sidecar, dissolved with connect(AF_UNSPEC), then
+    //    the same socket to a loopback server, and to an excluded port.
+    let sidecar = w.client.sidecar();
+    let prober = loopback_prober(&w, v6, 7001);
+    let seen = reuse(&w, &["tcp", &captured, &loopback(v6, 7001), "--unspec"]);
+    assert_eq!(seen["first"], "ok");
+    assert_eq!(seen["peer"], loopback(v6, 7001), "{seen:?}");
+    prober.wait_for("probes done");
+    assert_eq!(probes(&prober.output())["original_dst"], "err:2");
+    let excluded = w.server.addr(v6, port(v6, 8082));
+    let seen = reuse(&w, &["tcp", &captured, &excluded, "--unspec"]);
+    assert_eq!(seen["peer"], excluded, "{seen:?}");
+    let own = w.client.addr(v6, 0);
+    let saw = own.strip_suffix('0').unwrap_or(&own);
+    assert!(
+        seen["reply"].starts_with(&format!("from={excluded} saw={saw}")),
+        "{seen:?}"
+    );
+    assert_eq!(sidecar.lines("outbound ").len(), 2, "{}", sidecar.output());
+
+    // 3. A DNS query sent with sendto(), then the same UDP socket connected elsewhere.
+    let dns = format!("{}:53", if v6 { "[2001:db8::53]" } else { "192.0.2.53" });
+    let seen = reuse(&w, &["udp-dns", &dns, &loopback(v6, 9999)]);
+    assert_eq!(seen["peer"], loopback(v6, 9999), "{seen:?}");
+
+    // None of the second connects entered sock_hash or left an entry behind.
+    assert_eq!(counter(&w.mesh, "sockmap_added") - sockmap_before, 4);
+    drop(sidecar);
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || format!("{} entries left", w.mesh.tracked_connections()),
+    );
+}
+
+#[test]
+fn a_reused_socket_keeps_no_stale_original_destination_ipv4() {
+    stale_destination_is_forgotten(false);
+}
+
+#[test]
+fn a_reused_socket_keeps_no_stale_original_destination_ipv6() {
+    stale_destination_is_forgotten(true);
+}
+
+#[test]
+fn connects_to_the_unspecified_address_are_loopback_as_for_iptables() {
+    if !privileged() {
+        return;
+    }
+    let w = world(&PodSettings::default());
+    let sidecar = w.client.sidecar();
+    let _local = w.client.server(&["0.0.0.0:7002", "[::]:7003"]);
+    for (dest, peer) in [
+        ("0.0.0.0:7002", "127.0.0.1:7002"),
+        ("[::]:7003", "[::1]:7003"),
+    ] {
+        let probe = w.client.connect(dest, &[]);
+        assert!(probe.ok, "{probe:?}");
+        assert_eq!(probe.get("peer"), peer);
+        assert!(probe.get("reply").starts_with("from="), "{probe:?}");
+    }
+    assert!(
+        sidecar.lines("outbound ").is_empty(),
+        "{}",
+        sidecar.output()
+    );
+    assert_eq!(counter(&w.mesh, "connect_redirected"), 0);
+}
