@@ -11,35 +11,47 @@ pub(crate) use crate::skel::types::{
     orig_dst as OrigDst, rule_key as RuleKey,
 };
 
-/// `MESHBPF_LAYOUT_VERSION` in meshbpf.h: bump both when a pinned map's layout changes.
-pub const LAYOUT_VERSION: u32 = 7;
-/// `MAX_PODS` in meshbpf.h.
-pub const MAX_PODS: u32 = 16384;
+use crate::skel::types::{cidr_key_bits, consts, meta_flag, pod_flag, rule_kind};
+
+/// The counter names and the map names, derived by build.rs from the BPF object.
+mod generated {
+    include!(concat!(env!("OUT_DIR"), "/abi_gen.rs"));
+}
+pub(crate) use generated::map;
+pub use generated::COUNTER_NAMES;
+
+/// The map layout this build reads and writes (`MESHBPF_LAYOUT_VERSION` in meshbpf.h).
+pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;
+/// How many pods one node can register (`MAX_PODS` in meshbpf.h).
+pub const MAX_PODS: u32 = consts::MAX_PODS.0;
+/// `NO_GID` in meshbpf.h: a pod without a proxy gid.
+pub(crate) const NO_GID: u32 = consts::NO_GID.0;
 
 pub(crate) const AF_INET: u16 = 2;
 pub(crate) const AF_INET6: u16 = 10;
 
-/// `POD_F_*` in meshbpf.h.
+/// `enum pod_flag` in meshbpf.h.
 pub(crate) mod pod_flags {
-    pub const CAPTURE_OUTBOUND: u32 = 1 << 0;
-    pub const CAPTURE_INBOUND: u32 = 1 << 1;
-    pub const CAPTURE_DNS: u32 = 1 << 2;
-    pub const SOCKMAP: u32 = 1 << 3;
-    pub const INBOUND_ALL_PORTS: u32 = 1 << 4;
-    pub const OUTBOUND_ALL_CIDRS: u32 = 1 << 5;
-    pub const MORE_PROXY_IDS: u32 = 1 << 6;
+    use super::pod_flag;
+    pub const CAPTURE_OUTBOUND: u32 = pod_flag::POD_F_CAPTURE_OUTBOUND.0;
+    pub const CAPTURE_INBOUND: u32 = pod_flag::POD_F_CAPTURE_INBOUND.0;
+    pub const CAPTURE_DNS: u32 = pod_flag::POD_F_CAPTURE_DNS.0;
+    pub const SOCKMAP: u32 = pod_flag::POD_F_SOCKMAP.0;
+    pub const INBOUND_ALL_PORTS: u32 = pod_flag::POD_F_INBOUND_ALL_PORTS.0;
+    pub const OUTBOUND_ALL_CIDRS: u32 = pod_flag::POD_F_OUTBOUND_ALL_CIDRS.0;
+    pub const MORE_PROXY_IDS: u32 = pod_flag::POD_F_MORE_PROXY_IDS.0;
 }
 
 /// `enum rule_kind` in meshbpf.h.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[repr(u8)]
 pub(crate) enum RuleKind {
-    InboundInclude = 1,
-    InboundExclude = 2,
-    OutboundInclude = 3,
-    OutboundExclude = 4,
-    ProxyUid = 5,
-    ProxyGid = 6,
+    InboundInclude = rule_kind::RULE_INBOUND_INCLUDE.0 as u8,
+    InboundExclude = rule_kind::RULE_INBOUND_EXCLUDE.0 as u8,
+    OutboundInclude = rule_kind::RULE_OUTBOUND_INCLUDE.0 as u8,
+    OutboundExclude = rule_kind::RULE_OUTBOUND_EXCLUDE.0 as u8,
+    ProxyUid = rule_kind::RULE_PROXY_UID.0 as u8,
+    ProxyGid = rule_kind::RULE_PROXY_GID.0 as u8,
 }
 
 impl RuleKind {
@@ -56,45 +68,11 @@ impl RuleKind {
         RuleKind::ALL.into_iter().find(|k| *k as u8 == raw)
     }
 }
-/// `NO_GID` in meshbpf.h.
-pub(crate) const NO_GID: u32 = u32::MAX;
-
-/// Names of `enum counter` in meshbpf.h, in order; the counters map has exactly this many.
-pub const COUNTER_NAMES: &[&str] = &[
-    "connect_redirected",
-    "skip_proxy_uid",
-    "skip_loopback",
-    "skip_proxy_port",
-    "storage_failed",
-    "origin_recorded",
-    "origin_update_failed",
-    "origin_removed",
-    "getsockopt_answered",
-    "getsockopt_miss",
-    "getpeername_restored",
-    "bind_redirected",
-    "bind_skip_port",
-    "bind_proxy_privileged",
-    "dns_redirected",
-    "dns_reply_restored",
-    "dns_query_origin_found",
-    "dns_query_origin_miss",
-    "sockmap_added",
-    "sockmap_add_failed",
-    "sockmap_msg_redirected",
-    "sockmap_bytes_redirected",
-    "sockmap_msg_no_peer",
-    "sockmap_left_on_shutdown",
-    "sockmap_left_small_first_msg",
-    "skip_excluded_port",
-    "skip_excluded_cidr",
-    "skip_not_included",
-];
 
 /// `META_F_SOCKMAP` in meshbpf.h.
-pub(crate) const META_F_SOCKMAP: u32 = 1 << 0;
+pub(crate) const META_F_SOCKMAP: u32 = meta_flag::META_F_SOCKMAP.0;
 /// `META_F_DRAINING` in meshbpf.h.
-pub(crate) const META_F_DRAINING: u32 = 1 << 1;
+pub(crate) const META_F_DRAINING: u32 = meta_flag::META_F_DRAINING.0;
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
 const _: () = assert!(size_of::<RawPodSettings>() == 32);
@@ -102,7 +80,7 @@ const _: () = assert!(size_of::<OrigDst>() == 20);
 const _: () = assert!(size_of::<ConnKey>() == 48);
 const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
 const _: () = assert!(size_of::<RuleKey>() == 16);
-const _: () = assert!(size_of::<CidrKey>() == 28);
+const _: () = assert!(size_of::<CidrKey>() == 32);
 const _: () = assert!(size_of::<InboundKey>() == 16);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
@@ -122,22 +100,23 @@ unsafe impl plain::Plain for CidrKey {}
 unsafe impl plain::Plain for InboundKey {}
 
 impl RuleKey {
-    pub(crate) fn new(netns_cookie: u64, kind: RuleKind, value: u32) -> Self {
+    pub(crate) fn new(netns_cookie: u64, gen: u16, kind: RuleKind, value: u32) -> Self {
         RuleKey {
             netns_cookie,
             value,
             kind: kind as u8,
+            gen,
             ..Default::default()
         }
     }
 }
 
-/// Bits of a CIDR trie key that the pod's cookie takes.
-const COOKIE_BITS: u32 = 64;
+/// Bits of a CIDR trie key before the address: the pod's cookie and its lists' generation.
+const CIDR_KEY_PREFIX_BITS: u32 = cidr_key_bits::CIDR_KEY_PREFIX_BITS.0;
 
 impl CidrKey {
     /// The trie key of one prefix of one pod.
-    pub(crate) fn new(netns_cookie: u64, cidr: &crate::settings::Cidr) -> Self {
+    pub(crate) fn new(netns_cookie: u64, gen: u16, cidr: &crate::settings::Cidr) -> Self {
         let (octets, plen) = cidr.as_v6();
         let mut addr = [0u32; 4];
         for (i, w) in addr.iter_mut().enumerate() {
@@ -149,8 +128,9 @@ impl CidrKey {
             ]);
         }
         CidrKey {
-            prefixlen: COOKIE_BITS + u32::from(plen),
+            prefixlen: CIDR_KEY_PREFIX_BITS + u32::from(plen),
             netns_cookie: [netns_cookie as u32, (netns_cookie >> 32) as u32],
+            gen: u32::from(gen),
             addr,
         }
     }
@@ -164,7 +144,7 @@ impl CidrKey {
         for (i, w) in self.addr.iter().enumerate() {
             octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
         }
-        let plen = self.prefixlen.checked_sub(COOKIE_BITS)?;
+        let plen = self.prefixlen.checked_sub(CIDR_KEY_PREFIX_BITS)?;
         crate::settings::Cidr::from_v6(octets, u8::try_from(plen).ok()?)
     }
 }

@@ -138,11 +138,10 @@ pub enum Error {
         attached: String,
     },
 
-    /// The pinned maps were written by an incompatible build.
+    /// The pinned maps were written by a build this one cannot read or upgrade.
     #[error(
-        "{pin_dir} was written with map layout {found}, this build uses {expected} and cannot \
-         migrate it; run `meshbpf detach --pin-dir {pin_dir}` (registered pods must then be \
-         registered again)"
+        "{pin_dir} holds map layout {found}, this build uses layout {expected}: {}",
+        layout_advice(found, *expected, pin_dir)
     )]
     LayoutMismatch {
         /// The pin directory.
@@ -152,6 +151,13 @@ pub enum Error {
         /// The layout this build uses.
         expected: u32,
     },
+
+    /// Upgrading the pinned maps to this build's layout failed.
+    #[error(
+        "upgrading the attachment's map layout failed: {0}; the previous programs and maps \
+         stay in force, and running `meshbpf attach` again resumes the upgrade"
+    )]
+    MigrationFailed(String),
 
     /// `cookie_map` is full.
     #[error("cannot register: {max} pods are registered already, the most cookie_map holds; unregister pods or run `meshbpf gc`")]
@@ -181,6 +187,32 @@ pub enum Error {
         /// The OS error (part of the message, so not also a `source()`).
         cause: io::Error,
     },
+}
+
+/// What to do about a layout this build does not use, by how it compares.
+fn layout_advice(found: &str, expected: u32, pin_dir: &std::path::Path) -> String {
+    let pin = pin_dir.display();
+    let oldest = crate::migrate::oldest_upgradable();
+    match found.parse::<u32>() {
+        Ok(found) if found < expected && found >= oldest => "run `meshbpf attach` with this \
+            build to upgrade it (it keeps every registration and live connection), or use the \
+            build that attached it"
+            .to_string(),
+        Ok(found) if found < expected => format!(
+            "this build upgrades layouts {oldest} and later only; use an intermediate release \
+             first, or `meshbpf detach --pin-dir {pin}` (registered pods must then be \
+             registered again)"
+        ),
+        Ok(_) => format!(
+            "it was attached by a newer meshbpf, which this build cannot downgrade; use that \
+             build, or `meshbpf detach --pin-dir {pin}` (registered pods must then be \
+             registered again)"
+        ),
+        Err(_) => format!(
+            "this build cannot read it; `meshbpf detach --pin-dir {pin}` removes it \
+             (registered pods must then be registered again)"
+        ),
+    }
 }
 
 /// Attaches a description of what was being done to a lower-level error.

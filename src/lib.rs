@@ -21,7 +21,9 @@
 
 mod abi;
 mod error;
+mod mapio;
 mod mesh;
+mod migrate;
 mod netns;
 mod origin;
 mod pins;

@@ -2,7 +2,7 @@
 //! looking up original destinations, reading counters. The pin directory's lifecycle
 //! (attach, replace in place, detach) is in `pins.rs`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,12 +10,13 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
 use crate::abi::{
-    self, CidrKey, ConnKey, InboundKey, MeshMeta, OrigDst, RawPodSettings, RuleKey, RuleKind,
-    COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS,
+    self, map, CidrKey, ConnKey, InboundKey, MeshMeta, OrigDst, RawPodSettings, RuleKey, RuleKind,
+    COUNTER_NAMES, MAX_PODS,
 };
 use crate::error::{Context, Error, Result};
+use crate::mapio;
 use crate::netns::Netns;
-use crate::pins::{self, AttachOptions, PinDir, PinState, LINKS_DIR, MAPS_DIR};
+use crate::pins::{self, AttachOptions, PinDir, PinLock, PinState, LINKS_DIR, MAPS_DIR};
 use crate::settings::{Lists, PodSettings};
 use crate::system::{self, Privilege};
 
@@ -130,33 +131,21 @@ impl Mesh {
             });
         }
         let meta = pins::read_meta(pin.path())?;
-        let map = |name: &str| {
+        let open = |name: &str| {
             let path = pin.path().join(MAPS_DIR).join(name);
             MapHandle::from_pinned_path(&path)
                 .context(|| format!("opening pinned map {}", path.display()))
         };
-        let counters = map("counters")?;
-        if counters.max_entries() as usize != COUNTER_NAMES.len() {
-            return Err(Error::LayoutMismatch {
-                pin_dir: pin_dir.into(),
-                found: format!(
-                    "{} (with {} counters)",
-                    meta.layout_version,
-                    counters.max_entries()
-                ),
-                expected: LAYOUT_VERSION,
-            });
-        }
         Ok(Mesh {
             meta,
-            cookie_map: map("cookie_map")?,
-            pod_rules: map("pod_rules")?,
-            cidr_include: map("cidr_include")?,
-            cidr_exclude: map("cidr_exclude")?,
-            inbound_ports: map("inbound_ports")?,
-            origin_dst_map: map("origin_dst_map")?,
-            sock_hash: map("sock_hash")?,
-            counters,
+            cookie_map: open(map::COOKIE_MAP)?,
+            pod_rules: open(map::POD_RULES)?,
+            cidr_include: open(map::CIDR_INCLUDE)?,
+            cidr_exclude: open(map::CIDR_EXCLUDE)?,
+            inbound_ports: open(map::INBOUND_PORTS)?,
+            origin_dst_map: open(map::ORIGIN_DST_MAP)?,
+            sock_hash: open(map::SOCK_HASH)?,
+            counters: open(map::COUNTERS)?,
             pin,
         })
     }
@@ -192,29 +181,32 @@ impl Mesh {
         settings.validate()?;
         let netns = Netns::open(netns_path)?;
         netns.refuse_host(options.allow_host_netns)?;
-        let cookie = netns.cookie();
-        let new = list_keys(cookie, &settings.lists());
-        let old = self.stored_keys(cookie);
-        // New list entries first, then the settings that use them, then the stale entries:
-        // a connection decided in between sees the old lists, the new ones or their union.
-        for ((map, name), keys) in self.list_maps().into_iter().zip(&new) {
-            for key in keys {
-                if let Err(err) = map.update(key, &[1], MapFlags::ANY) {
-                    self.remove_keys(&new, &old);
-                    return Err(map_write_error(err, name));
-                }
-            }
-        }
         let netns_inode = netns.inode()?;
+        let lock = self.pin.lock(true)?;
+        let cookie = netns.cookie();
+        let current = self.raw_pod(cookie)?.map(|raw| raw.lists_gen);
+        let gen = current.map_or(0, |g| g.wrapping_add(1));
+        let stored = self.list_entries(&lock, Some(cookie))?.remove(&cookie);
+        let stored = stored.unwrap_or_default();
+        // Entries of a generation not in force were left by a register stopped half-way:
+        // they go first, so that the new generation starts empty.
+        self.delete_entries(&stored.except(current));
+        let new = ListEntries::of(cookie, gen, &settings.lists());
+        if let Err(err) = self.write_entries(&new) {
+            self.delete_entries(&new);
+            return Err(err);
+        }
         let raw = RawPodSettings {
             netns_ino: netns_inode,
+            lists_gen: gen,
             ..settings.to_raw()
         };
+        // The switch: from here connections see the new settings and lists together.
         if let Err(err) =
             self.cookie_map
                 .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
         {
-            self.remove_keys(&new, &old);
+            self.delete_entries(&new);
             return Err(match is_map_full(&err) {
                 true => Error::PodMapFull { max: MAX_PODS },
                 false => Error::Bpf {
@@ -223,68 +215,86 @@ impl Mesh {
                 },
             });
         }
-        self.remove_keys(&old, &new);
+        self.delete_entries(&stored.only(current));
         Ok(Pod {
             netns_cookie: cookie,
             settings: settings.clone(),
             netns_inode,
-            inbound_listeners: self.inbound_listeners(cookie)?,
+            inbound_listeners: self
+                .listeners(&lock, Some(cookie))?
+                .remove(&cookie)
+                .unwrap_or_default(),
         })
     }
 
-    /// The maps that hold per-pod lists, with their names, in [`ListKeys`] order.
+    /// One pod's `cookie_map` value, if it is registered.
+    fn raw_pod(&self, netns_cookie: u64) -> Result<Option<RawPodSettings>> {
+        let value = self
+            .cookie_map
+            .lookup(&netns_cookie.to_ne_bytes(), MapFlags::ANY)
+            .context(|| format!("reading {}", map::COOKIE_MAP))?;
+        Ok(value.as_deref().and_then(abi::from_bytes::<RawPodSettings>))
+    }
+
+    /// The maps that hold per-pod lists, with their names, in [`ListEntries`] order.
     fn list_maps(&self) -> [(&MapHandle, &'static str); 3] {
         [
-            (&self.pod_rules, "pod_rules"),
-            (&self.cidr_include, "cidr_include"),
-            (&self.cidr_exclude, "cidr_exclude"),
+            (&self.pod_rules, map::POD_RULES),
+            (&self.cidr_include, map::CIDR_INCLUDE),
+            (&self.cidr_exclude, map::CIDR_EXCLUDE),
         ]
     }
 
-    /// The keys one pod has in the list maps now.
-    fn stored_keys(&self, netns_cookie: u64) -> ListKeys {
-        let rules = self
-            .pod_rules
-            .keys()
-            .filter(|k| {
-                abi::from_bytes::<RuleKey>(k).is_some_and(|k| k.netns_cookie == netns_cookie)
-            })
-            .collect();
-        let cidrs = |map: &MapHandle| {
-            map.keys()
-                .filter(|k| {
-                    abi::from_bytes::<CidrKey>(k).is_some_and(|k| k.cookie() == netns_cookie)
-                })
-                .collect()
-        };
-        [rules, cidrs(&self.cidr_include), cidrs(&self.cidr_exclude)]
-    }
-
-    /// Deletes the keys of `these` that are not in `keep`.
-    fn remove_keys(&self, these: &ListKeys, keep: &ListKeys) {
-        for (((map, _), these), keep) in self.list_maps().into_iter().zip(these).zip(keep) {
-            for key in these.difference(keep) {
-                let _ = map.delete(key);
+    /// Every pod's entries in the list maps (or only `only`'s), in one pass per map.
+    fn list_entries(
+        &self,
+        _lock: &PinLock,
+        only: Option<u64>,
+    ) -> Result<BTreeMap<u64, ListEntries>> {
+        let mut out: BTreeMap<u64, ListEntries> = BTreeMap::new();
+        let wanted = |cookie: u64| only.is_none_or(|c| c == cookie);
+        for (key, _) in mapio::entries(&self.pod_rules, map::POD_RULES)? {
+            if let Some(rule) = abi::from_bytes::<RuleKey>(&key).filter(|k| wanted(k.netns_cookie))
+            {
+                out.entry(rule.netns_cookie).or_default().rules.push(rule);
             }
         }
+        for (trie, name, include) in [
+            (&self.cidr_include, map::CIDR_INCLUDE, true),
+            (&self.cidr_exclude, map::CIDR_EXCLUDE, false),
+        ] {
+            for (key, _) in mapio::entries(trie, name)? {
+                let Some(cidr) = abi::from_bytes::<CidrKey>(&key).filter(|k| wanted(k.cookie()))
+                else {
+                    continue;
+                };
+                let pod = out.entry(cidr.cookie()).or_default();
+                match include {
+                    true => pod.include.push(cidr),
+                    false => pod.exclude.push(cidr),
+                }
+            }
+        }
+        Ok(out)
     }
 
-    /// One pod's lists, read back from the maps.
-    fn lists_of(&self, netns_cookie: u64) -> Lists {
-        let [rules, include, exclude] = self.stored_keys(netns_cookie);
-        let cidrs = |keys: BTreeSet<Vec<u8>>| {
-            keys.iter()
-                .filter_map(|k| abi::from_bytes::<CidrKey>(k)?.cidr())
-                .collect()
-        };
-        Lists {
-            rules: rules
-                .iter()
-                .filter_map(|k| abi::from_bytes::<RuleKey>(k))
-                .filter_map(|k| RuleKind::from_raw(k.kind).map(|kind| (kind, k.value)))
-                .collect(),
-            include_cidrs: cidrs(include),
-            exclude_cidrs: cidrs(exclude),
+    /// Writes every entry, stopping at the first failure.
+    fn write_entries(&self, entries: &ListEntries) -> Result<()> {
+        for ((map, name), keys) in self.list_maps().into_iter().zip(entries.keys()) {
+            for key in keys {
+                map.update(&key, &[1], MapFlags::ANY)
+                    .map_err(|err| map_write_error(err, name))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes every entry (best effort: one already gone is no error).
+    fn delete_entries(&self, entries: &ListEntries) {
+        for ((map, _), keys) in self.list_maps().into_iter().zip(entries.keys()) {
+            for key in keys {
+                let _ = map.delete(&key);
+            }
         }
     }
 
@@ -299,13 +309,23 @@ impl Mesh {
     /// Takes the pod with this netns cookie out of the mesh, with its port lists and
     /// discovered listeners; returns whether it was registered.
     pub fn unregister_cookie(&self, netns_cookie: u64) -> Result<bool> {
+        let lock = self.pin.lock(true)?;
+        self.unregister_locked(&lock, netns_cookie)
+    }
+
+    fn unregister_locked(&self, lock: &PinLock, netns_cookie: u64) -> Result<bool> {
         let registered = match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
             Ok(()) => true,
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
-            Err(err) => return Err(err).context(|| "deleting from cookie_map".into()),
+            Err(err) => return Err(err).context(|| format!("deleting from {}", map::COOKIE_MAP)),
         };
-        self.remove_keys(&self.stored_keys(netns_cookie), &ListKeys::default());
-        for key in self.inbound_ports.keys() {
+        if let Some(entries) = self
+            .list_entries(lock, Some(netns_cookie))?
+            .remove(&netns_cookie)
+        {
+            self.delete_entries(&entries);
+        }
+        for (key, _) in mapio::entries(&self.inbound_ports, map::INBOUND_PORTS)? {
             if abi::from_bytes::<InboundKey>(&key).is_some_and(|k| k.netns_cookie == netns_cookie) {
                 let _ = self.inbound_ports.delete(&key);
             }
@@ -316,82 +336,100 @@ impl Mesh {
     /// Inbound listener discovery: the ports the pod's applications listen on now, moved to
     /// loopback by the bind hooks.
     pub fn inbound_listeners(&self, netns_cookie: u64) -> Result<Vec<u16>> {
-        let mut ports = BTreeSet::new();
-        for key in self.inbound_ports.keys() {
-            let Some(parsed) = abi::from_bytes::<InboundKey>(&key) else {
+        let lock = self.pin.lock(false)?;
+        Ok(self
+            .listeners(&lock, Some(netns_cookie))?
+            .remove(&netns_cookie)
+            .unwrap_or_default())
+    }
+
+    /// Every pod's listening ports (or only `only`'s), in one pass.
+    fn listeners(&self, _lock: &PinLock, only: Option<u64>) -> Result<BTreeMap<u64, Vec<u16>>> {
+        let mut out: BTreeMap<u64, BTreeSet<u16>> = BTreeMap::new();
+        for (key, value) in mapio::entries(&self.inbound_ports, map::INBOUND_PORTS)? {
+            let Some(key) = abi::from_bytes::<InboundKey>(&key) else {
                 continue;
             };
-            if parsed.netns_cookie != netns_cookie {
-                continue;
-            }
-            let count = self
-                .inbound_ports
-                .lookup(&key, MapFlags::ANY)
-                .context(|| "reading inbound_ports".into())?;
-            if count
-                .and_then(|v| <[u8; 4]>::try_from(v.as_slice()).ok())
-                .is_some_and(|v| u32::from_ne_bytes(v) > 0)
-            {
-                ports.insert(parsed.port);
+            let count = <[u8; 4]>::try_from(value.as_slice()).map_or(0, u32::from_ne_bytes);
+            if count > 0 && only.is_none_or(|c| c == key.netns_cookie) {
+                out.entry(key.netns_cookie).or_default().insert(key.port);
             }
         }
-        Ok(ports.into_iter().collect())
+        Ok(out
+            .into_iter()
+            .map(|(cookie, ports)| (cookie, ports.into_iter().collect()))
+            .collect())
     }
 
     /// Unregisters every pod whose network namespace no longer exists (no process in it, no
     /// process holding it open, no bind mount of it), with its lists, listeners and tracked
-    /// connections; returns the pods removed.
+    /// connections; removes list entries no registered pod uses (left by a register or an
+    /// unregister that was stopped half-way). Returns the pods removed.
     pub fn gc(&self) -> Result<Vec<Pod>> {
-        system::require(Privilege::Bpf, "garbage-collect registered pods")?;
-        // Pods first, then the live namespaces: a pod registered in between is not in the
-        // list, so it can never be taken for dead.
-        let pods = self.pods()?;
-        let live = crate::netns::live_netns_inodes();
+        system::require(Privilege::EnterNetns, "garbage-collect registered pods")?;
+        let lock = self.pin.lock(true)?;
+        // Pods first, then the live namespaces: under the lock nothing registers meanwhile,
+        // and a namespace made later has a new cookie anyway (cookies are never reused).
+        let pods = self.pods_locked(&lock)?;
+        let live = crate::netns::live_netns_cookies();
         let mut removed = Vec::new();
         for pod in pods {
-            if live.contains(&pod.netns_inode) {
+            if live.contains(&pod.netns_cookie) {
                 continue;
             }
-            self.unregister_cookie(pod.netns_cookie)?;
-            for key in self.origin_dst_map.keys() {
-                if abi::from_bytes::<ConnKey>(&key)
-                    .is_some_and(|k| k.netns_cookie == pod.netns_cookie)
-                {
-                    let _ = self.origin_dst_map.delete(&key);
-                }
-            }
+            self.unregister_locked(&lock, pod.netns_cookie)?;
             removed.push(pod);
+        }
+        let registered = self.raw_pods()?;
+        for (cookie, entries) in self.list_entries(&lock, None)? {
+            self.delete_entries(&entries.except(registered.get(&cookie).map(|r| r.lists_gen)));
+        }
+        let dead = |cookie: u64| !registered.contains_key(&cookie);
+        for (key, _) in mapio::entries(&self.origin_dst_map, map::ORIGIN_DST_MAP)? {
+            if abi::from_bytes::<ConnKey>(&key).is_some_and(|k| dead(k.netns_cookie)) {
+                let _ = self.origin_dst_map.delete(&key);
+            }
         }
         Ok(removed)
     }
 
     /// Every registered pod.
     pub fn pods(&self) -> Result<Vec<Pod>> {
-        let mut pods = Vec::new();
-        for key in self.cookie_map.keys() {
-            let Some(value) = self
-                .cookie_map
-                .lookup(&key, MapFlags::ANY)
-                .context(|| "reading cookie_map".into())?
-            else {
-                continue; // unregistered while we walked the map
-            };
-            let (Ok(cookie), Some(raw)) = (
-                <[u8; 8]>::try_from(key.as_slice()),
-                abi::from_bytes::<RawPodSettings>(&value),
-            ) else {
-                continue;
-            };
-            let netns_cookie = u64::from_ne_bytes(cookie);
-            pods.push(Pod {
-                netns_cookie,
-                settings: PodSettings::from_parts(&raw, &self.lists_of(netns_cookie)),
-                netns_inode: raw.netns_ino,
-                inbound_listeners: self.inbound_listeners(netns_cookie)?,
-            });
-        }
-        pods.sort_by_key(|pod| pod.netns_cookie);
-        Ok(pods)
+        let lock = self.pin.lock(false)?;
+        self.pods_locked(&lock)
+    }
+
+    /// Every `cookie_map` entry.
+    fn raw_pods(&self) -> Result<BTreeMap<u64, RawPodSettings>> {
+        Ok(mapio::entries(&self.cookie_map, map::COOKIE_MAP)?
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let cookie = u64::from_ne_bytes(<[u8; 8]>::try_from(key.as_slice()).ok()?);
+                Some((cookie, abi::from_bytes::<RawPodSettings>(&value)?))
+            })
+            .collect())
+    }
+
+    /// One pass over each map, grouped by cookie: linear in the number of entries.
+    fn pods_locked(&self, lock: &PinLock) -> Result<Vec<Pod>> {
+        let mut lists = self.list_entries(lock, None)?;
+        let mut listeners = self.listeners(lock, None)?;
+        Ok(self
+            .raw_pods()?
+            .into_iter()
+            .map(|(netns_cookie, raw)| {
+                let entries = lists.remove(&netns_cookie).unwrap_or_default();
+                Pod {
+                    netns_cookie,
+                    settings: PodSettings::from_parts(
+                        &raw,
+                        &entries.only(Some(raw.lists_gen)).lists(),
+                    ),
+                    netns_inode: raw.netns_ino,
+                    inbound_listeners: listeners.remove(&netns_cookie).unwrap_or_default(),
+                }
+            })
+            .collect())
     }
 
     /// The original destination of the captured connection from `client` (the application's
@@ -407,7 +445,7 @@ impl Mesh {
         let value = self
             .origin_dst_map
             .lookup(abi::bytes(&key), MapFlags::ANY)
-            .context(|| "reading origin_dst_map".into())?;
+            .context(|| format!("reading {}", map::ORIGIN_DST_MAP))?;
         Ok(value
             .and_then(|v| abi::from_bytes::<OrigDst>(&v))
             .and_then(|dst| dst.to_socket_addr()))
@@ -430,7 +468,7 @@ impl Mesh {
             let per_cpu = self
                 .counters
                 .lookup_percpu(&(index as u32).to_ne_bytes(), MapFlags::ANY)
-                .context(|| "reading counters".into())?;
+                .context(|| format!("reading {}", map::COUNTERS))?;
             let total = per_cpu
                 .unwrap_or_default()
                 .iter()
@@ -478,25 +516,85 @@ impl Mesh {
     }
 }
 
-/// One pod's keys in the list maps: `pod_rules`, `cidr_include`, `cidr_exclude`.
-type ListKeys = [BTreeSet<Vec<u8>>; 3];
+/// One pod's entries in the list maps: `pod_rules`, `cidr_include`, `cidr_exclude`.
+#[derive(Clone, Debug, Default)]
+struct ListEntries {
+    rules: Vec<RuleKey>,
+    include: Vec<CidrKey>,
+    exclude: Vec<CidrKey>,
+}
 
-/// The keys the list maps hold for `lists` of the pod with `netns_cookie`.
-fn list_keys(netns_cookie: u64, lists: &Lists) -> ListKeys {
-    let cidrs = |set: &BTreeSet<crate::settings::Cidr>| {
-        set.iter()
-            .map(|c| abi::bytes(&CidrKey::new(netns_cookie, c)).to_vec())
-            .collect()
-    };
-    [
-        lists
-            .rules
-            .iter()
-            .map(|&(kind, value)| abi::bytes(&RuleKey::new(netns_cookie, kind, value)).to_vec())
-            .collect(),
-        cidrs(&lists.include_cidrs),
-        cidrs(&lists.exclude_cidrs),
-    ]
+impl ListEntries {
+    /// The entries that hold `lists` of the pod with `netns_cookie`, in generation `gen`.
+    fn of(netns_cookie: u64, gen: u16, lists: &Lists) -> Self {
+        let cidrs = |set: &BTreeSet<crate::settings::Cidr>| {
+            set.iter()
+                .map(|c| CidrKey::new(netns_cookie, gen, c))
+                .collect()
+        };
+        ListEntries {
+            rules: lists
+                .rules
+                .iter()
+                .map(|&(kind, value)| RuleKey::new(netns_cookie, gen, kind, value))
+                .collect(),
+            include: cidrs(&lists.include_cidrs),
+            exclude: cidrs(&lists.exclude_cidrs),
+        }
+    }
+
+    /// Those of generation `gen` (none when `None`).
+    fn only(&self, gen: Option<u16>) -> Self {
+        self.filtered(|g| Some(g) == gen)
+    }
+
+    /// Those of any generation but `gen`.
+    fn except(&self, gen: Option<u16>) -> Self {
+        self.filtered(|g| Some(g) != gen)
+    }
+
+    fn filtered(&self, keep: impl Fn(u16) -> bool) -> Self {
+        ListEntries {
+            rules: self.rules.iter().filter(|k| keep(k.gen)).copied().collect(),
+            include: self
+                .include
+                .iter()
+                .filter(|k| keep(k.gen as u16))
+                .copied()
+                .collect(),
+            exclude: self
+                .exclude
+                .iter()
+                .filter(|k| keep(k.gen as u16))
+                .copied()
+                .collect(),
+        }
+    }
+
+    /// The keys' bytes, per map in [`Mesh::list_maps`] order.
+    fn keys(&self) -> [Vec<Vec<u8>>; 3] {
+        fn bytes<T: plain::Plain>(keys: &[T]) -> Vec<Vec<u8>> {
+            keys.iter().map(|k| abi::bytes(k).to_vec()).collect()
+        }
+        [
+            bytes(&self.rules),
+            bytes(&self.include),
+            bytes(&self.exclude),
+        ]
+    }
+
+    /// The lists these entries hold.
+    fn lists(&self) -> Lists {
+        Lists {
+            rules: self
+                .rules
+                .iter()
+                .filter_map(|k| RuleKind::from_raw(k.kind).map(|kind| (kind, k.value)))
+                .collect(),
+            include_cidrs: self.include.iter().filter_map(|k| k.cidr()).collect(),
+            exclude_cidrs: self.exclude.iter().filter_map(|k| k.cidr()).collect(),
+        }
+    }
 }
 
 fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {

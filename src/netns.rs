@@ -35,11 +35,16 @@ impl Netns {
     /// network namespace and reads its cookie.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = File::open(&path).map_err(|err| match err.kind() {
+        let file = open_ns_file(&path).map_err(|err| match err.kind() {
             std::io::ErrorKind::NotFound => Error::NetnsNotFound { path: path.clone() },
-            _ => Error::Io {
+            std::io::ErrorKind::PermissionDenied => Error::Io {
                 context: format!("opening {}", path.display()),
                 cause: err,
+            },
+            // A symlink loop, a path through a non-directory, a name too long...
+            _ => Error::NotANetns {
+                path: path.clone(),
+                found: format!("it cannot be opened: {err}"),
             },
         })?;
         check_is_netns(&path, &file)?;
@@ -109,8 +114,7 @@ fn check_is_netns(path: &Path, file: &File) -> Result<()> {
             found: found.into(),
         });
     }
-    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace type.
-    let ns_type = unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    let ns_type = ns_type(file);
     if ns_type != nix::libc::CLONE_NEWNET {
         let found = match ns_type {
             nix::libc::CLONE_NEWNS => "a mount namespace".to_string(),
@@ -145,54 +149,82 @@ fn cookie_of(ns: &File) -> std::io::Result<u64> {
     })
 }
 
-/// The inodes of every network namespace that still exists as far as this node can see:
+/// The cookies of every network namespace that still exists as far as this node can see:
 /// those of processes (`/proc/PID/ns/net`), held open by a process (`/proc/PID/fd/N`), or
-/// bind-mounted anywhere (nsfs mounts in `/proc/self/mountinfo`, such as `/run/netns/NAME`).
-pub fn live_netns_inodes() -> std::collections::BTreeSet<u64> {
-    fn net_inode(link: &str) -> Option<u64> {
-        link.strip_prefix("net:[")?.strip_suffix(']')?.parse().ok()
+/// bind-mounted anywhere (nsfs mounts, such as `/run/netns/NAME`). Identified by cookie,
+/// not by nsfs inode: the kernel gives a new namespace the inode of one just gone.
+pub(crate) fn live_netns_cookies() -> std::collections::BTreeSet<u64> {
+    use std::collections::BTreeSet;
+    fn is_net(link: &Path) -> bool {
+        std::fs::read_link(link).is_ok_and(|l| l.to_string_lossy().starts_with("net:["))
     }
-    let mut live = std::collections::BTreeSet::new();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return live;
-    };
-    for proc in procs.flatten() {
-        if !proc
-            .file_name()
-            .to_string_lossy()
-            .bytes()
-            .all(|b| b.is_ascii_digit())
-        {
-            continue;
-        }
-        let path = proc.path();
-        if let Some(ino) = std::fs::read_link(path.join("ns/net"))
-            .ok()
-            .and_then(|l| net_inode(&l.to_string_lossy()))
-        {
-            live.insert(ino);
-        }
-        if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
-            for fd in fds.flatten() {
-                if let Some(ino) = std::fs::read_link(fd.path())
-                    .ok()
-                    .and_then(|l| net_inode(&l.to_string_lossy()))
-                {
-                    live.insert(ino);
-                }
+    let mut candidates = Vec::new();
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for proc in procs.flatten() {
+            if !proc
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let path = proc.path();
+            candidates.push(path.join("ns/net"));
+            if let Ok(fds) = std::fs::read_dir(path.join("fd")) {
+                candidates.extend(fds.flatten().map(|fd| fd.path()).filter(|p| is_net(p)));
             }
         }
     }
     if let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") {
-        // Field 4 of an nsfs bind mount is the namespace, e.g. `net:[4026532481]`.
-        live.extend(
-            mountinfo
-                .lines()
-                .filter_map(|l| l.split(' ').nth(3))
-                .filter_map(net_inode),
-        );
+        // Field 4 of an nsfs bind mount is the namespace (`net:[4026532481]`), field 5 where
+        // it is mounted.
+        candidates.extend(mountinfo.lines().filter_map(|line| {
+            let mut fields = line.split(' ');
+            let root = fields.nth(3)?;
+            let point = fields.next()?;
+            root.starts_with("net:[")
+                .then(|| PathBuf::from(crate::system::unescape_mountinfo(point)))
+        }));
     }
-    live
+    // One namespace per (device, inode) at this moment; one thread visits each in turn.
+    let mut seen = BTreeSet::new();
+    let files: Vec<File> = candidates
+        .iter()
+        .filter_map(|path| open_ns_file(path).ok())
+        .filter(|file| {
+            file.metadata()
+                .is_ok_and(|md| seen.insert((md.dev(), md.ino())))
+        })
+        .filter(|file| ns_type(file) == nix::libc::CLONE_NEWNET)
+        .collect();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                files
+                    .iter()
+                    .filter(|file| setns(file, CloneFlags::CLONE_NEWNET).is_ok())
+                    .filter_map(|_| current_cookie().ok())
+                    .collect()
+            })
+            .join()
+            .unwrap_or_default()
+    })
+}
+
+/// Opens a would-be namespace file without blocking (a FIFO would block a plain open).
+fn open_ns_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)
+}
+
+/// The namespace type of an nsfs file (`CLONE_NEW*`), or -1.
+fn ns_type(file: &File) -> nix::libc::c_int {
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace type.
+    unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) }
 }
 
 /// The cookie of the calling thread's network namespace.

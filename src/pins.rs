@@ -402,13 +402,17 @@ pub(crate) fn attach(
             options,
         ),
         PinState::Attached => {
-            let existing = read_meta(pin.path())?;
+            let existing = read_meta_of_any_layout(pin.path())?;
             if existing.cgroup_id != cgroup_id {
                 return Err(Error::AttachedElsewhere {
                     pin_dir: pin.path().into(),
                     attached: meta_cgroup_path(&existing),
                 });
             }
+            if existing.layout_version != LAYOUT_VERSION {
+                return crate::migrate::upgrade(pin.path(), cgroup_dir, &existing, options);
+            }
+            crate::migrate::remove_staging(pin.path())?;
             replace_in_place(pin.path(), cgroup_dir, &existing, options)
         }
     }
@@ -451,7 +455,7 @@ fn drain_sockmap(pin_dir: &Path) {
 }
 
 /// `meta_map` flags for an attachment made with `options`.
-fn meta_flags(options: &AttachOptions) -> u32 {
+pub(crate) fn meta_flags(options: &AttachOptions) -> u32 {
     if options.sockmap {
         abi::META_F_SOCKMAP
     } else {
@@ -494,6 +498,23 @@ pub(crate) fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {
 
 /// The pinned `meta_map` and its value, refused unless written by this layout.
 pub(crate) fn open_meta(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
+    let (map, meta) = open_meta_of_any_layout(pin_dir)?;
+    if meta.layout_version != LAYOUT_VERSION {
+        return Err(Error::LayoutMismatch {
+            pin_dir: pin_dir.into(),
+            found: meta.layout_version.to_string(),
+            expected: LAYOUT_VERSION,
+        });
+    }
+    Ok((map, meta))
+}
+
+fn read_meta_of_any_layout(pin_dir: &Path) -> Result<MeshMeta> {
+    open_meta_of_any_layout(pin_dir).map(|(_, meta)| meta)
+}
+
+/// The pinned `meta_map` and its value, whichever layout wrote it (its shape never changes).
+fn open_meta_of_any_layout(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
     let path = pin_dir.join(MAPS_DIR).join(META_MAP);
     if fs::symlink_metadata(&path).is_err() {
         return Err(Error::NotAttached {
@@ -505,14 +526,8 @@ pub(crate) fn open_meta(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
     let value = map
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
         .context(|| format!("reading {}", path.display()))?;
-    let meta = value.as_deref().and_then(abi::from_bytes::<MeshMeta>);
-    match meta {
-        Some(meta) if meta.layout_version == LAYOUT_VERSION => Ok((map, meta)),
-        Some(meta) => Err(Error::LayoutMismatch {
-            pin_dir: pin_dir.into(),
-            found: meta.layout_version.to_string(),
-            expected: LAYOUT_VERSION,
-        }),
+    match value.as_deref().and_then(abi::from_bytes::<MeshMeta>) {
+        Some(meta) => Ok((map, meta)),
         None => Err(Error::LayoutMismatch {
             pin_dir: pin_dir.into(),
             found: format!("unknown ({} bytes of meta)", value.map_or(0, |v| v.len())),
@@ -527,11 +542,11 @@ fn hook_name(prog_name: &std::ffi::OsStr) -> String {
     name.strip_prefix(PROG_PREFIX).unwrap_or(&name).to_string()
 }
 
-/// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
-fn load<'obj>(
+/// Opens the skeleton, pins (or reuses) every map where `pin_path` says, and loads it.
+pub(crate) fn load<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
-    maps_dir: &Path,
     options: &AttachOptions,
+    mut pin_path: impl FnMut(&str, &libbpf_rs::OpenMapMut<'_>) -> Result<PathBuf>,
 ) -> Result<MeshbpfSkel<'obj>> {
     let mut open = MeshbpfSkelBuilder::default()
         .open(open_object)
@@ -544,7 +559,8 @@ fn load<'obj>(
         if name.contains('.') {
             continue; // .rodata and friends belong to this load only
         }
-        map.set_pin_path(maps_dir.join(&name))
+        let path = pin_path(&name, &map)?;
+        map.set_pin_path(path)
             .context(|| format!("setting the pin path of {name}"))?;
     }
     open.load().map_err(|cause| {
@@ -562,6 +578,25 @@ fn load<'obj>(
             }
         }
     })
+}
+
+/// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
+fn load_in<'obj>(
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    maps_dir: &Path,
+    options: &AttachOptions,
+) -> Result<MeshbpfSkel<'obj>> {
+    load(open_object, options, |name, _| Ok(maps_dir.join(name)))
+}
+
+/// A map of a loaded skeleton, by name.
+pub(crate) fn skel_map(skel: &MeshbpfSkel<'_>, name: &str) -> Result<MapHandle> {
+    let map = skel
+        .object()
+        .maps()
+        .find(|m| m.name() == name)
+        .ok_or_else(|| Error::MigrationFailed(format!("the new object has no map {name}")))?;
+    MapHandle::try_from(&map).context(|| format!("opening {name}"))
 }
 
 /// A staging directory that is removed, with every link in it detached, unless kept.
@@ -597,7 +632,7 @@ fn attach_fresh(
     }
 
     let mut open_object = MaybeUninit::uninit();
-    let skel = load(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
+    let skel = load_in(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
     // On an early return the new links are dropped, which detaches them, and `staging`
     // unpins whatever was pinned already.
     attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
@@ -610,7 +645,7 @@ fn attach_fresh(
     Ok(())
 }
 
-fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
+pub(crate) fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
     skel.maps
         .meta_map
         .update(&0u32.to_ne_bytes(), abi::bytes(meta), MapFlags::ANY)
@@ -623,7 +658,7 @@ fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
 /// The sk_msg program goes first, onto sock_hash (it has no link before Linux 6.10; the
 /// map holds it): a socket takes the map's programs when it enters the map, so every
 /// socket sockops adds must find sk_msg already there.
-fn attach_programs(
+pub(crate) fn attach_programs(
     skel: &MeshbpfSkel<'_>,
     cgroup: &fs::File,
     links_dir: &Path,
@@ -692,7 +727,7 @@ fn replace_in_place(
 ) -> Result<()> {
     let mut open_object = MaybeUninit::uninit();
     let skel =
-        load(&mut open_object, &pin_dir.join(MAPS_DIR), options).map_err(|err| match err {
+        load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options).map_err(|err| match err {
             Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
                 Error::LayoutMismatch {
                     pin_dir: pin_dir.into(),

@@ -420,7 +420,7 @@ impl PodSettings {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             dns_port: self.dns_port,
-            _pad: 0,
+            lists_gen: 0,
             flags,
             sockmap_min_bytes: self.sockmap_min_bytes,
             netns_ino: 0,

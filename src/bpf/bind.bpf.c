@@ -22,11 +22,11 @@
 static __always_inline bool inbound_port_captured(const struct pod_settings *pod, __u64 cookie,
 						  __u16 port)
 {
-	if (pod_rule(cookie, port, RULE_INBOUND_EXCLUDE))
+	if (pod_rule(pod, cookie, port, RULE_INBOUND_EXCLUDE))
 		return false;
 	if (pod->flags & POD_F_INBOUND_ALL_PORTS)
 		return true;
-	return pod_rule(cookie, port, RULE_INBOUND_INCLUDE);
+	return pod_rule(pod, cookie, port, RULE_INBOUND_INCLUDE);
 }
 
 /*

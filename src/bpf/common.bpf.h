@@ -66,14 +66,15 @@ MESHBPF_MAP struct {
 
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, CNT_MAX);
+	__uint(max_entries, MAX_COUNTERS);
 	__type(key, __u32);
 	__type(value, __u64);
 } counters SEC(".maps");
 
-/* Written by the library at register time; replaced as a whole on re-register. */
+/* Written by the library at register time; replaced as a whole on re-register (lists_gen). */
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MAX_POD_RULES);
 	__type(key, struct rule_key);
 	__type(value, __u8);
@@ -125,19 +126,28 @@ static __always_inline void count(enum counter reason)
 	count_n(reason, 1);
 }
 
-static __always_inline bool pod_rule(__u64 netns_cookie, __u32 value, enum rule_kind kind)
+/* Whether `value` is in one of the pod's lists (those of its current generation). */
+static __always_inline bool pod_rule(const struct pod_settings *pod, __u64 netns_cookie,
+				     __u32 value, enum rule_kind kind)
 {
-	struct rule_key key = { .netns_cookie = netns_cookie, .value = value, .kind = kind };
+	struct rule_key key = {
+		.netns_cookie = netns_cookie,
+		.value = value,
+		.kind = kind,
+		.gen = pod->lists_gen,
+	};
 
 	return bpf_map_lookup_elem(&pod_rules, &key) != NULL;
 }
 
 /* Whether `addr` (IPv4 in addr[0], or IPv6) falls in one of the pod's prefixes in `trie`. */
-static __always_inline bool in_cidrs(void *trie, __u64 netns_cookie, bool v6, const __u32 addr[4])
+static __always_inline bool in_cidrs(void *trie, const struct pod_settings *pod,
+				     __u64 netns_cookie, bool v6, const __u32 addr[4])
 {
 	struct cidr_key key = {
-		.prefixlen = 64 + 128,
+		.prefixlen = CIDR_KEY_PREFIX_BITS + 128,
 		.netns_cookie = { (__u32)netns_cookie, (__u32)(netns_cookie >> 32) },
+		.gen = pod->lists_gen,
 	};
 
 	if (v6) {
@@ -170,8 +180,8 @@ static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns
 	if (uid == pod->proxy_uid || (pod->proxy_gid != NO_GID && gid == pod->proxy_gid))
 		return true;
 	return (pod->flags & POD_F_MORE_PROXY_IDS) &&
-	       (pod_rule(netns_cookie, uid, RULE_PROXY_UID) ||
-		pod_rule(netns_cookie, gid, RULE_PROXY_GID));
+	       (pod_rule(pod, netns_cookie, uid, RULE_PROXY_UID) ||
+		pod_rule(pod, netns_cookie, gid, RULE_PROXY_GID));
 }
 
 /*

@@ -40,7 +40,7 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, c
 	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
 	if (!dns && !(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
 		return 0;
-	if (pod_rule(cookie, dport, RULE_OUTBOUND_EXCLUDE)) {
+	if (pod_rule(pod, cookie, dport, RULE_OUTBOUND_EXCLUDE)) {
 		count(CNT_SKIP_EXCLUDED_PORT);
 		return 0;
 	}
@@ -60,12 +60,12 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, c
 		count(CNT_SKIP_PROXY_PORT);
 		return 0;
 	}
-	if (in_cidrs(&cidr_exclude, cookie, v6, addr)) {
+	if (in_cidrs(&cidr_exclude, pod, cookie, v6, addr)) {
 		count(CNT_SKIP_EXCLUDED_CIDR);
 		return 0;
 	}
-	if (!pod_rule(cookie, dport, RULE_OUTBOUND_INCLUDE) &&
-	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) && !in_cidrs(&cidr_include, cookie, v6, addr)) {
+	if (!pod_rule(pod, cookie, dport, RULE_OUTBOUND_INCLUDE) &&
+	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) && !in_cidrs(&cidr_include, pod, cookie, v6, addr)) {
 		count(CNT_SKIP_NOT_INCLUDED);
 		return 0;
 	}

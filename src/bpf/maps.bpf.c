@@ -3,4 +3,19 @@
 #define MESHBPF_DEFINE_MAPS
 #include "common.bpf.h"
 
+/*
+ * Never read: these put the ABI's enums into the object's BTF, from which the skeleton
+ * generates their Rust twins (`types::consts`, `types::pod_flag`, ...) and build.rs the
+ * counter names.
+ */
+const volatile struct {
+	enum consts consts;
+	enum pod_flag pod_flag;
+	enum sock_flag sock_flag;
+	enum rule_kind rule_kind;
+	enum cidr_key_bits cidr_key_bits;
+	enum meta_flag meta_flag;
+	enum counter counter;
+} meshbpf_abi;
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,33 +1,43 @@
 /* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
 /*
- * The ABI between the BPF programs and the Rust library: every map key and
- * value, defined once, with fixed-width types. src/abi.rs mirrors each struct
- * with a compile-time size check; change both together and bump
- * MESHBPF_LAYOUT_VERSION when a pinned map's layout changes.
+ * The ABI between the BPF programs and the Rust library, defined here once: every map
+ * key and value with fixed-width types, and every constant as an enum, so that it reaches
+ * Rust through the object's BTF (the skeleton generates a Rust type per enum; build.rs
+ * derives the counter names). Nothing here is copied by hand into Rust.
+ *
+ * Changing the shape of a pinned map (its key, value or bounds) is a new layout: bump
+ * MESHBPF_LAYOUT_VERSION and add the migration step from the previous one (src/migrate.rs),
+ * so that `meshbpf attach` upgrades a node without a capture gap.
  */
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
-#define MESHBPF_LAYOUT_VERSION 7
+enum consts {
+	MESHBPF_LAYOUT_VERSION = 8,
 
-/* Map bounds (documented in the README). */
-#define MAX_PODS 16384		/* cookie_map: registered network namespaces */
-#define MAX_TRACKED_CONNS 262144 /* origin_dst_map: captured live connections */
-#define MAX_POD_RULES 65536	/* pod_rules: per-pod port and id lists, all pods together */
-#define MAX_POD_CIDRS 65536	/* cidr_include, cidr_exclude: per-pod CIDR lists, each */
-#define MAX_INBOUND_PORTS 65536	/* inbound_ports: discovered listeners, all pods together */
-#define MAX_SOCKMAP_SOCKETS 65536 /* sock_hash: accelerated loopback sockets (two per connection) */
+	/* Map bounds (documented in the README). */
+	MAX_PODS = 16384,		/* cookie_map: registered network namespaces */
+	MAX_TRACKED_CONNS = 262144,	/* origin_dst_map: captured live connections */
+	MAX_POD_RULES = 262144,		/* pod_rules: per-pod port and id lists, all pods together */
+	MAX_POD_CIDRS = 65536,		/* cidr_include, cidr_exclude: per-pod CIDR lists, each */
+	MAX_INBOUND_PORTS = 65536,	/* inbound_ports: discovered listeners, all pods together */
+	MAX_SOCKMAP_SOCKETS = 65536,	/* sock_hash: accelerated loopback sockets (two per connection) */
+	MAX_COUNTERS = 128,		/* counters: room for new reasons without a new layout */
+
+	CGROUP_PATH_MAX = 256,
+	NO_GID = 0xffffffff,		/* pod_settings.proxy_gid: none */
+};
 
 /* pod_settings.flags */
-#define POD_F_CAPTURE_OUTBOUND (1U << 0)
-#define POD_F_CAPTURE_INBOUND (1U << 1)
-#define POD_F_CAPTURE_DNS (1U << 2)
-#define POD_F_SOCKMAP (1U << 3)
-#define POD_F_INBOUND_ALL_PORTS (1U << 4) /* capture every inbound port not excluded */
-#define POD_F_OUTBOUND_ALL_CIDRS (1U << 5) /* capture every destination not excluded */
-#define POD_F_MORE_PROXY_IDS (1U << 6) /* proxy uids/gids beyond the first are in pod_rules */
-
-#define NO_GID 0xffffffffU
+enum pod_flag {
+	POD_F_CAPTURE_OUTBOUND = 1 << 0,
+	POD_F_CAPTURE_INBOUND = 1 << 1,
+	POD_F_CAPTURE_DNS = 1 << 2,
+	POD_F_SOCKMAP = 1 << 3,
+	POD_F_INBOUND_ALL_PORTS = 1 << 4,	/* capture every inbound port not excluded */
+	POD_F_OUTBOUND_ALL_CIDRS = 1 << 5,	/* capture every destination not excluded */
+	POD_F_MORE_PROXY_IDS = 1 << 6,		/* proxy uids/gids beyond the first are in pod_rules */
+};
 
 /* cookie_map value: what one registered pod (network namespace) wants. */
 struct pod_settings {
@@ -36,8 +46,15 @@ struct pod_settings {
 	__u16 outbound_port;	/* outbound listener, host byte order (15001) */
 	__u16 inbound_port;	/* inbound listener, host byte order (15006) */
 	__u16 dns_port;		/* DNS listener, host byte order (15053) */
-	__u16 _pad;
-	__u32 flags;		/* POD_F_* */
+	/*
+	 * Which generation of the pod's entries in pod_rules and the CIDR tries is in force.
+	 * A re-register writes the new lists under the next generation, then switches to it by
+	 * updating this value (one map update), then deletes the old ones: a connection sees
+	 * the old lists or the new, never a mix, and a register killed half-way leaves only
+	 * unused entries behind.
+	 */
+	__u16 lists_gen;
+	__u32 flags;		/* enum pod_flag */
 	/* A captured connection is accelerated when its first message is at least this big. */
 	__u32 sockmap_min_bytes;
 	/* The netns's nsfs inode, for `meshbpf gc` and listings; programs do not read it. */
@@ -57,13 +74,16 @@ struct sock_state {
 	/* On the sidecar's DNS socket: the original server of the datagram it received last. */
 	struct orig_dst query_dst;
 	__u16 inbound_port;	/* host order; non-zero: its wildcard bind was moved to loopback */
-	__u16 flags;		/* SOCK_F_* */
+	__u16 flags;		/* enum sock_flag */
 };
 
-#define SOCK_F_INBOUND_COUNTED (1U << 0) /* counted in inbound_ports */
-#define SOCK_F_SOCKMAP_SENDER (1U << 1)	 /* in sock_hash, its first message not seen yet */
-#define SOCK_F_SOCKMAP_REDIRECT (1U << 2) /* its sends are redirected to its peer by sk_msg */
-#define SOCK_F_SOCKMAP_LEAVE (1U << 3)	  /* small first message: sockops removes it from sock_hash */
+/* sock_state.flags */
+enum sock_flag {
+	SOCK_F_INBOUND_COUNTED = 1 << 0,	/* counted in inbound_ports */
+	SOCK_F_SOCKMAP_SENDER = 1 << 1,		/* in sock_hash, its first message not seen yet */
+	SOCK_F_SOCKMAP_REDIRECT = 1 << 2,	/* its sends are redirected to its peer by sk_msg */
+	SOCK_F_SOCKMAP_LEAVE = 1 << 3,		/* small first message: sockops removes it from sock_hash */
+};
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
 enum rule_kind {
@@ -79,19 +99,26 @@ struct rule_key {
 	__u64 netns_cookie;
 	__u32 value;		/* host byte order */
 	__u8 kind;		/* enum rule_kind */
-	__u8 _pad[3];
+	__u8 _pad;
+	__u16 gen;		/* pod_settings.lists_gen it belongs to */
 };
 
 /*
- * cidr_include / cidr_exclude (LPM tries) key: the pod's cookie then the
- * address, IPv4 as IPv4-mapped IPv6, so one trie serves both families.
- * prefixlen counts the cookie's 64 bits too; the cookie is split in two u32
- * so that the data starts right after prefixlen, as an LPM key's must.
+ * cidr_include / cidr_exclude (LPM tries) key: the pod's cookie, its lists' generation,
+ * then the address, IPv4 as IPv4-mapped IPv6, so one trie serves both families.
+ * prefixlen counts the cookie's and the generation's bits too (CIDR_KEY_PREFIX_BITS);
+ * the cookie is split in two u32 so that the data starts right after prefixlen, as an
+ * LPM key's must.
  */
 struct cidr_key {
 	__u32 prefixlen;
 	__u32 netns_cookie[2];
+	__u32 gen;		/* pod_settings.lists_gen it belongs to */
 	__u32 addr[4];		/* network byte order */
+};
+
+enum cidr_key_bits {
+	CIDR_KEY_PREFIX_BITS = 64 + 32,	/* the cookie and the generation, before the address */
 };
 
 /* inbound_ports key: a port an application of a pod listens on (moved to loopback). */
@@ -116,23 +143,27 @@ struct conn_key {
 	__u64 netns_cookie;
 };
 
-#define CGROUP_PATH_MAX 256
-
 /*
- * meta_map's only value: which layout and which cgroup the pinned attachment
- * belongs to. Written by the library at attach; never read by a program.
+ * meta_map's only value: which layout and which cgroup the pinned attachment belongs
+ * to. Written by the library at attach; read by sk_msg for META_F_DRAINING. Its shape
+ * never changes from one layout to the next: it is what tells which layout the rest has.
  */
-#define META_F_SOCKMAP (1U << 0) /* attached with sockmap acceleration */
-#define META_F_DRAINING (1U << 1) /* detach under way: sk_msg redirects nothing more */
+enum meta_flag {
+	META_F_SOCKMAP = 1 << 0,	/* attached with sockmap acceleration */
+	META_F_DRAINING = 1 << 1,	/* detach under way: sk_msg redirects nothing more */
+};
 
 struct mesh_meta {
 	__u32 layout_version;
-	__u32 flags;		/* META_F_* */
+	__u32 flags;		/* enum meta_flag */
 	__u64 cgroup_id;
 	char cgroup_path[CGROUP_PATH_MAX];
 };
 
-/* Per-CPU counters, indexed by reason. Names live in src/abi.rs. */
+/*
+ * Per-CPU counters, indexed by reason. The library names each after its enumerator:
+ * CNT_CONNECT_REDIRECTED is `connect_redirected`. New reasons go at the end.
+ */
 enum counter {
 	CNT_CONNECT_REDIRECTED,
 	CNT_SKIP_PROXY_UID,
@@ -164,5 +195,7 @@ enum counter {
 	CNT_SKIP_NOT_INCLUDED,
 	CNT_MAX,
 };
+
+_Static_assert((int)CNT_MAX <= (int)MAX_COUNTERS, "the counters map has no room for another reason");
 
 #endif /* __MESHBPF_H */
