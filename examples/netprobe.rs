@@ -10,8 +10,9 @@
 //! netprobe dns SERVER NAME [A|AAAA] [--connected]
 //!                                            # one DNS query over UDP, with sendto() or
 //!                                            # connect()+send(): prints from=, rcode=, answer=
-//! netprobe sockopts --listen ADDR [--hold]   # accept one connection, run getsockopt probes on
-//!                                            # it; --hold keeps it open until killed
+//! netprobe sockopts --listen ADDR [--hold] [--wait-for PATH]
+//!                                            # accept one connection, run getsockopt probes on
+//!                                            # it (once PATH exists); --hold keeps it open
 //! netprobe reuse tcp FIRST SECOND [--unspec]  # one TCP socket connects to FIRST (may fail),
 //!                                            # [dissolves with connect(AF_UNSPEC)], then to
 //!                                            # SECOND: prints first=, local=, peer=, reply=
@@ -38,7 +39,7 @@ fn main() {
         Some("bind") => bind_only(&args[1..]),
         Some("dns") => dns(&args[1..]),
         Some("reuse") => reuse(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] | reuse tcp|udp-dns FIRST SECOND [--unspec]".into()),
+        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec]".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -317,15 +318,28 @@ fn connect_from(src: SocketAddr, dest: SocketAddr) -> Result<TcpStream> {
 /// Accepts one connection and prints, for each getsockopt a proxy or a tool might make on
 /// it, `probe NAME=ok:HEX` or `probe NAME=err:ERRNO`.
 fn sockopts(args: &[String]) -> Result<()> {
-    let (listen, hold) = match args {
-        [flag, addr] if flag == "--listen" => (parse_addr(addr)?, false),
-        [flag, addr, hold] if flag == "--listen" && hold == "--hold" => (parse_addr(addr)?, true),
-        _ => return Err("sockopts --listen ADDR [--hold]".into()),
-    };
+    let usage = || "sockopts --listen ADDR [--hold] [--wait-for PATH]".to_string();
+    let (mut listen, mut hold, mut wait_for) = (None, false, None);
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        match flag.as_str() {
+            "--listen" => listen = Some(parse_addr(rest.next().ok_or_else(usage)?)?),
+            "--hold" => hold = true,
+            "--wait-for" => wait_for = Some(rest.next().ok_or_else(usage)?.clone()),
+            _ => return Err(usage()),
+        }
+    }
+    let listen = listen.ok_or_else(usage)?;
     let listener = TcpListener::bind(listen).map_err(|e| format!("bind {listen}: {e}"))?;
     say(format!("listening={listen}"));
     let (stream, peer) = listener.accept().map_err(|e| e.to_string())?;
     say(format!("accepted peer={peer}"));
+    // Ask later, when told to (a file appears): the connection is live all along.
+    if let Some(path) = wait_for {
+        while !std::path::Path::new(&path).exists() {
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
     let fd = stream.as_raw_fd();
     let v4 = listen.is_ipv4();
     let (own_level, other_level) = if v4 {

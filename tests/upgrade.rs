@@ -1,0 +1,473 @@
+//! Upgrades across map layouts: `meshbpf attach` of this build over an attachment made by
+//! the previous layout's build (built from this repository's history) migrates it with no
+//! capture gap, keeps every registration and live connection, and a kill at any point
+//! leaves a state the next `attach` completes.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Mutex;
+
+use common::*;
+
+/// The last commit whose maps have the previous layout, and that layout.
+const PREVIOUS_COMMIT: &str = "55e97388b19fe6024d2e07218cbe0d261cdb21cf";
+const PREVIOUS_LAYOUT: u32 = 7;
+
+/// The previous layout's `meshbpf`, built once from `git archive` of its commit into
+/// `target/previous-layout/` and kept there.
+fn previous_meshbpf() -> PathBuf {
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(bin) = built.as_ref() {
+        return bin.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root
+        .join("target/previous-layout")
+        .join(&PREVIOUS_COMMIT[..12]);
+    let bin = dir.join("target/debug/meshbpf");
+    if !bin.exists() {
+        let src = dir.join("src");
+        let _ = fs::remove_dir_all(&src);
+        fs::create_dir_all(&src).unwrap();
+        let archive = Command::new("git")
+            .arg("-C")
+            .arg(root)
+            .args(["archive", "--format=tar", PREVIOUS_COMMIT])
+            .output()
+            .expect("git");
+        assert!(
+            archive.status.success(),
+            "this test builds layout {PREVIOUS_LAYOUT} from commit {PREVIOUS_COMMIT}, which \
+             this checkout's history lacks (a shallow clone?): {}",
+            String::from_utf8_lossy(&archive.stderr)
+        );
+        let mut tar = Command::new("tar")
+            .arg("-x")
+            .arg("-C")
+            .arg(&src)
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        tar.stdin
+            .take()
+            .unwrap()
+            .write_all(&archive.stdout)
+            .unwrap();
+        assert!(tar.wait().unwrap().success());
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "--bin", "meshbpf", "--manifest-path"])
+            .arg(src.join("Cargo.toml"))
+            .env("CARGO_TARGET_DIR", dir.join("target"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "building layout {PREVIOUS_LAYOUT}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    *built = Some(bin.clone());
+    bin
+}
+
+/// Runs a meshbpf binary with `--pin-dir` of `env` appended.
+fn run(bin: &Path, env: &Env, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&env.pin_dir)
+        .output()
+        .unwrap()
+}
+
+/// The settings registered with the previous build: non-default lists of every kind.
+const LISTS: [&str; 8] = [
+    "--proxy-uid",
+    "1337,2000",
+    "--exclude-outbound-ports",
+    "9100,9101",
+    "--exclude-outbound-cidrs",
+    "198.51.100.0/24,2001:db8:ffff::/48",
+    "--exclude-inbound-ports",
+    "7000",
+];
+
+/// A node attached by the previous build, with a registered pod (its sidecar, a server in
+/// another pod), a second registered pod with other lists, and an unregistered one.
+struct Old {
+    env: Env,
+    app: Pod,
+    other: Pod,
+    dest: String,
+    _server: Proc,
+    sidecar: Proc,
+}
+
+fn attached_by_previous_build() -> Old {
+    let old = previous_meshbpf();
+    let mut env = Env::new();
+    let cgroup = env.cgroup.to_str().unwrap().to_string();
+    stdout_of(&run(&old, &env, &["attach", "--cgroup", &cgroup]));
+    let app = env.pod("app");
+    let other = env.pod("other");
+    let server_pod = env.pod("server");
+    let (server, dest) = server_pod.stream_server();
+    let mut args = vec!["register", "--netns", app.netns.to_str().unwrap()];
+    args.extend_from_slice(&LISTS);
+    stdout_of(&run(&old, &env, &args));
+    stdout_of(&run(
+        &old,
+        &env,
+        &[
+            "register",
+            "--netns",
+            other.netns.to_str().unwrap(),
+            "--include-outbound-cidrs",
+            "192.0.2.0/24",
+            "--include-outbound-ports",
+            "8443",
+            "--no-dns",
+        ],
+    ));
+    let sidecar = app.sidecar();
+    Old {
+        env,
+        app,
+        other,
+        dest,
+        _server: server,
+        sidecar,
+    }
+}
+
+impl Old {
+    fn attach_current(&self) -> Output {
+        let cgroup = self.env.cgroup.to_str().unwrap().to_string();
+        self.env.meshbpf(&["attach", "--cgroup", &cgroup])
+    }
+
+    /// `meshbpf list --json` of this build, each pod's lists only (the volatile fields out).
+    fn lists(&self) -> Vec<serde_json::Value> {
+        let out = stdout_of(&self.env.meshbpf(&["list", "--json"]));
+        let pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        pods.into_iter()
+            .map(|mut p| {
+                let p = p.as_object_mut().unwrap();
+                p.remove("netns_cookie");
+                p.remove("netns_inode");
+                p.remove("inbound_listeners");
+                serde_json::Value::Object(p.clone())
+            })
+            .collect()
+    }
+
+    /// A new connection from the registered pod reaches its destination through its
+    /// sidecar, and one to an excluded port goes straight.
+    fn assert_capture_works(&self, when: &str) {
+        let before = self.sidecar.lines("outbound ").len();
+        let probe = self.app.connect(&self.dest, &[]);
+        assert!(probe.ok, "{when}: {probe:?}");
+        assert!(
+            probe.get("local").starts_with("127.0.0.1:"),
+            "{when}: escaped: {probe:?}"
+        );
+        assert_eq!(probe.get("peer"), self.dest, "{when}");
+        assert_eq!(self.sidecar.lines("outbound ").len(), before + 1, "{when}");
+    }
+
+    fn assert_upgraded(&self, lists_before: &[serde_json::Value], when: &str) {
+        let status: serde_json::Value =
+            serde_json::from_str(&stdout_of(&self.env.meshbpf(&["status", "--json"]))).unwrap();
+        assert_eq!(status["layout_version"], meshbpf::LAYOUT_VERSION, "{when}");
+        assert_eq!(self.lists(), lists_before, "{when}: registrations changed");
+        let mut maps: Vec<String> = fs::read_dir(self.env.pin_dir.join("maps"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        maps.sort();
+        let fresh = Env::new();
+        let _mesh = fresh.attach();
+        let mut expected: Vec<String> = fs::read_dir(fresh.pin_dir.join("maps"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        expected.sort();
+        assert_eq!(maps, expected, "{when}: pins of another layout remain");
+        let mut top: Vec<String> = fs::read_dir(&self.env.pin_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        top.sort();
+        assert_eq!(top, ["links", "maps"], "{when}");
+        let mut hooks = self.env.attached_hooks();
+        hooks.sort();
+        assert_eq!(hooks, ATTACH_TYPES, "{when}");
+        self.assert_capture_works(when);
+        // The lists are in force: an excluded port goes straight.
+        let (ip, _) = self.dest.rsplit_once(':').unwrap();
+        let probe = self.app.connect(&format!("{ip}:9100"), &[]);
+        assert!(
+            !probe.stdout.contains("local=127.0.0.1"),
+            "{when}: {probe:?}"
+        );
+    }
+}
+
+/// Ids of the maps pinned now, by name.
+fn map_ids(env: &Env) -> Vec<(String, u32)> {
+    let mut ids: Vec<(String, u32)> = fs::read_dir(env.pin_dir.join("maps"))
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let map = libbpf_rs::MapHandle::from_pinned_path(&path).unwrap();
+            use libbpf_rs::MapCore;
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, map.info().unwrap().info.id)
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection() {
+    if !privileged() {
+        return;
+    }
+    let o = attached_by_previous_build();
+    // A live connection whose proxy asks SO_ORIGINAL_DST only after the upgrade: the other
+    // registered pod's "sidecar" accepts it now and asks when told to.
+    let late = o.other.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &[
+            "sockopts",
+            "--listen",
+            "127.0.0.1:15001",
+            "--wait-for",
+            o.env.root.join("ask").to_str().unwrap(),
+        ],
+    );
+    late.wait_for("listening=");
+    let late_dest = "192.0.2.77:8080"; // in `other`'s included CIDRs; never reached
+    let _late_app = o
+        .other
+        .spawn(APP_UID, &example("netprobe"), &["connect", late_dest]);
+    late.wait_for("accepted");
+
+    // Long-lived connections through the sidecar, and new ones all along.
+    let long = o.app.spawn(
+        APP_UID,
+        &example("stream"),
+        &[
+            "run",
+            &o.dest,
+            "--op",
+            "pingpong",
+            "--size",
+            "100",
+            "--parallel",
+            "2",
+            "--duration",
+            "6",
+        ],
+    );
+    let load = o.app.spawn(
+        APP_UID,
+        &example("stream"),
+        &[
+            "run",
+            &o.dest,
+            "--op",
+            "upload",
+            "--size",
+            "2000",
+            "--parallel",
+            "4",
+            "--count",
+            "300",
+        ],
+    );
+    wait_until(
+        || o.sidecar.lines("outbound ").len() > 50,
+        || "no load yet".into(),
+    );
+    let old_ids = map_ids(&o.env);
+
+    let out = o.attach_current();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    fs::write(o.env.root.join("ask"), "").unwrap();
+    let told = probes(&late.wait());
+    assert_eq!(
+        told["original_dst"],
+        format!("ok:{}", sockaddr_hex(late_dest.parse().unwrap())),
+        "a connection made before the upgrade lost its original destination"
+    );
+    let out = load.wait();
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.ends_with("connections=300"))
+            .count(),
+        4,
+        "{out}"
+    );
+    assert!(!out.contains("fail"), "{out}");
+    let long = long.wait();
+    assert!(
+        long.contains("summary op=pingpong") && !long.contains("fail"),
+        "{long}"
+    );
+    // Every connection of the load went through the sidecar: none escaped.
+    let sidecar_seen = o.sidecar.lines("outbound ").len();
+    assert_eq!(sidecar_seen, 1200 + 2, "{}", o.sidecar.output());
+    // Counts made by the previous build's programs are carried.
+    let mesh = meshbpf::Mesh::open(&o.env.pin_dir).unwrap();
+    assert_eq!(counter(&mesh, "connect_redirected"), 1200 + 2 + 1);
+
+    // Registrations, lists, layout, pins.
+    let lists = o.lists();
+    assert_eq!(lists.len(), 2);
+    let mut registered_again = Env::new();
+    let again = registered_again.attach();
+    let pod = registered_again.pod("again");
+    let mut args = vec!["register", "--netns", pod.netns.to_str().unwrap()];
+    args.extend_from_slice(&LISTS);
+    stdout_of(&registered_again.meshbpf(&args));
+    let fresh: Vec<serde_json::Value> = {
+        let out = stdout_of(&registered_again.meshbpf(&["list", "--json"]));
+        let mut pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+        for p in &mut pods {
+            let p = p.as_object_mut().unwrap();
+            p.remove("netns_cookie");
+            p.remove("netns_inode");
+            p.remove("inbound_listeners");
+        }
+        pods
+    };
+    drop(again);
+    assert!(lists.contains(&fresh[0]), "{lists:?}\nvs\n{fresh:?}");
+    o.assert_upgraded(&lists, "after the upgrade");
+    // The maps the upgrade replaced are gone from the kernel, not only unpinned.
+    for (name, id) in old_ids {
+        if map_ids(&o.env).iter().any(|(n, i)| *n == name && *i == id) {
+            continue; // reused
+        }
+        let gone = Command::new("bpftool")
+            .args(["map", "show", "id", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            !gone.status.success(),
+            "the old {name} (id {id}) is still loaded"
+        );
+    }
+
+    // Downgrade: refused by the previous build, before anything changes.
+    let ids = map_ids(&o.env);
+    let cgroup = o.env.cgroup.to_str().unwrap().to_string();
+    let out = run(
+        &previous_meshbpf(),
+        &o.env,
+        &["attach", "--cgroup", &cgroup],
+    );
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains(&format!("layout {}", meshbpf::LAYOUT_VERSION)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(map_ids(&o.env), ids);
+    o.assert_capture_works("after a refused downgrade");
+}
+
+/// How many times `syscall` is called by `attach` of this build over a fresh attachment of
+/// the previous one.
+fn syscalls_of_an_upgrade(syscall: &str) -> usize {
+    let o = attached_by_previous_build();
+    let cgroup = o.env.cgroup.to_str().unwrap().to_string();
+    let log = o.env.root.join("strace.log");
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-e"])
+        .arg(format!("trace={syscall}"))
+        .arg("-o")
+        .arg(&log)
+        .arg(cli())
+        .args(["attach", "--cgroup", &cgroup, "--pin-dir"])
+        .arg(&o.env.pin_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&format!("{syscall}(")))
+        .count()
+}
+
+#[test]
+fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
+    if !privileged() {
+        return;
+    }
+    let bpf_calls = syscalls_of_an_upgrade("bpf");
+    let renames = syscalls_of_an_upgrade("rename");
+    assert!(
+        bpf_calls > 20 && renames >= 1,
+        "{bpf_calls} bpf, {renames} rename"
+    );
+    // Killed at its k-th bpf(2) call, spread over the whole upgrade, and at each rename of
+    // its commit.
+    let mut kills: Vec<(String, usize)> = (1..=12)
+        .map(|i| ("bpf".to_string(), i * bpf_calls / 13))
+        .collect();
+    kills.extend((1..=renames).map(|k| ("rename".to_string(), k)));
+    for (syscall, k) in kills {
+        let o = attached_by_previous_build();
+        let lists_before = {
+            // The previous build lists them as it registered them; this build lists the
+            // same after the upgrade (compared field by field with the previous build's
+            // own listing, which has the same keys).
+            let out = stdout_of(&run(&previous_meshbpf(), &o.env, &["list", "--json"]));
+            let mut pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+            for p in &mut pods {
+                let p = p.as_object_mut().unwrap();
+                p.remove("netns_cookie");
+                p.remove("netns_inode");
+                p.remove("inbound_listeners");
+            }
+            pods
+        };
+        let cgroup = o.env.cgroup.to_str().unwrap().to_string();
+        let when = format!("killed at {syscall} #{k}");
+        let out = Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e"])
+            .arg(format!("trace={syscall}"))
+            .arg("-e")
+            .arg(format!("inject={syscall}:signal=KILL:when={k}"))
+            .arg(cli())
+            .args(["attach", "--cgroup", &cgroup, "--pin-dir"])
+            .arg(&o.env.pin_dir)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{when}: the upgrade was not stopped");
+        // The old attachment or the new one is working meanwhile.
+        o.assert_capture_works(&when);
+        stdout_of(&o.attach_current());
+        o.assert_upgraded(&lists_before, &when);
+    }
+}
