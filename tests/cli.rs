@@ -217,3 +217,44 @@ fn list_and_status_report_registered_pods_and_counters_as_json() {
         serde_json::from_str(&stdout_of(&env.meshbpf(&["list", "--json"]))).unwrap();
     assert_eq!(list, serde_json::json!([]));
 }
+
+#[test]
+fn register_of_a_fifo_or_a_symlink_loop_is_refused_at_once() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let fifo = env.root.join("fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let a = env.root.join("loop-a");
+    let b = env.root.join("loop-b");
+    std::os::unix::fs::symlink(&b, &a).unwrap();
+    std::os::unix::fs::symlink(&a, &b).unwrap();
+    for path in [&fifo, &a] {
+        // Bounded: a blocking open of the FIFO would hang here, not fail.
+        let out = Command::new("timeout")
+            .arg("10")
+            .arg(cli())
+            .args(["register", "--netns"])
+            .arg(path)
+            .arg("--pin-dir")
+            .arg(&env.pin_dir)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_BAD_INPUT),
+            "{path:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).contains("is not a network namespace"),
+            "{}",
+            stderr(&out)
+        );
+    }
+}

@@ -428,7 +428,7 @@ fn gc_drops_pods_whose_netns_is_gone_and_a_recreated_netns_registers_anew() {
         .register_netns(&gone.netns, &meshbpf::PodSettings::default())
         .unwrap();
     // Nothing runs in `gone`: deleting its name is the end of the namespace.
-    sh_ok(Command::new("ip").args(["netns", "del", &gone.name]));
+    sh(Command::new("ip").args(["netns", "del", &gone.name]));
 
     let out: serde_json::Value =
         serde_json::from_str(&stdout_of(&env.meshbpf(&["gc", "--json"]))).unwrap();
@@ -443,7 +443,7 @@ fn gc_drops_pods_whose_netns_is_gone_and_a_recreated_netns_registers_anew() {
     // Nothing else is dead: a second gc removes nothing.
     assert!(mesh.gc().unwrap().is_empty());
 
-    sh_ok(Command::new("ip").args(["netns", "add", &gone.name]));
+    sh(Command::new("ip").args(["netns", "add", &gone.name]));
     let new = mesh
         .register_netns(&gone.netns, &meshbpf::PodSettings::default())
         .unwrap();
@@ -608,6 +608,165 @@ fn a_pod_cannot_read_another_pod_s_original_destination() {
     );
 }
 
-fn sh_ok(cmd: &mut Command) {
-    assert!(cmd.status().unwrap().success(), "{cmd:?}");
+/// A registered pod with its sidecar, and a server answering on 8080 and 8081.
+struct TwoPorts {
+    env: Env,
+    mesh: meshbpf::Mesh,
+    pod: Pod,
+    server: Pod,
+    _server: Proc,
+    _sidecar: Proc,
+}
+
+fn two_ports() -> TwoPorts {
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("app");
+    let server = env.pod("server");
+    let server_proc = server.server(&["0.0.0.0:8080", "0.0.0.0:8081"]);
+    let sidecar = pod.sidecar();
+    TwoPorts {
+        env,
+        mesh,
+        pod,
+        server,
+        _server: server_proc,
+        _sidecar: sidecar,
+    }
+}
+
+impl TwoPorts {
+    fn register_excluding(&self, port: &str) -> Vec<String> {
+        [
+            "register",
+            "--netns",
+            self.pod.netns.to_str().unwrap(),
+            "--exclude-outbound-ports",
+            port,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Which of 8080 and 8081 a new connection is captured to, and which port the pod's
+    /// listed exclusion is: one list is in force, never a mix of two.
+    fn excluded_port(&self, when: &str) -> u16 {
+        let captured = |port: u16| {
+            let probe = self.pod.connect(&self.server.addr(false, port), &[]);
+            assert!(probe.ok, "{when}: {probe:?}");
+            probe.get("local").starts_with("127.0.0.1:")
+        };
+        let pods = self.mesh.pods().unwrap();
+        assert_eq!(pods.len(), 1, "{when}");
+        let listed: Vec<u16> = pods[0]
+            .settings
+            .exclude_outbound_ports
+            .iter()
+            .copied()
+            .collect();
+        let seen = match (captured(8080), captured(8081)) {
+            (false, true) => 8080,
+            (true, false) => 8081,
+            other => panic!("{when}: captured (8080, 8081) = {other:?}: a mix of two lists"),
+        };
+        assert_eq!(
+            listed,
+            [seen],
+            "{when}: the data path and the listing disagree"
+        );
+        seen
+    }
+}
+
+#[test]
+fn a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix() {
+    if !privileged() {
+        return;
+    }
+    let w = two_ports();
+    stdout_of(
+        &w.env.meshbpf(
+            &w.register_excluding("8080")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+    );
+    // How many bpf(2) calls one re-register makes.
+    let log = w.env.root.join("register.strace");
+    let mut args = vec![
+        "-f".to_string(),
+        "-qq".into(),
+        "-e".into(),
+        "trace=bpf".into(),
+        "-o".into(),
+    ];
+    args.push(log.to_str().unwrap().into());
+    args.push(cli().to_str().unwrap().into());
+    args.extend(w.register_excluding("8080"));
+    args.extend(["--pin-dir".into(), w.env.pin_dir.to_str().unwrap().into()]);
+    sh(Command::new("strace").args(&args));
+    let calls = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("bpf("))
+        .count();
+    assert!(calls > 5, "{calls}");
+
+    let mut from = "8080";
+    for k in 1..=calls {
+        let to = if from == "8080" { "8081" } else { "8080" };
+        let out = Command::new("strace")
+            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
+            .arg(format!("inject=bpf:signal=KILL:when={k}"))
+            .arg(cli())
+            .args(w.register_excluding(to))
+            .arg("--pin-dir")
+            .arg(&w.env.pin_dir)
+            .output()
+            .unwrap();
+        let when = format!("re-register {from}->{to} killed at bpf #{k}");
+        assert!(!out.status.success(), "{when}: not stopped");
+        let now = w.excluded_port(&when);
+        from = if now == 8080 { "8080" } else { "8081" };
+    }
+    // Whatever the kills left behind is unused, and goes with the next register or gc.
+    stdout_of(
+        &w.env.meshbpf(
+            &w.register_excluding("8081")
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ),
+    );
+    assert_eq!(w.excluded_port("at the end"), 8081);
+}
+
+#[test]
+fn concurrent_registers_of_one_pod_leave_one_of_their_lists() {
+    if !privileged() {
+        return;
+    }
+    let w = two_ports();
+    std::thread::scope(|s| {
+        for port in ["8080", "8081"] {
+            let w = &w;
+            s.spawn(move || {
+                for _ in 0..25 {
+                    let out = Command::new(cli())
+                        .args(w.register_excluding(port))
+                        .arg("--pin-dir")
+                        .arg(&w.env.pin_dir)
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            });
+        }
+    });
+    w.excluded_port("after 50 concurrent registers");
 }

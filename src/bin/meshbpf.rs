@@ -60,8 +60,11 @@ enum Command {
     /// Take a pod out of the mesh.
     Unregister {
         /// The pod's network namespace.
+        #[arg(long, required_unless_present = "cookie", conflicts_with = "cookie")]
+        netns: Option<PathBuf>,
+        /// The pod's netns cookie, as `list` shows it (works when the namespace is gone).
         #[arg(long)]
-        netns: PathBuf,
+        cookie: Option<u64>,
         #[command(flatten)]
         pin: PinDirArg,
     },
@@ -322,12 +325,20 @@ fn run(command: Command) -> anyhow::Result<()> {
                 pod.netns_cookie
             );
         }
-        Command::Unregister { netns, pin } => {
+        Command::Unregister { netns, cookie, pin } => {
             let mesh = Mesh::open(&pin.pin_dir)?;
-            if mesh.unregister_netns(&netns)? {
-                println!("unregistered {}", netns.display());
+            let (was, what) = match (netns, cookie) {
+                (Some(netns), _) => (mesh.unregister_netns(&netns)?, netns.display().to_string()),
+                (None, Some(cookie)) => (
+                    mesh.unregister_cookie(cookie)?,
+                    format!("netns cookie {cookie}"),
+                ),
+                (None, None) => anyhow::bail!("give --netns PATH or --cookie N"),
+            };
+            if was {
+                println!("unregistered {what}");
             } else {
-                println!("{} was not registered", netns.display());
+                println!("{what} was not registered");
             }
         }
         Command::List { json, pin } => {
@@ -410,8 +421,8 @@ fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 for pod in &removed {
                     println!(
-                        "removed netns cookie {} (netns inode {} is gone)",
-                        pod.netns_cookie, pod.netns_inode
+                        "removed netns cookie {} (its network namespace is gone)",
+                        pod.netns_cookie
                     );
                 }
             }

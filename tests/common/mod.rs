@@ -94,7 +94,7 @@ pub fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
 }
 
-fn sh(cmd: &mut Command) -> Output {
+pub fn sh(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
