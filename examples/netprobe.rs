@@ -16,6 +16,8 @@
 //! netprobe reuse tcp FIRST SECOND [--unspec]  # one TCP socket connects to FIRST (may fail),
 //!                                            # [dissolves with connect(AF_UNSPEC)], then to
 //!                                            # SECOND: prints first=, local=, peer=, reply=
+//! netprobe rebind FIRST SECOND              # one TCP socket binds FIRST (may fail), then
+//!                                            # SECOND, listens and holds: prints first=, bound=
 //! netprobe reuse udp-dns FIRST SECOND         # sendto() a DNS query to FIRST, then connect()
 //!                                            # the same UDP socket to SECOND: prints peer=
 //! ```
@@ -39,7 +41,8 @@ fn main() {
         Some("bind") => bind_only(&args[1..]),
         Some("dns") => dns(&args[1..]),
         Some("reuse") => reuse(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec]".into()),
+        Some("rebind") => rebind(&args[1..]),
+        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec] | rebind FIRST SECOND".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -352,12 +355,19 @@ fn sockopts(args: &[String]) -> Result<()> {
     } else {
         size_of::<libc::sockaddr_in6>()
     };
-    let probes: [(&str, libc::c_int, libc::c_int, usize); 7] = [
+    let probes: [(&str, libc::c_int, libc::c_int, usize); 8] = [
         (
             "original_dst",
             own_level,
             meshbpf::SO_ORIGINAL_DST,
             addr_len,
+        ),
+        // A NULL buffer (len 0 asks getsockopt_raw for one): EFAULT behind iptables.
+        (
+            "original_dst_null_buffer",
+            own_level,
+            meshbpf::SO_ORIGINAL_DST,
+            0,
         ),
         (
             "original_dst_short_buffer",
@@ -414,10 +424,22 @@ fn getsockopt_raw(
     optname: libc::c_int,
     len: usize,
 ) -> std::result::Result<Vec<u8>, i32> {
-    let mut buf = vec![0u8; len];
-    let mut optlen = len as libc::socklen_t;
-    // SAFETY: `buf` is valid for writes of `optlen` bytes.
-    let ret = unsafe { libc::getsockopt(fd, level, optname, buf.as_mut_ptr().cast(), &mut optlen) };
+    // len 0: a NULL optval with the length of a sockaddr_in6, as a careless caller makes it.
+    let (mut buf, mut optlen) = match len {
+        0 => (
+            Vec::new(),
+            size_of::<libc::sockaddr_in6>() as libc::socklen_t,
+        ),
+        _ => (vec![0u8; len], len as libc::socklen_t),
+    };
+    let ptr = if len == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    // SAFETY: `ptr` is NULL (the kernel must not write there and says EFAULT if it would) or
+    // valid for writes of `optlen` bytes.
+    let ret = unsafe { libc::getsockopt(fd, level, optname, ptr, &mut optlen) };
     if ret < 0 {
         return Err(io::Error::last_os_error().raw_os_error().unwrap_or(0));
     }
@@ -507,4 +529,36 @@ fn reuse(args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One TCP socket, two binds: the first may fail (a port in use), the second holds; then it
+/// listens until killed.
+fn rebind(args: &[String]) -> Result<()> {
+    use nix::sys::socket::{
+        bind, getsockname, listen, socket, AddressFamily, Backlog, SockFlag, SockType,
+        SockaddrStorage,
+    };
+    let [first, second] = args else {
+        return Err("rebind FIRST SECOND".into());
+    };
+    let (first, second) = (parse_addr(first)?, parse_addr(second)?);
+    let family = if second.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    };
+    let fd = socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| e.to_string())?;
+    say(match bind(fd.as_raw_fd(), &SockaddrStorage::from(first)) {
+        Ok(()) => "first=ok".into(),
+        Err(errno) => format!("first=err:{errno:?}"),
+    });
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(second))
+        .map_err(|e| format!("bind {second}: {e}"))?;
+    listen(&fd, Backlog::new(16).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    say(format!("bound={local}"));
+    loop {
+        thread::park();
+    }
 }

@@ -553,6 +553,7 @@ pub(crate) fn load<'obj>(
         .context(|| "opening the BPF object".into())?;
     if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
         rodata.sockmap_enabled = options.sockmap;
+        rodata.syscall_args_readable = crate::probe::syscall_args_readable();
     }
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();

@@ -38,6 +38,18 @@ fn helper(t: sys::bpf_prog_type, h: sys::bpf_func_id) -> bool {
     unsafe { sys::libbpf_probe_bpf_helper(t, h, std::ptr::null()) == 1 }
 }
 
+/// Whether cgroup/getsockopt programs may read the calling task's system call arguments
+/// (`bpf_get_current_task_btf` and `bpf_task_pt_regs` there): where they may, an
+/// SO_ORIGINAL_DST asked with a NULL buffer fails with EFAULT, as behind iptables.
+pub(crate) fn syscall_args_readable() -> bool {
+    [
+        sys::BPF_FUNC_get_current_task_btf,
+        sys::BPF_FUNC_task_pt_regs,
+    ]
+    .into_iter()
+    .all(|h| helper(sys::BPF_PROG_TYPE_CGROUP_SOCKOPT, h))
+}
+
 /// Every feature meshbpf uses, checked on this kernel.
 pub fn probe() -> Vec<Feature> {
     let version = system::kernel_version();

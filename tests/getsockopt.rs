@@ -20,7 +20,7 @@ fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, Strin
     let _app = pod.spawn(APP_UID, &example("netprobe"), &["connect", dest]);
     let out = prober.wait();
     let results = probes(&out);
-    assert_eq!(results.len(), 7, "{out}");
+    assert_eq!(results.len(), 8, "{out}");
     results
 }
 
@@ -43,18 +43,51 @@ fn passthrough(v6: bool) {
         ("127.0.0.1:15001", server.addr(false, 8080))
     };
 
+    // The reference: the same connection redirected by iptables, in a pod no hook sees.
+    let redirected = env.pod_outside("iptables");
+    let (iptables, port) = if v6 {
+        ("ip6tables", "8081")
+    } else {
+        ("iptables", "8080")
+    };
+    sh(Command::new("ip")
+        .args(["netns", "exec", &redirected.name, iptables])
+        .args([
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            port,
+            "-m",
+            "owner",
+            "!",
+            "--uid-owner",
+            "1337",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            "15001",
+        ]));
+
     // A captured connection, a connection unknown to meshbpf, and one no hook ever saw.
     let known = probe_accepted(&registered, listen, &dest);
     let unknown = probe_accepted(&unregistered, listen, listen);
     let without = probe_accepted(&baseline, listen, listen);
+    let behind_iptables = probe_accepted(&redirected, listen, &dest);
 
     assert_eq!(
         known["original_dst"],
         format!("ok:{}", sockaddr_hex(dest.parse().unwrap()))
     );
+    // Every answer on the captured connection is the one iptables REDIRECT gives: the
+    // original destination, EFAULT for a NULL buffer, EINVAL for a short one, the rest.
+    assert_eq!(known, behind_iptables);
     assert!(without["original_dst"].starts_with("err:"), "{without:?}");
     for (name, kernel) in &without {
-        if name != "original_dst" {
+        if !name.starts_with("original_dst") || name == "original_dst_short_buffer" {
             assert_eq!(
                 &known[name], kernel,
                 "{name} on a captured connection differs from the kernel's answer"

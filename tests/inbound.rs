@@ -219,3 +219,33 @@ fn a_bind_before_registration_is_not_changed() {
     assert_eq!(early.lines("listening="), ["listening=0.0.0.0:8080"]);
     assert_eq!(late.lines("listening="), ["listening=127.0.0.1:8081"]);
 }
+
+#[test]
+fn a_moved_bind_that_failed_is_not_discovered_when_the_socket_binds_elsewhere() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("pod");
+    mesh.register_netns(&pod.netns, &PodSettings::default())
+        .unwrap();
+    // Loopback ports taken by binds to a specific address (neither moved nor counted).
+    let _taken = pod.server(&["127.0.0.1:8080", "[::1]:8081"]);
+    let mut rebinds = Vec::new();
+    for (first, second) in [
+        ("0.0.0.0:8080", "0.0.0.0:15020"),
+        ("[::]:8081", "[::]:15021"),
+    ] {
+        // The moved bind fails (EADDRINUSE); the same socket then listens on a mesh port.
+        let proc = pod.spawn(APP_UID, &example("netprobe"), &["rebind", first, second]);
+        proc.wait_for("bound=");
+        assert!(
+            proc.output().contains("first=err:EADDRINUSE"),
+            "{}",
+            proc.output()
+        );
+        rebinds.push(proc);
+    }
+    assert_eq!(mesh.pods().unwrap()[0].inbound_listeners, Vec::<u16>::new());
+}

@@ -57,6 +57,19 @@ static __always_inline bool capture_bind(struct bpf_sock_addr *ctx, const struct
 	return true;
 }
 
+/*
+ * A bind that is not moved must not be counted as a moved one: an earlier bind of the same
+ * socket may have been moved and failed (EADDRINUSE), leaving its port behind.
+ */
+static __always_inline int keep_bind(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+
+	if (state && !(state->flags & SOCK_F_INBOUND_COUNTED))
+		state->inbound_port = 0;
+	return 1;
+}
+
 static __always_inline int proxy_bind(struct bpf_sock_addr *ctx)
 {
 	__u16 port = bpf_ntohs(ctx->user_port);
@@ -78,7 +91,7 @@ int handle__bind4(struct bpf_sock_addr *ctx)
 	if (is_proxy(pod, cookie))
 		return proxy_bind(ctx);
 	if (ctx->user_ip4 != 0 || !capture_bind(ctx, pod, cookie))
-		return 1;
+		return keep_bind(ctx);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	return 1;
 }
@@ -95,7 +108,7 @@ int handle__bind6(struct bpf_sock_addr *ctx)
 		return proxy_bind(ctx);
 	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
 	    !capture_bind(ctx, pod, cookie))
-		return 1;
+		return keep_bind(ctx);
 	ctx->user_ip6[3] = bpf_htonl(1);
 	return 1;
 }
@@ -108,7 +121,8 @@ static __always_inline void count_listener(struct bpf_sock *sk)
 	__u32 one = 1, *listeners;
 
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
-	if (!state || !state->inbound_port || (state->flags & SOCK_F_INBOUND_COUNTED))
+	if (!state || !state->inbound_port || (state->flags & SOCK_F_INBOUND_COUNTED) ||
+	    sk->src_port != state->inbound_port)
 		return;
 	key.netns_cookie = bpf_get_netns_cookie(sk);
 	key.port = state->inbound_port;

@@ -15,6 +15,41 @@
  */
 #include "common.bpf.h"
 
+/*
+ * Set before load when this kernel lets cgroup/getsockopt programs read the calling task's
+ * registers (bpf_task_pt_regs() there: Linux 6.x base helpers; absent on 6.1, where this
+ * code is never verified, being unreachable).
+ */
+const volatile bool syscall_args_readable = false;
+
+#define EFAULT 14
+#define NR_GETSOCKOPT_X86_64 55
+#define NR_GETSOCKOPT_ARM64 209
+
+/*
+ * Whether the caller of getsockopt(2) passed optval == NULL. The kernel hands this hook a
+ * buffer of its own and, when the caller's pointer is NULL, skips copying the answer out, so
+ * an answer would "succeed" where iptables' SO_ORIGINAL_DST fails with EFAULT. Read from the
+ * system call's own arguments; any other way in (io_uring, 32-bit compat) counts as non-NULL.
+ */
+static __always_inline bool optval_is_null(void)
+{
+	struct pt_regs *regs;
+
+	if (!syscall_args_readable)
+		return false;
+	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	if (!regs)
+		return false;
+#if defined(__TARGET_ARCH_x86)
+	return regs->orig_ax == NR_GETSOCKOPT_X86_64 && regs->r10 == 0;
+#elif defined(__TARGET_ARCH_arm64)
+	return regs->syscallno == NR_GETSOCKOPT_ARM64 && regs->regs[3] == 0;
+#else
+	return false;
+#endif
+}
+
 static __always_inline int pass(struct bpf_sockopt *ctx)
 {
 	ctx->optlen = 0;
@@ -80,6 +115,10 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 	if (!dst) {
 		count(CNT_GETSOCKOPT_MISS);
 		return pass(ctx);
+	}
+	if (optval_is_null()) {
+		ctx->retval = -EFAULT;
+		return 1;
 	}
 
 	if (family == AF_INET) {
