@@ -4,7 +4,7 @@
 //! ```text
 //! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
 //! netprobe http ADDR...                      # HTTP/1.1: 200 "served by LOCAL to PEER"
-//! netprobe connect DEST [--bind SRC] [--message TEXT]
+//! netprobe connect DEST [--bind SRC] [--message TEXT] [--fastopen] [--mptcp]
 //!                                            # prints local=, peer=, reply=
 //! netprobe bind ADDR                        # bind (TCP, no listen): prints bound= or the errno
 //! netprobe dns SERVER NAME [A|AAAA] [--connected]
@@ -263,19 +263,31 @@ fn connect(args: &[String]) -> Result<()> {
     let dest = parse_addr(args.first().ok_or("connect needs a destination")?)?;
     let mut bind = None;
     let mut message = "hello".to_string();
+    let (mut fastopen, mut mptcp) = (false, false);
     let mut rest = args[1..].iter();
     while let Some(flag) = rest.next() {
-        let value = rest.next().ok_or(format!("{flag} needs a value"))?;
         match flag.as_str() {
-            "--bind" => bind = Some(parse_addr(value)?),
-            "--message" => message = value.clone(),
+            "--fastopen" => fastopen = true,
+            "--mptcp" => mptcp = true,
+            "--bind" | "--message" => {
+                let value = rest.next().ok_or(format!("{flag} needs a value"))?;
+                match flag.as_str() {
+                    "--bind" => bind = Some(parse_addr(value)?),
+                    _ => message = value.clone(),
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
-    let stream = match bind {
-        None => TcpStream::connect_timeout(&dest, Duration::from_secs(5))
+    let mut sent = false;
+    let stream = match (bind, fastopen || mptcp) {
+        (None, false) => TcpStream::connect_timeout(&dest, Duration::from_secs(5))
             .map_err(|e| format!("connect {dest}: {e}"))?,
-        Some(src) => connect_from(src, dest)?,
+        (Some(src), _) => connect_from(src, dest)?,
+        (None, true) => {
+            sent = fastopen;
+            connect_special(dest, mptcp, fastopen.then(|| format!("{message}\n")))?
+        }
     };
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
@@ -289,13 +301,44 @@ fn connect(args: &[String]) -> Result<()> {
         stream.peer_addr().map_err(|e| e.to_string())?
     ));
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
-    writeln!(writer, "{message}").map_err(|e| format!("send: {e}"))?;
+    if !sent {
+        writeln!(writer, "{message}").map_err(|e| format!("send: {e}"))?;
+    }
     let mut reply = String::new();
     BufReader::new(stream)
         .read_line(&mut reply)
         .map_err(|e| format!("receive: {e}"))?;
     say(format!("reply={}", reply.trim_end()));
     Ok(())
+}
+
+/// An MPTCP socket and/or a TCP Fast Open connect, whose SYN carries `data`
+/// (`sendto(MSG_FASTOPEN)`).
+fn connect_special(dest: SocketAddr, mptcp: bool, data: Option<String>) -> Result<TcpStream> {
+    use nix::sys::socket::{connect, sendto, MsgFlags, SockaddrStorage};
+    let family = if dest.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    let protocol = if mptcp { libc::IPPROTO_MPTCP } else { 0 };
+    // SAFETY: plain socket(2); the result is checked before it is wrapped.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, protocol) };
+    if raw < 0 {
+        return Err(format!("socket: {}", io::Error::last_os_error()));
+    }
+    // SAFETY: `raw` is a fresh descriptor nothing else owns.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+    let addr = SockaddrStorage::from(dest);
+    match data {
+        Some(data) => {
+            let flags = MsgFlags::from_bits_retain(libc::MSG_FASTOPEN);
+            sendto(fd.as_raw_fd(), data.as_bytes(), &addr, flags)
+                .map_err(|e| format!("sendto(MSG_FASTOPEN) {dest}: {e}"))?;
+        }
+        None => connect(fd.as_raw_fd(), &addr).map_err(|e| format!("connect {dest}: {e}"))?,
+    }
+    Ok(TcpStream::from(fd))
 }
 
 /// A connect from a fixed source address and port (SO_REUSEADDR, so tests can reuse it).

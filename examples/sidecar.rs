@@ -20,7 +20,9 @@
 //! `inbound peer=192.0.2.11:51234 listener=192.0.2.10:80 upstream=127.0.0.1:80`
 //! `dns proto=udp peer=127.0.0.1:40001 original_dst=192.0.2.20:53 answer_bytes=61`
 //!
-//! Usage: `sidecar [--outbound-port 15001] [--dns-port 15053] [--pod-ip IP]... [--inbound PORT]...`
+//! Usage: `sidecar [--outbound-port 15001] [--dns-port 15053] [--pod-ip IP]... [--inbound PORT]...
+//! [--fastopen QLEN]` (TCP Fast Open on the outbound listeners, as Envoy's
+//! `tcp_fast_open_queue_length`).
 
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -42,6 +44,7 @@ fn main() {
     let mut dns_port: u16 = meshbpf::DEFAULT_DNS_PORT;
     let mut pod_ips: Vec<IpAddr> = Vec::new();
     let mut inbound: Vec<u16> = Vec::new();
+    let mut fastopen: Option<libc::c_int> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let value = args.next().unwrap_or_else(|| usage());
@@ -50,6 +53,7 @@ fn main() {
             "--dns-port" => dns_port = value.parse().unwrap_or_else(|_| usage()),
             "--pod-ip" => pod_ips.push(value.parse().unwrap_or_else(|_| usage())),
             "--inbound" => inbound.push(value.parse().unwrap_or_else(|_| usage())),
+            "--fastopen" => fastopen = Some(value.parse().unwrap_or_else(|_| usage())),
             _ => usage(),
         }
     }
@@ -62,7 +66,12 @@ fn main() {
             (dns_port, Direction::Dns),
         ] {
             match TcpListener::bind((ip, port)) {
-                Ok(listener) => listeners.push((listener, direction)),
+                Ok(listener) => {
+                    if let (Some(qlen), Direction::Outbound) = (fastopen, direction) {
+                        enable_fastopen(&listener, qlen);
+                    }
+                    listeners.push((listener, direction))
+                }
                 Err(err) => fail(&format!(
                     "cannot listen on {}: {err}",
                     SocketAddr::new(ip, port)
@@ -120,6 +129,22 @@ fn main() {
             });
         }
     });
+}
+
+fn enable_fastopen(listener: &TcpListener, qlen: libc::c_int) {
+    // SAFETY: setsockopt(2) reads `qlen`, an int, of the size passed.
+    let ret = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&qlen as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if ret < 0 {
+        fail(&format!("TCP_FASTOPEN: {}", io::Error::last_os_error()));
+    }
 }
 
 /// One receiving thread per socket: the original server must be read right after recv_from.
@@ -323,7 +348,7 @@ fn say(line: String) {
 }
 
 fn usage() -> ! {
-    fail("usage: sidecar [--outbound-port PORT] [--dns-port PORT] [--pod-ip IP]... [--inbound PORT]...")
+    fail("usage: sidecar [--outbound-port PORT] [--dns-port PORT] [--pod-ip IP]... [--inbound PORT]... [--fastopen QLEN]")
 }
 
 fn fail(msg: &str) -> ! {

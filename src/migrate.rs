@@ -20,6 +20,11 @@
 //!    layout dropped are unpinned, and `meta_map`, whose shape never changes, gets the new
 //!    version last. The old maps go when nothing refers to them any more.
 //!
+//! Because of step 3, a layout's programs must work alongside the previous layout's for the
+//! moments of the swap: a connection may be seen by one build's hook at connect and the other
+//! build's at established (sockops.bpf.c's `app_established` publishes an origin the previous
+//! build did not).
+//!
 //! A kill at any point leaves a state the next `attach` completes: until `meta_map` says
 //! the new version, the migration is redone from the old maps (a map already committed is
 //! recognised by its new shape), reusing what the killed run created.

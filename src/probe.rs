@@ -50,6 +50,16 @@ pub(crate) fn syscall_args_readable() -> bool {
     .all(|h| helper(sys::BPF_PROG_TYPE_CGROUP_SOCKOPT, h))
 }
 
+/// Whether sock_addr programs may find an MPTCP subflow's parent socket
+/// (`bpf_skc_to_mptcp_sock`, Linux 5.19): where they may, getpeername() of an MPTCP socket
+/// names the original destination.
+pub(crate) fn mptcp_readable() -> bool {
+    helper(
+        sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+        sys::BPF_FUNC_skc_to_mptcp_sock,
+    )
+}
+
 /// Every feature meshbpf uses, checked on this kernel.
 pub fn probe() -> Vec<Feature> {
     let version = system::kernel_version();

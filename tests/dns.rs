@@ -201,3 +201,27 @@ fn unregistered_pods_and_pods_without_dns_capture_query_the_server_directly() {
     }
     assert_eq!(counter(&w.mesh, "dns_redirected"), 0);
 }
+
+#[test]
+fn ipv4_mapped_server_addresses_see_the_server_they_asked() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world();
+    let (client, sidecar) = registered_client(&mut w);
+    // A dual-stack (AF_INET6) socket asking an IPv4 server by its IPv4-mapped address.
+    let server = format!("[::ffff:{}]:53", w.dns.v4);
+    for connected in [false, true] {
+        let mut args = vec!["dns", server.as_str(), NAME, "A"];
+        if connected {
+            args.push("--connected");
+        }
+        let probe = stdout_of(&client.run(APP_UID, &example("netprobe"), &args));
+        assert!(probe.contains(&format!("from={server}\n")), "{probe}");
+        assert!(probe.contains(&format!("answer={ANSWER_V4}\n")), "{probe}");
+    }
+    let seen = sidecar.lines("dns proto=udp");
+    assert_eq!(seen.len(), 2, "{}", sidecar.output());
+    let asked = format!("original_dst={}:53 ", w.dns.v4);
+    assert!(seen.iter().all(|l| l.contains(&asked)), "{seen:?}");
+}

@@ -176,3 +176,205 @@ fn connects_to_the_unspecified_address_are_loopback_as_for_iptables() {
     );
     assert_eq!(counter(&w.mesh, "connect_redirected"), 0);
 }
+
+/// A pod whose outbound TCP to the server is captured by iptables REDIRECT (the
+/// istio-iptables way), outside meshbpf's cgroup: the reference behaviour.
+fn iptables_pod(env: &mut Env, name: &str) -> Pod {
+    let pod = env.pod_outside(name);
+    for iptables in ["iptables", "ip6tables"] {
+        sh(std::process::Command::new("ip")
+            .args(["netns", "exec", &pod.name, iptables])
+            .args([
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "tcp",
+                "-o",
+                "eth0",
+                "-m",
+                "owner",
+                "!",
+                "--uid-owner",
+                "1337",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                "15001",
+            ]));
+    }
+    pod
+}
+
+/// What a proxy listening on the dual-stack `[::]:15001` is told about a connection the
+/// application made to `dest`: every getsockopt probe's answer.
+fn dual_stack_proxy_view(pod: &Pod, dest: &str) -> BTreeMap<String, String> {
+    let prober = pod.spawn(
+        PROXY_UID,
+        &example("netprobe"),
+        &["sockopts", "--listen", "[::]:15001"],
+    );
+    prober.wait_for("listening=");
+    let _app = pod.spawn(APP_UID, &example("netprobe"), &["connect", dest]);
+    probes(&prober.wait())
+}
+
+#[test]
+fn a_dual_stack_proxy_listener_is_told_what_iptables_tells_it() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings::default());
+    let reference = iptables_pod(&mut w._env, "iptables");
+    for dest in [w.server.addr(false, 8080), w.server.addr(true, 8090)] {
+        let meshed = dual_stack_proxy_view(&w.client, &dest);
+        let behind_iptables = dual_stack_proxy_view(&reference, &dest);
+        assert_eq!(meshed, behind_iptables, "to {dest}");
+        assert!(
+            meshed.values().any(|v| v.starts_with("ok:0")),
+            "nothing answered: {meshed:?}"
+        );
+    }
+}
+
+#[test]
+fn ipv4_mapped_destinations_are_captured_and_reported_as_asked() {
+    if !privileged() {
+        return;
+    }
+    let w = world(&PodSettings::default());
+    let sidecar = w.client.sidecar();
+    let dest = format!("[::ffff:{}]:8080", w.server.v4);
+    let probe = w.client.connect(&dest, &[]);
+    assert!(probe.ok, "{probe:?}");
+    assert_eq!(probe.get("peer"), dest);
+    assert!(
+        probe.get("local").starts_with("[::ffff:127.0.0.1]:"),
+        "{probe:?}"
+    );
+    let events = sidecar.lines("outbound ");
+    assert!(
+        events[0].contains(&format!(
+            "original_dst={}:8080 upstream=connected",
+            w.server.v4
+        )),
+        "{events:?}"
+    );
+}
+
+/// `count` connections with TCP Fast Open from the application of `pod`, each sending its
+/// first line in the SYN; returns how many came back answered.
+fn fastopen_connections(pod: &Pod, dest: &str, count: usize) -> usize {
+    (0..count)
+        .filter(|_| {
+            pod.connect(dest, &["--fastopen"])
+                .stdout
+                .contains("reply=from=")
+        })
+        .count()
+}
+
+fn enable_fastopen(pod: &Pod) {
+    // Client and server, without cookies (0x1 | 0x2 | 0x4 | 0x200).
+    sh(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &pod.name,
+        "sysctl",
+        "-q",
+        "-w",
+        "net.ipv4.tcp_fastopen=519",
+    ]));
+}
+
+fn fastopen_passive(pod: &Pod) -> u64 {
+    let out = sh(std::process::Command::new("ip").args([
+        "netns",
+        "exec",
+        &pod.name,
+        "nstat",
+        "-az",
+        "TcpExtTCPFastOpenPassive",
+    ]));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("TcpExtTCPFastOpenPassive"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn tcp_fast_open_connections_get_their_original_destination_every_time() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings::default());
+    let reference = iptables_pod(&mut w._env, "iptables");
+    let count = 100;
+    for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
+        enable_fastopen(pod);
+        let sidecar = pod.spawn(PROXY_UID, &example("sidecar"), &["--fastopen", "64"]);
+        sidecar.wait_for("listening dns-udp=[::1]");
+        for v6 in [false, true] {
+            let dest = w.server.addr(v6, port(v6, 8080));
+            assert_eq!(fastopen_connections(pod, &dest, count), count, "{name}");
+            let told = sidecar.lines("outbound ");
+            let right = told
+                .iter()
+                .filter(|l| l.contains(&format!("original_dst={dest} upstream=connected")))
+                .count();
+            assert_eq!(right, count, "{name}: {}", sidecar.output());
+        }
+        assert!(
+            fastopen_passive(pod) >= 2 * count as u64 - 2,
+            "{name}: no Fast Open"
+        );
+    }
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || {
+            format!(
+                "{} entries outlive their connections",
+                w.mesh.tracked_connections()
+            )
+        },
+    );
+}
+
+#[test]
+fn mptcp_connections_are_captured_and_report_where_they_connected() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings::default());
+    let reference = iptables_pod(&mut w._env, "iptables");
+    for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
+        let sidecar = pod.sidecar();
+        for v6 in [false, true] {
+            let dest = w.server.addr(v6, port(v6, 8080));
+            let probe = pod.connect(&dest, &["--mptcp"]);
+            assert!(probe.ok, "{name}: {probe:?}");
+            assert_eq!(probe.get("peer"), dest, "{name}: getpeername");
+            assert!(
+                probe.get("reply").starts_with(&format!("from={dest}")),
+                "{name}"
+            );
+        }
+        assert_eq!(
+            sidecar.lines("outbound ").len(),
+            2,
+            "{name}: {}",
+            sidecar.output()
+        );
+    }
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || {
+            format!(
+                "{} entries outlive their connections",
+                w.mesh.tracked_connections()
+            )
+        },
+    );
+}

@@ -266,16 +266,30 @@ static __always_inline bool restore_orig_dst4(struct bpf_sock_addr *ctx)
 	return true;
 }
 
+/*
+ * The IPv6 form: an IPv4 destination kept on a dual-stack socket (its sendto() to an
+ * IPv4-mapped address went through the IPv4 hooks, udpv6_sendmsg() handing it to
+ * udp_sendmsg()) comes back IPv4-mapped, as the application wrote it.
+ */
 static __always_inline bool restore_orig_dst6(struct bpf_sock_addr *ctx)
 {
 	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
 
-	if (!state || state->dst.family != AF_INET6)
+	if (!state)
 		return false;
-	ctx->user_ip6[0] = state->dst.addr[0];
-	ctx->user_ip6[1] = state->dst.addr[1];
-	ctx->user_ip6[2] = state->dst.addr[2];
-	ctx->user_ip6[3] = state->dst.addr[3];
+	if (state->dst.family == AF_INET6) {
+		ctx->user_ip6[0] = state->dst.addr[0];
+		ctx->user_ip6[1] = state->dst.addr[1];
+		ctx->user_ip6[2] = state->dst.addr[2];
+		ctx->user_ip6[3] = state->dst.addr[3];
+	} else if (state->dst.family == AF_INET) {
+		ctx->user_ip6[0] = 0;
+		ctx->user_ip6[1] = 0;
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = state->dst.addr[0];
+	} else {
+		return false;
+	}
 	ctx->user_port = state->dst.port;
 	return true;
 }

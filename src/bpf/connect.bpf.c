@@ -91,6 +91,37 @@ static __always_inline bool to_this_host6(const __u32 addr[4])
 	return (addr[0] | addr[1] | addr[2] | addr[3]) == 0 || is_loopback6(addr);
 }
 
+/*
+ * Set before load when bpf_skc_to_mptcp_sock() is there (Linux 5.19); older kernels never
+ * verify the code it guards.
+ */
+const volatile bool mptcp_readable = false;
+
+/*
+ * An MPTCP connection is made by its first subflow, a TCP socket: that is what connect4/6
+ * and sockops see. The application holds the MPTCP socket, whose getpeername() must name
+ * the original destination too, so it keeps its own copy (`dst` NULL: forgets it).
+ */
+static __always_inline void mptcp_parent_keeps(struct bpf_sock_addr *ctx,
+					       const struct orig_dst *dst)
+{
+	struct mptcp_sock *msk;
+	struct sock_state *state;
+
+	if (!mptcp_readable)
+		return;
+	msk = bpf_skc_to_mptcp_sock(ctx->sk);
+	if (!msk)
+		return;
+	state = bpf_sk_storage_get(&sk_storage_map, msk, 0, dst ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+	if (!state)
+		return;
+	if (dst)
+		state->dst = *dst;
+	else
+		state->dst.family = 0;
+}
+
 static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
 {
 	struct sock_state *state;
@@ -102,6 +133,8 @@ static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct ori
 		return false;
 	}
 	state->dst = *dst;
+	if (ctx->protocol == IPPROTO_TCP)
+		mptcp_parent_keeps(ctx, dst);
 	return true;
 }
 
@@ -120,8 +153,11 @@ static __always_inline int leave_alone(struct bpf_sock_addr *ctx, bool connectin
 	if (!connecting)
 		return 1;
 	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
-	if (state)
+	if (state) {
 		state->dst.family = 0;
+		if (ctx->protocol == IPPROTO_TCP)
+			mptcp_parent_keeps(ctx, NULL);
+	}
 	return 1;
 }
 

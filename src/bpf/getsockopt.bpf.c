@@ -50,6 +50,30 @@ static __always_inline bool optval_is_null(void)
 #endif
 }
 
+/* The longest answer buffer zeroed past the address: a sockaddr_storage. */
+#define ANSWER_MAX 128
+
+/*
+ * Netfilter's getorigdst() writes the address and leaves the caller's length as it was
+ * (Envoy passes a sockaddr_storage): so does this, the bytes after the address zeroed, for
+ * this buffer is the kernel's and not the caller's when the kernel's own answer failed.
+ * Returns the length to report.
+ */
+static __always_inline int answer_len(struct bpf_sockopt *ctx, int addr_len)
+{
+	__u8 *buf = ctx->optval;
+	int len = ctx->optlen < ANSWER_MAX ? ctx->optlen : ANSWER_MAX;
+
+	for (int i = 0; i < ANSWER_MAX; i++) {
+		if (i < addr_len)
+			continue;
+		if (i >= len || (void *)(buf + i + 1) > ctx->optval_end)
+			return i;
+		buf[i] = 0;
+	}
+	return len;
+}
+
 static __always_inline int pass(struct bpf_sockopt *ctx)
 {
 	ctx->optlen = 0;
@@ -90,20 +114,27 @@ static __always_inline struct orig_dst *udp_origin(struct bpf_sock *sk)
 	return state && state->query_dst.family ? &state->query_dst : NULL;
 }
 
+/*
+ * Which answers there are, as behind iptables: SOL_IP answers a connection that is IPv4,
+ * also on a dual-stack IPv6 socket (netfilter's IPv4 getorigdst() reads such a socket's
+ * IPv4 addresses); SOL_IPV6 answers a connection that is IPv6. Every other combination
+ * keeps the kernel's answer (EOPNOTSUPP for SOL_IPV6 on IPv4, ENOENT for a v4-mapped
+ * connection asked at SOL_IPV6); proxies probe v6 first, then v4.
+ */
 SEC("cgroup/getsockopt")
 int handle__getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
 	struct orig_dst *dst;
-	int family;
+	int want;
 
 	if (ctx->optname != SO_ORIGINAL_DST || !sk)
 		return pass(ctx);
-	family = sk->family;
-	/* A level that does not match the socket's family keeps the kernel's answer
-	 * (EOPNOTSUPP for SOL_IPV6 on IPv4): proxies probe v6 first, then v4. */
-	if (!((family == AF_INET && ctx->level == SOL_IP) ||
-	      (family == AF_INET6 && ctx->level == SOL_IPV6)))
+	if (ctx->level == SOL_IP)
+		want = AF_INET;
+	else if (ctx->level == SOL_IPV6 && sk->family == AF_INET6)
+		want = AF_INET6;
+	else
 		return pass(ctx);
 
 	if (sk->protocol == IPPROTO_TCP)
@@ -116,29 +147,29 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 		count(CNT_GETSOCKOPT_MISS);
 		return pass(ctx);
 	}
-	if (optval_is_null()) {
-		ctx->retval = -EFAULT;
-		return 1;
-	}
+	if (dst->family != want)
+		return pass(ctx);
 
-	if (family == AF_INET) {
+	/* In iptables' order: a short buffer is EINVAL, then a NULL one EFAULT. */
+	if (want == AF_INET) {
 		struct sockaddr_in *sin = ctx->optval;
 
-		/* A short buffer keeps the kernel's EINVAL, as behind iptables. */
-		if (ctx->optlen < (int)sizeof(*sin) || (void *)(sin + 1) > ctx->optval_end ||
-		    dst->family != AF_INET)
+		if (ctx->optlen < (int)sizeof(*sin) || (void *)(sin + 1) > ctx->optval_end)
 			return pass(ctx);
+		if (optval_is_null())
+			goto efault;
 		__builtin_memset(sin, 0, sizeof(*sin));
 		sin->sin_family = AF_INET;
 		sin->sin_port = dst->port;
 		sin->sin_addr.s_addr = dst->addr[0];
-		ctx->optlen = sizeof(*sin);
+		ctx->optlen = answer_len(ctx, sizeof(*sin));
 	} else {
 		struct sockaddr_in6 *sin6 = ctx->optval;
 
-		if (ctx->optlen < (int)sizeof(*sin6) || (void *)(sin6 + 1) > ctx->optval_end ||
-		    dst->family != AF_INET6)
+		if (ctx->optlen < (int)sizeof(*sin6) || (void *)(sin6 + 1) > ctx->optval_end)
 			return pass(ctx);
+		if (optval_is_null())
+			goto efault;
 		__builtin_memset(sin6, 0, sizeof(*sin6));
 		sin6->sin6_family = AF_INET6;
 		sin6->sin6_port = dst->port;
@@ -146,10 +177,13 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 		sin6->sin6_addr.in6_u.u6_addr32[1] = dst->addr[1];
 		sin6->sin6_addr.in6_u.u6_addr32[2] = dst->addr[2];
 		sin6->sin6_addr.in6_u.u6_addr32[3] = dst->addr[3];
-		ctx->optlen = sizeof(*sin6);
+		ctx->optlen = answer_len(ctx, sizeof(*sin6));
 	}
 	ctx->retval = 0;
 	count(CNT_GETSOCKOPT_ANSWERED);
+	return 1;
+efault:
+	ctx->retval = -EFAULT;
 	return 1;
 }
 

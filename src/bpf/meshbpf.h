@@ -83,6 +83,7 @@ enum sock_flag {
 	SOCK_F_SOCKMAP_SENDER = 1 << 1,		/* in sock_hash, its first message not seen yet */
 	SOCK_F_SOCKMAP_REDIRECT = 1 << 2,	/* its sends are redirected to its peer by sk_msg */
 	SOCK_F_SOCKMAP_LEAVE = 1 << 3,		/* small first message: sockops removes it from sock_hash */
+	SOCK_F_ORIGIN_PENDING = 1 << 4,		/* origin published at connect, not yet established */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */

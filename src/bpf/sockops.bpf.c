@@ -102,16 +102,18 @@ static __always_inline bool sockmap_add(struct bpf_sock_ops *skops)
 	return true;
 }
 
-/* The application's end of a captured connection, now established. */
-static __always_inline void accelerate_sender(struct bpf_sock_ops *skops, struct sock_state *state)
+/* The application's end of a captured connection, now established; whether it entered
+ * sock_hash. */
+static __always_inline bool accelerate_sender(struct bpf_sock_ops *skops, struct sock_state *state)
 {
 	if (!sockmap_wanted(skops) || !sockmap_add(skops))
-		return;
+		return false;
 	state->flags |= SOCK_F_SOCKMAP_SENDER;
 	/* STATE: to leave sock_hash when it shuts down writing (sockmap_leave). RTT: to leave it
 	 * after a small first message, at that message's ACK (sockmap_first_ack). */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
 						 BPF_SOCK_OPS_RTT_CB_FLAG);
+	return true;
 }
 
 /* The socket's meshbpf state, if it has any. */
@@ -167,8 +169,12 @@ static __always_inline void sockmap_first_ack(struct bpf_sock_ops *skops)
 	sock_hash_remove(skops);
 }
 
-/* Application side: connect() finished; publish what connect4/6 kept. */
-static __always_inline void record_origin(struct bpf_sock_ops *skops)
+/*
+ * Application side, its SYN about to leave: publish what connect4/6 kept. Not later: with
+ * TCP Fast Open the sidecar's end exists at the SYN, and a proxy may accept it and ask
+ * SO_ORIGINAL_DST before this end is ever told it is established.
+ */
+static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 {
 	struct bpf_sock *sk = skops->sk;
 	struct pod_settings *pod;
@@ -194,7 +200,33 @@ static __always_inline void record_origin(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(CNT_ORIGIN_RECORDED);
-	accelerate_sender(skops, state);
+	/* Until established, its own close removes the entry: a connect that fails has no
+	 * sidecar end to do it. */
+	state->flags |= SOCK_F_ORIGIN_PENDING;
+	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
+}
+
+/*
+ * Application side, established: from now on the sidecar's end owns the entry. A captured
+ * connection whose connect the previous build's sockops saw (it published here, at
+ * ACTIVE_ESTABLISHED) is published now: during an upgrade, programs of two builds run side
+ * by side for a moment.
+ */
+static __always_inline void app_established(struct bpf_sock_ops *skops)
+{
+	struct sock_state *state = ops_state(skops);
+
+	if (!state || !state->dst.family)
+		return;
+	if (!(state->flags & SOCK_F_ORIGIN_PENDING)) {
+		publish_origin(skops);
+		if (!(state->flags & SOCK_F_ORIGIN_PENDING))
+			return; /* not a connection to the sidecar */
+	}
+	state->flags &= ~SOCK_F_ORIGIN_PENDING;
+	if (!accelerate_sender(skops, state))
+		bpf_sock_ops_cb_flags_set(skops,
+					  skops->bpf_sock_ops_cb_flags & ~BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
 /* Proxy side: if this accepted socket is a captured connection, watch it to clean up. */
@@ -211,23 +243,46 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 		sockmap_add(skops);
 }
 
-static __always_inline void forget_origin(struct bpf_sock_ops *skops)
+/* Removes the connection's entry; `app_end`: skops is the application's end. */
+static __always_inline void forget_origin(struct bpf_sock_ops *skops, bool app_end)
 {
 	struct conn_key key = {};
 
-	conn_key_from_ops(&key, skops, false);
+	conn_key_from_ops(&key, skops, app_end);
 	if (!bpf_map_delete_elem(&origin_dst_map, &key))
 		count(CNT_ORIGIN_REMOVED);
+}
+
+static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 old_state,
+					  __u32 new_state)
+{
+	struct sock_state *state = ops_state(skops);
+
+	if (state && (state->flags & SOCK_F_ORIGIN_PENDING)) {
+		/* The application's end, never established: its connect failed. */
+		if (new_state == BPF_TCP_CLOSE && old_state == BPF_TCP_SYN_SENT) {
+			state->flags &= ~SOCK_F_ORIGIN_PENDING;
+			forget_origin(skops, true);
+		}
+		return;
+	}
+	if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE)
+		sockmap_leave(skops);
+	if (new_state == BPF_TCP_CLOSE)
+		forget_origin(skops, false);
 }
 
 SEC("sockops")
 int handle__sockops(struct bpf_sock_ops *skops)
 {
-	__u32 new_state;
+	__u32 old_state, new_state;
 
 	switch (skops->op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB:
+		publish_origin(skops);
+		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
-		record_origin(skops);
+		app_established(skops);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
@@ -236,12 +291,11 @@ int handle__sockops(struct bpf_sock_ops *skops)
 		sockmap_first_ack(skops);
 		break;
 	case BPF_SOCK_OPS_STATE_CB:
-		/* args[1] is the new state; read once (the verifier refuses a recomputed ctx offset) */
+		/* args[0] is the old state, args[1] the new one; each read once (the verifier
+		 * refuses a recomputed ctx offset) */
+		old_state = skops->args[0];
 		new_state = skops->args[1];
-		if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE)
-			sockmap_leave(skops);
-		if (new_state == BPF_TCP_CLOSE)
-			forget_origin(skops);
+		state_changed(skops, old_state, new_state);
 		break;
 	}
 	return 1;
