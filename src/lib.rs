@@ -20,9 +20,12 @@
 #![warn(missing_docs)]
 
 mod abi;
+pub mod agent;
+pub mod cni;
 mod error;
 mod mesh;
 mod netns;
+mod options;
 mod origin;
 mod presets;
 mod probe;
@@ -36,6 +39,7 @@ pub use mesh::{
     detach, AttachOptions, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
+pub use options::PodOptions;
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
 pub use probe::{probe, require_features as probe_required, Feature};

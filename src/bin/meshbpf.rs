@@ -115,119 +115,28 @@ enum Command {
 }
 
 /// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
-/// annotations, then each flag given, each overriding the one before. Lists are
-/// comma-separated; `*` means all.
+/// annotations, then each option given (`meshbpf::PodOptions`, the same names as the CNI
+/// plugin's conf keys), each overriding the one before.
 #[derive(clap::Args)]
 struct PodArgs {
-    /// Start from this mesh's conventions: istio (default), linkerd, kuma, generic.
-    #[arg(long, value_name = "MESH")]
-    mesh: Option<String>,
     /// Apply a pod's traffic.sidecar.istio.io/* annotations (a YAML or JSON map).
     #[arg(long, value_name = "FILE")]
     from_annotations: Option<PathBuf>,
-    /// Users whose connections are never captured (the sidecar's; 1337 for Istio).
-    #[arg(long, value_name = "LIST")]
-    proxy_uid: Option<String>,
-    /// Groups whose connections are never captured.
-    #[arg(long, value_name = "LIST")]
-    proxy_gid: Option<String>,
-    /// The sidecar's outbound listener port on loopback (15001).
-    #[arg(long, value_name = "PORT")]
-    outbound_port: Option<String>,
-    /// Only these destinations are captured (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    include_outbound_cidrs: Option<String>,
-    /// Destinations never captured; wins over the included ones.
-    #[arg(long, value_name = "LIST")]
-    exclude_outbound_cidrs: Option<String>,
-    /// Destination ports always captured, even outside the included CIDRs.
-    #[arg(long, value_name = "LIST")]
-    include_outbound_ports: Option<String>,
-    /// Destination ports never captured, TCP and UDP.
-    #[arg(long, value_name = "LIST")]
-    exclude_outbound_ports: Option<String>,
-    /// Inbound ports whose wildcard binds move to loopback (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    inbound_ports: Option<String>,
-    /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
-    #[arg(long, value_name = "LIST")]
-    exclude_inbound_ports: Option<String>,
-    /// Do not capture inbound: applications' binds stay as they are.
-    #[arg(long)]
-    no_inbound: bool,
-    /// The sidecar's DNS listener port on loopback, UDP and TCP (15053).
-    #[arg(long, value_name = "PORT")]
-    dns_port: Option<String>,
-    /// Do not capture DNS: queries go straight to the servers.
-    #[arg(long)]
-    no_dns: bool,
-    /// Do not accelerate this pod's application-sidecar connections with sockmap.
-    #[arg(long)]
-    no_sockmap: bool,
-    /// Accelerate a connection only if its first message is at least this many bytes
-    /// (16384; 0: every connection).
-    #[arg(long, value_name = "BYTES")]
-    sockmap_min_bytes: Option<u32>,
-}
-
-/// One port, 1 to 65535; the error names the value.
-fn port(text: &str) -> meshbpf::Result<u16> {
-    let ports = meshbpf::parse_port_list(text)?;
-    match (ports.len(), ports.first()) {
-        (1, Some(&p)) => Ok(p),
-        _ => Err(meshbpf::Error::InvalidSetting(format!(
-            "port {text:?}: give one port from 1 to 65535"
-        ))),
-    }
+    #[command(flatten)]
+    options: meshbpf::PodOptions,
 }
 
 impl PodArgs {
     fn settings(&self) -> anyhow::Result<PodSettings> {
-        let preset: meshbpf::MeshPreset = self.mesh.as_deref().unwrap_or("istio").parse()?;
-        let mut s = preset.settings();
-        if let Some(file) = &self.from_annotations {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            s = meshbpf::apply_istio_annotations(s, &meshbpf::parse_annotations(&text)?)?;
-        }
-        if let Some(v) = &self.proxy_uid {
-            s.proxy_uids = meshbpf::parse_id_list(v)?;
-        }
-        if let Some(v) = &self.proxy_gid {
-            s.proxy_gids = meshbpf::parse_id_list(v)?;
-        }
-        if let Some(v) = &self.outbound_port {
-            s.outbound_port = port(v)?;
-        }
-        if let Some(v) = &self.include_outbound_cidrs {
-            s.include_outbound_cidrs = meshbpf::Cidrs::parse(v)?;
-        }
-        if let Some(v) = &self.exclude_outbound_cidrs {
-            s.exclude_outbound_cidrs = meshbpf::parse_cidr_list(v)?;
-        }
-        if let Some(v) = &self.include_outbound_ports {
-            s.include_outbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.exclude_outbound_ports {
-            s.exclude_outbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.inbound_ports {
-            s.inbound_ports = meshbpf::Ports::parse(v)?;
-        }
-        if let Some(v) = &self.exclude_inbound_ports {
-            s.exclude_inbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.dns_port {
-            s.dns_port = port(v)?;
-        }
-        if let Some(v) = self.sockmap_min_bytes {
-            s.sockmap_min_bytes = v;
-        }
-        s.capture_inbound &= !self.no_inbound;
-        s.capture_dns &= !self.no_dns;
-        s.sockmap &= !self.no_sockmap;
-        s.validate()?;
-        Ok(s)
+        let annotations = match &self.from_annotations {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                Some(meshbpf::parse_annotations(&text)?)
+            }
+            None => None,
+        };
+        Ok(self.options.settings(annotations.as_ref())?)
     }
 }
 
