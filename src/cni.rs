@@ -136,8 +136,8 @@ impl PluginConf {
     /// Parses a request's conf (the plugin's stdin), or a conf entry as a conflist holds it;
     /// an unknown key or a bad value is refused by name.
     pub fn parse(bytes: &[u8]) -> Result<PluginConf, ErrorResult> {
-        let fields: BTreeMap<String, Box<RawValue>> = serde_json::from_slice(bytes)
-            .map_err(|err| {
+        let fields: BTreeMap<String, Box<RawValue>> =
+            serde_json::from_slice(bytes).map_err(|err| {
                 ErrorResult::new(
                     code::DECODE_FAILURE,
                     "the network configuration is not a JSON object",
@@ -244,7 +244,8 @@ impl PluginConf {
                     .set(key, &value)
                     .map_err(|err| ErrorResult::config(err.to_string()))?;
                 if !known {
-                    let mut err = ErrorResult::config(format!("unsupported field {key:?}: {value}"));
+                    let mut err =
+                        ErrorResult::config(format!("unsupported field {key:?}: {value}"));
                     err.code = code::UNSUPPORTED_FIELD;
                     return Err(err);
                 }
@@ -533,11 +534,7 @@ fn attachment<'a>(env: &'a Environment, netns: bool) -> Result<[&'a str; 3], Err
         ));
     }
     let get = |n: &str| env.get(n).map_or("", String::as_str);
-    Ok([
-        get("CNI_CONTAINERID"),
-        get("CNI_IFNAME"),
-        get("CNI_NETNS"),
-    ])
+    Ok([get("CNI_CONTAINERID"), get("CNI_IFNAME"), get("CNI_NETNS")])
 }
 
 /// A library error as a CNI error result.
@@ -614,7 +611,9 @@ fn add(conf: &PluginConf, env: &Environment, log: &mut Log) -> Result<Vec<u8>, E
 fn del(env: &Environment, stdin: &[u8], log: &mut Log) -> Result<(), ErrorResult> {
     let [container_id, ifname, netns] = attachment(env, false)?;
     let conf: Value = serde_json::from_slice(stdin).unwrap_or_else(|err| {
-        log.line(format!("conf is not JSON ({err}); using the default directories"));
+        log.line(format!(
+            "conf is not JSON ({err}); using the default directories"
+        ));
         Value::Null
     });
     log.open_file(conf.get("log_file").and_then(Value::as_str).map(Path::new));
@@ -670,8 +669,7 @@ fn del(env: &Environment, stdin: &[u8], log: &mut Log) -> Result<(), ErrorResult
 fn check(conf: &PluginConf, env: &Environment) -> Result<(), ErrorResult> {
     let [_, _, netns] = attachment(env, true)?;
     prev_result(conf)?;
-    let Decision::Register(expected) = conf.decide(env.get("CNI_ARGS").map(String::as_str))?
-    else {
+    let Decision::Register(expected) = conf.decide(env.get("CNI_ARGS").map(String::as_str))? else {
         return Ok(());
     };
     let mesh = Mesh::open(&conf.pin_dir).map_err(|e| mesh_error(e, &conf.pin_dir))?;
@@ -743,8 +741,7 @@ fn gc(conf: &PluginConf, log: &mut Log) -> Result<(), ErrorResult> {
     let mut errors = Vec::new();
     for (path, state) in all.iter().filter(|(_, s)| !is_valid(s)) {
         if !kept.contains(&state.netns_cookie) {
-            match Mesh::open(&state.pin_dir).and_then(|m| m.unregister_cookie(state.netns_cookie))
-            {
+            match Mesh::open(&state.pin_dir).and_then(|m| m.unregister_cookie(state.netns_cookie)) {
                 Ok(true) => log.line(format!(
                     "gc: unregistered container {} ifname {} (netns cookie {})",
                     state.container_id, state.ifname, state.netns_cookie
@@ -806,7 +803,11 @@ mod tests {
                 7,
                 "10.0.0.0/40",
             ),
-            (r#"{"cniVersion":"1.0.0","pin_dir":"relative"}"#, 7, "pin_dir"),
+            (
+                r#"{"cniVersion":"1.0.0","pin_dir":"relative"}"#,
+                7,
+                "pin_dir",
+            ),
             (
                 r#"{"cniVersion":"1.0.0","exclude_namespaces":"kube-system"}"#,
                 7,

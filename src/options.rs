@@ -112,8 +112,9 @@ impl PodOptions {
                 .collect::<Option<Vec<_>>>()
                 .map(|items| items.join(","))
                 .ok_or_else(|| bad("give a list of strings or numbers"))?,
-            other => scalar(other)
-                .ok_or_else(|| bad("give a string, a number, or a list of them"))?,
+            other => {
+                scalar(other).ok_or_else(|| bad("give a string, a number, or a list of them"))?
+            }
         };
         // Parsed now, so that a bad value is named here, by its key.
         apply(&mut PodSettings::default(), key, &text).map_err(|err| bad(&reason(err)))?;
@@ -283,7 +284,10 @@ mod tests {
             ("mesh", json!("linkerd")),
             ("proxy_uid", json!([2102, "3000"])),
             ("outbound_port", json!(4140)),
-            ("exclude_outbound_cidrs", json!("192.0.2.0/24, 2001:db8::/32")),
+            (
+                "exclude_outbound_cidrs",
+                json!("192.0.2.0/24, 2001:db8::/32"),
+            ),
             ("no_dns", json!(true)),
             ("sockmap_min_bytes", json!(0)),
         ] {
@@ -308,7 +312,11 @@ mod tests {
     #[test]
     fn bad_conf_values_are_refused_with_key_and_value() {
         for (key, value, named) in [
-            ("exclude_outbound_cidrs", json!("10.0.0.0/33"), "10.0.0.0/33"),
+            (
+                "exclude_outbound_cidrs",
+                json!("10.0.0.0/33"),
+                "10.0.0.0/33",
+            ),
             ("outbound_port", json!(70000), "70000"),
             ("outbound_port", json!("80,81"), "80,81"),
             ("no_dns", json!("yes"), "true or false"),

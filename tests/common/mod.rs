@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use meshbpf::Mesh;
 
+pub mod k8s;
+
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
 pub const ATTACH_TYPES: [&str; 15] = [
     "cgroup_getsockopt",
