@@ -516,7 +516,7 @@ fn version(stdin: &[u8]) -> Vec<u8> {
 
 /// The attachment named by `CNI_CONTAINERID` and `CNI_IFNAME` (and `CNI_NETNS`, when
 /// `netns` is required); the error names every variable missing.
-fn attachment<'a>(env: &'a Environment, netns: bool) -> Result<[&'a str; 3], ErrorResult> {
+fn attachment(env: &Environment, netns: bool) -> Result<[&str; 3], ErrorResult> {
     let mut names = vec!["CNI_CONTAINERID", "CNI_IFNAME"];
     if netns {
         names.push("CNI_NETNS");

@@ -382,7 +382,9 @@ fn bad_conf_or_environment_is_a_cni_error_and_registers_nothing() {
     let pod = env.pod("app");
     let netns = pod.netns.to_str().unwrap().to_string();
     let good_vars = vars("ctr1", &pod);
-    let cases: Vec<(&str, String, Vec<(&str, &str)>, u64, &str)> = vec![
+    // What is wrong, the conf, the CNI_* variables, the error code, what the message names.
+    type Case<'a> = (&'a str, String, Vec<(&'a str, &'a str)>, u64, &'a str);
+    let cases: Vec<Case> = vec![
         (
             "unknown key",
             conf(&env, json!({"outbound_prot": 15001})),
