@@ -87,6 +87,12 @@ impl Netns {
         if this.ino() == INIT_NET_INO {
             return Ok(true);
         }
+        // Where this process is pid 1 (the entrypoint of a container, such as a pod's init
+        // container running `register --netns /proc/self/ns/net`), /proc/1 is this very
+        // process and says nothing about the host: only the check above applies.
+        if std::fs::read_link("/proc/self").is_ok_and(|pid| pid == Path::new("1")) {
+            return Ok(false);
+        }
         // pid 1's namespace may be hidden from us (a hardened pid 1); the check above holds then.
         Ok(std::fs::metadata(HOST_NETNS)
             .is_ok_and(|host| host.dev() == this.dev() && host.ino() == this.ino()))

@@ -89,6 +89,10 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+    /// Run the node agent (the DaemonSet's process): attach, install the CNI plugin, keep it
+    /// in the primary network configuration, gc, serve /healthz and /metrics. Stopping it
+    /// never detaches.
+    Agent(AgentArgs),
     /// Probe the running kernel for every feature meshbpf uses.
     Check {
         /// Print JSON.
@@ -112,6 +116,109 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+}
+
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// A cgroup v2 directory: every pod's processes must be in it or below it.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup: PathBuf,
+    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
+    #[arg(long)]
+    no_sockmap: bool,
+    /// The node's CNI bin dir, where meshbpf-cni is installed.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI conf dir: its lexically first .conf/.conflist gets meshbpf-cni's entry.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The plugin's conf entry (JSON: pin_dir, state_dir, exclude_namespaces, log_file and
+    /// every option of `register`); default: Istio's settings, pod annotations on.
+    #[arg(long, value_name = "FILE")]
+    plugin_conf: Option<PathBuf>,
+    /// The meshbpf-cni binary to install (default: the one beside this program).
+    #[arg(long, value_name = "PATH")]
+    plugin_binary: Option<PathBuf>,
+    /// Where to serve /healthz and /metrics ("none": not served).
+    #[arg(long, default_value = meshbpf::agent::DEFAULT_LISTEN)]
+    listen: String,
+    /// Seconds between two gc runs (pods whose network namespace is gone).
+    #[arg(long, default_value_t = 60)]
+    gc_interval: u64,
+    /// Do not look for pods that were running before the agent (sidecar found listening).
+    #[arg(long)]
+    no_discover: bool,
+    /// Remove the plugin and its conflist entry, then detach every program, and exit.
+    #[arg(long)]
+    uninstall: bool,
+    #[command(flatten)]
+    pin: PinDirArg,
+}
+
+impl AgentArgs {
+    fn config(&self) -> anyhow::Result<meshbpf::agent::AgentConfig> {
+        let text = match &self.plugin_conf {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+            ),
+            None => None,
+        };
+        let plugin_binary = match &self.plugin_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("locating this program")?
+                .with_file_name(meshbpf::cni::PLUGIN_TYPE),
+        };
+        let listen = match self.listen.as_str() {
+            "none" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                Error::InvalidSetting(format!(
+                    "--listen {addr:?}: give ADDRESS:PORT, such as 0.0.0.0:9190, or none"
+                ))
+            })?),
+        };
+        Ok(meshbpf::agent::AgentConfig {
+            cgroup: self.cgroup.clone(),
+            pin_dir: self.pin.pin_dir.clone(),
+            attach: meshbpf::AttachOptions {
+                sockmap: !self.no_sockmap,
+            },
+            cni_bin_dir: self.cni_bin_dir.clone(),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            plugin_binary,
+            plugin_entry: meshbpf::agent::plugin_entry(text.as_deref(), &self.pin.pin_dir)?,
+            listen,
+            gc_interval: std::time::Duration::from_secs(self.gc_interval.max(1)),
+            discover: !self.no_discover,
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM, SIGINT or SIGHUP, which a thread of its own waits for.
+fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = args.config()?;
+    if args.uninstall {
+        return Ok(meshbpf::agent::uninstall(&config)?);
+    }
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    // Blocked before any thread starts, so every thread inherits the mask and the waiter
+    // alone receives them.
+    signals.thread_block().context("blocking signals")?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            eprintln!("meshbpf agent: {signal}");
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    Ok(meshbpf::agent::run(&config, &stop)?)
 }
 
 /// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
@@ -173,7 +280,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::CgroupNotV2 { .. }
             | Error::BpffsNotMounted { .. }
             | Error::AttachedElsewhere { .. }
-            | Error::InvalidSetting(_),
+            | Error::InvalidSetting(_)
+            | Error::CniConfig { .. },
         ) => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
@@ -325,6 +433,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Agent(args) => run_agent(&args)?,
         Command::Check { json } => {
             let features = meshbpf::probe();
             if json {
