@@ -151,15 +151,13 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
         config.pin_dir.display()
     ));
     let stats = Arc::new(Stats::default());
-    if let Some(addr) = config.listen {
-        let listener =
-            TcpListener::bind(addr).context(|| format!("listening on {addr} for /metrics"))?;
-        let bound = listener
-            .local_addr()
-            .context(|| "reading the address".into())?;
-        http::serve(listener, &config.pin_dir, stats.clone());
-        say(format!("serving /healthz and /metrics on {bound}"));
-    }
+    // Bound first (a taken port fails the start), served once the first round is done.
+    let listener = match config.listen {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).context(|| format!("listening on {addr} for /metrics"))?)
+        }
+        None => None,
+    };
     fs::create_dir_all(&config.cni_conf_dir)
         .context(|| format!("creating {}", config.cni_conf_dir.display()))?;
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
@@ -178,6 +176,13 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     installer.reconcile(config, &stats);
     if config.discover {
         register_running_pods(&mesh, &settings, &stats);
+    }
+    if let Some(listener) = listener {
+        let bound = listener
+            .local_addr()
+            .context(|| "reading the listening address".into())?;
+        http::serve(listener, &config.pin_dir, stats.clone());
+        say(format!("serving /healthz and /metrics on {bound}"));
     }
     let mut next_gc = Instant::now() + config.gc_interval;
     while !stop.load(Ordering::SeqCst) {

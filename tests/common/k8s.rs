@@ -105,3 +105,148 @@ pub fn registered_cookies(pin_dir: &Path) -> Vec<u64> {
 pub fn cookie(path: &Path) -> u64 {
     meshbpf::Netns::open(path).expect("open netns").cookie()
 }
+
+/// The node's CNI directories, under a test's root.
+pub struct CniDirs {
+    pub bin: PathBuf,
+    pub conf: PathBuf,
+}
+
+impl CniDirs {
+    pub fn new(root: &Path) -> CniDirs {
+        let dirs = CniDirs {
+            bin: root.join("cni-bin"),
+            conf: root.join("net.d"),
+        };
+        std::fs::create_dir_all(&dirs.bin).unwrap();
+        std::fs::create_dir_all(&dirs.conf).unwrap();
+        dirs
+    }
+}
+
+/// `meshbpf agent` running as a process of the test, for this env and these CNI dirs; its
+/// stderr goes to a log file. Stopped with SIGTERM (then killed) when dropped.
+pub struct Agent {
+    child: Option<std::process::Child>,
+    log: PathBuf,
+    /// Where it serves /healthz and /metrics.
+    pub addr: String,
+}
+
+impl Agent {
+    /// Starts the agent with `plugin_conf` (JSON text) and extra flags, and waits until it
+    /// serves HTTP (by then it has attached, installed and inserted).
+    pub fn start(env: &super::Env, dirs: &CniDirs, plugin_conf: &str, extra: &[&str]) -> Agent {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let conf = env.root.join(format!("plugin-{n}.json"));
+        std::fs::write(&conf, plugin_conf).unwrap();
+        let log = env.root.join(format!("agent-{n}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(super::cli())
+            .arg("agent")
+            .arg("--cgroup")
+            .arg(&env.cgroup)
+            .arg("--pin-dir")
+            .arg(&env.pin_dir)
+            .arg("--cni-bin-dir")
+            .arg(&dirs.bin)
+            .arg("--cni-conf-dir")
+            .arg(&dirs.conf)
+            .arg("--plugin-conf")
+            .arg(&conf)
+            .arg("--plugin-binary")
+            .arg(cni_plugin())
+            .args(["--listen", "127.0.0.1:0", "--gc-interval", "1"])
+            .args(extra)
+            .stdout(Stdio::from(out.try_clone().unwrap()))
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("start meshbpf agent");
+        let mut agent = Agent {
+            child: Some(child),
+            log,
+            addr: String::new(),
+        };
+        let marker = "serving /healthz and /metrics on ";
+        let log_path = agent.log.clone();
+        super::wait_until(
+            || agent.log().contains(marker) || agent.exited(),
+            || {
+                format!(
+                    "agent did not start serving:\n{}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            },
+        );
+        let log = agent.log();
+        agent.addr = log
+            .lines()
+            .find_map(|l| l.split(marker).nth(1))
+            .unwrap_or_else(|| panic!("agent exited:\n{log}"))
+            .trim()
+            .to_string();
+        agent
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
+    /// Waits until the log contains `text`.
+    pub fn wait_for(&self, text: &str) {
+        super::wait_until(
+            || self.log().contains(text),
+            || format!("agent never logged {text:?}:\n{}", self.log()),
+        );
+    }
+
+    /// Sends `signal` and waits for the agent to exit; returns whether it exited 0, and its log.
+    pub fn stop(mut self, signal: nix::sys::signal::Signal) -> (bool, String) {
+        let mut child = self.child.take().expect("running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal the agent");
+        let status = child.wait().expect("wait for the agent");
+        (status.success(), self.log())
+    }
+
+    /// GET `path` from the agent: the status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect(&self.addr).expect("connect to the agent");
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("a status code");
+        (code, body.to_string())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while child.try_wait().ok().flatten().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
