@@ -122,19 +122,8 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
     drop(agent);
 
     // Uninstall: the entry leaves every file, the binary goes, every program is detached.
-    let conf_file = env.root.join("uninstall.json");
-    fs::write(&conf_file, plugin_conf.to_string()).unwrap();
-    let out = std::process::Command::new(cli())
-        .arg("agent")
+    let out = agent_command(&env, &dirs, &plugin_conf.to_string())
         .arg("--uninstall")
-        .arg("--pin-dir")
-        .arg(&env.pin_dir)
-        .arg("--cni-bin-dir")
-        .arg(&dirs.bin)
-        .arg("--cni-conf-dir")
-        .arg(&dirs.conf)
-        .arg("--plugin-conf")
-        .arg(&conf_file)
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");

@@ -124,6 +124,26 @@ impl CniDirs {
     }
 }
 
+/// `meshbpf agent` for this env's pin dir and these CNI dirs, with `plugin_conf` (JSON
+/// text) as its plugin conf.
+pub fn agent_command(env: &super::Env, dirs: &CniDirs, plugin_conf: &str) -> Command {
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let conf = env.root.join(format!("plugin-{n}.json"));
+    std::fs::write(&conf, plugin_conf).unwrap();
+    let mut cmd = Command::new(super::cli());
+    cmd.arg("agent")
+        .arg("--pin-dir")
+        .arg(&env.pin_dir)
+        .arg("--cni-bin-dir")
+        .arg(&dirs.bin)
+        .arg("--cni-conf-dir")
+        .arg(&dirs.conf)
+        .arg("--plugin-conf")
+        .arg(&conf);
+    cmd
+}
+
 /// `meshbpf agent` running as a process of the test, for this env and these CNI dirs; its
 /// stderr goes to a log file. Stopped with SIGTERM (then killed) when dropped.
 pub struct Agent {
@@ -139,22 +159,11 @@ impl Agent {
     pub fn start(env: &super::Env, dirs: &CniDirs, plugin_conf: &str, extra: &[&str]) -> Agent {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let conf = env.root.join(format!("plugin-{n}.json"));
-        std::fs::write(&conf, plugin_conf).unwrap();
         let log = env.root.join(format!("agent-{n}.log"));
         let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(super::cli())
-            .arg("agent")
+        let child = agent_command(env, dirs, plugin_conf)
             .arg("--cgroup")
             .arg(&env.cgroup)
-            .arg("--pin-dir")
-            .arg(&env.pin_dir)
-            .arg("--cni-bin-dir")
-            .arg(&dirs.bin)
-            .arg("--cni-conf-dir")
-            .arg(&dirs.conf)
-            .arg("--plugin-conf")
-            .arg(&conf)
             .arg("--plugin-binary")
             .arg(cni_plugin())
             .args(["--listen", "127.0.0.1:0", "--gc-interval", "1"])
