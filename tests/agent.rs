@@ -14,6 +14,10 @@ use common::*;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
+/// Every test but discovery's: other tests' pods, running sidecars on this machine at the
+/// same time, are not this test's to register.
+const NO_DISCOVER: &[&str] = &["--no-discover"];
+
 const KINDNET: &str = r#"{
   "cniVersion": "0.4.0",
   "name": "kindnet",
@@ -72,7 +76,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
         "exclude_namespaces": ["kube-system", "istio-system"],
         "state_dir": env.root.join("cni-state"),
     });
-    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), &[]);
+    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), NO_DISCOVER);
 
     // Inserted last, as given, with the agent's pin dir; the other file untouched.
     wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
@@ -115,7 +119,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
     assert!(clean, "{log}");
     assert!(log.contains("programs stay attached"), "{log}");
     assert_eq!(env.attached_hooks().len(), ATTACH_TYPES.len());
-    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), &[]);
+    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), NO_DISCOVER);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(fs::read_to_string(&primary).unwrap(), settled);
     assert!(!agent.log().contains("inserted"), "{}", agent.log());
@@ -144,7 +148,7 @@ fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite() {
     }
     let env = Env::new();
     let dirs = CniDirs::new(&env.root);
-    let agent = Agent::start(&env, &dirs, "{}", &[]);
+    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
     // No network configuration yet: not ready, and it says why.
     let (code, body) = agent.get("/healthz");
     assert_eq!(code, 503);
@@ -247,7 +251,7 @@ fn metrics_give_every_counter_the_pods_and_every_map_s_entries_and_capacity() {
     let mut env = Env::new();
     let dirs = CniDirs::new(&env.root);
     fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
-    let agent = Agent::start(&env, &dirs, "{}", &[]);
+    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
     let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
     let app = env.pod("app");
     let server = env.pod("server");
@@ -322,7 +326,7 @@ fn restarting_the_agent_under_load_fails_no_connection_and_capture_never_stops()
     let mut env = Env::new();
     let dirs = CniDirs::new(&env.root);
     fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
-    let mut agent = Some(Agent::start(&env, &dirs, "{}", &[]));
+    let mut agent = Some(Agent::start(&env, &dirs, "{}", NO_DISCOVER));
     let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
     let app = env.pod("app");
     let server_pod = env.pod("server");
@@ -375,7 +379,7 @@ fn restarting_the_agent_under_load_fails_no_connection_and_capture_never_stops()
 
         // Batches back to back for as long as the agent takes to start.
         agent = Some(std::thread::scope(|scope| {
-            let starting = scope.spawn(|| Agent::start(&env, &dirs, "{}", &[]));
+            let starting = scope.spawn(|| Agent::start(&env, &dirs, "{}", NO_DISCOVER));
             let mut batches = 0;
             while batches == 0 || !starting.is_finished() {
                 check(&load(50).wait(), 50);
