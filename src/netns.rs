@@ -43,8 +43,16 @@ impl Netns {
             },
         })?;
         check_is_netns(&path, &file)?;
-        let cookie =
-            cookie_of(&file).context(|| format!("reading the cookie of {}", path.display()))?;
+        let cookie = match cookie_of(&file) {
+            // setns(2) needs CAP_SYS_ADMIN, even into the caller's own namespace.
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
+                return Err(Error::PermissionDenied {
+                    action: "read a network namespace's cookie",
+                    missing: "CAP_SYS_ADMIN".into(),
+                })
+            }
+            other => other.context(|| format!("reading the cookie of {}", path.display()))?,
+        };
         Ok(Netns { path, file, cookie })
     }
 

@@ -245,6 +245,22 @@ impl Env {
         }
     }
 
+    /// A pod made by someone else (a container runtime): its network namespace at `netns`,
+    /// with a new cgroup under the test cgroup for the processes the test puts in it.
+    pub fn adopt(&mut self, name: &str, netns: PathBuf, v4: Ipv4Addr) -> Pod {
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir(&cgroup).unwrap();
+        self.pod_cgroups.push(cgroup.clone());
+        Pod {
+            name: format!("mbt-{}-{name}", self.id),
+            netns,
+            v4,
+            v6: Ipv6Addr::UNSPECIFIED,
+            cgroup,
+            logs: self.root.clone(),
+        }
+    }
+
     /// Runs the meshbpf CLI with `--pin-dir` of this env appended.
     pub fn meshbpf(&self, args: &[&str]) -> Output {
         Command::new(cli())
