@@ -445,12 +445,12 @@ fn an_init_container_registers_its_pod_with_only_sys_admin_and_the_pin_dir_mount
         "--pin-dir",
         pin,
     ];
-    let in_pod = format!("container:web");
+    let in_pod = "container:web";
 
     // Without CAP_SYS_ADMIN it is refused, with the capability named.
     let out = pm.run(
         "init-nocaps",
-        &in_pod,
+        in_pod,
         &[
             "--cap-drop",
             "all",
@@ -483,7 +483,7 @@ fn an_init_container_registers_its_pod_with_only_sys_admin_and_the_pin_dir_mount
     // With every capability dropped but CAP_SYS_ADMIN, and the pin dir mounted: registered.
     let out = pm.run(
         "init",
-        &in_pod,
+        in_pod,
         &["--cap-drop", "all", "--cap-add", "sys_admin", "-v", &volume],
         &register,
     );
