@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn deploy(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(name)
 }
 
 /// kubernetes-validate: `MESHBPF_KUBERNETES_VALIDATE`, the virtualenv scripts/deps.sh makes,
@@ -39,8 +41,8 @@ fn validate(validator: &Path, files: &[PathBuf]) -> (bool, String) {
         .args(files)
         .output()
         .expect("run kubernetes-validate");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -49,15 +51,23 @@ fn the_manifests_are_valid_kubernetes_objects() {
     let Some(validator) = validator() else {
         return;
     };
-    let files = [deploy("meshbpf.yaml"), deploy("uninstall.yaml")];
+    let files = [
+        deploy("meshbpf.yaml"),
+        deploy("uninstall.yaml"),
+        deploy("pod-init-container.yaml"),
+    ];
     let (ok, text) = validate(&validator, &files);
     assert!(ok, "{text}");
     for resource in [
         "configmap/meshbpf-cni",
         "daemonset/meshbpf ",
         "daemonset/meshbpf-uninstall",
+        "pod/web",
     ] {
-        assert!(text.contains(&format!("passed for resource {resource}")), "{text}");
+        assert!(
+            text.contains(&format!("passed for resource {resource}")),
+            "{text}"
+        );
     }
     // The same check refuses a manifest with a field Kubernetes does not know.
     let broken = std::env::temp_dir().join(format!("meshbpf-broken-{}.yaml", std::process::id()));
@@ -71,7 +81,9 @@ fn the_manifests_are_valid_kubernetes_objects() {
 /// The lines of a YAML block scalar `key: |` in `text`, unindented.
 fn block_scalar(text: &str, key: &str) -> String {
     let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}: |"));
-    let header = lines.next().unwrap_or_else(|| panic!("no {key}: | in the manifest"));
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no {key}: | in the manifest"));
     let indent = header.len() - header.trim_start().len() + 2;
     lines
         .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
@@ -109,8 +121,13 @@ fn the_configmap_s_plugin_conf_is_accepted_and_matches_the_daemonset() {
         .unwrap_or_else(|e| panic!("{e}\n{conf}"));
     let parsed = meshbpf::cni::PluginConf::parse(entry.to_string().as_bytes()).unwrap();
     assert_eq!(parsed.pin_dir, Path::new(&pin_dir));
-    assert!(parsed.state_dir.starts_with("/run/meshbpf"), "mounted by the DaemonSet");
-    assert!(parsed.exclude_namespaces.contains(&"kube-system".to_string()));
+    assert!(
+        parsed.state_dir.starts_with("/run/meshbpf"),
+        "mounted by the DaemonSet"
+    );
+    assert!(parsed
+        .exclude_namespaces
+        .contains(&"kube-system".to_string()));
     assert_eq!(
         entry["capabilities"]["io.kubernetes.cri.pod-annotations"],
         true
@@ -119,14 +136,19 @@ fn the_configmap_s_plugin_conf_is_accepted_and_matches_the_daemonset() {
 }
 
 #[test]
-fn the_daemonsets_run_flags_meshbpf_agent_takes() {
-    for (file, container) in [
-        ("meshbpf.yaml", "- name: agent"),
-        ("uninstall.yaml", "- name: uninstall"),
+fn the_manifests_run_flags_meshbpf_takes() {
+    for (file, container, verb) in [
+        ("meshbpf.yaml", "- name: agent", "agent"),
+        ("uninstall.yaml", "- name: uninstall", "agent"),
+        (
+            "pod-init-container.yaml",
+            "- name: meshbpf-init",
+            "register",
+        ),
     ] {
         let manifest = std::fs::read_to_string(deploy(file)).unwrap();
         let command = command_after(&manifest, container);
-        assert_eq!(command[..2], ["meshbpf", "agent"], "{file}");
+        assert_eq!(command[..2], ["meshbpf", verb], "{file}");
         // clap reads the flags in order: --help succeeds only after flags it knows.
         let out = Command::new(env!("CARGO_BIN_EXE_meshbpf"))
             .args(&command[1..])
