@@ -453,27 +453,20 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
             env.get("CNI_IFNAME").map_or("-", String::as_str)
         ),
     };
-    // DEL is best effort: it takes the conf leniently, as a bad conf must not keep a pod
-    // from ever being deleted.
-    let strict = match command {
-        "VERSION" | "DEL" => None,
-        _ => Some(PluginConf::parse(stdin)),
-    };
-    let conf = match strict {
-        Some(Ok(conf)) => {
+    let result = match command {
+        "VERSION" => Ok(version(stdin)),
+        // DEL is best effort: it reads the conf leniently, as a bad conf must not keep a
+        // pod from ever being deleted.
+        "DEL" => del(env, stdin, &mut log).map(|()| Vec::new()),
+        "ADD" | "CHECK" | "STATUS" | "GC" => PluginConf::parse(stdin).and_then(|conf| {
             log.open_file(conf.log_file.as_deref());
-            Some(conf)
-        }
-        Some(Err(err)) => return failure(&mut log, version_of(stdin), err),
-        None => None,
-    };
-    let result = match (command, conf) {
-        ("VERSION", _) => Ok(version(stdin)),
-        ("DEL", _) => del(env, stdin, &mut log).map(|()| Vec::new()),
-        ("ADD", Some(conf)) => add(&conf, env, &mut log),
-        ("CHECK", Some(conf)) => check(&conf, env).map(|()| Vec::new()),
-        ("STATUS", Some(conf)) => status(&conf).map(|()| Vec::new()),
-        ("GC", Some(conf)) => gc(&conf, &mut log).map(|()| Vec::new()),
+            match command {
+                "ADD" => add(&conf, env, &mut log),
+                "CHECK" => check(&conf, env).map(|()| Vec::new()),
+                "STATUS" => status(&conf).map(|()| Vec::new()),
+                _ => gc(&conf, &mut log).map(|()| Vec::new()),
+            }
+        }),
         _ => Err(ErrorResult::new(
             code::INVALID_ENVIRONMENT,
             format!("CNI_COMMAND {command:?} is not a CNI command"),
@@ -885,6 +878,26 @@ mod tests {
             network_state_dir(dir, "../etc"),
             Path::new("/run/x/%2E%2E%2Fetc")
         );
+    }
+
+    #[test]
+    fn a_missing_or_unknown_command_is_named_before_the_conf_is_read() {
+        for command in [None, Some("FOO")] {
+            let env: Environment = command
+                .map(|c| ("CNI_COMMAND".to_string(), c.to_string()))
+                .into_iter()
+                .collect();
+            let mut log = Vec::new();
+            let out = run(&env, b"{not json", &mut log);
+            assert!(!out.ok);
+            let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(json["code"], code::INVALID_ENVIRONMENT, "{json}");
+            assert!(
+                json["msg"].as_str().unwrap().contains("CNI_COMMAND"),
+                "{json}"
+            );
+            assert!(String::from_utf8_lossy(&log).contains("error 4"));
+        }
     }
 
     #[test]
