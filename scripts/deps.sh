@@ -6,9 +6,17 @@ set -euo pipefail
 # Build: clang-19 for the BPF programs; gcc, libc6-dev, make, pkg-config, libelf-dev and
 # zlib1g-dev for the vendored libbpf. Tests and demo: iproute2, bpftool, iptables,
 # util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig), curl
-# (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach at each step).
+# (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach, a
+# register or an upgrade at each step). The container runtime test (tests/podman.rs): podman
+# with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
+# containers' root filesystem). The manifests' check (tests/deploy.rs): python3-venv for
+# PyPI's kubernetes-validate.
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
-    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace)
+    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace
+    podman runc containernetworking-plugins busybox-static python3-venv)
+# kubernetes-validate (the Kubernetes schemas bundled: works offline) in a virtualenv of its
+# own, where tests/deploy.rs looks for it.
+MESHBPF_PYTHON_VENV=/opt/meshbpf-py
 
 meshbpf_install_deps() {
     local missing=()
@@ -20,6 +28,11 @@ meshbpf_install_deps() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if [ ! -x "$MESHBPF_PYTHON_VENV/bin/kubernetes-validate" ]; then
+        echo "==> installing kubernetes-validate into $MESHBPF_PYTHON_VENV"
+        python3 -m venv "$MESHBPF_PYTHON_VENV"
+        "$MESHBPF_PYTHON_VENV/bin/pip" install -q kubernetes-validate
     fi
     if ! command -v cargo >/dev/null; then
         # rustup installs into ~/.cargo/bin, which a root shell started by sudo may not have on PATH.

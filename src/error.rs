@@ -170,6 +170,18 @@ pub enum Error {
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 
+    /// A CNI network configuration file cannot be read as one.
+    #[error(
+        "{path}: {reason}; the primary CNI plugin writes this file: fix it, or let that plugin \
+         write it again"
+    )]
+    CniConfig {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A libbpf operation failed.
     #[error("{context}: {cause}")]
     Bpf {

@@ -20,11 +20,14 @@
 #![warn(missing_docs)]
 
 mod abi;
+pub mod agent;
+pub mod cni;
 mod error;
 mod mapio;
 mod mesh;
 mod migrate;
 mod netns;
+mod options;
 mod origin;
 mod pins;
 mod presets;
@@ -35,8 +38,11 @@ mod system;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use error::{Error, Result};
-pub use mesh::{detach, AttachedProgram, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR};
+pub use mesh::{
+    detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
+};
 pub use netns::{current_cookie, Netns};
+pub use options::PodOptions;
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::AttachOptions;
 pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};

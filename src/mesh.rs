@@ -77,6 +77,18 @@ pub struct Status {
     pub counters: Vec<(&'static str, u64)>,
 }
 
+/// How full one pinned map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapUsage {
+    /// The map's name (as pinned under `maps/`).
+    pub name: &'static str,
+    /// Entries it holds now; `None` for socket storage, which lives on the sockets and cannot
+    /// be walked.
+    pub entries: Option<u64>,
+    /// The most it can hold.
+    pub capacity: u64,
+}
+
 /// An attached meshbpf, reached through its pinned maps.
 #[derive(Debug)]
 pub struct Mesh {
@@ -459,6 +471,26 @@ impl Mesh {
     /// How many sockets `sock_hash` holds now (two per accelerated connection).
     pub fn accelerated_sockets(&self) -> usize {
         self.sock_hash.keys().count()
+    }
+
+    /// Entries and capacity of every pinned map.
+    pub fn map_usage(&self) -> Result<Vec<MapUsage>> {
+        let mut out = Vec::new();
+        for name in map::ALL {
+            let path = self.pin.path().join(MAPS_DIR).join(name);
+            let handle = MapHandle::from_pinned_path(&path)
+                .context(|| format!("opening pinned map {}", path.display()))?;
+            let entries = match handle.map_type() {
+                libbpf_rs::MapType::SkStorage => None,
+                _ => Some(mapio::entries(&handle, name)?.len() as u64),
+            };
+            out.push(MapUsage {
+                name,
+                entries,
+                capacity: u64::from(handle.max_entries()),
+            });
+        }
+        Ok(out)
     }
 
     /// Every counter, by name, summed over CPUs.

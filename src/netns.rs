@@ -48,8 +48,16 @@ impl Netns {
             },
         })?;
         check_is_netns(&path, &file)?;
-        let cookie =
-            cookie_of(&file).context(|| format!("reading the cookie of {}", path.display()))?;
+        let cookie = match cookie_of(&file) {
+            // setns(2) needs CAP_SYS_ADMIN, even into the caller's own namespace.
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
+                return Err(Error::PermissionDenied {
+                    action: "read a network namespace's cookie",
+                    missing: "CAP_SYS_ADMIN".into(),
+                })
+            }
+            other => other.context(|| format!("reading the cookie of {}", path.display()))?,
+        };
         Ok(Netns { path, file, cookie })
     }
 
@@ -91,6 +99,12 @@ impl Netns {
             .context(|| format!("reading {}", self.path.display()))?;
         if this.ino() == INIT_NET_INO {
             return Ok(true);
+        }
+        // Where this process is pid 1 (the entrypoint of a container, such as a pod's init
+        // container running `register --netns /proc/self/ns/net`), /proc/1 is this very
+        // process and says nothing about the host: only the check above applies.
+        if std::fs::read_link("/proc/self").is_ok_and(|pid| pid == Path::new("1")) {
+            return Ok(false);
         }
         // pid 1's namespace may be hidden from us (a hardened pid 1); the check above holds then.
         Ok(std::fs::metadata(HOST_NETNS)

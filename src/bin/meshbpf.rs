@@ -92,6 +92,10 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+    /// Run the node agent (the DaemonSet's process): attach, install the CNI plugin, keep it
+    /// in the primary network configuration, gc, serve /healthz and /metrics. Stopping it
+    /// never detaches.
+    Agent(AgentArgs),
     /// Probe the running kernel for every feature meshbpf uses.
     Check {
         /// Print JSON.
@@ -117,120 +121,130 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct AgentArgs {
+    /// A cgroup v2 directory: every pod's processes must be in it or below it.
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup: PathBuf,
+    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
+    #[arg(long)]
+    no_sockmap: bool,
+    /// The node's CNI bin dir, where meshbpf-cni is installed.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The node's CNI conf dir: its lexically first .conf/.conflist gets meshbpf-cni's entry.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// The plugin's conf entry (JSON: pin_dir, state_dir, exclude_namespaces, log_file and
+    /// every option of `register`); default: Istio's settings, pod annotations on.
+    #[arg(long, value_name = "FILE")]
+    plugin_conf: Option<PathBuf>,
+    /// The meshbpf-cni binary to install (default: the one beside this program).
+    #[arg(long, value_name = "PATH")]
+    plugin_binary: Option<PathBuf>,
+    /// Where to serve /healthz and /metrics ("none": not served).
+    #[arg(long, default_value = meshbpf::agent::DEFAULT_LISTEN)]
+    listen: String,
+    /// Seconds between two gc runs (pods whose network namespace is gone).
+    #[arg(long, default_value_t = 60)]
+    gc_interval: u64,
+    /// Do not look for pods that were running before the agent (sidecar found listening).
+    #[arg(long)]
+    no_discover: bool,
+    /// Remove the plugin and its conflist entry, then detach every program, and exit.
+    #[arg(long)]
+    uninstall: bool,
+    #[command(flatten)]
+    pin: PinDirArg,
+}
+
+impl AgentArgs {
+    fn config(&self) -> anyhow::Result<meshbpf::agent::AgentConfig> {
+        let text = match &self.plugin_conf {
+            Some(file) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?,
+            ),
+            None => None,
+        };
+        let plugin_binary = match &self.plugin_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()
+                .context("locating this program")?
+                .with_file_name(meshbpf::cni::PLUGIN_TYPE),
+        };
+        let listen = match self.listen.as_str() {
+            "none" => None,
+            addr => Some(addr.parse().map_err(|_| {
+                Error::InvalidSetting(format!(
+                    "--listen {addr:?}: give ADDRESS:PORT, such as 0.0.0.0:9190, or none"
+                ))
+            })?),
+        };
+        Ok(meshbpf::agent::AgentConfig {
+            cgroup: self.cgroup.clone(),
+            pin_dir: self.pin.pin_dir.clone(),
+            attach: meshbpf::AttachOptions::with_sockmap(!self.no_sockmap),
+            cni_bin_dir: self.cni_bin_dir.clone(),
+            cni_conf_dir: self.cni_conf_dir.clone(),
+            plugin_binary,
+            plugin_entry: meshbpf::agent::plugin_entry(text.as_deref(), &self.pin.pin_dir)?,
+            listen,
+            gc_interval: std::time::Duration::from_secs(self.gc_interval.max(1)),
+            discover: !self.no_discover,
+        })
+    }
+}
+
+/// Runs the agent until SIGTERM, SIGINT or SIGHUP, which a thread of its own waits for.
+fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let config = args.config()?;
+    if args.uninstall {
+        return Ok(meshbpf::agent::uninstall(&config)?);
+    }
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    // Blocked before any thread starts, so every thread inherits the mask and the waiter
+    // alone receives them.
+    signals.thread_block().context("blocking signals")?;
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        if let Ok(signal) = signals.wait() {
+            eprintln!("meshbpf agent: {signal}");
+        }
+        flag.store(true, Ordering::SeqCst);
+    });
+    Ok(meshbpf::agent::run(&config, &stop)?)
+}
+
 /// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
-/// annotations, then each flag given, each overriding the one before. Lists are
-/// comma-separated; `*` means all.
+/// annotations, then each option given (`meshbpf::PodOptions`, the same names as the CNI
+/// plugin's conf keys), each overriding the one before.
 #[derive(clap::Args)]
 struct PodArgs {
-    /// Start from this mesh's conventions: istio (default), linkerd, kuma, generic.
-    #[arg(long, value_name = "MESH")]
-    mesh: Option<String>,
     /// Apply a pod's traffic.sidecar.istio.io/* annotations (a YAML or JSON map).
     #[arg(long, value_name = "FILE")]
     from_annotations: Option<PathBuf>,
-    /// Users whose connections are never captured (the sidecar's; 1337 for Istio).
-    #[arg(long, value_name = "LIST")]
-    proxy_uid: Option<String>,
-    /// Groups whose connections are never captured.
-    #[arg(long, value_name = "LIST")]
-    proxy_gid: Option<String>,
-    /// The sidecar's outbound listener port on loopback (15001).
-    #[arg(long, value_name = "PORT")]
-    outbound_port: Option<String>,
-    /// Only these destinations are captured (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    include_outbound_cidrs: Option<String>,
-    /// Destinations never captured; wins over the included ones.
-    #[arg(long, value_name = "LIST")]
-    exclude_outbound_cidrs: Option<String>,
-    /// Destination ports always captured, even outside the included CIDRs.
-    #[arg(long, value_name = "LIST")]
-    include_outbound_ports: Option<String>,
-    /// Destination ports never captured, TCP and UDP.
-    #[arg(long, value_name = "LIST")]
-    exclude_outbound_ports: Option<String>,
-    /// Inbound ports whose wildcard binds move to loopback (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    inbound_ports: Option<String>,
-    /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
-    #[arg(long, value_name = "LIST")]
-    exclude_inbound_ports: Option<String>,
-    /// Do not capture inbound: applications' binds stay as they are.
-    #[arg(long)]
-    no_inbound: bool,
-    /// The sidecar's DNS listener port on loopback, UDP and TCP (15053).
-    #[arg(long, value_name = "PORT")]
-    dns_port: Option<String>,
-    /// Do not capture DNS: queries go straight to the servers.
-    #[arg(long)]
-    no_dns: bool,
-    /// Do not accelerate this pod's application-sidecar connections with sockmap.
-    #[arg(long)]
-    no_sockmap: bool,
-    /// Accelerate a connection only if its first message is at least this many bytes
-    /// (16384; 0: every connection).
-    #[arg(long, value_name = "BYTES")]
-    sockmap_min_bytes: Option<u32>,
-}
-
-/// One port, 1 to 65535; the error names the value.
-fn port(text: &str) -> meshbpf::Result<u16> {
-    let ports = meshbpf::parse_port_list(text)?;
-    match (ports.len(), ports.first()) {
-        (1, Some(&p)) => Ok(p),
-        _ => Err(meshbpf::Error::InvalidSetting(format!(
-            "port {text:?}: give one port from 1 to 65535"
-        ))),
-    }
+    #[command(flatten)]
+    options: meshbpf::PodOptions,
 }
 
 impl PodArgs {
     fn settings(&self) -> anyhow::Result<PodSettings> {
-        let preset: meshbpf::MeshPreset = self.mesh.as_deref().unwrap_or("istio").parse()?;
-        let mut s = preset.settings();
-        if let Some(file) = &self.from_annotations {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            s = meshbpf::apply_istio_annotations(s, &meshbpf::parse_annotations(&text)?)?;
-        }
-        if let Some(v) = &self.proxy_uid {
-            s.proxy_uids = meshbpf::parse_id_list(v)?;
-        }
-        if let Some(v) = &self.proxy_gid {
-            s.proxy_gids = meshbpf::parse_id_list(v)?;
-        }
-        if let Some(v) = &self.outbound_port {
-            s.outbound_port = port(v)?;
-        }
-        if let Some(v) = &self.include_outbound_cidrs {
-            s.include_outbound_cidrs = meshbpf::Cidrs::parse(v)?;
-        }
-        if let Some(v) = &self.exclude_outbound_cidrs {
-            s.exclude_outbound_cidrs = meshbpf::parse_cidr_list(v)?;
-        }
-        if let Some(v) = &self.include_outbound_ports {
-            s.include_outbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.exclude_outbound_ports {
-            s.exclude_outbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.inbound_ports {
-            s.inbound_ports = meshbpf::Ports::parse(v)?;
-        }
-        if let Some(v) = &self.exclude_inbound_ports {
-            s.exclude_inbound_ports = meshbpf::parse_port_list(v)?;
-        }
-        if let Some(v) = &self.dns_port {
-            s.dns_port = port(v)?;
-        }
-        if let Some(v) = self.sockmap_min_bytes {
-            s.sockmap_min_bytes = v;
-        }
-        s.capture_inbound &= !self.no_inbound;
-        s.capture_dns &= !self.no_dns;
-        s.sockmap &= !self.no_sockmap;
-        s.validate()?;
-        Ok(s)
+        let annotations = match &self.from_annotations {
+            Some(file) => {
+                let text = std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                Some(meshbpf::parse_annotations(&text)?)
+            }
+            None => None,
+        };
+        Ok(self.options.settings(annotations.as_ref())?)
     }
 }
 
@@ -269,7 +283,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::PinDirUnsafe { .. }
             | Error::NotOurPinDir { .. }
             | Error::AttachedElsewhere { .. }
-            | Error::InvalidSetting(_),
+            | Error::InvalidSetting(_)
+            | Error::CniConfig { .. },
         ) => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
@@ -427,6 +442,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
             }
         }
+        Command::Agent(args) => run_agent(&args)?,
         Command::Check { json } => {
             let features = meshbpf::probe();
             if json {

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 
 use meshbpf::Mesh;
 
+pub mod k8s;
+
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
 pub const ATTACH_TYPES: [&str; 15] = [
     "cgroup_getsockopt",
@@ -239,6 +241,22 @@ impl Env {
             name: ns,
             v4,
             v6,
+            cgroup,
+            logs: self.root.clone(),
+        }
+    }
+
+    /// A pod made by someone else (a container runtime): its network namespace at `netns`,
+    /// with a new cgroup under the test cgroup for the processes the test puts in it.
+    pub fn adopt(&mut self, name: &str, netns: PathBuf, v4: Ipv4Addr) -> Pod {
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir(&cgroup).unwrap();
+        self.pod_cgroups.push(cgroup.clone());
+        Pod {
+            name: format!("mbt-{}-{name}", self.id),
+            netns,
+            v4,
+            v6: Ipv6Addr::UNSPECIFIED,
             cgroup,
             logs: self.root.clone(),
         }

@@ -1,0 +1,160 @@
+//! deploy/: the manifests are valid Kubernetes objects (PyPI kubernetes-validate against the
+//! bundled schemas, offline, strict), the DaemonSet's flags are ones `meshbpf agent` takes,
+//! and the ConfigMap's plugin conf is one the agent and the plugin accept.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn deploy(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(name)
+}
+
+/// kubernetes-validate: `MESHBPF_KUBERNETES_VALIDATE`, the virtualenv scripts/deps.sh makes,
+/// or PATH. Without it the test skips, except under CI, where it fails.
+fn validator() -> Option<PathBuf> {
+    let candidates = [
+        std::env::var_os("MESHBPF_KUBERNETES_VALIDATE").map(PathBuf::from),
+        Some(PathBuf::from("/opt/meshbpf-py/bin/kubernetes-validate")),
+        Some(PathBuf::from("kubernetes-validate")),
+    ];
+    let found = candidates.into_iter().flatten().find(|c| {
+        Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "kubernetes-validate is missing and CI is set: run scripts/deps.sh"
+        );
+        eprintln!("skipped: kubernetes-validate is missing (scripts/deps.sh installs it)");
+    }
+    found
+}
+
+fn validate(validator: &Path, files: &[PathBuf]) -> (bool, String) {
+    let out = Command::new(validator)
+        .arg("--strict")
+        .args(files)
+        .output()
+        .expect("run kubernetes-validate");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn the_manifests_are_valid_kubernetes_objects() {
+    let Some(validator) = validator() else {
+        return;
+    };
+    let files = [
+        deploy("meshbpf.yaml"),
+        deploy("uninstall.yaml"),
+        deploy("pod-init-container.yaml"),
+    ];
+    let (ok, text) = validate(&validator, &files);
+    assert!(ok, "{text}");
+    for resource in [
+        "configmap/meshbpf-cni",
+        "daemonset/meshbpf ",
+        "daemonset/meshbpf-uninstall",
+        "pod/web",
+    ] {
+        assert!(
+            text.contains(&format!("passed for resource {resource}")),
+            "{text}"
+        );
+    }
+    // The same check refuses a manifest with a field Kubernetes does not know.
+    let broken = std::env::temp_dir().join(format!("meshbpf-broken-{}.yaml", std::process::id()));
+    let manifest = std::fs::read_to_string(&files[0]).unwrap();
+    std::fs::write(&broken, manifest.replace("hostPID: true", "hostPid: true")).unwrap();
+    let (ok, text) = validate(&validator, std::slice::from_ref(&broken));
+    let _ = std::fs::remove_file(&broken);
+    assert!(!ok && text.contains("hostPid"), "{text}");
+}
+
+/// The lines of a YAML block scalar `key: |` in `text`, unindented.
+fn block_scalar(text: &str, key: &str) -> String {
+    let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}: |"));
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no {key}: | in the manifest"));
+    let indent = header.len() - header.trim_start().len() + 2;
+    lines
+        .take_while(|l| l.trim().is_empty() || l.len() - l.trim_start().len() >= indent)
+        .map(|l| l.get(indent..).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The items of the first `command:` list after `after` in `text`.
+fn command_after(text: &str, after: &str) -> Vec<String> {
+    let start = text.find(after).unwrap_or_else(|| panic!("no {after}"));
+    text[start..]
+        .lines()
+        .skip_while(|l| l.trim() != "command:")
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start()[2..].trim().to_string())
+        .collect()
+}
+
+#[test]
+fn the_configmap_s_plugin_conf_is_accepted_and_matches_the_daemonset() {
+    let manifest = std::fs::read_to_string(deploy("meshbpf.yaml")).unwrap();
+    let conf = block_scalar(&manifest, "plugin.json");
+    let command = command_after(&manifest, "- name: agent");
+    let flag = |name: &str| {
+        command
+            .iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .unwrap_or_else(|| panic!("no --{name} in {command:?}"))
+            .to_string()
+    };
+    let pin_dir = flag("pin-dir");
+    let entry = meshbpf::agent::plugin_entry(Some(&conf), Path::new(&pin_dir))
+        .unwrap_or_else(|e| panic!("{e}\n{conf}"));
+    let parsed = meshbpf::cni::PluginConf::parse(entry.to_string().as_bytes()).unwrap();
+    assert_eq!(parsed.pin_dir, Path::new(&pin_dir));
+    assert!(
+        parsed.state_dir.starts_with("/run/meshbpf"),
+        "mounted by the DaemonSet"
+    );
+    assert!(parsed
+        .exclude_namespaces
+        .contains(&"kube-system".to_string()));
+    assert_eq!(
+        entry["capabilities"]["io.kubernetes.cri.pod-annotations"],
+        true
+    );
+    assert!(flag("plugin-conf").ends_with("/plugin.json"));
+}
+
+#[test]
+fn the_manifests_run_flags_meshbpf_takes() {
+    for (file, container, verb) in [
+        ("meshbpf.yaml", "- name: agent", "agent"),
+        ("uninstall.yaml", "- name: uninstall", "agent"),
+        (
+            "pod-init-container.yaml",
+            "- name: meshbpf-init",
+            "register",
+        ),
+    ] {
+        let manifest = std::fs::read_to_string(deploy(file)).unwrap();
+        let command = command_after(&manifest, container);
+        assert_eq!(command[..2], ["meshbpf", verb], "{file}");
+        // clap reads the flags in order: --help succeeds only after flags it knows.
+        let out = Command::new(env!("CARGO_BIN_EXE_meshbpf"))
+            .args(&command[1..])
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{file}: {command:?}: {out:?}");
+    }
+}
