@@ -1,5 +1,6 @@
 //! Compiles every `src/bpf/*.bpf.c` (one per concern) with libbpf-cargo, links them into one
-//! BPF object with libbpf's static linker, generates the libbpf-rs skeleton for it into
+//! BPF object with libbpf's static linker (all but the per-pod `lookup.bpf.c`, an object and
+//! a skeleton of its own), generates the libbpf-rs skeleton for it into
 //! `OUT_DIR`, and derives from the object's BTF what Rust needs besides the skeleton's
 //! types (`abi_gen.rs`: the counter names, the map names). The programs are also compiled,
 //! not linked, for the other architecture whose `vmlinux.h` is committed, so that a type
@@ -19,6 +20,8 @@ use libbpf_rs::Linker;
 
 const MIN_CLANG: u32 = 16;
 const BPF_DIR: &str = "src/bpf";
+/// The program loaded once per registered pod rather than once per node.
+const PER_POD: &str = "lookup.bpf.c";
 /// The architectures with a committed `vmlinux/<arch>/vmlinux.h`, by Rust target name.
 const ARCHES: [(&str, &str); 2] = [("x86_64", "x86"), ("aarch64", "arm64")];
 
@@ -53,8 +56,11 @@ fn run() -> Result<(), String> {
         }
     }
     // The object that defines the maps goes first: the linker resolves the others' extern
-    // map declarations against it.
+    // map declarations against it. The per-pod sk_lookup program is an object of its own,
+    // loaded once per pod (its pod's cookie set before load), with the same maps reused.
     sources.sort_by_key(|p| (!p.ends_with("maps.bpf.c"), p.clone()));
+    let per_pod = Path::new(BPF_DIR).join(PER_POD);
+    sources.retain(|p| *p != per_pod);
 
     let objs_dir = out_dir.join("bpf-objs");
     fs::create_dir_all(&objs_dir).map_err(|e| e.to_string())?;
@@ -70,8 +76,10 @@ fn run() -> Result<(), String> {
     linker
         .link()
         .map_err(|e| format!("linking BPF objects: {e}"))?;
+    let per_pod_obj = objs_dir.join(object_name(&per_pod)?);
+    compile(&clang, &per_pod, &per_pod_obj, arch)?;
     for (_, other) in ARCHES.iter().filter(|(_, a)| *a != arch) {
-        for src in &sources {
+        for src in sources.iter().chain([&per_pod]) {
             compile(
                 &clang,
                 src,
@@ -86,6 +94,10 @@ fn run() -> Result<(), String> {
         .obj(&linked)
         .generate(out_dir.join("meshbpf.skel.rs"))
         .map_err(|e| format!("generating skeleton: {e:#}"))?;
+    SkeletonBuilder::new()
+        .obj(&per_pod_obj)
+        .generate(out_dir.join("lookup.skel.rs"))
+        .map_err(|e| format!("generating the per-pod skeleton: {e:#}"))?;
     fs::write(out_dir.join("abi_gen.rs"), abi_gen(&linked)?).map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
 //! netprobe http ADDR...                      # HTTP/1.1: 200 "served by LOCAL to PEER"
 //! netprobe connect DEST [--bind SRC] [--message TEXT] [--fastopen] [--mptcp]
-//!                                            # prints local=, peer=, reply=
+//!                                            # prints local=, sockname=, peer=, reply=
 //! netprobe bind ADDR                        # bind (TCP, no listen): prints bound= or the errno
 //! netprobe dns SERVER NAME [A|AAAA] [--connected]
 //!                                            # one DNS query over UDP, with sendto() or
@@ -21,6 +21,10 @@
 //! netprobe reuse udp-dns FIRST SECOND         # sendto() a DNS query to FIRST, then connect()
 //!                                            # the same UDP socket to SECOND: prints peer=
 //! ```
+//!
+//! `local=` is where the socket really is, from the kernel's socket table
+//! (`/proc/net/tcp`); `sockname=` is what getsockname() tells the application (meshbpf
+//! makes a captured socket report the pod's address, as behind iptables).
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::mem::size_of;
@@ -292,10 +296,7 @@ fn connect(args: &[String]) -> Result<()> {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .map_err(|e| e.to_string())?;
-    say(format!(
-        "local={}",
-        stream.local_addr().map_err(|e| e.to_string())?
-    ));
+    say_local(&stream)?;
     say(format!(
         "peer={}",
         stream.peer_addr().map_err(|e| e.to_string())?
@@ -554,7 +555,11 @@ fn reuse(args: &[String]) -> Result<()> {
         .map_err(|e| format!("connect {second}: {e}"))?;
     let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
     let peer: SockaddrStorage = getpeername(fd.as_raw_fd()).map_err(|e| e.to_string())?;
-    say(format!("local={local}"));
+    say(format!(
+        "local={}",
+        kernel_local(fd.as_raw_fd()).unwrap_or(local.to_string())
+    ));
+    say(format!("sockname={local}"));
     say(format!("peer={peer}"));
     if tcp {
         // A server that answers lines answers this one; one that does not (a getsockopt
@@ -604,4 +609,43 @@ fn rebind(args: &[String]) -> Result<()> {
     loop {
         thread::park();
     }
+}
+
+/// Prints `local=` (the kernel's socket table) and `sockname=` (getsockname()).
+fn say_local(stream: &TcpStream) -> Result<()> {
+    let sockname = stream.local_addr().map_err(|e| e.to_string())?;
+    let local = kernel_local(stream.as_raw_fd()).unwrap_or(sockname.to_string());
+    say(format!("local={local}"));
+    say(format!("sockname={sockname}"));
+    Ok(())
+}
+
+/// The local address of the TCP socket `fd` as the kernel's socket table lists it (by the
+/// socket's inode in /proc/net/tcp and tcp6), whatever getsockname() says.
+fn kernel_local(fd: std::os::fd::RawFd) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.ino();
+    for (table, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(table).ok()?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(9).and_then(|i| i.parse::<u64>().ok()) != Some(ino) {
+                continue;
+            }
+            let (addr, port) = fields.get(1)?.split_once(':')?;
+            let port = u16::from_str_radix(port, 16).ok()?;
+            // Each 32-bit word is in host order.
+            let words: Vec<u32> = (0..addr.len() / 8)
+                .map(|i| u32::from_str_radix(&addr[8 * i..8 * i + 8], 16).unwrap_or(0))
+                .collect();
+            let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
+            let ip = if v6 {
+                std::net::IpAddr::from(<[u8; 16]>::try_from(bytes.as_slice()).ok()?)
+            } else {
+                std::net::IpAddr::from(<[u8; 4]>::try_from(bytes.as_slice()).ok()?)
+            };
+            return Some(SocketAddr::new(ip, port).to_string());
+        }
+    }
+    None
 }

@@ -40,6 +40,7 @@ pub(crate) mod pod_flags {
     pub const INBOUND_ALL_PORTS: u32 = pod_flag::POD_F_INBOUND_ALL_PORTS.0;
     pub const OUTBOUND_ALL_CIDRS: u32 = pod_flag::POD_F_OUTBOUND_ALL_CIDRS.0;
     pub const MORE_PROXY_IDS: u32 = pod_flag::POD_F_MORE_PROXY_IDS.0;
+    pub const INBOUND_REDIRECT: u32 = pod_flag::POD_F_INBOUND_REDIRECT.0;
 }
 
 /// `enum rule_kind` in meshbpf.h.
@@ -75,7 +76,7 @@ pub(crate) const META_F_SOCKMAP: u32 = meta_flag::META_F_SOCKMAP.0;
 pub(crate) const META_F_DRAINING: u32 = meta_flag::META_F_DRAINING.0;
 
 // The sizes of the C structs; a drift between meshbpf.h and the skeleton fails the build.
-const _: () = assert!(size_of::<RawPodSettings>() == 32);
+const _: () = assert!(size_of::<RawPodSettings>() == 56);
 const _: () = assert!(size_of::<OrigDst>() == 20);
 const _: () = assert!(size_of::<ConnKey>() == 48);
 const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
@@ -195,6 +196,30 @@ fn words_ip(family: u16, words: &[u32; 4]) -> Option<IpAddr> {
             Some(IpAddr::V6(Ipv6Addr::from(o)))
         }
         _ => None,
+    }
+}
+
+/// An IPv6 address as four words in network byte order, as the maps hold it.
+pub(crate) fn ip6_words(ip: &Ipv6Addr) -> [u32; 4] {
+    let o = ip.octets();
+    let mut words = [0u32; 4];
+    for (i, w) in words.iter_mut().enumerate() {
+        *w = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+    }
+    words
+}
+
+impl RawPodSettings {
+    /// The pod's own addresses as register found them.
+    pub(crate) fn addresses(&self) -> Vec<IpAddr> {
+        let mut out = Vec::new();
+        if self.pod_ip4 != 0 {
+            out.push(IpAddr::V4(Ipv4Addr::from(self.pod_ip4.to_ne_bytes())));
+        }
+        if self.pod_ip6 != [0; 4] {
+            out.extend(words_ip(AF_INET6, &self.pod_ip6));
+        }
+        out
     }
 }
 

@@ -48,8 +48,8 @@ pub use pins::AttachOptions;
 pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
 pub use probe::{probe, require_features as probe_required, Feature};
 pub use settings::{
-    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, PodSettings, Ports, Selection,
-    DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
+    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
+    Selection, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
     DEFAULT_SOCKMAP_MIN_BYTES, MAX_ENTRIES_PER_LIST, MESH_INBOUND_EXCLUDES,
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};

@@ -33,6 +33,14 @@ pub(crate) fn entries(map: &impl MapCore, name: &str) -> Result<Vec<(Vec<u8>, Ve
     }
 }
 
+/// How many entries `map` holds now.
+pub(crate) fn count(map: &impl MapCore, name: &str) -> Result<u64> {
+    Ok(match map.map_type() {
+        MapType::Hash | MapType::LruHash => batched(map, name)?.len() as u64,
+        _ => map.keys().count() as u64,
+    })
+}
+
 fn batched(map: &impl MapCore, name: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     let (key_size, value_size) = (map.key_size() as usize, map.value_size() as usize);
     let mut batch = BATCH;

@@ -17,7 +17,7 @@ use crate::error::{Context, Error, Result};
 use crate::mapio;
 use crate::netns::Netns;
 use crate::pins::{self, AttachOptions, PinDir, PinLock, PinState, LINKS_DIR, MAPS_DIR};
-use crate::settings::{Lists, PodSettings};
+use crate::settings::{InboundMode, Lists, PodSettings};
 use crate::system::{self, Privilege};
 
 /// Where links and maps are pinned unless told otherwise.
@@ -32,6 +32,8 @@ pub struct Pod {
     pub settings: PodSettings,
     /// The network namespace's nsfs inode, as `/proc/PID/ns/net -> net:[INODE]` shows it.
     pub netns_inode: u64,
+    /// The pod's own addresses (an IPv4 and an IPv6 one at most), read at register.
+    pub addresses: Vec<std::net::IpAddr>,
     /// Inbound listener discovery: the ports its applications listen on now, moved to
     /// loopback, for which the sidecar should open inbound listeners.
     pub inbound_listeners: Vec<u16>,
@@ -208,9 +210,12 @@ impl Mesh {
             self.delete_entries(&new);
             return Err(err);
         }
+        let (ip4, ip6) = netns.addresses()?;
         let raw = RawPodSettings {
             netns_ino: netns_inode,
             lists_gen: gen,
+            pod_ip4: ip4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            pod_ip6: ip6.map_or([0; 4], |ip| abi::ip6_words(&ip)),
             ..settings.to_raw()
         };
         // The switch: from here connections see the new settings and lists together.
@@ -228,8 +233,20 @@ impl Mesh {
             });
         }
         self.delete_entries(&stored.only(current));
+        // The pod's sk_lookup program, which hands inbound connections to its sidecar.
+        if settings.inbound_mode == InboundMode::None {
+            pins::detach_pod(self.pin.path(), &lock, cookie)?;
+        } else if crate::probe::sk_lookup_usable() {
+            pins::attach_pod(self.pin.path(), &lock, cookie, netns.file())?;
+        } else if settings.inbound_mode == InboundMode::Redirect {
+            return Err(Error::MissingKernelFeature {
+                feature: "sk_lookup with the ingress interface (Linux 5.17)".into(),
+                detail: "inbound redirect mode needs it; register with --inbound-mode bind".into(),
+            });
+        }
         Ok(Pod {
             netns_cookie: cookie,
+            addresses: raw.addresses(),
             settings: settings.clone(),
             netns_inode,
             inbound_listeners: self
@@ -331,6 +348,7 @@ impl Mesh {
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
             Err(err) => return Err(err).context(|| format!("deleting from {}", map::COOKIE_MAP)),
         };
+        pins::detach_pod(self.pin.path(), lock, netns_cookie)?;
         if let Some(entries) = self
             .list_entries(lock, Some(netns_cookie))?
             .remove(&netns_cookie)
@@ -397,6 +415,11 @@ impl Mesh {
             self.delete_entries(&entries.except(registered.get(&cookie).map(|r| r.lists_gen)));
         }
         let dead = |cookie: u64| !registered.contains_key(&cookie);
+        for cookie in pins::pods_with_links(self.pin.path())? {
+            if dead(cookie) {
+                pins::detach_pod(self.pin.path(), &lock, cookie)?;
+            }
+        }
         for (key, _) in mapio::entries(&self.origin_dst_map, map::ORIGIN_DST_MAP)? {
             if abi::from_bytes::<ConnKey>(&key).is_some_and(|k| dead(k.netns_cookie)) {
                 let _ = self.origin_dst_map.delete(&key);
@@ -433,6 +456,7 @@ impl Mesh {
                 let entries = lists.remove(&netns_cookie).unwrap_or_default();
                 Pod {
                     netns_cookie,
+                    addresses: raw.addresses(),
                     settings: PodSettings::from_parts(
                         &raw,
                         &entries.only(Some(raw.lists_gen)).lists(),
@@ -482,7 +506,7 @@ impl Mesh {
                 .context(|| format!("opening pinned map {}", path.display()))?;
             let entries = match handle.map_type() {
                 libbpf_rs::MapType::SkStorage => None,
-                _ => Some(mapio::entries(&handle, name)?.len() as u64),
+                _ => Some(mapio::count(&handle, name)?),
             };
             out.push(MapUsage {
                 name,

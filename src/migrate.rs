@@ -58,11 +58,18 @@ pub(crate) struct Step {
 }
 
 /// Every step, oldest first. The oldest layout this build upgrades from is the first's.
-pub(crate) const STEPS: &[Step] = &[Step {
-    from: 7,
-    rewrites: &[],
-    convert: v7_to_v8,
-}];
+pub(crate) const STEPS: &[Step] = &[
+    Step {
+        from: 7,
+        rewrites: &[],
+        convert: v7_to_v8,
+    },
+    Step {
+        from: 8,
+        rewrites: &[],
+        convert: v8_to_v9,
+    },
+];
 
 /// Layout 8: each pod's list entries carry the generation of its lists (`lists_gen`), so
 /// a re-register switches lists atomically. `pod_rules` kept its size (the generation took
@@ -95,6 +102,25 @@ fn v7_to_v8(snapshot: &mut Snapshot) -> Result<()> {
 /// The oldest layout this build upgrades from.
 pub(crate) fn oldest_upgradable() -> u32 {
     STEPS.first().map_or(LAYOUT_VERSION, |s| s.from)
+}
+
+/// Layout 9: a pod's `cookie_map` value also holds its own addresses (`pod_ip4`,
+/// `pod_ip6`, read at register; zero — unknown — for pods registered before, until they
+/// are registered again), and a new sockhash, `listeners`, feeds the per-pod sk_lookup
+/// programs. Pods keep their inbound model: layout 8 knew only the bind model
+/// (`POD_F_INBOUND_REDIRECT` is new and unset).
+fn v8_to_v9(snapshot: &mut Snapshot) -> Result<()> {
+    for (key, value) in snapshot.get_mut(abi::map::COOKIE_MAP).into_iter().flatten() {
+        if key.len() != 8 || value.len() != 32 {
+            return Err(Error::MigrationFailed(format!(
+                "cookie_map: an entry of {}+{} bytes, layout 8 has 8+32",
+                key.len(),
+                value.len()
+            )));
+        }
+        value.resize(56, 0);
+    }
+    Ok(())
 }
 
 /// The steps from layout `from` to this build's, or why there are none.
@@ -270,6 +296,7 @@ pub(crate) fn upgrade(
 
     // 3. The programs, answers first.
     pins::attach_programs(&skel, cgroup, &pin_dir.join(pins::LINKS_DIR), options)?;
+    pins::update_pod_programs(pin_dir)?;
 
     // 4. What the old programs counted until now.
     for plan in plans.iter().filter(|p| p.carry == Carry::AddCounts) {
@@ -400,6 +427,36 @@ mod tests {
         let new = abi::CidrKey::new(cookie, 0, &cidr);
         assert_eq!(&key[..], abi::bytes(&new));
         assert_eq!(new.cidr(), Some(cidr));
+    }
+
+    #[test]
+    fn layout_8_pods_keep_every_setting_and_have_no_addresses_yet() {
+        let settings = crate::settings::PodSettings {
+            inbound_mode: crate::settings::InboundMode::Bind,
+            sockmap_min_bytes: 7,
+            ..Default::default()
+        };
+        let v9 = abi::RawPodSettings {
+            lists_gen: 3,
+            netns_ino: 42,
+            ..settings.to_raw()
+        };
+        // Layout 8's value is layout 9's first 32 bytes.
+        let mut snapshot = Snapshot::new();
+        snapshot.insert(
+            abi::map::COOKIE_MAP.into(),
+            vec![(7u64.to_ne_bytes().to_vec(), abi::bytes(&v9)[..32].to_vec())],
+        );
+        v8_to_v9(&mut snapshot).unwrap();
+        let (_, value) = &snapshot[abi::map::COOKIE_MAP][0];
+        let got: abi::RawPodSettings = abi::from_bytes(value).unwrap();
+        assert_eq!(abi::bytes(&got), abi::bytes(&v9));
+        assert!(got.addresses().is_empty());
+        let lists = settings.lists();
+        assert_eq!(
+            crate::settings::PodSettings::from_parts(&got, &lists),
+            settings
+        );
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the 64-bit id the BPF programs see through `bpf_get_netns_cookie()`.
 
 use std::fs::File;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,51 @@ impl Netns {
             .metadata()
             .context(|| format!("reading {}", self.path.display()))?
             .ino())
+    }
+
+    /// The pod's own addresses: the first global IPv4 and IPv6 address of its interfaces
+    /// other than lo (link-local ones are not the pod's address).
+    pub fn addresses(&self) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+        let fd = self
+            .file
+            .as_fd()
+            .try_clone_to_owned()
+            .context(|| format!("duplicating {}", self.path.display()))?;
+        let found = std::thread::scope(|scope| {
+            scope
+                .spawn(
+                    move || -> std::io::Result<(Option<Ipv4Addr>, Option<Ipv6Addr>)> {
+                        setns(&fd, CloneFlags::CLONE_NEWNET)?;
+                        let (mut v4, mut v6) = (None, None);
+                        for ifa in nix::ifaddrs::getifaddrs()? {
+                            let Some(addr) = ifa.address else { continue };
+                            if ifa.interface_name == "lo" {
+                                continue;
+                            }
+                            if let Some(a) = addr.as_sockaddr_in().map(|a| a.ip()) {
+                                if !a.is_loopback() && !a.is_link_local() && !a.is_unspecified() {
+                                    v4 = v4.or(Some(a));
+                                }
+                            }
+                            if let Some(a) = addr.as_sockaddr_in6().map(|a| a.ip()) {
+                                let link_local = (a.segments()[0] & 0xffc0) == 0xfe80;
+                                if !a.is_loopback() && !link_local && !a.is_unspecified() {
+                                    v6 = v6.or(Some(a));
+                                }
+                            }
+                        }
+                        Ok((v4, v6))
+                    },
+                )
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("address thread panicked")))
+        });
+        found.context(|| format!("reading the addresses of {}", self.path.display()))
+    }
+
+    /// The open namespace file.
+    pub(crate) fn file(&self) -> &File {
+        &self.file
     }
 
     /// The path it was opened from.

@@ -8,7 +8,9 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::presets::{apply_istio_annotations, MeshPreset};
-use crate::settings::{parse_cidr_list, parse_id_list, parse_port_list, Cidrs, PodSettings, Ports};
+use crate::settings::{
+    parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
+};
 
 /// One pod's settings as options: a mesh preset, then each option given, overriding it.
 /// Lists are comma-separated; `*` means all.
@@ -38,13 +40,21 @@ pub struct PodOptions {
     /// Destination ports never captured, TCP and UDP.
     #[arg(long, value_name = "LIST")]
     pub exclude_outbound_ports: Option<String>,
-    /// Inbound ports whose wildcard binds move to loopback (`*`, the default, is all).
+    /// How inbound TCP reaches the applications: redirect (to the sidecar's inbound listener,
+    /// Istio's; istio's, linkerd's and kuma's default), bind (wildcard binds move to loopback,
+    /// the sidecar owns pod_ip:PORT; generic's default) or none.
+    #[arg(long, value_name = "MODE")]
+    pub inbound_mode: Option<String>,
+    /// The sidecar's inbound listener port, in redirect mode (15006).
+    #[arg(long, value_name = "PORT")]
+    pub inbound_port: Option<String>,
+    /// Inbound ports captured (`*`, the default, is all).
     #[arg(long, value_name = "LIST")]
     pub inbound_ports: Option<String>,
     /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
     #[arg(long, value_name = "LIST")]
     pub exclude_inbound_ports: Option<String>,
-    /// Do not capture inbound: applications' binds stay as they are.
+    /// Do not capture inbound (the same as --inbound-mode none).
     #[arg(long)]
     pub no_inbound: bool,
     /// The sidecar's DNS listener port on loopback, UDP and TCP (15053).
@@ -63,7 +73,7 @@ pub struct PodOptions {
 }
 
 /// The options that take a value, by name (conf key; the flag is `--` and dashes).
-const VALUED: [&str; 12] = [
+const VALUED: [&str; 14] = [
     "mesh",
     "proxy_uid",
     "proxy_gid",
@@ -72,6 +82,8 @@ const VALUED: [&str; 12] = [
     "exclude_outbound_cidrs",
     "include_outbound_ports",
     "exclude_outbound_ports",
+    "inbound_mode",
+    "inbound_port",
     "inbound_ports",
     "exclude_inbound_ports",
     "dns_port",
@@ -136,7 +148,9 @@ impl PodOptions {
                 Error::InvalidSetting(format!("--{}: {}", key.replace('_', "-"), reason(err)))
             })?;
         }
-        s.capture_inbound &= !self.no_inbound;
+        if self.no_inbound {
+            s.inbound_mode = InboundMode::None;
+        }
         s.capture_dns &= !self.no_dns;
         s.sockmap &= !self.no_sockmap;
         s.validate()?;
@@ -161,6 +175,8 @@ impl PodOptions {
             "exclude_outbound_cidrs" => &self.exclude_outbound_cidrs,
             "include_outbound_ports" => &self.include_outbound_ports,
             "exclude_outbound_ports" => &self.exclude_outbound_ports,
+            "inbound_mode" => &self.inbound_mode,
+            "inbound_port" => &self.inbound_port,
             "inbound_ports" => &self.inbound_ports,
             "exclude_inbound_ports" => &self.exclude_inbound_ports,
             "dns_port" => &self.dns_port,
@@ -178,6 +194,8 @@ impl PodOptions {
             "exclude_outbound_cidrs" => &mut self.exclude_outbound_cidrs,
             "include_outbound_ports" => &mut self.include_outbound_ports,
             "exclude_outbound_ports" => &mut self.exclude_outbound_ports,
+            "inbound_mode" => &mut self.inbound_mode,
+            "inbound_port" => &mut self.inbound_port,
             "inbound_ports" => &mut self.inbound_ports,
             "exclude_inbound_ports" => &mut self.exclude_inbound_ports,
             "dns_port" => &mut self.dns_port,
@@ -227,6 +245,8 @@ fn apply(s: &mut PodSettings, key: &str, text: &str) -> Result<()> {
         "exclude_outbound_cidrs" => s.exclude_outbound_cidrs = parse_cidr_list(text)?,
         "include_outbound_ports" => s.include_outbound_ports = parse_port_list(text)?,
         "exclude_outbound_ports" => s.exclude_outbound_ports = parse_port_list(text)?,
+        "inbound_mode" => s.inbound_mode = text.parse::<InboundMode>()?,
+        "inbound_port" => s.inbound_port = port(text)?,
         "inbound_ports" => s.inbound_ports = Ports::parse(text)?,
         "exclude_inbound_ports" => s.exclude_inbound_ports = parse_port_list(text)?,
         "dns_port" => s.dns_port = port(text)?,
@@ -263,6 +283,7 @@ mod tests {
             let mut o = PodOptions::default();
             let value = match key {
                 "mesh" => "kuma",
+                "inbound_mode" => "bind",
                 k if k.contains("cidrs") => "192.0.2.7",
                 _ => "7",
             };

@@ -35,6 +35,8 @@ use crate::skel::{MeshbpfSkel, MeshbpfSkelBuilder};
 
 pub(crate) const MAPS_DIR: &str = "maps";
 pub(crate) const LINKS_DIR: &str = "links";
+/// Per-pod links: `pods/<netns cookie>`, each pod's sk_lookup program on its netns.
+pub(crate) const PODS_DIR: &str = "pods";
 pub(crate) const META_MAP: &str = "meta_map";
 /// Program names in the BPF C start with this; the rest names the hook and its link pin.
 const PROG_PREFIX: &str = "handle__";
@@ -45,10 +47,12 @@ const STAGING_INFIX: &str = "-staging-";
 /// destination to the proxy, the peer's address to the application) and keep books first,
 /// the hooks that capture last. Detach goes in reverse. `sk_msg` has no link: it hangs on
 /// `sock_hash` and is attached before `sockops` fills that map.
-pub(crate) const HOOK_ORDER: [&str; 15] = [
+pub(crate) const HOOK_ORDER: [&str; 17] = [
     "getsockopt",
     "getpeername4",
     "getpeername6",
+    "getsockname4",
+    "getsockname6",
     "recvmsg4",
     "recvmsg6",
     "sock_release",
@@ -209,7 +213,7 @@ impl PinDir {
         let entries = dir_names(&self.path)?;
         for name in &entries {
             let sub = self.path.join(name);
-            let empty_dir = (name == MAPS_DIR || name == LINKS_DIR)
+            let empty_dir = (name == MAPS_DIR || name == LINKS_DIR || name == PODS_DIR)
                 && not_ours(&sub)?.is_none()
                 && dir_names(&sub)?.is_empty();
             if !empty_dir {
@@ -740,15 +744,132 @@ fn replace_in_place(
             other => other,
         })?;
     attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    update_pod_programs(pin_dir)?;
     let mut meta = *meta;
     meta.flags = meta_flags(options);
     write_meta(&skel, &meta)
+}
+
+/// The pinned sk_lookup link of the pod with `netns_cookie`.
+fn pod_link_path(pin_dir: &Path, netns_cookie: u64) -> PathBuf {
+    pin_dir.join(PODS_DIR).join(netns_cookie.to_string())
+}
+
+/// The pod's link, if pinned and still attached (a link whose network namespace is gone is
+/// detached by the kernel; its pin is removed here).
+fn live_pod_link(path: &Path) -> Result<Option<Link>> {
+    if fs::symlink_metadata(path).is_err() {
+        return Ok(None);
+    }
+    let link = Link::open(path).context(|| format!("opening link {}", path.display()))?;
+    let info = link
+        .info()
+        .context(|| format!("querying link {}", path.display()))?;
+    if matches!(info.info, libbpf_rs::query::LinkTypeInfo::NetNs(ref n) if n.ino == 0) {
+        fs::remove_file(path).context(|| format!("removing {}", path.display()))?;
+        return Ok(None);
+    }
+    Ok(Some(link))
+}
+
+/// Loads the sk_lookup program for the pod with `netns_cookie` (its own copy: the program
+/// type cannot ask for its netns cookie), with the attachment's pinned maps.
+fn load_pod_program<'obj>(
+    open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
+    pin_dir: &Path,
+    netns_cookie: u64,
+) -> Result<crate::skel::lookup::LookupSkel<'obj>> {
+    let mut open = crate::skel::lookup::LookupSkelBuilder::default()
+        .open(open_object)
+        .context(|| "opening the per-pod BPF object".into())?;
+    if let Some(rodata) = open.maps.rodata_data.as_deref_mut() {
+        rodata.pod_cookie = netns_cookie;
+    }
+    for mut map in open.open_object_mut().maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        if name.contains('.') {
+            continue;
+        }
+        map.set_pin_path(pin_dir.join(MAPS_DIR).join(&name))
+            .context(|| format!("setting the pin path of {name}"))?;
+    }
+    open.load()
+        .context(|| "loading the pod's sk_lookup program (Linux 5.17+)".into())
+}
+
+/// Attaches the pod's sk_lookup program to its network namespace (`netns`, an open nsfs
+/// file) and pins the link, unless it is there already.
+pub(crate) fn attach_pod(
+    pin_dir: &Path,
+    _lock: &PinLock,
+    netns_cookie: u64,
+    netns: &fs::File,
+) -> Result<()> {
+    let path = pod_link_path(pin_dir, netns_cookie);
+    if live_pod_link(&path)?.is_some() {
+        return Ok(());
+    }
+    let mut open_object = MaybeUninit::uninit();
+    let skel = load_pod_program(&mut open_object, pin_dir, netns_cookie)?;
+    let mut link = skel
+        .progs
+        .handle__sk_lookup
+        .attach_netns(netns.as_raw_fd())
+        .context(|| "attaching sk_lookup to the pod's network namespace".into())?;
+    private_dir(&pin_dir.join(PODS_DIR))?;
+    link.pin(&path)
+        .context(|| format!("pinning {}", path.display()))
+}
+
+/// Detaches and unpins the pod's sk_lookup link; returns whether there was one.
+pub(crate) fn detach_pod(pin_dir: &Path, _lock: &PinLock, netns_cookie: u64) -> Result<bool> {
+    let path = pod_link_path(pin_dir, netns_cookie);
+    if fs::symlink_metadata(&path).is_err() {
+        return Ok(false);
+    }
+    if let Ok(link) = Link::open(&path) {
+        let _ = link.detach();
+    }
+    fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+    Ok(true)
+}
+
+/// The cookies of the pods with a pinned sk_lookup link.
+pub(crate) fn pods_with_links(pin_dir: &Path) -> Result<Vec<u64>> {
+    Ok(dir_names(&pin_dir.join(PODS_DIR))?
+        .iter()
+        .filter_map(|name| name.parse().ok())
+        .collect())
+}
+
+/// Replaces every pod's sk_lookup program with this build's, in place.
+pub(crate) fn update_pod_programs(pin_dir: &Path) -> Result<()> {
+    for cookie in pods_with_links(pin_dir)? {
+        let Some(mut link) = live_pod_link(&pod_link_path(pin_dir, cookie))? else {
+            continue;
+        };
+        let mut open_object = MaybeUninit::uninit();
+        let skel = load_pod_program(&mut open_object, pin_dir, cookie)?;
+        link.update_prog(&skel.progs.handle__sk_lookup)
+            .context(|| format!("replacing the sk_lookup program of pod {cookie}"))?;
+    }
+    Ok(())
 }
 
 /// Detaches every link pinned under `dir` (capture first, answers last), then removes
 /// every pin and directory, with the meta map last. `dir` must be one meshbpf created
 /// (checked by the caller): nothing below it follows a symbolic link of someone else's.
 fn remove_tree(dir: &Path) -> Result<()> {
+    // The pods' sk_lookup links capture inbound: they go first.
+    let pods = dir.join(PODS_DIR);
+    for name in dir_names(&pods)? {
+        let path = pods.join(name);
+        if let Ok(link) = Link::open(&path) {
+            let _ = link.detach();
+        }
+        fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+    }
+    remove_dir_if_there(&pods)?;
     let links = dir.join(LINKS_DIR);
     let mut hooks = dir_names(&links)?;
     hooks.sort_by_key(|hook| std::cmp::Reverse(attach_rank(hook)));

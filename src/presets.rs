@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::settings::{parse_cidr_list, parse_port_list, Cidrs, PodSettings, Ports, Selection};
+use crate::settings::{
+    parse_cidr_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports, Selection,
+};
 
 /// A service mesh whose sidecar conventions meshbpf knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +23,9 @@ pub enum MeshPreset {
     /// Kuma: kuma-dp uid 5678, outbound 15001, inbound 15006, DNS 15053, Envoy admin 9901
     /// skipped inbound (kuma.io/docs/latest/networking/transparent-proxying/).
     Kuma,
-    /// meshbpf's own defaults (the same ports as Istio).
+    /// meshbpf's own defaults: Istio's ports, and the bind model inbound (the applications'
+    /// wildcard binds move to loopback, the sidecar owns `pod_ip:PORT`), which needs no
+    /// single inbound listener from the sidecar.
     Generic,
 }
 
@@ -46,7 +50,11 @@ impl MeshPreset {
     pub fn settings(self) -> PodSettings {
         let base = PodSettings::default();
         match self {
-            MeshPreset::Istio | MeshPreset::Generic => base,
+            MeshPreset::Istio => base,
+            MeshPreset::Generic => PodSettings {
+                inbound_mode: InboundMode::Bind,
+                ..base
+            },
             MeshPreset::Linkerd => PodSettings {
                 proxy_uids: [2102].into(),
                 outbound_port: 4140,
@@ -145,7 +153,9 @@ pub fn apply_istio_annotations(
             "includeInboundPorts" => {
                 let ports = Ports::parse(value).map_err(named)?;
                 // istio-iptables: an empty -b installs no inbound capture at all.
-                s.capture_inbound = ports != Selection::Only(Default::default());
+                if ports == Selection::Only(Default::default()) {
+                    s.inbound_mode = InboundMode::None;
+                }
                 s.inbound_ports = ports;
             }
             "excludeInboundPorts" => {
@@ -222,10 +232,11 @@ mod tests {
     fn empty_include_inbound_ports_turns_inbound_capture_off_as_istio_does() {
         let ann =
             parse_annotations(r#"{"traffic.sidecar.istio.io/includeInboundPorts":""}"#).unwrap();
-        assert!(
-            !apply_istio_annotations(PodSettings::default(), &ann)
+        assert_eq!(
+            apply_istio_annotations(PodSettings::default(), &ann)
                 .unwrap()
-                .capture_inbound
+                .inbound_mode,
+            InboundMode::None
         );
     }
 

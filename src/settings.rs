@@ -202,6 +202,45 @@ impl fmt::Display for Cidr {
     }
 }
 
+/// How inbound TCP connections to a pod reach its applications.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InboundMode {
+    /// Istio's: every inbound connection to a captured port goes to the sidecar's inbound
+    /// listener (`inbound_port`, 15006), which accepts it with the original `pod_ip:PORT` as
+    /// its local address and `SO_ORIGINAL_DST`; the applications keep their binds.
+    Redirect,
+    /// The article's: the applications' wildcard binds move to loopback; the sidecar listens
+    /// on `pod_ip:PORT` for each port (listener discovery tells it which).
+    Bind,
+    /// No inbound capture.
+    None,
+}
+
+impl FromStr for InboundMode {
+    type Err = Error;
+
+    fn from_str(text: &str) -> Result<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "redirect" => Ok(InboundMode::Redirect),
+            "bind" => Ok(InboundMode::Bind),
+            "none" => Ok(InboundMode::None),
+            _ => Err(Error::InvalidSetting(format!(
+                "inbound mode {text:?}: give redirect, bind or none"
+            ))),
+        }
+    }
+}
+
+impl fmt::Display for InboundMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InboundMode::Redirect => "redirect",
+            InboundMode::Bind => "bind",
+            InboundMode::None => "none",
+        })
+    }
+}
+
 /// What one registered pod wants captured, and where its sidecar listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodSettings {
@@ -225,9 +264,11 @@ pub struct PodSettings {
     pub include_outbound_ports: BTreeSet<u16>,
     /// Destination ports never captured, TCP and UDP (`-o`).
     pub exclude_outbound_ports: BTreeSet<u16>,
-    /// Move the applications' wildcard TCP binds to loopback, so inbound traffic reaches them
-    /// only through the sidecar.
-    pub capture_inbound: bool,
+    /// How inbound TCP reaches the applications: through the sidecar's one inbound listener
+    /// (`Redirect`, Istio's), through the sidecar's listener on each port with the
+    /// applications' wildcard binds moved to loopback (`Bind`, the article's), or directly
+    /// (`None`).
+    pub inbound_mode: InboundMode,
     /// Inbound ports captured (`-b`, default all).
     pub inbound_ports: Ports,
     /// Inbound ports never captured, on top of [`MESH_INBOUND_EXCLUDES`] (`-d`).
@@ -255,7 +296,7 @@ impl Default for PodSettings {
             exclude_outbound_cidrs: BTreeSet::new(),
             include_outbound_ports: BTreeSet::new(),
             exclude_outbound_ports: BTreeSet::new(),
-            capture_inbound: true,
+            inbound_mode: InboundMode::Redirect,
             inbound_ports: Selection::All,
             exclude_inbound_ports: BTreeSet::new(),
             capture_dns: true,
@@ -395,7 +436,14 @@ impl PodSettings {
     pub(crate) fn to_raw(&self) -> RawPodSettings {
         let flag = |on: bool, bit: u32| if on { bit } else { 0 };
         let flags = flag(self.capture_outbound, pod_flags::CAPTURE_OUTBOUND)
-            | flag(self.capture_inbound, pod_flags::CAPTURE_INBOUND)
+            | flag(
+                self.inbound_mode != InboundMode::None,
+                pod_flags::CAPTURE_INBOUND,
+            )
+            | flag(
+                self.inbound_mode == InboundMode::Redirect,
+                pod_flags::INBOUND_REDIRECT,
+            )
             | flag(self.capture_dns, pod_flags::CAPTURE_DNS)
             | flag(self.sockmap, pod_flags::SOCKMAP)
             | flag(
@@ -420,10 +468,9 @@ impl PodSettings {
             outbound_port: self.outbound_port,
             inbound_port: self.inbound_port,
             dns_port: self.dns_port,
-            lists_gen: 0,
             flags,
             sockmap_min_bytes: self.sockmap_min_bytes,
-            netns_ino: 0,
+            ..Default::default()
         }
     }
 
@@ -457,7 +504,14 @@ impl PodSettings {
             exclude_outbound_cidrs: lists.exclude_cidrs.clone(),
             include_outbound_ports: ports(RuleKind::OutboundInclude),
             exclude_outbound_ports: ports(RuleKind::OutboundExclude),
-            capture_inbound: has(pod_flags::CAPTURE_INBOUND),
+            inbound_mode: match (
+                has(pod_flags::CAPTURE_INBOUND),
+                has(pod_flags::INBOUND_REDIRECT),
+            ) {
+                (false, _) => InboundMode::None,
+                (true, true) => InboundMode::Redirect,
+                (true, false) => InboundMode::Bind,
+            },
             inbound_ports: if has(pod_flags::INBOUND_ALL_PORTS) {
                 Selection::All
             } else {
@@ -487,7 +541,8 @@ mod tests {
             (15001, 15006, 15053)
         );
         assert_eq!(s.include_outbound_cidrs, Selection::All);
-        assert!(s.capture_outbound && s.capture_inbound && s.capture_dns && s.sockmap);
+        assert!(s.capture_outbound && s.capture_dns && s.sockmap);
+        assert_eq!(s.inbound_mode, InboundMode::Redirect);
     }
 
     #[test]
@@ -500,7 +555,7 @@ mod tests {
             exclude_outbound_cidrs: parse_cidr_list("10.1.0.0/16").unwrap(),
             include_outbound_ports: parse_port_list("8443").unwrap(),
             exclude_outbound_ports: parse_port_list("3306").unwrap(),
-            capture_inbound: false,
+            inbound_mode: InboundMode::None,
             capture_dns: false,
             sockmap: false,
             sockmap_min_bytes: 1,

@@ -8,3 +8,8 @@
 )]
 
 include!(concat!(env!("OUT_DIR"), "/meshbpf.skel.rs"));
+
+/// The per-pod sk_lookup program (`lookup.bpf.c`), loaded once per registered pod.
+pub mod lookup {
+    include!(concat!(env!("OUT_DIR"), "/lookup.skel.rs"));
+}

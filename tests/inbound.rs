@@ -7,7 +7,15 @@ mod common;
 use std::collections::BTreeSet;
 
 use common::*;
-use meshbpf::{PodSettings, Ports};
+use meshbpf::{InboundMode, PodSettings, Ports};
+
+/// The bind model (the article's): what these tests are about.
+fn bind_mode() -> PodSettings {
+    PodSettings {
+        inbound_mode: InboundMode::Bind,
+        ..PodSettings::default()
+    }
+}
 
 fn registered(env: &mut Env, mesh: &meshbpf::Mesh, name: &str, settings: &PodSettings) -> Pod {
     let pod = env.pod(name);
@@ -22,7 +30,7 @@ fn wildcard_bind_moves_to_loopback_and_inbound_traffic_goes_through_the_sidecar(
     }
     let mut env = Env::new();
     let mesh = env.attach();
-    let web = registered(&mut env, &mesh, "web", &PodSettings::default());
+    let web = registered(&mut env, &mesh, "web", &bind_mode());
     let client = env.pod("client");
     // The application asks for every address; it gets loopback.
     let app = web.server_as(0, &["0.0.0.0:80", "[::]:80"]);
@@ -74,7 +82,7 @@ fn sidecar_binds_privileged_ports_without_the_sysctl_while_others_still_cannot()
     }
     let mut env = Env::new();
     let mesh = env.attach();
-    let pod = registered(&mut env, &mesh, "pod", &PodSettings::default());
+    let pod = registered(&mut env, &mesh, "pod", &bind_mode());
     let plain = env.pod("plain");
     let sysctl = std::path::Path::new("/proc/sys/net/ipv4/ip_unprivileged_port_start");
     let read_in = |p: &Pod| {
@@ -122,17 +130,17 @@ fn excluded_ports_specific_addresses_and_other_pods_are_untouched() {
     let mesh = env.attach();
     let excluding = PodSettings {
         exclude_inbound_ports: BTreeSet::from([9000]),
-        ..PodSettings::default()
+        ..bind_mode()
     };
     let pod = registered(&mut env, &mesh, "pod", &excluding);
     let only80 = PodSettings {
         inbound_ports: Ports::Only(BTreeSet::from([80])),
-        ..PodSettings::default()
+        ..bind_mode()
     };
     let narrow = registered(&mut env, &mesh, "narrow", &only80);
     let off = PodSettings {
-        capture_inbound: false,
-        ..PodSettings::default()
+        inbound_mode: InboundMode::None,
+        ..bind_mode()
     };
     let disabled = registered(&mut env, &mesh, "disabled", &off);
     let plain = env.pod("plain");
@@ -174,6 +182,8 @@ fn discovered_inbound_ports_are_exactly_the_ports_the_applications_listen_on() {
         pod.netns.to_str().unwrap(),
         "--exclude-inbound-ports",
         "7000",
+        "--inbound-mode",
+        "bind",
     ]);
     stdout_of(&out);
     let specific = pod.addr(false, 7070);
@@ -213,8 +223,7 @@ fn a_bind_before_registration_is_not_changed() {
     let mesh = env.attach();
     let pod = env.pod("pod");
     let early = pod.server(&["0.0.0.0:8080"]);
-    mesh.register_netns(&pod.netns, &PodSettings::default())
-        .unwrap();
+    mesh.register_netns(&pod.netns, &bind_mode()).unwrap();
     let late = pod.server(&["0.0.0.0:8081"]);
     assert_eq!(early.lines("listening="), ["listening=0.0.0.0:8080"]);
     assert_eq!(late.lines("listening="), ["listening=127.0.0.1:8081"]);
@@ -228,8 +237,7 @@ fn a_moved_bind_that_failed_is_not_discovered_when_the_socket_binds_elsewhere() 
     let mut env = Env::new();
     let mesh = env.attach();
     let pod = env.pod("pod");
-    mesh.register_netns(&pod.netns, &PodSettings::default())
-        .unwrap();
+    mesh.register_netns(&pod.netns, &bind_mode()).unwrap();
     // Loopback ports taken by binds to a specific address (neither moved nor counted).
     let _taken = pod.server(&["127.0.0.1:8080", "[::1]:8081"]);
     let mut rebinds = Vec::new();

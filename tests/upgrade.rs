@@ -12,22 +12,24 @@ use std::sync::Mutex;
 
 use common::*;
 
-/// The last commit whose maps have the previous layout, and that layout.
-const PREVIOUS_COMMIT: &str = "55e97388b19fe6024d2e07218cbe0d261cdb21cf";
-const PREVIOUS_LAYOUT: u32 = 7;
+/// The last commit of each earlier layout this build upgrades from: the previous one, and
+/// the one before (its migration chains two steps).
+const PREVIOUS: Layout = Layout(8, "74767c7766c920e52d3bcef3ed30baa773567284");
+const TWO_BACK: Layout = Layout(7, "55e97388b19fe6024d2e07218cbe0d261cdb21cf");
 
-/// The previous layout's `meshbpf`, built once from `git archive` of its commit into
+#[derive(Clone, Copy)]
+struct Layout(u32, &'static str);
+
+/// That layout's `meshbpf`, built once from `git archive` of its commit into
 /// `target/previous-layout/` and kept there.
-fn previous_meshbpf() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+fn meshbpf_of(Layout(layout, commit): Layout) -> PathBuf {
+    static BUILT: Mutex<Vec<(&str, PathBuf)>> = Mutex::new(Vec::new());
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(bin) = built.as_ref() {
+    if let Some((_, bin)) = built.iter().find(|(c, _)| *c == commit) {
         return bin.clone();
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dir = root
-        .join("target/previous-layout")
-        .join(&PREVIOUS_COMMIT[..12]);
+    let dir = root.join("target/previous-layout").join(&commit[..12]);
     let bin = dir.join("target/debug/meshbpf");
     if !bin.exists() {
         let src = dir.join("src");
@@ -36,13 +38,13 @@ fn previous_meshbpf() -> PathBuf {
         let archive = Command::new("git")
             .arg("-C")
             .arg(root)
-            .args(["archive", "--format=tar", PREVIOUS_COMMIT])
+            .args(["archive", "--format=tar", commit])
             .output()
             .expect("git");
         assert!(
             archive.status.success(),
-            "this test builds layout {PREVIOUS_LAYOUT} from commit {PREVIOUS_COMMIT}, which \
-             this checkout's history lacks (a shallow clone?): {}",
+            "this test builds layout {layout} from commit {commit}, which this checkout's \
+             history lacks (a shallow clone?): {}",
             String::from_utf8_lossy(&archive.stderr)
         );
         let mut tar = Command::new("tar")
@@ -67,11 +69,11 @@ fn previous_meshbpf() -> PathBuf {
             .unwrap();
         assert!(
             out.status.success(),
-            "building layout {PREVIOUS_LAYOUT}: {}",
+            "building layout {layout}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    *built = Some(bin.clone());
+    built.push((commit, bin.clone()));
     bin
 }
 
@@ -108,8 +110,8 @@ struct Old {
     sidecar: Proc,
 }
 
-fn attached_by_previous_build() -> Old {
-    let old = previous_meshbpf();
+fn attached_by(layout: Layout) -> Old {
+    let old = meshbpf_of(layout);
     let mut env = Env::new();
     let cgroup = env.cgroup.to_str().unwrap().to_string();
     stdout_of(&run(&old, &env, &["attach", "--cgroup", &cgroup]));
@@ -117,23 +119,7 @@ fn attached_by_previous_build() -> Old {
     let other = env.pod("other");
     let server_pod = env.pod("server");
     let (server, dest) = server_pod.stream_server();
-    let mut args = vec!["register", "--netns", app.netns.to_str().unwrap()];
-    args.extend_from_slice(&LISTS);
-    stdout_of(&run(&old, &env, &args));
-    stdout_of(&run(
-        &old,
-        &env,
-        &[
-            "register",
-            "--netns",
-            other.netns.to_str().unwrap(),
-            "--include-outbound-cidrs",
-            "192.0.2.0/24",
-            "--include-outbound-ports",
-            "8443",
-            "--no-dns",
-        ],
-    ));
+    register_both(&old, &env, &app, &other, &[]);
     let sidecar = app.sidecar();
     Old {
         env,
@@ -145,25 +131,64 @@ fn attached_by_previous_build() -> Old {
     }
 }
 
+/// Registers `app` with [`LISTS`] and `other` with other lists, with `extra` options each.
+fn register_both(bin: &Path, env: &Env, app: &Pod, other: &Pod, extra: &[&str]) {
+    let mut args = vec!["register", "--netns", app.netns.to_str().unwrap()];
+    args.extend_from_slice(&LISTS);
+    args.extend_from_slice(extra);
+    stdout_of(&run(bin, env, &args));
+    let mut args = vec![
+        "register",
+        "--netns",
+        other.netns.to_str().unwrap(),
+        "--include-outbound-cidrs",
+        "192.0.2.0/24",
+        "--include-outbound-ports",
+        "8443",
+        "--no-dns",
+    ];
+    args.extend_from_slice(extra);
+    stdout_of(&run(bin, env, &args));
+}
+
+/// `meshbpf list --json` of this build, each pod's settings only (the volatile fields out).
+fn listed(env: &Env) -> Vec<serde_json::Value> {
+    let out = stdout_of(&env.meshbpf(&["list", "--json"]));
+    let mut pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    for p in &mut pods {
+        let p = p.as_object_mut().unwrap();
+        for volatile in [
+            "netns_cookie",
+            "netns_inode",
+            "inbound_listeners",
+            "addresses",
+        ] {
+            p.remove(volatile);
+        }
+    }
+    // In a stable order (by cookie, the namespaces' creation order, differs between runs).
+    pods.sort_by_key(|p| p.to_string());
+    pods
+}
+
+/// What this build lists for the same registrations made by itself. Pods keep the inbound
+/// model they had: the bind model, all earlier layouts' only one.
+fn registered_afresh() -> Vec<serde_json::Value> {
+    let mut env = Env::new();
+    let _mesh = env.attach();
+    let (app, other) = (env.pod("app"), env.pod("other"));
+    register_both(&cli(), &env, &app, &other, &["--inbound-mode", "bind"]);
+    listed(&env)
+}
+
 impl Old {
     fn attach_current(&self) -> Output {
         let cgroup = self.env.cgroup.to_str().unwrap().to_string();
         self.env.meshbpf(&["attach", "--cgroup", &cgroup])
     }
 
-    /// `meshbpf list --json` of this build, each pod's lists only (the volatile fields out).
     fn lists(&self) -> Vec<serde_json::Value> {
-        let out = stdout_of(&self.env.meshbpf(&["list", "--json"]));
-        let pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        pods.into_iter()
-            .map(|mut p| {
-                let p = p.as_object_mut().unwrap();
-                p.remove("netns_cookie");
-                p.remove("netns_inode");
-                p.remove("inbound_listeners");
-                serde_json::Value::Object(p.clone())
-            })
-            .collect()
+        listed(&self.env)
     }
 
     /// A new connection from the registered pod reaches its destination through its
@@ -239,7 +264,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
     if !privileged() {
         return;
     }
-    let o = attached_by_previous_build();
+    let o = attached_by(PREVIOUS);
     // A live connection whose proxy asks SO_ORIGINAL_DST only after the upgrade: the other
     // registered pod's "sidecar" accepts it now and asks when told to.
     let late = o.other.spawn(
@@ -336,26 +361,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
 
     // Registrations, lists, layout, pins.
     let lists = o.lists();
-    assert_eq!(lists.len(), 2);
-    let mut registered_again = Env::new();
-    let again = registered_again.attach();
-    let pod = registered_again.pod("again");
-    let mut args = vec!["register", "--netns", pod.netns.to_str().unwrap()];
-    args.extend_from_slice(&LISTS);
-    stdout_of(&registered_again.meshbpf(&args));
-    let fresh: Vec<serde_json::Value> = {
-        let out = stdout_of(&registered_again.meshbpf(&["list", "--json"]));
-        let mut pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-        for p in &mut pods {
-            let p = p.as_object_mut().unwrap();
-            p.remove("netns_cookie");
-            p.remove("netns_inode");
-            p.remove("inbound_listeners");
-        }
-        pods
-    };
-    drop(again);
-    assert!(lists.contains(&fresh[0]), "{lists:?}\nvs\n{fresh:?}");
+    assert_eq!(lists, registered_afresh());
     o.assert_upgraded(&lists, "after the upgrade");
     // The maps the upgrade replaced are gone from the kernel, not only unpinned.
     for (name, id) in old_ids {
@@ -376,7 +382,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
     let ids = map_ids(&o.env);
     let cgroup = o.env.cgroup.to_str().unwrap().to_string();
     let out = run(
-        &previous_meshbpf(),
+        &meshbpf_of(PREVIOUS),
         &o.env,
         &["attach", "--cgroup", &cgroup],
     );
@@ -394,7 +400,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
 /// How many times `syscall` is called by `attach` of this build over a fresh attachment of
 /// the previous one.
 fn syscalls_of_an_upgrade(syscall: &str) -> usize {
-    let o = attached_by_previous_build();
+    let o = attached_by(PREVIOUS);
     let cgroup = o.env.cgroup.to_str().unwrap().to_string();
     let log = o.env.root.join("strace.log");
     let out = Command::new("strace")
@@ -436,22 +442,9 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         .map(|i| ("bpf".to_string(), i * bpf_calls / 13))
         .collect();
     kills.extend((1..=renames).map(|k| ("rename".to_string(), k)));
+    let expected = registered_afresh();
     for (syscall, k) in kills {
-        let o = attached_by_previous_build();
-        let lists_before = {
-            // The previous build lists them as it registered them; this build lists the
-            // same after the upgrade (compared field by field with the previous build's
-            // own listing, which has the same keys).
-            let out = stdout_of(&run(&previous_meshbpf(), &o.env, &["list", "--json"]));
-            let mut pods: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
-            for p in &mut pods {
-                let p = p.as_object_mut().unwrap();
-                p.remove("netns_cookie");
-                p.remove("netns_inode");
-                p.remove("inbound_listeners");
-            }
-            pods
-        };
+        let o = attached_by(PREVIOUS);
         let cgroup = o.env.cgroup.to_str().unwrap().to_string();
         let when = format!("killed at {syscall} #{k}");
         let out = Command::new("strace")
@@ -468,6 +461,17 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         // The old attachment or the new one is working meanwhile.
         o.assert_capture_works(&when);
         stdout_of(&o.attach_current());
-        o.assert_upgraded(&lists_before, &when);
+        o.assert_upgraded(&expected, &when);
     }
+}
+
+#[test]
+fn a_layout_two_back_upgrades_through_each_step() {
+    if !privileged() {
+        return;
+    }
+    let o = attached_by(TWO_BACK);
+    o.assert_capture_works("attached by layout 7");
+    stdout_of(&o.attach_current());
+    o.assert_upgraded(&registered_afresh(), "after upgrading from layout 7");
 }

@@ -507,7 +507,8 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         "exclude_outbound_ports": pod.settings.exclude_outbound_ports,
         "outbound_port": pod.settings.outbound_port,
         "capture_outbound": pod.settings.capture_outbound,
-        "capture_inbound": pod.settings.capture_inbound,
+        "inbound_mode": pod.settings.inbound_mode.to_string(),
+        "inbound_port": pod.settings.inbound_port,
         "inbound_ports": match &pod.settings.inbound_ports {
             meshbpf::Selection::All => json!("*"),
             meshbpf::Selection::Only(ports) => json!(ports),

@@ -19,16 +19,6 @@
 /* Return value of a bind program: allow, and skip the privileged-port check. */
 #define BIND_ALLOW_NO_CAP_NET_BIND_SERVICE 3
 
-static __always_inline bool inbound_port_captured(const struct pod_settings *pod, __u64 cookie,
-						  __u16 port)
-{
-	if (pod_rule(pod, cookie, port, RULE_INBOUND_EXCLUDE))
-		return false;
-	if (pod->flags & POD_F_INBOUND_ALL_PORTS)
-		return true;
-	return pod_rule(pod, cookie, port, RULE_INBOUND_INCLUDE);
-}
-
 /*
  * Common part of bind4/bind6 once the address is known to be the wildcard:
  * returns true when the bind must move to loopback (and marks the socket).
@@ -40,8 +30,9 @@ static __always_inline bool capture_bind(struct bpf_sock_addr *ctx, const struct
 	struct sock_state *state;
 
 	/* UDP services are not proxied inbound (the sidecar speaks TCP), and port 0 is an
-	 * ephemeral bind before connect, not a listener. */
-	if (!(pod->flags & POD_F_CAPTURE_INBOUND) || ctx->protocol != IPPROTO_TCP || port == 0)
+	 * ephemeral bind before connect, not a listener. In redirect mode binds stay. */
+	if ((pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) != POD_F_CAPTURE_INBOUND ||
+	    ctx->protocol != IPPROTO_TCP || port == 0)
 		return false;
 	if (!inbound_port_captured(pod, cookie, port)) {
 		count(CNT_BIND_SKIP_PORT);
@@ -65,19 +56,42 @@ static __always_inline int keep_bind(struct bpf_sock_addr *ctx)
 {
 	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
 
-	if (state && !(state->flags & SOCK_F_INBOUND_COUNTED))
+	if (state && !(state->flags & SOCK_F_INBOUND_COUNTED)) {
 		state->inbound_port = 0;
+		state->flags &= ~SOCK_F_DUAL_WILDCARD;
+	}
 	return 1;
 }
 
-static __always_inline int proxy_bind(struct bpf_sock_addr *ctx)
+/*
+ * The sidecar's bind. In a pod with inbound capture its sockets bound to a port are marked:
+ * if one listens, sockops adds it to `listeners`, where the pod's sk_lookup program hands
+ * it the pod's inbound connections (and no application socket gets them).
+ */
+static __always_inline int proxy_bind(struct bpf_sock_addr *ctx, const struct pod_settings *pod)
 {
 	__u16 port = bpf_ntohs(ctx->user_port);
+	struct sock_state *state;
 
-	if (port == 0 || port >= 1024)
+	if (port == 0)
+		return 1;
+	if ((pod->flags & POD_F_CAPTURE_INBOUND) && ctx->protocol == IPPROTO_TCP) {
+		state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (state)
+			state->flags |= SOCK_F_PROXY_BOUND;
+	}
+	if (port >= 1024)
 		return 1;
 	count(CNT_BIND_PROXY_PRIVILEGED);
 	return BIND_ALLOW_NO_CAP_NET_BIND_SERVICE;
+}
+
+static __always_inline void mark_dual_wildcard(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+
+	if (state)
+		state->flags |= SOCK_F_DUAL_WILDCARD;
 }
 
 SEC("cgroup/bind4")
@@ -89,7 +103,7 @@ int handle__bind4(struct bpf_sock_addr *ctx)
 	if (!pod)
 		return 1;
 	if (is_proxy(pod, cookie))
-		return proxy_bind(ctx);
+		return proxy_bind(ctx, pod);
 	if (ctx->user_ip4 != 0 || !capture_bind(ctx, pod, cookie))
 		return keep_bind(ctx);
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
@@ -105,11 +119,14 @@ int handle__bind6(struct bpf_sock_addr *ctx)
 	if (!pod)
 		return 1;
 	if (is_proxy(pod, cookie))
-		return proxy_bind(ctx);
+		return proxy_bind(ctx, pod);
 	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
 	    !capture_bind(ctx, pod, cookie))
 		return keep_bind(ctx);
 	ctx->user_ip6[3] = bpf_htonl(1);
+	/* If it is dual-stack, the pod's sk_lookup program lets IPv4 reach it on 127.0.0.1 too
+	 * (a socket can be bound to one address only). */
+	mark_dual_wildcard(ctx);
 	return 1;
 }
 

@@ -97,6 +97,17 @@ MESHBPF_MAP struct {
 	__type(value, __u8);
 } cidr_exclude SEC(".maps");
 
+/*
+ * Listening sockets the pods' sk_lookup programs hand inbound connections to, added by
+ * sockops when they listen; a socket leaves it when it closes.
+ */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_SOCKHASH);
+	__uint(max_entries, MAX_LISTENERS);
+	__type(key, struct listener_key);
+	__type(value, __u64);
+} listeners SEC(".maps");
+
 /* Listener counts: incremented after a moved bind succeeds, decremented at socket release. */
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -162,6 +173,17 @@ static __always_inline bool in_cidrs(void *trie, const struct pod_settings *pod,
 	return bpf_map_lookup_elem(trie, &key) != NULL;
 }
 
+/* Whether inbound connections to `port` are the sidecar's (its lists: include, exclude). */
+static __always_inline bool inbound_port_captured(const struct pod_settings *pod, __u64 cookie,
+						  __u16 port)
+{
+	if (pod_rule(pod, cookie, port, RULE_INBOUND_EXCLUDE))
+		return false;
+	if (pod->flags & POD_F_INBOUND_ALL_PORTS)
+		return true;
+	return pod_rule(pod, cookie, port, RULE_INBOUND_INCLUDE);
+}
+
 static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
 {
 	return bpf_map_lookup_elem(&cookie_map, &netns_cookie);
@@ -192,7 +214,7 @@ static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns
  */
 static __always_inline bool is_sidecar_port(const struct pod_settings *pod, __u16 port)
 {
-	return port == pod->outbound_port || port == pod->dns_port;
+	return port == pod->outbound_port || port == pod->dns_port || port == pod->inbound_port;
 }
 
 static __always_inline bool is_loopback4(__u32 addr_be)

@@ -9,25 +9,81 @@
  */
 #include "common.bpf.h"
 
+/* A destination as connect4/6 and sendmsg4/6 see it. */
+struct dest {
+	__u32 addr[4];	/* IPv4 (also IPv4-mapped) in addr[0], or IPv6; network order */
+	bool v6;	/* addr is IPv6, not IPv4-mapped */
+	__u16 port;	/* host order */
+};
+
+/* The port istio-iptables never sends to the inbound listener (its `-e`, HBONE). */
+#define INBOUND_TUNNEL_PORT 15008
+
+static __always_inline bool dest_is(const struct dest *d, __u32 ip4, __u32 ip6_last)
+{
+	if (!d->v6)
+		return d->addr[0] == ip4;
+	return d->addr[0] == 0 && d->addr[1] == 0 && d->addr[2] == 0 && d->addr[3] == ip6_last;
+}
+
 /*
- * Where the socket goes instead: a sidecar port on loopback, or 0 to leave it
- * alone. Decided once per connect (per sendto for unconnected UDP), in
- * istio-iptables' ISTIO_OUTPUT order:
- *   1. excluded outbound ports (-o)          never, TCP and UDP
- *   2. the proxy's uids / gids (-u, -g)      never
- *   3. loopback destinations                 never
- *   4. DNS, port 53, TCP and UDP             the DNS port (--redirect-dns)
- *   5. excluded outbound CIDRs (-x)          never
- *   6. included outbound ports (-q)          the outbound port
- *   7. included outbound CIDRs (-i, or *)    the outbound port
- *   8. anything else                         never
+ * Destinations that reach this host over loopback, as istio-iptables' `-o lo` rules see
+ * them: 127.0.0.0/8 and ::1, the unspecified addresses (connect(2) turns 0.0.0.0 into
+ * 127.0.0.1 and :: into ::1), and the pod's own addresses.
  */
-static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, const __u32 addr[4],
-					   bool loopback, __u16 dport)
+static __always_inline bool over_lo(const struct dest *d, const struct pod_settings *pod)
+{
+	if (!d->v6)
+		return d->addr[0] == 0 || is_loopback4(d->addr[0]) ||
+		       (pod->pod_ip4 && d->addr[0] == pod->pod_ip4);
+	if (dest_is(d, 0, 0) || dest_is(d, 0, bpf_htonl(1)))
+		return true;
+	return (pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]) &&
+	       d->addr[0] == pod->pod_ip6[0] && d->addr[1] == pod->pod_ip6[1] &&
+	       d->addr[2] == pod->pod_ip6[2] && d->addr[3] == pod->pod_ip6[3];
+}
+
+/* `-d 127.0.0.1/32` (`::1/128`): the loopback address itself (what 0.0.0.0 and :: become). */
+static __always_inline bool to_the_loopback(const struct dest *d)
+{
+	return dest_is(d, 0, 0) || dest_is(d, bpf_htonl(0x7f000001), bpf_htonl(1));
+}
+
+/* Bound to 127.0.0.6 (::6): Envoy's inbound passthrough upstream and pilot-agent's probes. */
+static __always_inline bool from_inbound_passthrough(struct bpf_sock_addr *ctx, bool v6)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (!v6)
+		return sk->src_ip4 == bpf_htonl(0x7f000006);
+	return sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 &&
+	       sk->src_ip6[3] == bpf_htonl(6);
+}
+
+/*
+ * Where the socket goes instead: a sidecar port on loopback, or 0 to leave it alone.
+ * Decided once per connect (per sendto for unconnected UDP), in istio-iptables'
+ * ISTIO_OUTPUT order:
+ *   1. excluded outbound ports (-o)                         never, TCP and UDP
+ *   2. from 127.0.0.6 / ::6 over lo                          never
+ *   3. the proxy's uids / gids (-u, -g): in redirect mode,   the inbound port
+ *      TCP over lo not to 127.0.0.1, port not 15008 (nor 53
+ *      with DNS capture): its calls to its own pod
+ *      (and istio-validation's to 127.0.0.6:15002);
+ *      anything else                                         never
+ *   4. DNS, port 53, TCP and UDP (also over lo)              the DNS port (--redirect-dns)
+ *   5. over lo (loopback, the pod's own addresses)           never
+ *   6. excluded outbound CIDRs (-x)                          never
+ *   7. included outbound ports (-q)                          the outbound port
+ *   8. included outbound CIDRs (-i, or *)                    the outbound port
+ *   9. anything else                                         never
+ */
+static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const struct dest *d)
 {
 	bool tcp = ctx->protocol == IPPROTO_TCP;
-	bool dns = dport == DNS_PORT && (tcp || ctx->protocol == IPPROTO_UDP);
+	bool dns = d->port == DNS_PORT && (tcp || ctx->protocol == IPPROTO_UDP);
 	struct pod_settings *pod;
+	bool lo, ipv6_socket = ctx->family == AF_INET6;
 	__u64 cookie;
 
 	/* Most UDP sends are not DNS: decide them before any map lookup. */
@@ -38,57 +94,51 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, bool v6, c
 	if (!pod)
 		return 0;
 	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
-	if (!dns && !(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
-		return 0;
-	if (pod_rule(pod, cookie, dport, RULE_OUTBOUND_EXCLUDE)) {
+	lo = over_lo(d, pod);
+	if (pod_rule(pod, cookie, d->port, RULE_OUTBOUND_EXCLUDE)) {
 		count(CNT_SKIP_EXCLUDED_PORT);
 		return 0;
 	}
-	if (is_proxy(pod, cookie)) {
-		count(CNT_SKIP_PROXY_UID);
+	if (lo && from_inbound_passthrough(ctx, ipv6_socket)) {
+		count(CNT_SKIP_LOOPBACK);
 		return 0;
 	}
-	if (loopback) {
-		count(CNT_SKIP_LOOPBACK);
+	if (is_proxy(pod, cookie)) {
+		if (tcp && lo && !to_the_loopback(d) && d->port != INBOUND_TUNNEL_PORT && !dns &&
+		    (pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) ==
+			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) {
+			count(CNT_PROXY_TO_INBOUND);
+			return pod->inbound_port;
+		}
+		count(CNT_SKIP_PROXY_UID);
 		return 0;
 	}
 	if (dns) {
 		count(CNT_DNS_REDIRECTED);
 		return pod->dns_port;
 	}
-	if (dport == pod->outbound_port) {
+	if (!(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
+		return 0;
+	if (lo) {
+		count(CNT_SKIP_LOOPBACK);
+		return 0;
+	}
+	if (d->port == pod->outbound_port) {
 		count(CNT_SKIP_PROXY_PORT);
 		return 0;
 	}
-	if (in_cidrs(&cidr_exclude, pod, cookie, v6, addr)) {
+	if (in_cidrs(&cidr_exclude, pod, cookie, d->v6, d->addr)) {
 		count(CNT_SKIP_EXCLUDED_CIDR);
 		return 0;
 	}
-	if (!pod_rule(pod, cookie, dport, RULE_OUTBOUND_INCLUDE) &&
-	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) && !in_cidrs(&cidr_include, pod, cookie, v6, addr)) {
+	if (!pod_rule(pod, cookie, d->port, RULE_OUTBOUND_INCLUDE) &&
+	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) &&
+	    !in_cidrs(&cidr_include, pod, cookie, d->v6, d->addr)) {
 		count(CNT_SKIP_NOT_INCLUDED);
 		return 0;
 	}
 	count(CNT_CONNECT_REDIRECTED);
 	return pod->outbound_port;
-}
-
-/*
- * Destinations that reach this host over loopback, never captured: 127.0.0.0/8 and ::1,
- * and the unspecified addresses, which connect(2) turns into loopback (the kernel routes
- * 0.0.0.0 to 127.0.0.1 and :: to ::1), so that istio-iptables' `-d 127.0.0.1/32 -j RETURN`
- * and `-o lo` rules leave them alone too.
- */
-static __always_inline bool to_this_host4(__u32 ip)
-{
-	return ip == 0 || is_loopback4(ip);
-}
-
-static __always_inline bool to_this_host6(const __u32 addr[4])
-{
-	if (is_v4_mapped(addr))
-		return to_this_host4(addr[3]);
-	return (addr[0] | addr[1] | addr[2] | addr[3]) == 0 || is_loopback6(addr);
 }
 
 /*
@@ -163,14 +213,14 @@ static __always_inline int leave_alone(struct bpf_sock_addr *ctx, bool connectin
 
 static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 {
+	struct dest d = { .addr = { ctx->user_ip4 }, .port = bpf_ntohs(ctx->user_port) };
 	struct orig_dst dst = {};
-	__u32 ip = ctx->user_ip4;
 	__u16 port;
 
-	dst.addr[0] = ip;
-	port = redirect_port(ctx, false, dst.addr, to_this_host4(ip), bpf_ntohs(ctx->user_port));
+	port = redirect_port(ctx, &d);
 	if (!port)
 		return leave_alone(ctx, connecting);
+	dst.addr[0] = d.addr[0];
 	dst.port = ctx->user_port;
 	dst.family = AF_INET;
 	if (!remember(ctx, &dst))
@@ -183,6 +233,8 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 {
 	struct orig_dst dst = {};
+	struct dest d = { .port = bpf_ntohs(ctx->user_port) };
+	bool mapped;
 	__u32 to[4];
 	__u16 port;
 
@@ -190,17 +242,25 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 	dst.addr[1] = ctx->user_ip6[1];
 	dst.addr[2] = ctx->user_ip6[2];
 	dst.addr[3] = ctx->user_ip6[3];
-	/* An IPv4-mapped destination is matched against the IPv4 prefixes. */
-	port = redirect_port(ctx, !is_v4_mapped(dst.addr),
-			     is_v4_mapped(dst.addr) ? &dst.addr[3] : dst.addr, to_this_host6(dst.addr),
-			     bpf_ntohs(ctx->user_port));
+	/* An IPv4-mapped destination is decided as the IPv4 address it is. */
+	mapped = is_v4_mapped(dst.addr);
+	if (mapped) {
+		d.addr[0] = dst.addr[3];
+	} else {
+		d.v6 = true;
+		d.addr[0] = dst.addr[0];
+		d.addr[1] = dst.addr[1];
+		d.addr[2] = dst.addr[2];
+		d.addr[3] = dst.addr[3];
+	}
+	port = redirect_port(ctx, &d);
 	if (!port)
 		return leave_alone(ctx, connecting);
 	dst.port = ctx->user_port;
 	dst.family = AF_INET6;
 	if (!remember(ctx, &dst))
 		return 1;
-	proxy_addr6(to, is_v4_mapped(dst.addr));
+	proxy_addr6(to, mapped);
 	ctx->user_ip6[0] = to[0];
 	ctx->user_ip6[1] = to[1];
 	ctx->user_ip6[2] = to[2];
@@ -260,6 +320,71 @@ int handle__getpeername6(struct bpf_sock_addr *ctx)
 
 	if (peer_is_sidecar(ctx, is_loopback6(peer)) && restore_orig_dst6(ctx))
 		count(CNT_GETPEERNAME_RESTORED);
+	return 1;
+}
+
+
+/*
+ * getsockname() of a captured socket names the pod's own address, as behind iptables
+ * REDIRECT, where the connection really leaves from it: here it goes to the sidecar on
+ * loopback, from 127.0.0.1 (ctx holds that local address). The port stays the socket's.
+ */
+static __always_inline struct pod_settings *captured_pod(struct bpf_sock_addr *ctx)
+{
+	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+	struct bpf_sock *sk = ctx->sk;
+	struct pod_settings *pod;
+
+	if (!state || !state->dst.family || sk->protocol != IPPROTO_TCP)
+		return NULL;
+	/* To a loopback address (the sidecar's own calls sent to its inbound listener), the
+	 * connection leaves from loopback behind iptables too. */
+	if (state->dst.family == AF_INET ? is_loopback4(state->dst.addr[0])
+					 : is_loopback6(state->dst.addr))
+		return NULL;
+	pod = lookup_pod(bpf_get_netns_cookie(ctx));
+	return pod && is_sidecar_port(pod, bpf_ntohs(sk->dst_port)) ? pod : NULL;
+}
+
+SEC("cgroup/getsockname4")
+int handle__getsockname4(struct bpf_sock_addr *ctx)
+{
+	struct pod_settings *pod;
+
+	if (!is_loopback4(ctx->user_ip4))
+		return 1;
+	pod = captured_pod(ctx);
+	if (pod && pod->pod_ip4) {
+		ctx->user_ip4 = pod->pod_ip4;
+		count(CNT_GETSOCKNAME_RESTORED);
+	}
+	return 1;
+}
+
+SEC("cgroup/getsockname6")
+int handle__getsockname6(struct bpf_sock_addr *ctx)
+{
+	__u32 local[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	struct pod_settings *pod;
+
+	if (!is_loopback6(local))
+		return 1;
+	pod = captured_pod(ctx);
+	if (!pod)
+		return 1;
+	if (is_v4_mapped(local)) {
+		if (!pod->pod_ip4)
+			return 1;
+		ctx->user_ip6[3] = pod->pod_ip4;
+	} else {
+		if (!(pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]))
+			return 1;
+		ctx->user_ip6[0] = pod->pod_ip6[0];
+		ctx->user_ip6[1] = pod->pod_ip6[1];
+		ctx->user_ip6[2] = pod->pod_ip6[2];
+		ctx->user_ip6[3] = pod->pod_ip6[3];
+	}
+	count(CNT_GETSOCKNAME_RESTORED);
 	return 1;
 }
 

@@ -107,6 +107,39 @@ static __always_inline struct orig_dst *tcp_origin(struct bpf_sockopt *ctx, stru
 	return bpf_map_lookup_elem(&origin_dst_map, &key);
 }
 
+/*
+ * Redirect mode: a connection the pod's sk_lookup program handed to the sidecar's inbound
+ * listener keeps its original destination as its local address (pod_ip:PORT), which is
+ * what SO_ORIGINAL_DST answers behind iptables' ISTIO_IN_REDIRECT too. Any accepted socket
+ * of such a pod on a captured port, not on loopback, came that way.
+ */
+static __always_inline bool redirected_inbound(struct bpf_sockopt *ctx, struct bpf_sock *sk,
+					       struct orig_dst *out)
+{
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = lookup_pod(cookie);
+	__u16 port = (__u16)sk->src_port;
+
+	if (!pod || (pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) !=
+			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT) ||
+	    !inbound_port_captured(pod, cookie, port))
+		return false;
+	__builtin_memset(out, 0, sizeof(*out));
+	out->port = bpf_htons(port);
+	if (sk->family == AF_INET) {
+		out->family = AF_INET;
+		out->addr[0] = sk->src_ip4;
+	} else {
+		out->family = AF_INET6;
+		out->addr[0] = sk->src_ip6[0];
+		out->addr[1] = sk->src_ip6[1];
+		out->addr[2] = sk->src_ip6[2];
+		out->addr[3] = sk->src_ip6[3];
+		orig_dst_normalize(out);
+	}
+	return out->family == AF_INET ? !is_loopback4(out->addr[0]) : !is_loopback6(out->addr);
+}
+
 static __always_inline struct orig_dst *udp_origin(struct bpf_sock *sk)
 {
 	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
@@ -125,7 +158,7 @@ SEC("cgroup/getsockopt")
 int handle__getsockopt(struct bpf_sockopt *ctx)
 {
 	struct bpf_sock *sk = ctx->sk;
-	struct orig_dst *dst;
+	struct orig_dst *dst, inbound;
 	int want;
 
 	if (ctx->optname != SO_ORIGINAL_DST || !sk)
@@ -137,9 +170,11 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 	else
 		return pass(ctx);
 
-	if (sk->protocol == IPPROTO_TCP)
+	if (sk->protocol == IPPROTO_TCP) {
 		dst = tcp_origin(ctx, sk);
-	else if (sk->protocol == IPPROTO_UDP)
+		if (!dst && redirected_inbound(ctx, sk, &inbound))
+			dst = &inbound;
+	} else if (sk->protocol == IPPROTO_UDP)
 		dst = udp_origin(sk);
 	else
 		return pass(ctx);

@@ -15,6 +15,7 @@ const volatile struct {
 	enum rule_kind rule_kind;
 	enum cidr_key_bits cidr_key_bits;
 	enum meta_flag meta_flag;
+	enum listener_owner listener_owner;
 	enum counter counter;
 } meshbpf_abi;
 

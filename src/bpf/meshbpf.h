@@ -13,7 +13,7 @@
 #define __MESHBPF_H
 
 enum consts {
-	MESHBPF_LAYOUT_VERSION = 8,
+	MESHBPF_LAYOUT_VERSION = 9,
 
 	/* Map bounds (documented in the README). */
 	MAX_PODS = 16384,		/* cookie_map: registered network namespaces */
@@ -22,6 +22,7 @@ enum consts {
 	MAX_POD_CIDRS = 65536,		/* cidr_include, cidr_exclude: per-pod CIDR lists, each */
 	MAX_INBOUND_PORTS = 65536,	/* inbound_ports: discovered listeners, all pods together */
 	MAX_SOCKMAP_SOCKETS = 65536,	/* sock_hash: accelerated loopback sockets (two per connection) */
+	MAX_LISTENERS = 65536,		/* listeners: sidecar and dual-stack application listeners */
 	MAX_COUNTERS = 128,		/* counters: room for new reasons without a new layout */
 
 	CGROUP_PATH_MAX = 256,
@@ -37,6 +38,13 @@ enum pod_flag {
 	POD_F_INBOUND_ALL_PORTS = 1 << 4,	/* capture every inbound port not excluded */
 	POD_F_OUTBOUND_ALL_CIDRS = 1 << 5,	/* capture every destination not excluded */
 	POD_F_MORE_PROXY_IDS = 1 << 6,		/* proxy uids/gids beyond the first are in pod_rules */
+	/*
+	 * Inbound capture (POD_F_CAPTURE_INBOUND) the way Istio's sidecar expects it: every
+	 * inbound connection to a captured port goes to the sidecar's inbound listener
+	 * (inbound_port), the application's binds stay as they are. Without it, inbound capture
+	 * is the bind model: wildcard binds move to loopback, the sidecar owns pod_ip:PORT.
+	 */
+	POD_F_INBOUND_REDIRECT = 1 << 7,
 };
 
 /* cookie_map value: what one registered pod (network namespace) wants. */
@@ -59,6 +67,14 @@ struct pod_settings {
 	__u32 sockmap_min_bytes;
 	/* The netns's nsfs inode, for `meshbpf gc` and listings; programs do not read it. */
 	__u64 netns_ino;
+	/*
+	 * The pod's own addresses, read at register (network byte order; 0 / :: when it has
+	 * none of that family): traffic to them goes over lo, as to loopback, and a captured
+	 * application socket reports them as its local address.
+	 */
+	__u32 pod_ip4;
+	__u32 pod_ip6[4];
+	__u32 _pad2;
 };
 
 /* An address as the application asked for it. */
@@ -84,6 +100,8 @@ enum sock_flag {
 	SOCK_F_SOCKMAP_REDIRECT = 1 << 2,	/* its sends are redirected to its peer by sk_msg */
 	SOCK_F_SOCKMAP_LEAVE = 1 << 3,		/* small first message: sockops removes it from sock_hash */
 	SOCK_F_ORIGIN_PENDING = 1 << 4,		/* origin published at connect, not yet established */
+	SOCK_F_PROXY_BOUND = 1 << 5,		/* bound to a port by the sidecar: its listener, if it listens */
+	SOCK_F_DUAL_WILDCARD = 1 << 6,		/* its [::] bind was moved to [::1] */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
@@ -120,6 +138,23 @@ struct cidr_key {
 
 enum cidr_key_bits {
 	CIDR_KEY_PREFIX_BITS = 64 + 32,	/* the cookie and the generation, before the address */
+};
+
+/*
+ * listeners key: a listening socket inbound connections are handed to by the pod's
+ * sk_lookup program (lookup.bpf.c).
+ */
+enum listener_owner {
+	LISTENER_PROXY = 1,	/* the sidecar's, on `port` (in redirect mode: its inbound listener) */
+	LISTENER_APP = 2,	/* an application's [::]:port moved to [::1]:port (bind mode) */
+};
+
+struct listener_key {
+	__u64 netns_cookie;
+	__u16 port;		/* host byte order */
+	__u8 family;		/* AF_INET or AF_INET6 */
+	__u8 owner;		/* enum listener_owner */
+	__u32 _pad;
 };
 
 /* inbound_ports key: a port an application of a pod listens on (moved to loopback). */
@@ -194,6 +229,13 @@ enum counter {
 	CNT_SKIP_EXCLUDED_PORT,
 	CNT_SKIP_EXCLUDED_CIDR,
 	CNT_SKIP_NOT_INCLUDED,
+	CNT_LISTENER_ADDED,
+	CNT_LISTENER_ADD_FAILED,
+	CNT_INBOUND_TO_PROXY,
+	CNT_INBOUND_REFUSED,
+	CNT_INBOUND_DUAL_STACK,
+	CNT_PROXY_TO_INBOUND,
+	CNT_GETSOCKNAME_RESTORED,
 	CNT_MAX,
 };
 

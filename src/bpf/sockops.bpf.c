@@ -272,6 +272,28 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 old_
 		forget_origin(skops, false);
 }
 
+/*
+ * A socket starts listening: the sidecar's listeners, and applications' dual-stack
+ * listeners moved to [::1], go into `listeners`, where the pod's sk_lookup program finds
+ * them (lookup.bpf.c).
+ */
+static __always_inline void listening(struct bpf_sock_ops *skops)
+{
+	struct sock_state *state = ops_state(skops);
+	struct listener_key key = {};
+
+	if (!state || !(state->flags & (SOCK_F_PROXY_BOUND | SOCK_F_DUAL_WILDCARD)))
+		return;
+	key.netns_cookie = bpf_get_netns_cookie(skops);
+	key.port = (__u16)skops->local_port;
+	key.family = skops->family;
+	key.owner = (state->flags & SOCK_F_PROXY_BOUND) ? LISTENER_PROXY : LISTENER_APP;
+	if (bpf_sock_hash_update(skops, &listeners, &key, BPF_ANY))
+		count(CNT_LISTENER_ADD_FAILED);
+	else
+		count(CNT_LISTENER_ADDED);
+}
+
 SEC("sockops")
 int handle__sockops(struct bpf_sock_ops *skops)
 {
@@ -286,6 +308,9 @@ int handle__sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
+		break;
+	case BPF_SOCK_OPS_TCP_LISTEN_CB:
+		listening(skops);
 		break;
 	case BPF_SOCK_OPS_RTT_CB:
 		sockmap_first_ack(skops);

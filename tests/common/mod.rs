@@ -21,15 +21,17 @@ use meshbpf::Mesh;
 pub mod k8s;
 
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
-pub const ATTACH_TYPES: [&str; 15] = [
+pub const ATTACH_TYPES: [&str; 17] = [
     "cgroup_getsockopt",
     "cgroup_inet4_bind",
     "cgroup_inet4_connect",
     "cgroup_inet4_getpeername",
+    "cgroup_inet4_getsockname",
     "cgroup_inet4_post_bind",
     "cgroup_inet6_bind",
     "cgroup_inet6_connect",
     "cgroup_inet6_getpeername",
+    "cgroup_inet6_getsockname",
     "cgroup_inet6_post_bind",
     "cgroup_inet_sock_release",
     "cgroup_sock_ops",

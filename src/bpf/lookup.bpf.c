@@ -1,0 +1,108 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Inbound capture where the pod's network namespace looks up the socket for a new
+ * connection (sk_lookup, Linux 5.9; the ingress interface, 5.17): decided once per
+ * connection, before any socket is chosen, so no application listener can be reached
+ * around the sidecar.
+ *
+ * - Redirect mode (Istio's): a connection to any captured port goes to the sidecar's
+ *   inbound listener (inbound_port, 15006), which accepts it with the original pod_ip:PORT
+ *   as its local address; the applications' binds stay as they are.
+ * - Bind mode (the article's): a connection to a captured port goes to the sidecar's
+ *   listener on that port; with none, it is refused. That closes what moving wildcard
+ *   binds to loopback cannot: ephemeral-port listeners, listen() without bind, binds to the
+ *   pod's own address. And IPv4 over lo to 127.0.0.1:PORT reaches an application's dual-stack
+ *   [::]:PORT, moved to [::1]:PORT (a socket has one address).
+ * In both, the pod's own traffic over lo (from 127.0.0.6, the sidecar's inbound upstream,
+ * and every loopback call) and excluded ports take the ordinary lookup; with no listener
+ * to take a captured connection it is refused, as REDIRECT to a closed port would be.
+ *
+ * This program type may not ask for its netns cookie (the 6.18 verifier refuses
+ * bpf_get_netns_cookie here), so each registered pod gets its own copy with the cookie set
+ * before load.
+ */
+#define MESHBPF_DEFINE_MAPS
+#include "common.bpf.h"
+
+/* The pod this copy serves; set before load. */
+const volatile __u64 pod_cookie = 0;
+
+/* lo is the first interface of every network namespace. */
+#define LOOPBACK_IFINDEX 1
+
+/* A listener of the pod (a referenced socket: release it), or NULL. */
+static __always_inline struct bpf_sock *find_listener(__u16 port, __u8 family, __u8 owner)
+{
+	struct listener_key key = {
+		.netns_cookie = pod_cookie,
+		.port = port,
+		.family = family,
+		.owner = owner,
+	};
+
+	return bpf_map_lookup_elem(&listeners, &key);
+}
+
+/* Hands the connection to `sk` and releases it; whether it took (an IPv4 connection is
+ * refused by an IPv6-only socket). */
+static __always_inline bool assign(struct bpf_sk_lookup *ctx, struct bpf_sock *sk)
+{
+	long err = bpf_sk_assign(ctx, sk, 0);
+
+	bpf_sk_release(sk);
+	return err == 0;
+}
+
+/* To the sidecar's listener on `port`: for IPv4, its IPv4 one, else a dual-stack one. */
+static __always_inline int to_proxy(struct bpf_sk_lookup *ctx, __u16 port)
+{
+	struct bpf_sock *sk = find_listener(port, ctx->family, LISTENER_PROXY);
+
+	if (sk && assign(ctx, sk)) {
+		count(CNT_INBOUND_TO_PROXY);
+		return SK_PASS;
+	}
+	if (ctx->family == AF_INET) {
+		sk = find_listener(port, AF_INET6, LISTENER_PROXY);
+		if (sk && assign(ctx, sk)) {
+			count(CNT_INBOUND_TO_PROXY);
+			return SK_PASS;
+		}
+	}
+	count(CNT_INBOUND_REFUSED);
+	return SK_DROP;
+}
+
+/* Bind mode, IPv4 over lo to 127.0.0.1:PORT: an application's dual-stack listener moved to
+ * [::1]:PORT takes it, as its [::]:PORT would have. */
+static __always_inline int dual_stack_loopback(struct bpf_sk_lookup *ctx, __u16 port)
+{
+	struct bpf_sock *sk;
+
+	if (ctx->family != AF_INET || ctx->local_ip4 != bpf_htonl(0x7f000001))
+		return SK_PASS;
+	sk = find_listener(port, AF_INET6, LISTENER_APP);
+	if (sk && assign(ctx, sk))
+		count(CNT_INBOUND_DUAL_STACK);
+	return SK_PASS;
+}
+
+SEC("sk_lookup")
+int handle__sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	struct pod_settings *pod;
+	__u16 port = (__u16)ctx->local_port;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	pod = lookup_pod(pod_cookie);
+	if (!pod || !(pod->flags & POD_F_CAPTURE_INBOUND))
+		return SK_PASS;
+	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+		return (pod->flags & POD_F_INBOUND_REDIRECT) ? SK_PASS : dual_stack_loopback(ctx, port);
+	if (!inbound_port_captured(pod, pod_cookie, port))
+		return SK_PASS;
+	return to_proxy(ctx, (pod->flags & POD_F_INBOUND_REDIRECT) ? pod->inbound_port : port);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
