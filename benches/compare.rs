@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 use util::bpf_stats::{self, ProgCost};
 use util::http::{self, Stack};
 use util::memory;
-use util::plot::{self, Panel};
+use util::plot::{self, Bar, Panel};
 use util::{cpu_us, field, in_netns, median, tune, Machine};
 
 const MODES: [&str; 4] = [
@@ -300,7 +300,7 @@ fn main() {
     let started = Instant::now();
     if cfg.has("proxy") {
         eprintln!("==> proxy: HAProxy, nginx, wrk");
-        report.proxy = proxy_phase(&world, &cfg);
+        (report.proxy, report.conntrack) = proxy_phase(&world, &cfg);
     }
     if cfg.has("standin") {
         eprintln!("==> standin: the sidecar stand-in, stream load");
@@ -403,7 +403,7 @@ fn table(names: impl Iterator<Item = String>, runs: &BTreeMap<(usize, usize), Ru
         .collect()
 }
 
-fn proxy_phase(w: &World, cfg: &Config) -> Table {
+fn proxy_phase(w: &World, cfg: &Config) -> (Table, Vec<(String, u64)>) {
     let _sidecars = w.sidecars(true);
     let workloads = http::workloads();
     let mut runs: BTreeMap<(usize, usize), Runs> = BTreeMap::new();
@@ -433,7 +433,18 @@ fn proxy_phase(w: &World, cfg: &Config) -> Table {
             }
         }
     }
-    table(workloads.iter().map(|w| w.name.to_string()), &runs)
+    // Conntrack must exist only where the iptables rules are.
+    let conntrack = w
+        .clients
+        .iter()
+        .zip(MODES)
+        .map(|(pod, mode)| (mode.to_string(), memory::conntrack_entries(pod)))
+        .chain([("server".to_string(), memory::conntrack_entries(w.server))])
+        .collect();
+    (
+        table(workloads.iter().map(|w| w.name.to_string()), &runs),
+        conntrack,
+    )
 }
 
 // ---------------------------------------------------------------------------------------
@@ -844,14 +855,12 @@ struct Report {
     versions: Vec<String>,
     seconds: f64,
     proxy: Table,
+    /// Conntrack entries in each pod after the proxy runs.
+    conntrack: Vec<(String, u64)>,
     standin: Table,
     bpf: Vec<BpfRun>,
     scale: Option<Scale>,
     memory: Option<Memory>,
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    a / b
 }
 
 fn kib(bytes: f64) -> String {
@@ -904,27 +913,35 @@ impl Report {
         let mut rows = Vec::new();
         if !self.proxy.is_empty() {
             let labels: Vec<&str> = http::workloads().iter().map(|w| w.short).collect();
-            let panel = |title: &str, f: &dyn Fn(&Figures) -> f64| Panel {
-                title: title.into(),
-                axis: "× istio-iptables".into(),
-                groups: self
-                    .proxy
-                    .iter()
-                    .zip(&labels)
-                    .map(|((_, figs), l)| {
-                        (
-                            l.to_string(),
-                            figs.iter().map(|x| ratio(f(x), f(&figs[IPT]))).collect(),
-                        )
-                    })
-                    .collect(),
-            };
+            let panel =
+                |title: &str, f: &dyn Fn(&Figures) -> f64, note: &dyn Fn(f64) -> String| Panel {
+                    title: title.into(),
+                    axis: "× istio-iptables".into(),
+                    groups: self
+                        .proxy
+                        .iter()
+                        .zip(&labels)
+                        .map(|((_, figs), l)| {
+                            let bars = figs
+                                .iter()
+                                .map(|x| Bar::ratio(f(x) / f(&figs[IPT]), note(f(x))))
+                                .collect();
+                            (l.to_string(), bars)
+                        })
+                        .collect(),
+                };
             rows.push(vec![
-                panel("HAProxy: req/s (higher is better)", &|x| x.rps),
-                panel("HAProxy: p99 latency (lower is better)", &|x| x.p99),
-                panel("HAProxy: CPU per request (lower is better)", &|x| {
-                    x.cpu_us_per_req
+                panel("HAProxy: req/s (higher is better)", &|x| x.rps, &|v| {
+                    format!("{v:.0}/s")
                 }),
+                panel("HAProxy: p99 latency (lower is better)", &|x| x.p99, &|v| {
+                    format!("{:.2} ms", v / 1e3)
+                }),
+                panel(
+                    "HAProxy: CPU per request (lower is better)",
+                    &|x| x.cpu_us_per_req,
+                    &|v| format!("{v:.0} µs"),
+                ),
             ]);
         }
         if !self.standin.is_empty() {
@@ -938,12 +955,11 @@ impl Report {
                     .zip(&labels)
                     .map(|((_, figs), l)| {
                         let bulk = l.starts_with("bulk");
-                        (
-                            l.clone(),
-                            figs.iter()
-                                .map(|x| ratio(f(x, bulk), f(&figs[IPT], bulk)))
-                                .collect(),
-                        )
+                        let bars = figs
+                            .iter()
+                            .map(|x| Bar::ratio(f(x, bulk) / f(&figs[IPT], bulk), String::new()))
+                            .collect();
+                        (l.clone(), bars)
                     })
                     .collect(),
             };
@@ -1026,6 +1042,16 @@ impl Report {
                     f.cpu_us_per_req, f.cpu_us_per_req / ipt.cpu_us_per_req, f.upstream_conns_per_req, f.errors);
             }
         }
+        let ct: Vec<String> = self
+            .conntrack
+            .iter()
+            .map(|(pod, n)| format!("{pod} {n}"))
+            .collect();
+        let _ = writeln!(
+            md,
+            "\nConntrack entries in each pod's network namespace after these runs: {}.",
+            ct.join(", ")
+        );
         let _ = writeln!(
             md,
             "\n### Against the goals of issue 15 (production proxy)\n"
@@ -1183,7 +1209,8 @@ impl Report {
         json!({
             "date": m.date, "machine": m.describe(), "kernel": m.kernel, "cpus": m.cpus, "versions": self.versions,
             "quick": cfg.quick, "phases": cfg.phases, "seconds": self.seconds, "modes": MODES,
-            "proxy": {"rounds": cfg.http_rounds, "seconds_per_run": cfg.http_seconds, "results": figs(&self.proxy)},
+            "proxy": {"rounds": cfg.http_rounds, "seconds_per_run": cfg.http_seconds, "results": figs(&self.proxy),
+                "conntrack_entries_after": self.conntrack.iter().map(|(p, n)| (p.clone(), json!(n))).collect::<serde_json::Map<_, _>>()},
             "standin": {"rounds": cfg.standin_rounds, "seconds_per_run": cfg.standin_seconds, "results": figs(&self.standin)},
             "bpf": bpf, "scale": scale, "memory": memory,
         })
@@ -1217,16 +1244,17 @@ fn md_memory(md: &mut String, mem: &Memory, cfg: &Config) {
     let _ = writeln!(md, "### Per connection\n");
     let _ = writeln!(md, "{} connections held open at once through HAProxy (one 64-byte HTTP request each, then idle, keep-alive): what the maps, the sockets' option memory (where socket-local storage is charged) and conntrack grew by, per connection. A conntrack entry is {} bytes here (the `nf_conntrack` slab object).\n",
         mem.conns.first().map_or(0, |c| c.connections), mem.conntrack_entry_bytes.map_or("?".into(), |b| b.to_string()));
-    let _ = writeln!(md, "| mode | map bytes / conn | socket option bytes / conn | conntrack entries / conn | conntrack bytes / conn | total kernel bytes / conn (these three) | `origin_dst_map` entries | `sock_hash` entries |\n|---|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "| mode | established sockets / conn | map bytes / conn | socket option bytes / conn | conntrack entries / conn | conntrack bytes / conn | total: maps + option memory + conntrack, bytes / conn | `origin_dst_map` entries | `sock_hash` entries |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for c in &mem.conns {
         let n = c.connections as f64;
         let maps = (c.map_bytes.1 as f64 - c.map_bytes.0 as f64) / n;
         let opt = (c.option_bytes.1 as f64 - c.option_bytes.0 as f64) / n;
         let ct = (c.conntrack.1 as f64 - c.conntrack.0 as f64) / n;
         let ct_bytes = ct * mem.conntrack_entry_bytes.unwrap_or(0) as f64;
+        let socks = (c.sockets.1 as f64 - c.sockets.0 as f64) / n;
         let _ = writeln!(
             md,
-            "| {} | {maps:.0} | {opt:.0} | {ct:.2} | {ct_bytes:.0} | {:.0} | {} | {} |",
+            "| {} | {socks:.2} | {maps:.0} | {opt:.0} | {ct:.2} | {ct_bytes:.0} | {:.0} | {} | {} |",
             c.mode,
             maps + opt + ct_bytes,
             c.tracked,

@@ -19,11 +19,33 @@ pub const COLORS: [RGBColor; 4] = [
     RGBColor(0x2a, 0x9d, 0x5c),
 ];
 
-/// One panel: groups of bars (a label and one value per mode; NaN draws no bar).
+/// One bar: its length, and what is written after it (its value, and the absolute figure
+/// behind a ratio).
+pub struct Bar {
+    pub value: f64,
+    pub note: String,
+}
+
+impl Bar {
+    /// A ratio bar: `1.16×`, then the note in parentheses if there is one.
+    pub fn ratio(value: f64, note: String) -> Bar {
+        Bar { value, note }
+    }
+
+    fn label(&self) -> String {
+        match (self.value.is_finite(), self.note.is_empty()) {
+            (false, _) => "–".into(),
+            (true, true) => format!("{:.2}×", self.value),
+            (true, false) => format!("{:.2}× ({})", self.value, self.note),
+        }
+    }
+}
+
+/// One panel: groups of bars (a label and one bar per mode; a NaN value draws no bar).
 pub struct Panel {
     pub title: String,
     pub axis: String,
-    pub groups: Vec<(String, Vec<f64>)>,
+    pub groups: Vec<(String, Vec<Bar>)>,
 }
 
 /// The y axis of a panel: `n` groups of bars stacked from the top, group g spanning
@@ -122,21 +144,25 @@ where
     DB::ErrorType: 'static,
 {
     let groups = panel.groups.len();
-    let max = panel
-        .groups
-        .iter()
-        .flat_map(|(_, v)| v.iter().copied())
+    let bars = || panel.groups.iter().flat_map(|(_, bars)| bars.iter());
+    let max = bars()
+        .map(|b| b.value)
         .filter(|v| v.is_finite())
         .fold(1.0f64, f64::max);
-    // Room to the right of the longest bar for its label.
-    let x_max = max * 1.22;
     let n = groups as f64;
     let label_width = panel
         .groups
         .iter()
-        .map(|(l, _)| l.len() as u32 * 7 + 12)
+        .map(|(l, _)| l.chars().count() as u32 * 7 + 12)
         .max()
         .unwrap_or(40);
+    // Room to the right of every bar for its label (about 6.5 px a character at 11 px):
+    // the plot's width less the widest label must hold the longest bar.
+    let plot_width = area.dim_in_pixel().0 as f64 - label_width as f64 - 40.0;
+    let label_px = bars()
+        .map(|b| b.label().chars().count() as f64 * 6.5 + 10.0)
+        .fold(0.0, f64::max);
+    let x_max = max / (1.0 - label_px / plot_width).max(0.3);
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FONT, 15))
         .margin(10)
@@ -166,16 +192,19 @@ where
         .bold_line_style(RGBColor(0xdd, 0xdd, 0xdd))
         .draw()?;
 
+    // The reference first: bars and their labels go over it.
+    chart.draw_series(std::iter::once(DashedPathElement::new(
+        vec![(1.0, 0.0), (1.0, n)],
+        4,
+        3,
+        BLACK.stroke_width(1),
+    )))?;
     let slot = 0.84 / modes as f64;
-    for (g, (_, values)) in panel.groups.iter().enumerate() {
+    for (g, (_, bars)) in panel.groups.iter().enumerate() {
         let top = n - g as f64 - 0.08;
-        for (m, v) in values.iter().enumerate() {
+        for (m, bar) in bars.iter().enumerate() {
             let (y1, y0) = (top - m as f64 * slot, top - (m + 1) as f64 * slot + 0.01);
-            let label = if v.is_finite() {
-                format!("{v:.2}×")
-            } else {
-                "–".into()
-            };
+            let (v, label) = (&bar.value, bar.label());
             if v.is_finite() {
                 chart.draw_series(std::iter::once(Rectangle::new(
                     [(0.0, y0), (*v, y1)],
@@ -194,11 +223,5 @@ where
             ))?;
         }
     }
-    chart.draw_series(std::iter::once(DashedPathElement::new(
-        vec![(1.0, 0.0), (1.0, n)],
-        4,
-        3,
-        BLACK.stroke_width(1),
-    )))?;
     Ok(())
 }
