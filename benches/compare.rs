@@ -141,7 +141,7 @@ impl Config {
                 300
             },
             register_budget: Duration::from_secs(if full { 900 } else { 60 }),
-            cli_timeout: Duration::from_secs(if full { 120 } else { 30 }),
+            cli_timeout: Duration::from_secs(if full { 60 } else { 30 }),
         }
     }
 
@@ -186,6 +186,8 @@ struct World<'a> {
     scaled: &'a Pod,
     /// The cgroup the many-pods attachment goes to.
     pods_cgroup: &'a Path,
+    /// An istio-iptables pod that no run used before the memory phase.
+    ipt_fresh: &'a Pod,
 }
 
 impl World<'_> {
@@ -220,20 +222,10 @@ fn main() {
     let server = env.pod_outside("server");
     let direct = env.pod_outside("direct");
     let ipt = env.pod_outside("iptables");
-    let rules = write_file(&env, "istio-iptables.rules", ISTIO_IPTABLES);
-    let restore = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "ip netns exec {} iptables-restore < {}",
-            ipt.name,
-            rules.display()
-        ))
-        .status()
-        .expect("iptables-restore");
-    assert!(
-        restore.success(),
-        "installing the istio-iptables rules failed"
-    );
+    istio_iptables(&env, &ipt);
+    // A second one for the memory phase, with no conntrack entries from the runs before.
+    let ipt_fresh = env.pod_outside("iptables-mem");
+    istio_iptables(&env, &ipt_fresh);
     // meshbpf's default attach holds the test cgroup; --no-sockmap is attached to its own pod's
     // cgroup, so the two never run each other's programs.
     let default = env.pod("meshbpf");
@@ -259,6 +251,7 @@ fn main() {
         &server,
         &direct,
         &ipt,
+        &ipt_fresh,
         &default,
         &no_sockmap,
         &unregistered,
@@ -283,6 +276,7 @@ fn main() {
         bare: &bare,
         scaled: &scaled,
         pods_cgroup: &pods.cgroup,
+        ipt_fresh: &ipt_fresh,
     };
 
     let mut report = Report {
@@ -320,6 +314,24 @@ fn main() {
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.write(&cfg);
+}
+
+/// Installs the istio-iptables rules in the pod's network namespace.
+fn istio_iptables(env: &Env, pod: &Pod) {
+    let rules = write_file(env, "istio-iptables.rules", ISTIO_IPTABLES);
+    let restore = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ip netns exec {} iptables-restore < {}",
+            pod.name,
+            rules.display()
+        ))
+        .status()
+        .expect("iptables-restore");
+    assert!(
+        restore.success(),
+        "installing the istio-iptables rules failed"
+    );
 }
 
 /// `HAProxy 2.6.12-1+deb12u4`, `nginx 1.22.1`, `wrk 4.1.0-3+b2`.
@@ -699,7 +711,10 @@ fn memory_phase(w: &World, cfg: &Config, nofile: u64) -> Memory {
     // descriptor limit (client and server side).
     let proxies = cfg.connections.div_ceil(3000).max(1);
     for mi in [IPT, 2, 3] {
-        let pod = w.clients[mi];
+        let pod = match mi {
+            IPT => w.ipt_fresh,
+            _ => w.clients[mi],
+        };
         let mut sidecars = Vec::new();
         for i in 0..proxies {
             sidecars.push(w.stack.haproxy(pod, i));
