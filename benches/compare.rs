@@ -233,12 +233,10 @@ fn main() {
         .expect("register");
     let no_sockmap = env.pod_outside("nosockmap");
     let no_sockmap_pins = env.bpffs.join("mesh-nosockmap");
-    let no_sockmap_mesh = Mesh::attach_with(
-        &no_sockmap.cgroup,
-        &no_sockmap_pins,
-        &AttachOptions { sockmap: false },
-    )
-    .expect("attach --no-sockmap");
+    let mut options = AttachOptions::default();
+    options.sockmap = false;
+    let no_sockmap_mesh = Mesh::attach_with(&no_sockmap.cgroup, &no_sockmap_pins, &options)
+        .expect("attach --no-sockmap");
     let _detach = Detach(no_sockmap_pins.clone());
     no_sockmap_mesh
         .register_netns(&no_sockmap.netns, &PodSettings::default())
