@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# Benchmarks (as root): `scripts/bench.sh compare` measures meshbpf against istio-iptables
-# (report, JSON and SVG in target/bench-compare/); `scripts/bench.sh sockmap`, sockmap on vs off.
+# Benchmarks (as root).
+#   scripts/bench.sh [compare] [--quick] [--only proxy,standin,bpf,scale,memory]
+#       meshbpf against istio-iptables: HAProxy/nginx/wrk and the sidecar stand-in,
+#       per-program BPF cost, map memory. A full run writes docs/bench-compare.{md,json,svg};
+#       --quick (seconds per mode, small scale) or --only writes target/bench-compare/.
+#   scripts/bench.sh sockmap
+#       sockmap on vs off (markdown on stdout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 meshbpf_require_root
-meshbpf_install_deps
-bench=${1:-compare}
+meshbpf_install_bench_deps
+bench=compare
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then
+    bench=$1
+    shift
+fi
+# The compare benchmark turns kernel.bpf_stats_enabled on for a while and back off itself;
+# this puts the value back should it be killed before it could.
+stats=$(cat /proc/sys/kernel/bpf_stats_enabled)
+trap 'echo "$stats" > /proc/sys/kernel/bpf_stats_enabled' EXIT
 cargo build --release --examples --quiet
-cargo bench --quiet --bench "$bench"
+cargo bench --quiet --bench "$bench" -- "$@"

@@ -18,6 +18,10 @@ MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
 # own, where tests/deploy.rs looks for it.
 MESHBPF_PYTHON_VENV=/opt/meshbpf-py
 
+# The benchmark's production stack (scripts/bench.sh): HAProxy as the sidecar, nginx as the
+# server, wrk as the load.
+MESHBPF_BENCH_PACKAGES=(haproxy nginx-light wrk)
+
 meshbpf_install_deps() {
     local missing=()
     for pkg in "${MESHBPF_PACKAGES[@]}" "$@"; do
@@ -39,6 +43,20 @@ meshbpf_install_deps() {
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
     fi
     command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+}
+
+# The benchmark's packages. The benchmark runs its own HAProxy and nginx inside throwaway
+# network namespaces; the system services that Debian starts on install (nginx on :80) are
+# stopped and disabled again when this installed them.
+meshbpf_install_bench_deps() {
+    local fresh=()
+    for pkg in haproxy nginx-common; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || fresh+=("${pkg%-common}")
+    done
+    meshbpf_install_deps "${MESHBPF_BENCH_PACKAGES[@]}"
+    if [ ${#fresh[@]} -gt 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        systemctl disable --now "${fresh[@]}" >/dev/null 2>&1 || true
+    fi
 }
 
 meshbpf_require_root() {
