@@ -2,7 +2,12 @@
 //! a getsockopt prober, each printing `key=value` lines of what it saw.
 //!
 //! ```text
-//! netprobe serve ADDR...                     # reply "from=LOCAL saw=PEER msg=..." per line
+//! netprobe serve [--tag NAME] ADDR...        # reply "[tag=NAME ]from=LOCAL saw=PEER msg=..."
+//! netprobe autolisten                       # listen() with no bind (the kernel picks
+//!                                            # 0.0.0.0:PORT); answers as serve
+//! netprobe validate [--v6]                   # what Istio's istio-validation init container
+//!                                            # checks (run as the proxy uid): prints
+//!                                            # validation=ok or validation=failed
 //! netprobe http ADDR...                      # HTTP/1.1: 200 "served by LOCAL to PEER"
 //! netprobe connect DEST [--bind SRC] [--message TEXT] [--fastopen] [--mptcp]
 //!                                            # prints local=, sockname=, peer=, reply=
@@ -38,7 +43,15 @@ use nix::libc;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
-        Some("serve") => serve(&args[1..], answer),
+        Some("serve") => match &args[1..] {
+            [flag, tag, addrs @ ..] if flag == "--tag" => {
+                TAG.set(tag.clone()).ok();
+                serve(addrs, answer)
+            }
+            addrs => serve(addrs, answer),
+        },
+        Some("validate") => validate(&args[1..]),
+        Some("autolisten") => autolisten(),
         Some("http") => serve(&args[1..], answer_http),
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
@@ -46,7 +59,7 @@ fn main() {
         Some("dns") => dns(&args[1..]),
         Some("reuse") => reuse(&args[1..]),
         Some("rebind") => rebind(&args[1..]),
-        _ => Err("usage: netprobe serve ADDR... | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec] | rebind FIRST SECOND".into()),
+        _ => Err("usage: netprobe serve [--tag NAME] ADDR... | validate [--v6] | autolisten | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec] | rebind FIRST SECOND".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -95,14 +108,18 @@ fn ends(stream: &TcpStream) -> (String, String) {
     (text(stream.local_addr()), text(stream.peer_addr()))
 }
 
+/// `serve --tag NAME`: the name each reply starts with (`tag=NAME `), to tell servers apart.
+static TAG: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn answer(stream: TcpStream) {
     let (local, peer) = ends(&stream);
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
+    let tag = TAG.get().map(|t| format!("tag={t} ")).unwrap_or_default();
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
-        if writeln!(writer, "from={local} saw={peer} msg={line}").is_err() {
+        if writeln!(writer, "{tag}from={local} saw={peer} msg={line}").is_err() {
             return;
         }
     }
@@ -648,4 +665,71 @@ fn kernel_local(fd: std::os::fd::RawFd) -> Option<String> {
         }
     }
     None
+}
+
+/// What Istio's `istio-validation` init container checks (istio/istio
+/// tools/istio-iptables/pkg/validation/validator.go): listening on 127.0.0.1:15001 and
+/// 127.0.0.1:15006 ([::1] with --v6), a connection from 127.0.0.1:0 to 127.0.0.6:15002
+/// ([::6]) must land there with SO_ORIGINAL_DST port 15002; it gives up after 5 s.
+fn validate(args: &[String]) -> Result<()> {
+    let v6 = args.iter().any(|a| a == "--v6");
+    let (lo, target) = if v6 {
+        ("[::1]", "[::6]:15002")
+    } else {
+        ("127.0.0.1", "127.0.0.6:15002")
+    };
+    let listeners: Vec<TcpListener> = [15001, 15006]
+        .iter()
+        .filter_map(|port| TcpListener::bind(format!("{lo}:{port}")).ok())
+        .collect();
+    if listeners.is_empty() {
+        return Err("no listener available".into());
+    }
+    let (found, seen) = std::sync::mpsc::channel::<u16>();
+    for listener in listeners {
+        let found = found.clone();
+        thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Ok(dst) = meshbpf::original_dst(&stream) {
+                    let _ = found.send(dst.port());
+                }
+            }
+        });
+    }
+    let target = parse_addr(target)?;
+    thread::spawn(move || loop {
+        let src = parse_addr(&format!("{lo}:0")).unwrap_or(target);
+        if let Ok(stream) = connect_from(src, target) {
+            drop(stream);
+        }
+        thread::sleep(Duration::from_secs(1));
+    });
+    match seen.recv_timeout(Duration::from_secs(5)) {
+        Ok(15002) => say("validation=ok".into()),
+        Ok(port) => say(format!("validation=failed original_port={port}")),
+        Err(_) => say("validation=failed timeout".into()),
+    }
+    Ok(())
+}
+
+/// A listener that never called bind(): listen() binds it to 0.0.0.0 and a port of the
+/// kernel's choosing. Answers as `serve`.
+fn autolisten() -> Result<()> {
+    use nix::sys::socket::{
+        getsockname, listen, socket, AddressFamily, Backlog, SockFlag, SockType, SockaddrStorage,
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| e.to_string())?;
+    listen(&fd, Backlog::new(16).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd()).map_err(|e| e.to_string())?;
+    say(format!("listening={local}"));
+    for stream in TcpListener::from(fd).incoming().flatten() {
+        thread::spawn(move || answer(stream));
+    }
+    Ok(())
 }

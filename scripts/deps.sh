@@ -7,12 +7,13 @@ set -euo pipefail
 # zlib1g-dev for the vendored libbpf. Tests and demo: iproute2, bpftool, iptables,
 # util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig), curl
 # (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach, a
-# register or an upgrade at each step). The container runtime test (tests/podman.rs): podman
+# register or an upgrade at each step), haproxy (an unmodified proxy as Istio's inbound
+# sidecar, tests/redirect.rs). The container runtime test (tests/podman.rs): podman
 # with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
 # containers' root filesystem). The manifests' check (tests/deploy.rs): python3-venv for
 # PyPI's kubernetes-validate.
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
-    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace
+    iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
     podman runc containernetworking-plugins busybox-static python3-venv)
 # kubernetes-validate (the Kubernetes schemas bundled: works offline) in a virtualenv of its
 # own, where tests/deploy.rs looks for it.
@@ -32,6 +33,13 @@ meshbpf_install_deps() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        # Tests and benchmark run their own haproxy and nginx in throwaway network
+        # namespaces: the services Debian starts on install are stopped again.
+        if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+            for pkg in "${missing[@]}"; do
+                case "$pkg" in haproxy | nginx-light) systemctl disable --now "${pkg%-light}" >/dev/null 2>&1 || true ;; esac
+            done
+        fi
     fi
     if [ ! -x "$MESHBPF_PYTHON_VENV/bin/kubernetes-validate" ]; then
         echo "==> installing kubernetes-validate into $MESHBPF_PYTHON_VENV"
@@ -45,18 +53,9 @@ meshbpf_install_deps() {
     command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
 }
 
-# The benchmark's packages. The benchmark runs its own HAProxy and nginx inside throwaway
-# network namespaces; the system services that Debian starts on install (nginx on :80) are
-# stopped and disabled again when this installed them.
+# The benchmark's packages (its own HAProxy and nginx run in throwaway network namespaces).
 meshbpf_install_bench_deps() {
-    local fresh=()
-    for pkg in haproxy nginx-common; do
-        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || fresh+=("${pkg%-common}")
-    done
     meshbpf_install_deps "${MESHBPF_BENCH_PACKAGES[@]}"
-    if [ ${#fresh[@]} -gt 0 ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
-        systemctl disable --now "${fresh[@]}" >/dev/null 2>&1 || true
-    fi
 }
 
 meshbpf_require_root() {

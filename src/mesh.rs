@@ -240,7 +240,7 @@ impl Mesh {
             pins::attach_pod(self.pin.path(), &lock, cookie, netns.file())?;
         } else if settings.inbound_mode == InboundMode::Redirect {
             return Err(Error::MissingKernelFeature {
-                feature: "sk_lookup with the ingress interface (Linux 5.17)".into(),
+                feature: "sk_lookup programs (Linux 5.9)".into(),
                 detail: "inbound redirect mode needs it; register with --inbound-mode bind".into(),
             });
         }

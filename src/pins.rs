@@ -794,7 +794,7 @@ fn load_pod_program<'obj>(
             .context(|| format!("setting the pin path of {name}"))?;
     }
     open.load()
-        .context(|| "loading the pod's sk_lookup program (Linux 5.17+)".into())
+        .context(|| "loading the pod's sk_lookup program".into())
 }
 
 /// Attaches the pod's sk_lookup program to its network namespace (`netns`, an open nsfs

@@ -60,10 +60,9 @@ pub(crate) fn mptcp_readable() -> bool {
     )
 }
 
-/// Whether the pods' sk_lookup program can load here: the program type (Linux 5.9) and its
-/// ingress interface (5.17), which tells the pod's own traffic over lo from inbound.
+/// Whether the pods' sk_lookup program can load here (the program type: Linux 5.9).
 pub(crate) fn sk_lookup_usable() -> bool {
-    system::kernel_version() >= (5, 17) && prog_type(sys::BPF_PROG_TYPE_SK_LOOKUP)
+    prog_type(sys::BPF_PROG_TYPE_SK_LOOKUP)
 }
 
 /// Every feature meshbpf uses, checked on this kernel.

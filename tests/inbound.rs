@@ -32,28 +32,35 @@ fn wildcard_bind_moves_to_loopback_and_inbound_traffic_goes_through_the_sidecar(
     let mesh = env.attach();
     let web = registered(&mut env, &mesh, "web", &bind_mode());
     let client = env.pod("client");
-    // The application asks for every address; it gets loopback.
-    let app = web.server_as(0, &["0.0.0.0:80", "[::]:80"]);
+    // The application asks for every address, IPv4 and (dual-stack) IPv6, on two ports;
+    // it gets loopback: 127.0.0.1, and for the dual-stack socket ::ffff:127.0.0.1, which
+    // IPv4 reaches and the pod's sk_lookup program hands IPv6 to [::1] to.
+    let app = web.server_as(0, &["0.0.0.0:80", "[::]:81"]);
     assert_eq!(
         app.lines("listening="),
-        ["listening=127.0.0.1:80", "listening=[::1]:80"]
+        ["listening=127.0.0.1:80", "listening=[::ffff:127.0.0.1]:81"]
     );
     // The sidecar (uid 1337, not root) owns the pod's addresses on port 80.
     let (v4, v6) = (web.v4.to_string(), web.v6.to_string());
     let sidecar = web.spawn(
         PROXY_UID,
         &example("sidecar"),
-        &["--pod-ip", &v4, "--pod-ip", &v6, "--inbound", "80"],
+        &["--pod-ip", &v4, "--pod-ip", &v6, "--inbound", "80", "--inbound", "81"],
     );
-    sidecar.wait_for(&format!("listening inbound=[{v6}]:80"));
+    sidecar.wait_for(&format!("listening inbound=[{v6}]:81"));
 
-    for (v6, loopback) in [(false, "127.0.0.1:80"), (true, "[::1]:80")] {
-        let dest = web.addr(v6, 80);
+    for (v6, port, loopback, from) in [
+        (false, 80, "127.0.0.1:80", "127.0.0.1:80"),
+        (true, 80, "127.0.0.1:80", "127.0.0.1:80"),
+        (false, 81, "127.0.0.1:81", "[::ffff:127.0.0.1]:81"),
+        (true, 81, "[::1]:81", "[::1]:81"),
+    ] {
+        let dest = web.addr(v6, port);
         let probe = client.connect(&dest, &[]);
         assert!(
             probe
                 .get("reply")
-                .starts_with(&format!("from={loopback} saw=")),
+                .starts_with(&format!("from={from} saw=")),
             "{probe:?}"
         );
         assert!(
@@ -65,6 +72,7 @@ fn wildcard_bind_moves_to_loopback_and_inbound_traffic_goes_through_the_sidecar(
         );
     }
     assert_eq!(counter(&mesh, "bind_redirected"), 2);
+    assert_eq!(counter(&mesh, "inbound_dual_stack"), 1);
 
     // Without the sidecar nothing answers on pod_ip:80: the application is unreachable
     // except through it.
@@ -147,7 +155,10 @@ fn excluded_ports_specific_addresses_and_other_pods_are_untouched() {
 
     // Captured, for contrast.
     assert_eq!(pod.bind(APP_UID, "0.0.0.0:8081"), "bound=127.0.0.1:8081");
-    assert_eq!(pod.bind(APP_UID, "[::]:8081"), "bound=[::1]:8081");
+    assert_eq!(
+        pod.bind(APP_UID, "[::]:8081"),
+        "bound=[::ffff:127.0.0.1]:8081"
+    );
     // Excluded by the pod's list, and the mesh's own port.
     assert_eq!(pod.bind(APP_UID, "0.0.0.0:9000"), "bound=0.0.0.0:9000");
     assert_eq!(pod.bind(APP_UID, "0.0.0.0:15020"), "bound=0.0.0.0:15020");
@@ -239,7 +250,7 @@ fn a_moved_bind_that_failed_is_not_discovered_when_the_socket_binds_elsewhere() 
     let pod = env.pod("pod");
     mesh.register_netns(&pod.netns, &bind_mode()).unwrap();
     // Loopback ports taken by binds to a specific address (neither moved nor counted).
-    let _taken = pod.server(&["127.0.0.1:8080", "[::1]:8081"]);
+    let _taken = pod.server(&["127.0.0.1:8080", "127.0.0.1:8081"]);
     let mut rebinds = Vec::new();
     for (first, second) in [
         ("0.0.0.0:8080", "0.0.0.0:15020"),
@@ -256,4 +267,100 @@ fn a_moved_bind_that_failed_is_not_discovered_when_the_socket_binds_elsewhere() 
         rebinds.push(proc);
     }
     assert_eq!(mesh.pods().unwrap()[0].inbound_listeners, Vec::<u16>::new());
+}
+
+/// Whether a client reaches `dest`: the address the application saw it from, or `refused`.
+fn reach(client: &Pod, dest: &str) -> String {
+    let probe = client.connect(dest, &[]);
+    if !probe.ok {
+        assert!(probe.stderr.contains("refused"), "{probe:?}");
+        return "refused".into();
+    }
+    let reply = probe.get("reply");
+    let saw = reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("saw="))
+        .unwrap();
+    saw.rsplit_once(':').unwrap().0.to_string()
+}
+
+#[test]
+fn in_bind_mode_no_application_listener_is_reached_around_the_sidecar() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let client = env.pod("client");
+    let meshed = registered(&mut env, &mesh, "meshed", &bind_mode());
+    let plain = env.pod("plain");
+    for pod in [&meshed, &plain] {
+        let _app = pod.server(&["0.0.0.0:8080"]);
+        // What moving wildcard binds to loopback cannot close: the pod's own address, a
+        // socket that never called bind(), a bind to port 0 (ephemeral).
+        let _own_ip = pod.server(&[&pod.addr(false, 7070)]);
+        let unbound = pod.spawn(APP_UID, &example("netprobe"), &["autolisten"]);
+        unbound.wait_for("listening=");
+        let ephemeral = pod.server(&["0.0.0.0:0"]);
+        let port_of = |p: &Proc| -> u16 {
+            p.lines("listening=")[0]
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        let bypasses = [7070, port_of(&unbound), port_of(&ephemeral)];
+        if pod.name == meshed.name {
+            // Through the sidecar, the application is reached (from loopback).
+            let sidecar = pod.spawn(
+                PROXY_UID,
+                &example("sidecar"),
+                &["--pod-ip", &pod.v4.to_string(), "--inbound", "8080"],
+            );
+            sidecar.wait_for("listening inbound=");
+            assert_eq!(reach(&client, &pod.addr(false, 8080)), "127.0.0.1");
+            for port in bypasses {
+                let got = reach(&client, &pod.addr(false, port));
+                assert_eq!(got, "refused", "port {port} was reached around the sidecar");
+            }
+        } else {
+            // Unregistered, nothing changes: the client reaches each directly.
+            for port in bypasses {
+                assert_eq!(
+                    reach(&client, &pod.addr(false, port)),
+                    client.v4.to_string()
+                );
+            }
+        }
+    }
+    assert!(counter(&mesh, "inbound_refused") >= 3);
+}
+
+#[test]
+fn a_dual_stack_application_moved_to_loopback_stays_reachable_over_ipv4() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let meshed = registered(&mut env, &mesh, "meshed", &bind_mode());
+    let plain = env.pod("plain");
+    for pod in [&meshed, &plain] {
+        // A dual-stack listener ([::] without IPV6_V6ONLY: Linux's default).
+        let app = pod.server(&["[::]:8082"]);
+        let expected = if pod.name == meshed.name {
+            "[::ffff:127.0.0.1]:8082"
+        } else {
+            "[::]:8082"
+        };
+        assert_eq!(app.lines("listening="), [format!("listening={expected}")]);
+        // The sidecar forwards IPv4 clients to 127.0.0.1, IPv6 ones to ::1: both reach it.
+        for dest in ["127.0.0.1:8082", "[::1]:8082"] {
+            let probe = pod.run(PROXY_UID, &example("netprobe"), &["connect", dest]);
+            let out = stdout_of(&probe);
+            assert!(out.contains("reply=from="), "{}: {dest}: {out}", pod.name);
+        }
+    }
+    assert_eq!(counter(&mesh, "inbound_dual_stack"), 1);
 }

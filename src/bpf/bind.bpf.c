@@ -15,6 +15,7 @@
  * discovery, which tells the sidecar which inbound listeners to open.
  */
 #include "common.bpf.h"
+#include <bpf/bpf_core_read.h>
 
 /* Return value of a bind program: allow, and skip the privileged-port check. */
 #define BIND_ALLOW_NO_CAP_NET_BIND_SERVICE 3
@@ -86,6 +87,14 @@ static __always_inline int proxy_bind(struct bpf_sock_addr *ctx, const struct po
 	return BIND_ALLOW_NO_CAP_NET_BIND_SERVICE;
 }
 
+/* Whether the IPv6 socket being bound takes IPv6 only (IPV6_V6ONLY); unknown counts as yes. */
+static __always_inline bool v6only(struct bpf_sock_addr *ctx)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(ctx->sk);
+
+	return !tp || BPF_CORE_READ_BITFIELD(&tp->inet_conn.icsk_inet.sk.__sk_common, skc_ipv6only);
+}
+
 static __always_inline void mark_dual_wildcard(struct bpf_sock_addr *ctx)
 {
 	struct sock_state *state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
@@ -123,10 +132,18 @@ int handle__bind6(struct bpf_sock_addr *ctx)
 	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
 	    !capture_bind(ctx, pod, cookie))
 		return keep_bind(ctx);
-	ctx->user_ip6[3] = bpf_htonl(1);
-	/* If it is dual-stack, the pod's sk_lookup program lets IPv4 reach it on 127.0.0.1 too
-	 * (a socket can be bound to one address only). */
-	mark_dual_wildcard(ctx);
+	/*
+	 * A dual-stack [::] answers both families, but a socket has one address, and one bound
+	 * to ::1 is IPv6-only (inet6_bind sets it). So it moves to ::ffff:127.0.0.1, which
+	 * takes IPv4 over lo; the pod's sk_lookup program hands it IPv6 over lo to [::1]:PORT.
+	 */
+	if (v6only(ctx)) {
+		ctx->user_ip6[3] = bpf_htonl(1);
+	} else {
+		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+		mark_dual_wildcard(ctx);
+	}
 	return 1;
 }
 

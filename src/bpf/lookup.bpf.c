@@ -1,9 +1,8 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
 /*
  * Inbound capture where the pod's network namespace looks up the socket for a new
- * connection (sk_lookup, Linux 5.9; the ingress interface, 5.17): decided once per
- * connection, before any socket is chosen, so no application listener can be reached
- * around the sidecar.
+ * connection (sk_lookup, Linux 5.9): decided once per connection, before any socket is
+ * chosen, so no application listener can be reached around the sidecar.
  *
  * - Redirect mode (Istio's): a connection to any captured port goes to the sidecar's
  *   inbound listener (inbound_port, 15006), which accepts it with the original pod_ip:PORT
@@ -11,8 +10,8 @@
  * - Bind mode (the article's): a connection to a captured port goes to the sidecar's
  *   listener on that port; with none, it is refused. That closes what moving wildcard
  *   binds to loopback cannot: ephemeral-port listeners, listen() without bind, binds to the
- *   pod's own address. And IPv4 over lo to 127.0.0.1:PORT reaches an application's dual-stack
- *   [::]:PORT, moved to [::1]:PORT (a socket has one address).
+ *   pod's own address. And IPv6 over lo to [::1]:PORT reaches an application's dual-stack
+ *   [::]:PORT, moved to ::ffff:127.0.0.1:PORT (a socket has one address).
  * In both, the pod's own traffic over lo (from 127.0.0.6, the sidecar's inbound upstream,
  * and every loopback call) and excluded ports take the ordinary lookup; with no listener
  * to take a captured connection it is refused, as REDIRECT to a closed port would be.
@@ -27,8 +26,24 @@
 /* The pod this copy serves; set before load. */
 const volatile __u64 pod_cookie = 0;
 
-/* lo is the first interface of every network namespace. */
-#define LOOPBACK_IFINDEX 1
+/*
+ * A connection the pod makes to itself: from a loopback address (Envoy's passthrough
+ * 127.0.0.6 / ::6 among them) or from one of the pod's own addresses. Not the ingress
+ * interface: a connection to the pod's own address arrives over lo but reports the
+ * interface that address is on.
+ */
+static __always_inline bool from_the_pod(struct bpf_sk_lookup *ctx, const struct pod_settings *pod)
+{
+	if (ctx->family == AF_INET)
+		return is_loopback4(ctx->remote_ip4) ||
+		       (pod->pod_ip4 && ctx->remote_ip4 == pod->pod_ip4);
+	if (ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 && ctx->remote_ip6[2] == 0 &&
+	    (ctx->remote_ip6[3] == bpf_htonl(1) || ctx->remote_ip6[3] == bpf_htonl(6)))
+		return true;
+	return (pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]) &&
+	       ctx->remote_ip6[0] == pod->pod_ip6[0] && ctx->remote_ip6[1] == pod->pod_ip6[1] &&
+	       ctx->remote_ip6[2] == pod->pod_ip6[2] && ctx->remote_ip6[3] == pod->pod_ip6[3];
+}
 
 /* A listener of the pod (a referenced socket: release it), or NULL. */
 static __always_inline struct bpf_sock *find_listener(__u16 port, __u8 family, __u8 owner)
@@ -73,13 +88,14 @@ static __always_inline int to_proxy(struct bpf_sk_lookup *ctx, __u16 port)
 	return SK_DROP;
 }
 
-/* Bind mode, IPv4 over lo to 127.0.0.1:PORT: an application's dual-stack listener moved to
- * [::1]:PORT takes it, as its [::]:PORT would have. */
+/* Bind mode, IPv6 over lo to [::1]:PORT: an application's dual-stack listener, moved to
+ * ::ffff:127.0.0.1:PORT (where IPv4 reaches it), takes it, as its [::]:PORT would have. */
 static __always_inline int dual_stack_loopback(struct bpf_sk_lookup *ctx, __u16 port)
 {
 	struct bpf_sock *sk;
 
-	if (ctx->family != AF_INET || ctx->local_ip4 != bpf_htonl(0x7f000001))
+	if (ctx->family != AF_INET6 || ctx->local_ip6[0] || ctx->local_ip6[1] ||
+	    ctx->local_ip6[2] || ctx->local_ip6[3] != bpf_htonl(1))
 		return SK_PASS;
 	sk = find_listener(port, AF_INET6, LISTENER_APP);
 	if (sk && assign(ctx, sk))
@@ -98,7 +114,7 @@ int handle__sk_lookup(struct bpf_sk_lookup *ctx)
 	pod = lookup_pod(pod_cookie);
 	if (!pod || !(pod->flags & POD_F_CAPTURE_INBOUND))
 		return SK_PASS;
-	if (ctx->ingress_ifindex == LOOPBACK_IFINDEX)
+	if (from_the_pod(ctx, pod))
 		return (pod->flags & POD_F_INBOUND_REDIRECT) ? SK_PASS : dual_stack_loopback(ctx, port);
 	if (!inbound_port_captured(pod, pod_cookie, port))
 		return SK_PASS;

@@ -1,0 +1,308 @@
+//! Istio's inbound model (redirect mode, `--mesh istio`'s default): every inbound connection
+//! to a captured port of the pod reaches the sidecar's one inbound listener (15006) — here
+//! an unmodified HAProxy configured like Envoy's virtualInbound (original destination,
+//! upstream from 127.0.0.6 / ::6) — and through it the application, which keeps its own
+//! binds. Each test runs the same in a pod behind istio-iptables' rules (no meshbpf hook
+//! sees it): the reference behaviour.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+/// The nat rules istio-iptables installs for `-p 15001 -z 15006 -u 1337 -m REDIRECT -i '*'
+/// -b '*' -d 15090,15021,15020,9090` (plus the uid's gid, as the injector's template does),
+/// IPv4; the IPv6 set has ::6/128 and ::1/128 for 127.0.0.6/32 and 127.0.0.1/32.
+const ISTIO_IPTABLES: &str = "*nat
+:ISTIO_INBOUND - [0:0]
+:ISTIO_REDIRECT - [0:0]
+:ISTIO_IN_REDIRECT - [0:0]
+:ISTIO_OUTPUT - [0:0]
+-A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
+-A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A PREROUTING -p tcp -j ISTIO_INBOUND
+-A ISTIO_INBOUND -p tcp --dport 15090 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15021 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
+-A ISTIO_INBOUND -p tcp --dport 9090 -j RETURN
+-A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
+-A OUTPUT -j ISTIO_OUTPUT
+-A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
+";
+
+/// Envoy's inbound side, as an unmodified HAProxy: one listener on 15006 per family, and a
+/// passthrough to the original destination from 127.0.0.6 / ::6.
+const ENVOY_LIKE: &str = "global
+    maxconn 512
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend inbound4
+    bind 0.0.0.0:15006
+    default_backend passthrough4
+frontend inbound6
+    bind :::15006 v6only
+    default_backend passthrough6
+backend passthrough4
+    server original 0.0.0.0:0 source 127.0.0.6
+backend passthrough6
+    server original ipv6@[::]:0 source [::6]:0
+";
+
+/// The two pods compared: one registered with meshbpf in redirect mode, one behind
+/// istio-iptables. Both have ::6 on lo, as istio-init adds it for Envoy's IPv6 passthrough.
+struct World {
+    env: Env,
+    meshed: Pod,
+    iptables: Pod,
+    client: Pod,
+}
+
+fn world() -> World {
+    let mut env = Env::new();
+    let _mesh = env.attach();
+    let meshed = env.pod("meshed");
+    let iptables = env.pod_outside("iptables");
+    let client = env.pod("client");
+    stdout_of(&env.meshbpf(&[
+        "register",
+        "--netns",
+        meshed.netns.to_str().unwrap(),
+        "--exclude-inbound-ports",
+        "9090",
+    ]));
+    for (rules, restore) in [
+        (ISTIO_IPTABLES.to_string(), "iptables-restore"),
+        (
+            ISTIO_IPTABLES
+                .replace("127.0.0.6/32", "::6/128")
+                .replace("127.0.0.1/32", "::1/128"),
+            "ip6tables-restore",
+        ),
+    ] {
+        let file = write_file(&env, restore, &rules);
+        sh(Command::new("sh").arg("-c").arg(format!(
+            "ip netns exec {} {restore} < {}",
+            iptables.name,
+            file.display()
+        )));
+    }
+    for pod in [&meshed, &iptables] {
+        sh(Command::new("ip").args(["-n", &pod.name, "addr", "add", "::6/128", "dev", "lo"]));
+    }
+    World {
+        env,
+        meshed,
+        iptables,
+        client,
+    }
+}
+
+fn envoy_like(env: &Env, pod: &Pod) -> Proc {
+    let cfg = write_file(env, "envoy-like.cfg", ENVOY_LIKE);
+    let proc = pod.spawn(
+        PROXY_UID,
+        std::path::Path::new("/usr/sbin/haproxy"),
+        &["-db", "-f", cfg.to_str().unwrap()],
+    );
+    // Ready when both listeners are.
+    wait_until(
+        || {
+            let out = sh(Command::new("ip").args([
+                "netns", "exec", &pod.name, "ss", "-Hltn", "sport", "=", ":15006",
+            ]));
+            String::from_utf8_lossy(&out.stdout).lines().count() == 2
+        },
+        || format!("haproxy did not listen: {}", proc.output()),
+    );
+    proc
+}
+
+/// The address the application saw a client's connection come from, or the error.
+fn seen_by_app(client: &Pod, dest: &str) -> String {
+    let probe = client.connect(dest, &[]);
+    if !probe.ok {
+        return if probe.stderr.contains("refused") {
+            "refused".into()
+        } else {
+            format!("failed: {}", probe.stderr)
+        };
+    }
+    let reply = probe.get("reply");
+    let saw = reply
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("saw="))
+        .unwrap_or("?");
+    // The client's own address, or the passthrough source: the port does not matter.
+    let (ip, _) = saw.rsplit_once(':').unwrap_or((saw, ""));
+    ip.trim_start_matches('[').trim_end_matches(']').to_string()
+}
+
+#[test]
+fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
+        let app = pod.server(&["0.0.0.0:8080", "[::]:8081", "0.0.0.0:9090"]);
+        // Listeners the bind model could not close: the pod's own address, and a socket
+        // that never called bind().
+        let own_ip = pod.server(&[&pod.addr(false, 7070)]);
+        let unbound = pod.spawn(APP_UID, &example("netprobe"), &["autolisten"]);
+        unbound.wait_for("listening=");
+        let port = unbound.lines("listening=")[0]
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let sidecar = envoy_like(&w.env, pod);
+        let mut via_sidecar = vec![
+            (pod.addr(false, 8080), "127.0.0.6"),
+            (pod.addr(false, 7070), "127.0.0.6"),
+            (pod.addr(false, port.parse().unwrap()), "127.0.0.6"),
+        ];
+        // IPv6: HAProxy asks SO_ORIGINAL_DST at SOL_IP only, then takes the local address
+        // (haproxy sock_inet_get_dst()); behind ip6tables' REDIRECT that is pod_ip:15006, so it
+        // loops to itself, where Envoy asks IP6T_SO_ORIGINAL_DST. With sk_lookup the local
+        // address is the original one: meshbpf serves it.
+        if pod.name == w.meshed.name {
+            via_sidecar.push((pod.addr(true, 8081), "::6"));
+        }
+        for (dest, seen) in &via_sidecar {
+            assert_eq!(seen_by_app(&w.client, dest), *seen, "{name}: {dest}");
+        }
+        // An excluded port goes straight: the application sees the client.
+        let excluded = pod.addr(false, 9090);
+        assert_eq!(
+            seen_by_app(&w.client, &excluded),
+            w.client.v4.to_string(),
+            "{name}"
+        );
+        // The pod's own calls on loopback and to its own address go straight too.
+        for (dest, seen) in [
+            ("127.0.0.1:8080".to_string(), "127.0.0.1".to_string()),
+            (pod.addr(false, 8080), pod.v4.to_string()),
+        ] {
+            assert_eq!(seen_by_app(pod, &dest), seen, "{name}: the pod to {dest}");
+        }
+        // With the sidecar gone, nothing reaches the application around it.
+        drop(sidecar);
+        for (dest, _) in &via_sidecar {
+            assert_eq!(seen_by_app(&w.client, dest), "refused", "{name}: {dest}");
+        }
+        assert_eq!(seen_by_app(&w.client, &excluded), w.client.v4.to_string());
+        drop((app, own_ip, unbound));
+    }
+}
+
+/// Which server a connection from the pod reached: `inbound` (a recorder on the inbound
+/// listener's port, as the proxy uid) or `app` (the application, on 8080, 8081, 15008), or
+/// how it failed.
+fn reached(pod: &Pod, uid: u32, dest: &str, bind: Option<&str>) -> String {
+    let mut args = vec!["connect", dest];
+    if let Some(src) = bind {
+        args.extend_from_slice(&["--bind", src]);
+    }
+    let out = pod.run(uid, &example("netprobe"), &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("reply=tag="))
+        .and_then(|t| t.split_whitespace().next())
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("failed: {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn istio_output_loopback_rules_hold_row_by_row() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
+        let _app = pod.spawn(
+            APP_UID,
+            &example("netprobe"),
+            &[
+                "serve",
+                "--tag",
+                "app",
+                "0.0.0.0:8080",
+                "[::]:8081",
+                "0.0.0.0:15008",
+            ],
+        );
+        let _inbound = pod.spawn(
+            PROXY_UID,
+            &example("netprobe"),
+            &["serve", "--tag", "inbound", "[::]:15006"],
+        );
+        wait_until(
+            || reached(pod, 0, "127.0.0.1:15006", None) == "inbound",
+            || format!("{name}: the recorder does not answer"),
+        );
+        let own4 = pod.addr(false, 8080);
+        let own6 = pod.addr(true, 8081);
+        // (uid, bound source, destination) -> which server, after istio-iptables' rules
+        // (notes in the ISTIO_OUTPUT chain above).
+        let rows: [(u32, Option<&str>, String, &str); 11] = [
+            // -o lo ! -d 127.0.0.1/32 ! --dport 15008 --uid-owner 1337 -> ISTIO_IN_REDIRECT
+            (PROXY_UID, None, own4.clone(), "inbound"),
+            (PROXY_UID, None, "127.0.0.6:8080".into(), "inbound"),
+            // ... but not 127.0.0.1, and not 15008
+            (PROXY_UID, None, "127.0.0.1:8080".into(), "app"),
+            (PROXY_UID, None, pod.addr(false, 15008), "app"),
+            // -o lo -s 127.0.0.6/32 -> RETURN: Envoy's inbound passthrough
+            (PROXY_UID, Some("127.0.0.6:0"), own4.clone(), "app"),
+            // -o lo ! --uid-owner 1337 -> RETURN: the application over lo
+            (APP_UID, None, own4.clone(), "app"),
+            (APP_UID, None, "127.0.0.6:8080".into(), "app"),
+            (APP_UID, None, "127.0.0.1:8080".into(), "app"),
+            // IPv6: the same over ::1 and the pod's own IPv6 address
+            (PROXY_UID, None, own6.clone(), "inbound"),
+            (PROXY_UID, None, "[::1]:8081".into(), "app"),
+            (APP_UID, None, own6.clone(), "app"),
+        ];
+        for (uid, bind, dest, expected) in &rows {
+            assert_eq!(
+                reached(pod, *uid, dest, *bind),
+                *expected,
+                "{name}: uid {uid} from {bind:?} to {dest}"
+            );
+        }
+    }
+}
+
+#[test]
+fn istio_validation_passes_as_behind_istio_iptables_and_fails_without_capture() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world();
+    let plain = w.env.pod("plain");
+    for (pod, name, expected) in [
+        (&w.meshed, "meshbpf", "validation=ok"),
+        (&w.iptables, "istio-iptables", "validation=ok"),
+        (&plain, "no capture", "validation=failed timeout"),
+    ] {
+        let out = pod.run(PROXY_UID, &example("netprobe"), &["validate"]);
+        assert!(
+            stdout_of(&out).contains(expected),
+            "{name}: {}",
+            stdout_of(&out)
+        );
+    }
+}
