@@ -45,7 +45,16 @@ fn wildcard_bind_moves_to_loopback_and_inbound_traffic_goes_through_the_sidecar(
     let sidecar = web.spawn(
         PROXY_UID,
         &example("sidecar"),
-        &["--pod-ip", &v4, "--pod-ip", &v6, "--inbound", "80", "--inbound", "81"],
+        &[
+            "--pod-ip",
+            &v4,
+            "--pod-ip",
+            &v6,
+            "--inbound",
+            "80",
+            "--inbound",
+            "81",
+        ],
     );
     sidecar.wait_for(&format!("listening inbound=[{v6}]:81"));
 
@@ -58,9 +67,7 @@ fn wildcard_bind_moves_to_loopback_and_inbound_traffic_goes_through_the_sidecar(
         let dest = web.addr(v6, port);
         let probe = client.connect(&dest, &[]);
         assert!(
-            probe
-                .get("reply")
-                .starts_with(&format!("from={from} saw=")),
+            probe.get("reply").starts_with(&format!("from={from} saw=")),
             "{probe:?}"
         );
         assert!(
