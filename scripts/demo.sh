@@ -85,8 +85,10 @@ in_pod() {
 
 step "meshbpf attach --cgroup $CG"
 "$BIN/meshbpf" attach --cgroup "$CG" --pin-dir "$PIN" | sed 's/^/    /'
-step "meshbpf register --netns /run/netns/mbdemo-app   (the 'plain' pod stays out of the mesh)"
-"$BIN/meshbpf" register --netns /run/netns/mbdemo-app --pin-dir "$PIN" | sed 's/^/    /'
+# The bind model inbound (the article's): the stand-in owns pod_ip:80 and forwards to the
+# application's moved bind. (Istio's model, --inbound-mode redirect, wants its 15006 listener.)
+step "meshbpf register --netns /run/netns/mbdemo-app --inbound-mode bind   (the 'plain' pod stays out of the mesh)"
+"$BIN/meshbpf" register --netns /run/netns/mbdemo-app --inbound-mode bind --pin-dir "$PIN" | sed 's/^/    /'
 
 in_pod web 1000 "$EX/netprobe" http 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
