@@ -120,10 +120,15 @@ request() {
     out=$(in_pod "$pod" 1000 curl -sS --max-time 5 -w 'local=%{local_ip}:%{local_port}\npeer=%{remote_ip}:%{remote_port}\n' "$url" 2>&1) || { info "$out"; return 1; }
     local=$(sed -n 's/^local=//p' <<<"$out"); peer=$(sed -n 's/^peer=//p' <<<"$out"); reply=$(grep '^served by' <<<"$out")
     local=$(bracket "$local"); peer=$(bracket "$peer")
-    case $local in
-        127.0.0.1:*|\[::1\]:*) printf '    %s%-5s%s -> %-22s %sCAPTURED%s  socket really goes %s -> sidecar; getpeername() still says %s\n' "$C" "$pod" "$R" "$dest" "$G" "$R" "$local" "$peer" ;;
-        *) printf '    %s%-5s%s -> %-22s %sdirect%s    from %s, untouched\n' "$C" "$pod" "$R" "$dest" "$Y" "$R" "$local" ;;
-    esac
+    # Behind meshbpf, as behind iptables, getsockname() names the pod's address: whether the
+    # connection went to the sidecar shows in the sidecar's log, by the socket's port.
+    local seen
+    seen=$(grep -m1 "^outbound peer=[^ ]*:${local##*:} " "$WORK/sidecar-$pod.log" | sed 's/^outbound peer=\([^ ]*\) .*/\1/' || true)
+    if [ -n "$seen" ]; then
+        printf '    %s%-5s%s -> %-22s %sCAPTURED%s  socket really goes %s -> sidecar; getsockname() says %s and getpeername() %s, as behind iptables\n' "$C" "$pod" "$R" "$dest" "$G" "$R" "$seen" "$local" "$peer"
+    else
+        printf '    %s%-5s%s -> %-22s %sdirect%s    from %s, untouched\n' "$C" "$pod" "$R" "$dest" "$Y" "$R" "$local"
+    fi
     printf '    %s      HTTP 200: %s%s\n' "$D" "$reply" "$R"
 }
 

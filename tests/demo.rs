@@ -70,7 +70,8 @@ fn the_demo_shows_captured_traffic_and_cleans_up_even_when_interrupted() {
     );
     for expected in [
         "CAPTURED",
-        "getpeername() still says 192.0.2.12:8080",
+        "getsockname() says 192.0.2.10:",
+        "getpeername() 192.0.2.12:8080",
         "untouched",
         "through the sidecar",
         "straight to the server",
