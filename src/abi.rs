@@ -41,6 +41,9 @@ pub(crate) mod pod_flags {
     pub const OUTBOUND_ALL_CIDRS: u32 = pod_flag::POD_F_OUTBOUND_ALL_CIDRS.0;
     pub const MORE_PROXY_IDS: u32 = pod_flag::POD_F_MORE_PROXY_IDS.0;
     pub const INBOUND_REDIRECT: u32 = pod_flag::POD_F_INBOUND_REDIRECT.0;
+    pub const NO_OUTBOUND_EXCLUDED_PORTS: u32 = pod_flag::POD_F_NO_OUTBOUND_EXCLUDED_PORTS.0;
+    pub const NO_OUTBOUND_EXCLUDED_CIDRS: u32 = pod_flag::POD_F_NO_OUTBOUND_EXCLUDED_CIDRS.0;
+    pub const NO_OUTBOUND_INCLUDED_PORTS: u32 = pod_flag::POD_F_NO_OUTBOUND_INCLUDED_PORTS.0;
 }
 
 /// `enum rule_kind` in meshbpf.h.

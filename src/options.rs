@@ -63,7 +63,11 @@ pub struct PodOptions {
     /// Do not capture DNS: queries go straight to the servers.
     #[arg(long)]
     pub no_dns: bool,
-    /// Do not accelerate this pod's application-sidecar connections with sockmap.
+    /// Accelerate this pod's application-sidecar connections with sockmap (off by default:
+    /// it pays only for connections whose first message is large; docs/bench-sockmap.md).
+    #[arg(long, conflicts_with = "no_sockmap")]
+    pub sockmap: bool,
+    /// Do not accelerate this pod's connections with sockmap (the default).
     #[arg(long)]
     pub no_sockmap: bool,
     /// Accelerate a connection only if its first message is at least this many bytes
@@ -90,7 +94,7 @@ const VALUED: [&str; 14] = [
     "sockmap_min_bytes",
 ];
 /// The options that are switches.
-const SWITCHES: [&str; 3] = ["no_inbound", "no_dns", "no_sockmap"];
+const SWITCHES: [&str; 4] = ["no_inbound", "no_dns", "sockmap", "no_sockmap"];
 
 impl PodOptions {
     /// Every option's name, as a CNI conf key.
@@ -152,7 +156,7 @@ impl PodOptions {
             s.inbound_mode = InboundMode::None;
         }
         s.capture_dns &= !self.no_dns;
-        s.sockmap &= !self.no_sockmap;
+        s.sockmap = (s.sockmap || self.sockmap) && !self.no_sockmap;
         s.validate()?;
         Ok(s)
     }
@@ -207,6 +211,7 @@ impl PodOptions {
         match key {
             "no_inbound" => &mut self.no_inbound,
             "no_dns" => &mut self.no_dns,
+            "sockmap" => &mut self.sockmap,
             _ => &mut self.no_sockmap,
         }
     }

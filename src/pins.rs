@@ -11,7 +11,8 @@
 //! directories (never a symbolic link), owned by the caller (root), mode 0700, below
 //! ancestors that nobody else can rename. Inside such a directory only root can create
 //! anything, so paths below it are safe to use once it has been checked. Every change to
-//! a pin directory happens under an exclusive `flock` on its parent, so concurrent
+//! a pin directory happens under an exclusive `flock` on it (on its parent before the first
+//! attach), so concurrent
 //! `attach`, `register` and `detach` calls are serialised, and a killed process releases it.
 //!
 //! Order. A program set is consistent when every hook that captures has the hooks that
@@ -119,8 +120,8 @@ pub(crate) enum PinState {
     Remnant,
 }
 
-/// An advisory lock on a pin directory's parent, released when dropped (or when the
-/// process dies).
+/// An advisory lock on a pin directory (on its parent before it exists), released when
+/// dropped (or when the process dies).
 pub(crate) struct PinLock {
     _dir: fs::File,
 }
@@ -141,17 +142,24 @@ impl PinDir {
             _ => Path::new("."),
         };
         let parent = canonical_prefix(parent)?;
-        crate::system::check_bpffs(&parent).map_err(|err| match err {
-            // The pin directory itself is the root of a bpffs mount: its parent is not bpffs.
-            Error::BpffsNotMounted { .. } if crate::system::check_bpffs(path).is_ok() => {
-                unsafe_dir(format!(
-                    "is the root of a bpffs mount; give a directory inside it, such as {}",
-                    path.join("meshbpf").display()
-                ))
+        match crate::system::check_bpffs(&parent) {
+            Ok(()) => {}
+            // The pin directory is itself a bpffs mount: the root of one is refused (it is not
+            // meshbpf's to fill); a bind mount of meshbpf's pin directory, as an init
+            // container is given, is fine.
+            Err(Error::BpffsNotMounted { .. }) if crate::system::check_bpffs(path).is_ok() => {
+                if bpffs_mount_root(&parent.join(name)) {
+                    return Err(unsafe_dir(format!(
+                        "is the root of a bpffs mount; give a directory inside it, such as {}",
+                        path.join("meshbpf").display()
+                    )));
+                }
             }
-            Error::BpffsNotMounted { .. } => Error::BpffsNotMounted { dir: path.into() },
-            other => other,
-        })?;
+            Err(Error::BpffsNotMounted { .. }) => {
+                return Err(Error::BpffsNotMounted { dir: path.into() })
+            }
+            Err(other) => return Err(other),
+        }
         check_ancestors(&parent).map_err(unsafe_dir)?;
         let pin = PinDir {
             path: parent.join(name),
@@ -179,16 +187,27 @@ impl PinDir {
                 why,
             })?;
         }
-        let dir = fs::File::open(&self.parent)
-            .context(|| format!("opening {}", self.parent.display()))?;
+        // The pin directory itself once it exists (the same inode for every mount namespace:
+        // an init container's bind mount of it shares the node agent's lock), its parent
+        // before (a first attach). Whoever waited on the parent while the first attach made
+        // the directory takes the directory's lock instead.
         let arg = if exclusive {
             nix::fcntl::FlockArg::LockExclusive
         } else {
             nix::fcntl::FlockArg::LockShared
         };
-        #[allow(deprecated)] // nix 0.29's Flock wrapper takes the fd by value; this is simpler.
-        nix::fcntl::flock(dir.as_raw_fd(), arg)
-            .context(|| format!("locking {}", self.parent.display()))?;
+        let dir = loop {
+            let on_parent = fs::symlink_metadata(&self.path).is_err();
+            let target = if on_parent { &self.parent } else { &self.path };
+            let dir = fs::File::open(target).context(|| format!("opening {}", target.display()))?;
+            #[allow(deprecated)]
+            // nix 0.29's Flock wrapper takes the fd by value; this is simpler.
+            nix::fcntl::flock(dir.as_raw_fd(), arg)
+                .context(|| format!("locking {}", target.display()))?;
+            if !on_parent || fs::symlink_metadata(&self.path).is_err() {
+                break dir;
+            }
+        };
         Ok(PinLock { _dir: dir })
     }
 
@@ -257,6 +276,26 @@ impl PinDir {
         }
         Ok(removed)
     }
+}
+
+/// Whether `dir` is mounted as the root of a bpffs (mountinfo's root field `/`), rather than
+/// a bind mount of a directory inside one.
+fn bpffs_mount_root(dir: &Path) -> bool {
+    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
+        return true;
+    };
+    let target = dir.to_string_lossy();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(dash + 1)?;
+            let point = crate::system::unescape_mountinfo(fields.get(4)?);
+            (*fstype == "bpf" && point == target).then(|| fields.get(3).copied())?
+        })
+        .last()
+        .is_none_or(|root| root == "/")
 }
 
 /// The longest existing prefix of `path` resolved to its canonical form, with the missing

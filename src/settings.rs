@@ -276,7 +276,9 @@ pub struct PodSettings {
     /// Send DNS (UDP and TCP to port 53) to the sidecar's DNS listener.
     pub capture_dns: bool,
     /// Move bytes from the pod's applications to its sidecar through sockmap, skipping the
-    /// loopback TCP/IP stack (when the node's attachment has sockmap on).
+    /// loopback TCP/IP stack (when the node's attachment has sockmap on). Off by default:
+    /// entering and leaving sock_hash costs every new connection more than small messages
+    /// gain (measured: docs/bench-compare.md, docs/bench-sockmap.md).
     pub sockmap: bool,
     /// With `sockmap`, a connection is accelerated when its first message is at least this
     /// many bytes; smaller first messages mark streams where sockmap loses.
@@ -300,7 +302,7 @@ impl Default for PodSettings {
             inbound_ports: Selection::All,
             exclude_inbound_ports: BTreeSet::new(),
             capture_dns: true,
-            sockmap: true,
+            sockmap: false,
             sockmap_min_bytes: DEFAULT_SOCKMAP_MIN_BYTES,
         }
     }
@@ -457,6 +459,18 @@ impl PodSettings {
             | flag(
                 self.proxy_uids.len() > 1 || self.proxy_gids.len() > 1,
                 pod_flags::MORE_PROXY_IDS,
+            )
+            | flag(
+                self.exclude_outbound_ports.is_empty(),
+                pod_flags::NO_OUTBOUND_EXCLUDED_PORTS,
+            )
+            | flag(
+                self.exclude_outbound_cidrs.is_empty(),
+                pod_flags::NO_OUTBOUND_EXCLUDED_CIDRS,
+            )
+            | flag(
+                self.include_outbound_ports.is_empty(),
+                pod_flags::NO_OUTBOUND_INCLUDED_PORTS,
             );
         RawPodSettings {
             proxy_uid: self
@@ -541,7 +555,7 @@ mod tests {
             (15001, 15006, 15053)
         );
         assert_eq!(s.include_outbound_cidrs, Selection::All);
-        assert!(s.capture_outbound && s.capture_dns && s.sockmap);
+        assert!(s.capture_outbound && s.capture_dns && !s.sockmap);
         assert_eq!(s.inbound_mode, InboundMode::Redirect);
     }
 

@@ -367,6 +367,7 @@ fn detach_leaves_existing_connections_working() {
     let l = loaded();
     // Both kinds of live connection: on the normal stack, and on the sockmap fast path.
     let fast = meshbpf::PodSettings {
+        sockmap: true,
         sockmap_min_bytes: 0,
         ..Default::default()
     };

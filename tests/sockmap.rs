@@ -282,12 +282,17 @@ fn maps_are_back_at_idle_after_200000_short_connections() {
 }
 
 #[test]
-fn by_default_only_connections_whose_first_message_is_large_are_accelerated() {
+fn by_default_a_pod_with_sockmap_accelerates_only_connections_whose_first_message_is_large() {
     if !privileged() {
         return;
     }
     let w = world();
-    let defaults = PodSettings::default();
+    // Acceleration is opt-in per pod (`register --sockmap`); its threshold is the default.
+    let defaults = PodSettings {
+        sockmap: true,
+        ..PodSettings::default()
+    };
+    assert!(!PodSettings::default().sockmap);
     assert_eq!(
         defaults.sockmap_min_bytes,
         meshbpf::DEFAULT_SOCKMAP_MIN_BYTES

@@ -95,7 +95,8 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const stru
 		return 0;
 	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
 	lo = over_lo(d, pod);
-	if (pod_rule(pod, cookie, d->port, RULE_OUTBOUND_EXCLUDE)) {
+	if (!(pod->flags & POD_F_NO_OUTBOUND_EXCLUDED_PORTS) &&
+	    pod_rule(pod, cookie, d->port, RULE_OUTBOUND_EXCLUDE)) {
 		count(CNT_SKIP_EXCLUDED_PORT);
 		return 0;
 	}
@@ -127,12 +128,14 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const stru
 		count(CNT_SKIP_PROXY_PORT);
 		return 0;
 	}
-	if (in_cidrs(&cidr_exclude, pod, cookie, d->v6, d->addr)) {
+	if (!(pod->flags & POD_F_NO_OUTBOUND_EXCLUDED_CIDRS) &&
+	    in_cidrs(&cidr_exclude, pod, cookie, d->v6, d->addr)) {
 		count(CNT_SKIP_EXCLUDED_CIDR);
 		return 0;
 	}
-	if (!pod_rule(pod, cookie, d->port, RULE_OUTBOUND_INCLUDE) &&
-	    !(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) &&
+	if (!(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) &&
+	    ((pod->flags & POD_F_NO_OUTBOUND_INCLUDED_PORTS) ||
+	     !pod_rule(pod, cookie, d->port, RULE_OUTBOUND_INCLUDE)) &&
 	    !in_cidrs(&cidr_include, pod, cookie, d->v6, d->addr)) {
 		count(CNT_SKIP_NOT_INCLUDED);
 		return 0;

@@ -45,6 +45,13 @@ enum pod_flag {
 	 * is the bind model: wildcard binds move to loopback, the sidecar owns pod_ip:PORT.
 	 */
 	POD_F_INBOUND_REDIRECT = 1 << 7,
+	/*
+	 * The pod has none of these lists: connect4/6 skip their lookups. Negative on purpose:
+	 * a pod registered before these existed (value 0) is looked up, as it always was.
+	 */
+	POD_F_NO_OUTBOUND_EXCLUDED_PORTS = 1 << 8,
+	POD_F_NO_OUTBOUND_EXCLUDED_CIDRS = 1 << 9,
+	POD_F_NO_OUTBOUND_INCLUDED_PORTS = 1 << 10,
 };
 
 /* cookie_map value: what one registered pod (network namespace) wants. */

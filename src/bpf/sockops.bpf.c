@@ -232,8 +232,17 @@ static __always_inline void app_established(struct bpf_sock_ops *skops)
 /* Proxy side: if this accepted socket is a captured connection, watch it to clean up. */
 static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 {
+	struct pod_settings *pod;
 	struct conn_key key = {};
 
+	/* Every accepted socket of the node passes here: what cannot be a sidecar's end of a
+	 * captured connection (on loopback, at a sidecar port, in a registered pod) leaves
+	 * before the connection key is built. */
+	if (!ops_is_loopback(skops))
+		return;
+	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	if (!pod || !is_sidecar_port(pod, (__u16)skops->local_port))
+		return;
 	conn_key_from_ops(&key, skops, false);
 	if (!bpf_map_lookup_elem(&origin_dst_map, &key))
 		return;
