@@ -287,6 +287,7 @@ fn bpffs_mount_root(dir: &Path) -> bool {
     let target = dir.to_string_lossy();
     mountinfo
         .lines()
+        .rev()
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
@@ -294,7 +295,7 @@ fn bpffs_mount_root(dir: &Path) -> bool {
             let point = crate::system::unescape_mountinfo(fields.get(4)?);
             (*fstype == "bpf" && point == target).then(|| fields.get(3).copied())?
         })
-        .last()
+        .next()
         .is_none_or(|root| root == "/")
 }
 
