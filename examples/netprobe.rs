@@ -3,6 +3,8 @@
 //!
 //! ```text
 //! netprobe serve [--tag NAME] ADDR...        # reply "[tag=NAME ]from=LOCAL saw=PEER msg=..."
+//! netprobe sendto ADDR                      # one UDP datagram (a DNS query) to ADDR, with
+//!                                            # sendto(), waiting for nothing
 //! netprobe autolisten                       # listen() with no bind (the kernel picks
 //!                                            # 0.0.0.0:PORT); answers as serve
 //! netprobe validate [--v6]                   # what Istio's istio-validation init container
@@ -52,6 +54,10 @@ fn main() {
         },
         Some("validate") => validate(&args[1..]),
         Some("autolisten") => autolisten(),
+        Some("sendto") => match args.get(1) {
+            Some(addr) => sendto_once(addr),
+            None => Err("sendto ADDR".into()),
+        },
         Some("http") => serve(&args[1..], answer_http),
         Some("connect") => connect(&args[1..]),
         Some("sockopts") => sockopts(&args[1..]),
@@ -59,7 +65,7 @@ fn main() {
         Some("dns") => dns(&args[1..]),
         Some("reuse") => reuse(&args[1..]),
         Some("rebind") => rebind(&args[1..]),
-        _ => Err("usage: netprobe serve [--tag NAME] ADDR... | validate [--v6] | autolisten | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec] | rebind FIRST SECOND".into()),
+        _ => Err("usage: netprobe serve [--tag NAME] ADDR... | validate [--v6] | autolisten | sendto ADDR | http ADDR... | connect DEST [--bind SRC] [--message TEXT] | bind ADDR | dns SERVER NAME [A|AAAA] [--connected] | sockopts --listen ADDR [--hold] [--wait-for PATH] | reuse tcp|udp-dns FIRST SECOND [--unspec] | rebind FIRST SECOND".into()),
     };
     if let Err(err) = result {
         eprintln!("netprobe: {err}");
@@ -731,5 +737,21 @@ fn autolisten() -> Result<()> {
     for stream in TcpListener::from(fd).incoming().flatten() {
         thread::spawn(move || answer(stream));
     }
+    Ok(())
+}
+
+/// One DNS query to `addr` with sendto() on an unconnected socket; no answer awaited.
+fn sendto_once(addr: &str) -> Result<()> {
+    let addr = parse_addr(addr)?;
+    let any = if addr.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    };
+    let socket = std::net::UdpSocket::bind(any).map_err(|e| e.to_string())?;
+    socket
+        .send_to(&dns_query(0x4d44, "example.test", 1), addr)
+        .map_err(|e| format!("sendto {addr}: {e}"))?;
+    say("sent=1".into());
     Ok(())
 }

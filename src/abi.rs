@@ -86,6 +86,7 @@ const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
 const _: () = assert!(size_of::<RuleKey>() == 16);
 const _: () = assert!(size_of::<CidrKey>() == 32);
 const _: () = assert!(size_of::<InboundKey>() == 16);
+const _: () = assert!(size_of::<crate::trace::RawEvent>() == 96);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
 // object's BTF: every bit pattern is a valid value and they hold no pointers.
@@ -102,6 +103,8 @@ unsafe impl plain::Plain for RuleKey {}
 unsafe impl plain::Plain for CidrKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for InboundKey {}
+// SAFETY: as above.
+unsafe impl plain::Plain for crate::trace::RawEvent {}
 
 impl RuleKey {
     pub(crate) fn new(netns_cookie: u64, gen: u16, kind: RuleKind, value: u32) -> Self {

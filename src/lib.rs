@@ -35,6 +35,7 @@ mod probe;
 mod settings;
 mod skel;
 mod system;
+mod trace;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use error::{Error, Result};
@@ -53,3 +54,6 @@ pub use settings::{
     DEFAULT_SOCKMAP_MIN_BYTES, MAX_ENTRIES_PER_LIST, MESH_INBOUND_EXCLUDES,
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};
+pub use trace::{
+    explain, Explanation, Hook, Protocol, Query, Reason, TraceEvent, Tracer, TRACE_SLOTS,
+};

@@ -169,6 +169,11 @@ impl Mesh {
         pins::detach(&self.pin).map(|_| ())
     }
 
+    /// The checked pin directory, for the modules that lock it.
+    pub(crate) fn pin(&self) -> &PinDir {
+        &self.pin
+    }
+
     /// The pin directory.
     pub fn pin_dir(&self) -> &Path {
         self.pin.path()

@@ -69,6 +69,11 @@ pub(crate) const STEPS: &[Step] = &[
         rewrites: &[],
         convert: v8_to_v9,
     },
+    Step {
+        from: 9,
+        rewrites: &[],
+        convert: v9_to_v10,
+    },
 ];
 
 /// Layout 8: each pod's list entries carry the generation of its lists (`lists_gen`), so
@@ -120,6 +125,12 @@ fn v8_to_v9(snapshot: &mut Snapshot) -> Result<()> {
         }
         value.resize(56, 0);
     }
+    Ok(())
+}
+
+/// Layout 10: `meshbpf trace`'s maps (trace_ctl and a ring per reader) are new; nothing
+/// else changed, nothing to convert.
+fn v9_to_v10(_snapshot: &mut Snapshot) -> Result<()> {
     Ok(())
 }
 

@@ -125,6 +125,29 @@ impl Cidr {
         self.prefix
     }
 
+    /// Whether `ip` falls in the prefix (an IPv4 address in an IPv4 prefix only).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
+                u32::from(ip) & mask == u32::from(net)
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
+                u128::from(ip) & mask == u128::from(net)
+            }
+            _ => false,
+        }
+    }
+
     /// The 16 bytes of the address as IPv6 (IPv4 as IPv4-mapped) and the prefix length over
     /// those 128 bits: the form the CIDR tries hold.
     pub(crate) fn as_v6(&self) -> ([u8; 16], u8) {

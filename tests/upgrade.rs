@@ -14,8 +14,8 @@ use common::*;
 
 /// The last commit of each earlier layout this build upgrades from: the previous one, and
 /// the one before (its migration chains two steps).
-const PREVIOUS: Layout = Layout(8, "74767c7766c920e52d3bcef3ed30baa773567284");
-const TWO_BACK: Layout = Layout(7, "55e97388b19fe6024d2e07218cbe0d261cdb21cf");
+const PREVIOUS: Layout = Layout(9, "1ff9e3a6bb798999184c96dbfe3fed4ee73ab0af");
+const TWO_BACK: Layout = Layout(8, "74767c7766c920e52d3bcef3ed30baa773567284");
 
 #[derive(Clone, Copy)]
 struct Layout(u32, &'static str);
@@ -102,6 +102,7 @@ const LISTS: [&str; 8] = [
 /// A node attached by the previous build, with a registered pod (its sidecar, a server in
 /// another pod), a second registered pod with other lists, and an unregistered one.
 struct Old {
+    layout: Layout,
     env: Env,
     app: Pod,
     other: Pod,
@@ -122,6 +123,7 @@ fn attached_by(layout: Layout) -> Old {
     register_both(&old, &env, &app, &other, &[]);
     let sidecar = app.sidecar();
     Old {
+        layout,
         env,
         app,
         other,
@@ -171,13 +173,19 @@ fn listed(env: &Env) -> Vec<serde_json::Value> {
     pods
 }
 
-/// What this build lists for the same registrations made by itself. Pods keep the inbound
-/// model they had: the bind model, all earlier layouts' only one.
-fn registered_afresh() -> Vec<serde_json::Value> {
+/// What this build lists for the same registrations made by itself with `layout`'s
+/// defaults: pods keep what they had. Before layout 9, the bind model (the only one) and
+/// sockmap acceleration (on by default then).
+fn registered_afresh(Layout(layout, _): Layout) -> Vec<serde_json::Value> {
     let mut env = Env::new();
     let _mesh = env.attach();
     let (app, other) = (env.pod("app"), env.pod("other"));
-    register_both(&cli(), &env, &app, &other, &["--inbound-mode", "bind"]);
+    let defaults: &[&str] = if layout < 9 {
+        &["--inbound-mode", "bind", "--sockmap"]
+    } else {
+        &[]
+    };
+    register_both(&cli(), &env, &app, &other, defaults);
     listed(&env)
 }
 
@@ -228,7 +236,15 @@ impl Old {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         top.sort();
-        assert_eq!(top, ["links", "maps"], "{when}");
+        // Pods registered with inbound capture by layout 9 on have their sk_lookup link
+        // under pods/ (updated to this build's program); earlier pods keep the bind model
+        // they had, without one.
+        let expected: &[&str] = if self.layout.0 >= 9 {
+            &["links", "maps", "pods"]
+        } else {
+            &["links", "maps"]
+        };
+        assert_eq!(top, expected, "{when}");
         let mut hooks = self.env.attached_hooks();
         hooks.sort();
         assert_eq!(hooks, ATTACH_TYPES, "{when}");
@@ -361,7 +377,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
 
     // Registrations, lists, layout, pins.
     let lists = o.lists();
-    assert_eq!(lists, registered_afresh());
+    assert_eq!(lists, registered_afresh(PREVIOUS));
     o.assert_upgraded(&lists, "after the upgrade");
     // The maps the upgrade replaced are gone from the kernel, not only unpinned.
     for (name, id) in old_ids {
@@ -442,7 +458,7 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         .map(|i| ("bpf".to_string(), i * bpf_calls / 13))
         .collect();
     kills.extend((1..=renames).map(|k| ("rename".to_string(), k)));
-    let expected = registered_afresh();
+    let expected = registered_afresh(PREVIOUS);
     for (syscall, k) in kills {
         let o = attached_by(PREVIOUS);
         let cgroup = o.env.cgroup.to_str().unwrap().to_string();
@@ -471,7 +487,10 @@ fn a_layout_two_back_upgrades_through_each_step() {
         return;
     }
     let o = attached_by(TWO_BACK);
-    o.assert_capture_works("attached by layout 7");
+    o.assert_capture_works(&format!("attached by layout {}", TWO_BACK.0));
     stdout_of(&o.attach_current());
-    o.assert_upgraded(&registered_afresh(), "after upgrading from layout 7");
+    o.assert_upgraded(
+        &registered_afresh(TWO_BACK),
+        &format!("after upgrading from layout {}", TWO_BACK.0),
+    );
 }

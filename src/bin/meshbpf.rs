@@ -102,6 +102,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stream, live, every decision the programs take (one line each) until Ctrl-C.
+    Trace {
+        /// Only this pod's decisions (its network namespace).
+        #[arg(long, conflicts_with = "cookie")]
+        netns: Option<PathBuf>,
+        /// Only this pod's decisions (its netns cookie).
+        #[arg(long)]
+        cookie: Option<u64>,
+        /// Print JSON lines.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
+    /// What the programs decide for a connection of a registered pod, and the rule that does.
+    Explain {
+        /// The pod's network namespace.
+        #[arg(long)]
+        netns: PathBuf,
+        /// The destination asked for.
+        #[arg(long)]
+        dst: SocketAddr,
+        /// The caller's uid.
+        #[arg(long, default_value_t = 1000)]
+        uid: u32,
+        /// The caller's gid (its uid when not given).
+        #[arg(long)]
+        gid: Option<u32>,
+        /// tcp or udp.
+        #[arg(long, default_value = "tcp")]
+        proto: meshbpf::Protocol,
+        /// The socket's bound source address (127.0.0.6: Envoy's inbound passthrough).
+        #[arg(long)]
+        source: Option<std::net::IpAddr>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
+    },
     /// Look up the original destination of a captured connection.
     Origin {
         /// The pod's network namespace.
@@ -196,30 +236,45 @@ impl AgentArgs {
     }
 }
 
-/// Runs the agent until SIGTERM, SIGINT or SIGHUP, which a thread of its own waits for.
+/// Runs the agent until SIGTERM, SIGINT or SIGHUP.
 fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
-    use nix::sys::signal::{SigSet, Signal};
-    use std::sync::atomic::{AtomicBool, Ordering};
     let config = args.config()?;
     if args.uninstall {
         return Ok(meshbpf::agent::uninstall(&config)?);
     }
+    let stop = stop_on_signals()?;
+    Ok(meshbpf::agent::run(&config, &stop)?)
+}
+
+/// A flag raised at SIGTERM, SIGINT or SIGHUP, which a thread of its own waits for.
+fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use nix::sys::signal::{SigSet, Signal};
+    use std::sync::atomic::{AtomicBool, Ordering};
     let mut signals = SigSet::empty();
     for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
         signals.add(signal);
     }
-    // Blocked before any thread starts, so every thread inherits the mask and the waiter
-    // alone receives them.
+    // Blocked before any other thread starts, so every thread inherits the mask and the
+    // waiter alone receives them.
     signals.thread_block().context("blocking signals")?;
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {
-            eprintln!("meshbpf agent: {signal}");
+            eprintln!("meshbpf: {signal}");
         }
         flag.store(true, Ordering::SeqCst);
     });
-    Ok(meshbpf::agent::run(&config, &stop)?)
+    Ok(stop)
+}
+
+fn trace_json(event: &meshbpf::TraceEvent) -> serde_json::Value {
+    json!({
+        "time_ns": event.time_ns, "netns_cookie": event.netns_cookie, "pid": event.pid,
+        "uid": event.uid, "comm": event.comm, "protocol": event.protocol.to_string(),
+        "hook": event.hook.to_string(), "dst": event.dst, "to": event.to,
+        "captured": event.reason.captured(), "reason": event.reason.to_string(),
+    })
 }
 
 /// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
@@ -465,6 +520,68 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             meshbpf::check_kernel()?;
             meshbpf::probe_required()?;
+        }
+        Command::Trace {
+            netns,
+            cookie,
+            json,
+            pin,
+        } => {
+            let mesh = Mesh::open(&pin.pin_dir)?;
+            let cookie = match (netns, cookie) {
+                (Some(netns), _) => Some(meshbpf::Netns::open(&netns)?.cookie()),
+                (None, cookie) => cookie,
+            };
+            let stop = stop_on_signals()?;
+            let mut tracer = mesh.trace(cookie)?;
+            eprintln!("meshbpf trace: reading slot {}; Ctrl-C ends", tracer.slot());
+            let mut out = std::io::stdout().lock();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                for event in tracer.poll(std::time::Duration::from_millis(100))? {
+                    use std::io::Write;
+                    let line = if json {
+                        trace_json(&event).to_string()
+                    } else {
+                        event.to_string()
+                    };
+                    writeln!(out, "{line}")?;
+                    out.flush()?;
+                }
+            }
+        }
+        Command::Explain {
+            netns,
+            dst,
+            uid,
+            gid,
+            proto,
+            source,
+            json,
+            pin,
+        } => {
+            let mesh = Mesh::open(&pin.pin_dir)?;
+            let cookie = meshbpf::Netns::open(&netns)?.cookie();
+            let query = meshbpf::Query {
+                dst,
+                protocol: proto,
+                uid,
+                gid: gid.unwrap_or(uid),
+                source,
+            };
+            let explained = mesh.explain(cookie, &query)?;
+            if json {
+                println!(
+                    "{}",
+                    json!({
+                        "dst": dst, "protocol": proto.to_string(), "uid": uid,
+                        "captured": explained.reason.captured(),
+                        "reason": explained.reason.to_string(),
+                        "rule": explained.rule, "to": explained.to,
+                    })
+                );
+            } else {
+                println!("{explained}");
+            }
         }
         Command::Origin {
             netns,

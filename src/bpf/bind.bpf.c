@@ -20,6 +20,15 @@
 /* Return value of a bind program: allow, and skip the privileged-port check. */
 #define BIND_ALLOW_NO_CAP_NET_BIND_SERVICE 3
 
+/* A wildcard bind's fate, for `meshbpf trace` (the address: the family's wildcard). */
+static __always_inline void trace_bind(struct bpf_sock_addr *ctx, __u64 cookie,
+				       enum trace_reason reason)
+{
+	struct orig_dst dst = { .port = ctx->user_port, .family = ctx->family };
+
+	trace(TRACE_HOOK_BIND, reason, cookie, ctx->protocol, &dst, NULL, true);
+}
+
 /*
  * Common part of bind4/bind6 once the address is known to be the wildcard:
  * returns true when the bind must move to loopback (and marks the socket).
@@ -37,6 +46,7 @@ static __always_inline bool capture_bind(struct bpf_sock_addr *ctx, const struct
 		return false;
 	if (!inbound_port_captured(pod, cookie, port)) {
 		count(CNT_BIND_SKIP_PORT);
+		trace_bind(ctx, cookie, TRACE_INBOUND_KEPT);
 		return false;
 	}
 	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
@@ -46,6 +56,7 @@ static __always_inline bool capture_bind(struct bpf_sock_addr *ctx, const struct
 	}
 	state->inbound_port = port;
 	count(CNT_BIND_REDIRECTED);
+	trace_bind(ctx, cookie, TRACE_INBOUND_MOVED);
 	return true;
 }
 

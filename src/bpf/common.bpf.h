@@ -123,6 +123,76 @@ MESHBPF_MAP struct {
 	__type(value, struct mesh_meta);
 } meta_map SEC(".maps");
 
+/* trace_ctl[0]: the mask of active trace slots; trace_ctl[1 + slot]: its reader's pid. */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 + TRACE_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} trace_ctl SEC(".maps");
+
+#define TRACE_RING(name)                                                                           \
+	MESHBPF_MAP struct {                                                                       \
+		__uint(type, BPF_MAP_TYPE_RINGBUF);                                                \
+		__uint(max_entries, TRACE_RING_BYTES);                                             \
+	} name SEC(".maps")
+TRACE_RING(trace_ring_0);
+TRACE_RING(trace_ring_1);
+TRACE_RING(trace_ring_2);
+TRACE_RING(trace_ring_3);
+
+/* The active trace slots: 0 when nobody traces (an array lookup, inlined by the verifier). */
+static __always_inline __u32 trace_slots(void)
+{
+	__u32 zero = 0;
+	__u32 *mask = bpf_map_lookup_elem(&trace_ctl, &zero);
+
+	return mask ? *mask : 0;
+}
+
+/* An event for every active reader; a full ring drops it (the reader is told by a gap). */
+static __always_inline void trace_emit(struct decision_event *ev, __u32 slots)
+{
+	if (slots & 1)
+		bpf_ringbuf_output(&trace_ring_0, ev, sizeof(*ev), 0);
+	if (slots & 2)
+		bpf_ringbuf_output(&trace_ring_1, ev, sizeof(*ev), 0);
+	if (slots & 4)
+		bpf_ringbuf_output(&trace_ring_2, ev, sizeof(*ev), 0);
+	if (slots & 8)
+		bpf_ringbuf_output(&trace_ring_3, ev, sizeof(*ev), 0);
+}
+
+/*
+ * One decision, if anybody traces. `task`: called in the process's own context (sock_addr,
+ * sockopt), whose pid, uid and comm are recorded.
+ */
+static __always_inline void trace(__u16 hook, __u16 reason, __u64 netns_cookie, __u8 protocol,
+				  const struct orig_dst *dst, const struct orig_dst *to, bool task)
+{
+	__u32 slots = trace_slots();
+	struct decision_event ev;
+
+	if (!slots)
+		return;
+	__builtin_memset(&ev, 0, sizeof(ev));
+	ev.time_ns = bpf_ktime_get_ns();
+	ev.netns_cookie = netns_cookie;
+	ev.hook = hook;
+	ev.reason = reason;
+	ev.protocol = protocol;
+	if (dst)
+		ev.dst = *dst;
+	if (to)
+		ev.to = *to;
+	if (task) {
+		ev.pid = bpf_get_current_pid_tgid() >> 32;
+		ev.uid = (__u32)bpf_get_current_uid_gid();
+		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
+	}
+	trace_emit(&ev, slots);
+}
+
 static __always_inline void count_n(enum counter reason, __u64 n)
 {
 	__u32 key = reason;

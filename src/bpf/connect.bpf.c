@@ -78,7 +78,22 @@ static __always_inline bool from_inbound_passthrough(struct bpf_sock_addr *ctx, 
  *   8. included outbound CIDRs (-i, or *)                    the outbound port
  *   9. anything else                                         never
  */
-static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const struct dest *d)
+/* What redirect_port decided and why: for the counters and `meshbpf trace`. */
+struct decision {
+	__u64 netns_cookie;
+	__u16 reason;		/* enum trace_reason; 0: not a registered pod's decision */
+};
+
+static __always_inline __u16 decided(struct decision *out, __u16 port, enum trace_reason reason,
+				     enum counter counter)
+{
+	out->reason = reason;
+	count(counter);
+	return port;
+}
+
+static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const struct dest *d,
+					   struct decision *out)
 {
 	bool tcp = ctx->protocol == IPPROTO_TCP;
 	bool dns = d->port == DNS_PORT && (tcp || ctx->protocol == IPPROTO_UDP);
@@ -93,55 +108,43 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const stru
 	pod = lookup_pod(cookie);
 	if (!pod)
 		return 0;
-	dns = dns && (pod->flags & POD_F_CAPTURE_DNS);
+	out->netns_cookie = cookie;
 	lo = over_lo(d, pod);
 	if (!(pod->flags & POD_F_NO_OUTBOUND_EXCLUDED_PORTS) &&
-	    pod_rule(pod, cookie, d->port, RULE_OUTBOUND_EXCLUDE)) {
-		count(CNT_SKIP_EXCLUDED_PORT);
-		return 0;
-	}
-	if (lo && from_inbound_passthrough(ctx, ipv6_socket)) {
-		count(CNT_SKIP_LOOPBACK);
-		return 0;
+	    pod_rule(pod, cookie, d->port, RULE_OUTBOUND_EXCLUDE))
+		return decided(out, 0, TRACE_SKIP_EXCLUDED_PORT, CNT_SKIP_EXCLUDED_PORT);
+	if (lo && from_inbound_passthrough(ctx, ipv6_socket))
+		return decided(out, 0, TRACE_SKIP_PASSTHROUGH, CNT_SKIP_LOOPBACK);
+	if (dns && !(pod->flags & POD_F_CAPTURE_DNS)) {
+		dns = false;
+		if (!tcp) /* TCP to port 53 without DNS capture is outbound like any other */
+			return decided(out, 0, TRACE_SKIP_DNS_OFF, CNT_SKIP_NOT_INCLUDED);
 	}
 	if (is_proxy(pod, cookie)) {
 		if (tcp && lo && !to_the_loopback(d) && d->port != INBOUND_TUNNEL_PORT && !dns &&
 		    (pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) ==
-			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) {
-			count(CNT_PROXY_TO_INBOUND);
-			return pod->inbound_port;
-		}
-		count(CNT_SKIP_PROXY_UID);
-		return 0;
+			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT))
+			return decided(out, pod->inbound_port, TRACE_TO_INBOUND,
+				       CNT_PROXY_TO_INBOUND);
+		return decided(out, 0, TRACE_SKIP_PROXY, CNT_SKIP_PROXY_UID);
 	}
-	if (dns) {
-		count(CNT_DNS_REDIRECTED);
-		return pod->dns_port;
-	}
-	if (!(tcp && (pod->flags & POD_F_CAPTURE_OUTBOUND)))
-		return 0;
-	if (lo) {
-		count(CNT_SKIP_LOOPBACK);
-		return 0;
-	}
-	if (d->port == pod->outbound_port) {
-		count(CNT_SKIP_PROXY_PORT);
-		return 0;
-	}
+	if (dns)
+		return decided(out, pod->dns_port, TRACE_CAPTURED_DNS, CNT_DNS_REDIRECTED);
+	if (!(pod->flags & POD_F_CAPTURE_OUTBOUND))
+		return decided(out, 0, TRACE_SKIP_OUTBOUND_OFF, CNT_SKIP_NOT_INCLUDED);
+	if (lo)
+		return decided(out, 0, TRACE_SKIP_LOOPBACK, CNT_SKIP_LOOPBACK);
+	if (d->port == pod->outbound_port)
+		return decided(out, 0, TRACE_SKIP_PROXY_PORT, CNT_SKIP_PROXY_PORT);
 	if (!(pod->flags & POD_F_NO_OUTBOUND_EXCLUDED_CIDRS) &&
-	    in_cidrs(&cidr_exclude, pod, cookie, d->v6, d->addr)) {
-		count(CNT_SKIP_EXCLUDED_CIDR);
-		return 0;
-	}
+	    in_cidrs(&cidr_exclude, pod, cookie, d->v6, d->addr))
+		return decided(out, 0, TRACE_SKIP_EXCLUDED_CIDR, CNT_SKIP_EXCLUDED_CIDR);
 	if (!(pod->flags & POD_F_OUTBOUND_ALL_CIDRS) &&
 	    ((pod->flags & POD_F_NO_OUTBOUND_INCLUDED_PORTS) ||
 	     !pod_rule(pod, cookie, d->port, RULE_OUTBOUND_INCLUDE)) &&
-	    !in_cidrs(&cidr_include, pod, cookie, d->v6, d->addr)) {
-		count(CNT_SKIP_NOT_INCLUDED);
-		return 0;
-	}
-	count(CNT_CONNECT_REDIRECTED);
-	return pod->outbound_port;
+	    !in_cidrs(&cidr_include, pod, cookie, d->v6, d->addr))
+		return decided(out, 0, TRACE_SKIP_NOT_INCLUDED, CNT_SKIP_NOT_INCLUDED);
+	return decided(out, pod->outbound_port, TRACE_CAPTURED, CNT_CONNECT_REDIRECTED);
 }
 
 /*
@@ -155,15 +158,14 @@ const volatile bool mptcp_readable = false;
  * and sockops see. The application holds the MPTCP socket, whose getpeername() must name
  * the original destination too, so it keeps its own copy (`dst` NULL: forgets it).
  */
-static __always_inline void mptcp_parent_keeps(struct bpf_sock_addr *ctx,
-					       const struct orig_dst *dst)
+static __always_inline void mptcp_parent_keeps(struct bpf_sock *sk, const struct orig_dst *dst)
 {
 	struct mptcp_sock *msk;
 	struct sock_state *state;
 
 	if (!mptcp_readable)
 		return;
-	msk = bpf_skc_to_mptcp_sock(ctx->sk);
+	msk = bpf_skc_to_mptcp_sock(sk);
 	if (!msk)
 		return;
 	state = bpf_sk_storage_get(&sk_storage_map, msk, 0, dst ? BPF_SK_STORAGE_GET_F_CREATE : 0);
@@ -175,11 +177,12 @@ static __always_inline void mptcp_parent_keeps(struct bpf_sock_addr *ctx,
 		state->dst.family = 0;
 }
 
-static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct orig_dst *dst)
+static __always_inline bool remember(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+				      const struct orig_dst *dst)
 {
 	struct sock_state *state;
 
-	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!state) {
 		/* Without the original destination the proxy could not route: leave it alone. */
 		count(CNT_STORAGE_FAILED);
@@ -187,7 +190,7 @@ static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct ori
 	}
 	state->dst = *dst;
 	if (ctx->protocol == IPPROTO_TCP)
-		mptcp_parent_keeps(ctx, dst);
+		mptcp_parent_keeps(sk, dst);
 	return true;
 }
 
@@ -199,34 +202,63 @@ static __always_inline bool remember(struct bpf_sock_addr *ctx, const struct ori
  * socket would enter sock_hash. A datagram sent with sendto() keeps it: a reply to an
  * earlier DNS query may still be on its way.
  */
-static __always_inline int leave_alone(struct bpf_sock_addr *ctx, bool connecting)
+static __always_inline int leave_alone(struct bpf_sock_addr *ctx, struct bpf_sock *sk,
+				       bool connecting)
 {
 	struct sock_state *state;
 
 	if (!connecting)
 		return 1;
-	state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, 0);
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (state) {
 		state->dst.family = 0;
 		if (ctx->protocol == IPPROTO_TCP)
-			mptcp_parent_keeps(ctx, NULL);
+			mptcp_parent_keeps(sk, NULL);
 	}
 	return 1;
 }
 
+/* The decision, for `meshbpf trace`: what was asked, what it became. */
+static __always_inline void trace_decision(struct bpf_sock_addr *ctx, bool connecting,
+					   const struct decision *how, const struct orig_dst *dst,
+					   __u16 port)
+{
+	struct orig_dst to = {};
+
+	if (!how->reason)
+		return;
+	if (port) {
+		to.family = dst->family;
+		to.port = bpf_htons(port);
+		if (dst->family == AF_INET)
+			to.addr[0] = bpf_htonl(0x7f000001);
+		else
+			proxy_addr6(to.addr, is_v4_mapped(dst->addr));
+	}
+	trace(connecting ? TRACE_HOOK_CONNECT : TRACE_HOOK_SENDMSG, how->reason, how->netns_cookie,
+	      ctx->protocol, dst, port ? &to : NULL, true);
+}
+
+/*
+ * ctx->sk is read once, before any branch: read in several branches, clang may merge the
+ * reads into one through a computed ctx pointer, which the verifier refuses.
+ */
 static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 {
+	struct bpf_sock *sk = ctx->sk;
 	struct dest d = { .addr = { ctx->user_ip4 }, .port = bpf_ntohs(ctx->user_port) };
+	struct decision how = {};
 	struct orig_dst dst = {};
 	__u16 port;
 
-	port = redirect_port(ctx, &d);
-	if (!port)
-		return leave_alone(ctx, connecting);
+	port = redirect_port(ctx, &d, &how);
 	dst.addr[0] = d.addr[0];
 	dst.port = ctx->user_port;
 	dst.family = AF_INET;
-	if (!remember(ctx, &dst))
+	trace_decision(ctx, connecting, &how, &dst, port);
+	if (!port)
+		return leave_alone(ctx, sk, connecting);
+	if (!remember(ctx, sk, &dst))
 		return 1;
 	ctx->user_ip4 = bpf_htonl(0x7f000001);
 	ctx->user_port = bpf_htons(port);
@@ -235,6 +267,8 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 
 static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 {
+	struct bpf_sock *sk = ctx->sk;
+	struct decision how = {};
 	struct orig_dst dst = {};
 	struct dest d = { .port = bpf_ntohs(ctx->user_port) };
 	bool mapped;
@@ -256,12 +290,13 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 		d.addr[2] = dst.addr[2];
 		d.addr[3] = dst.addr[3];
 	}
-	port = redirect_port(ctx, &d);
-	if (!port)
-		return leave_alone(ctx, connecting);
+	port = redirect_port(ctx, &d, &how);
 	dst.port = ctx->user_port;
 	dst.family = AF_INET6;
-	if (!remember(ctx, &dst))
+	trace_decision(ctx, connecting, &how, &dst, port);
+	if (!port)
+		return leave_alone(ctx, sk, connecting);
+	if (!remember(ctx, sk, &dst))
 		return 1;
 	proxy_addr6(to, mapped);
 	ctx->user_ip6[0] = to[0];

@@ -180,6 +180,8 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 		return pass(ctx);
 	if (!dst) {
 		count(CNT_GETSOCKOPT_MISS);
+		trace(TRACE_HOOK_GETSOCKOPT, TRACE_ORIGIN_MISSED, bpf_get_netns_cookie(ctx),
+		      sk->protocol, NULL, NULL, true);
 		return pass(ctx);
 	}
 	if (dst->family != want)
@@ -216,6 +218,8 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 	}
 	ctx->retval = 0;
 	count(CNT_GETSOCKOPT_ANSWERED);
+	trace(TRACE_HOOK_GETSOCKOPT, TRACE_ORIGIN_ANSWERED, bpf_get_netns_cookie(ctx), sk->protocol,
+	      dst, NULL, true);
 	return 1;
 efault:
 	ctx->retval = -EFAULT;

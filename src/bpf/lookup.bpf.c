@@ -68,24 +68,57 @@ static __always_inline bool assign(struct bpf_sk_lookup *ctx, struct bpf_sock *s
 	return err == 0;
 }
 
+/* The connection's fate, for `meshbpf trace`: its destination, and the listener's port. */
+static __always_inline void trace_inbound(struct bpf_sk_lookup *ctx, enum trace_reason reason,
+					  __u16 port)
+{
+	struct orig_dst dst = { .port = bpf_htons((__u16)ctx->local_port), .family = ctx->family };
+	struct orig_dst to = { .port = bpf_htons(port), .family = ctx->family };
+
+	/*
+	 * Every field read before the family is looked at (local_ip6 reads as zeros for
+	 * IPv4): read in two branches, clang merges the reads through a computed ctx pointer,
+	 * which the verifier refuses.
+	 */
+	__u32 ip4 = ctx->local_ip4, ip6_0 = ctx->local_ip6[0], ip6_1 = ctx->local_ip6[1],
+	      ip6_2 = ctx->local_ip6[2], ip6_3 = ctx->local_ip6[3];
+
+	barrier_var(ip4);
+	barrier_var(ip6_0);
+	barrier_var(ip6_1);
+	barrier_var(ip6_2);
+	barrier_var(ip6_3);
+	if (dst.family == AF_INET) {
+		dst.addr[0] = ip4;
+	} else {
+		dst.addr[0] = ip6_0;
+		dst.addr[1] = ip6_1;
+		dst.addr[2] = ip6_2;
+		dst.addr[3] = ip6_3;
+	}
+	trace(TRACE_HOOK_SK_LOOKUP, reason, pod_cookie, IPPROTO_TCP, &dst,
+	      reason == TRACE_INBOUND_TO_PROXY ? &to : NULL, false);
+}
+
 /* To the sidecar's listener on `port`: for IPv4, its IPv4 one, else a dual-stack one. */
 static __always_inline int to_proxy(struct bpf_sk_lookup *ctx, __u16 port)
 {
 	struct bpf_sock *sk = find_listener(port, ctx->family, LISTENER_PROXY);
 
-	if (sk && assign(ctx, sk)) {
-		count(CNT_INBOUND_TO_PROXY);
-		return SK_PASS;
-	}
+	if (sk && assign(ctx, sk))
+		goto assigned;
 	if (ctx->family == AF_INET) {
 		sk = find_listener(port, AF_INET6, LISTENER_PROXY);
-		if (sk && assign(ctx, sk)) {
-			count(CNT_INBOUND_TO_PROXY);
-			return SK_PASS;
-		}
+		if (sk && assign(ctx, sk))
+			goto assigned;
 	}
 	count(CNT_INBOUND_REFUSED);
+	trace_inbound(ctx, TRACE_INBOUND_REFUSED, port);
 	return SK_DROP;
+assigned:
+	count(CNT_INBOUND_TO_PROXY);
+	trace_inbound(ctx, TRACE_INBOUND_TO_PROXY, port);
+	return SK_PASS;
 }
 
 /* Bind mode, IPv6 over lo to [::1]:PORT: an application's dual-stack listener, moved to

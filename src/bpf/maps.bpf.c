@@ -16,6 +16,9 @@ const volatile struct {
 	enum cidr_key_bits cidr_key_bits;
 	enum meta_flag meta_flag;
 	enum listener_owner listener_owner;
+	enum trace_hook trace_hook;
+	enum trace_reason trace_reason;
+	struct decision_event decision_event;
 	enum counter counter;
 } meshbpf_abi;
 

@@ -13,7 +13,7 @@
 #define __MESHBPF_H
 
 enum consts {
-	MESHBPF_LAYOUT_VERSION = 9,
+	MESHBPF_LAYOUT_VERSION = 10,
 
 	/* Map bounds (documented in the README). */
 	MAX_PODS = 16384,		/* cookie_map: registered network namespaces */
@@ -24,6 +24,8 @@ enum consts {
 	MAX_SOCKMAP_SOCKETS = 65536,	/* sock_hash: accelerated loopback sockets (two per connection) */
 	MAX_LISTENERS = 65536,		/* listeners: sidecar and dual-stack application listeners */
 	MAX_COUNTERS = 128,		/* counters: room for new reasons without a new layout */
+	TRACE_SLOTS = 4,		/* `meshbpf trace` readers at once, each with its ring */
+	TRACE_RING_BYTES = 256 * 1024,	/* each trace ring */
 
 	CGROUP_PATH_MAX = 256,
 	NO_GID = 0xffffffff,		/* pod_settings.proxy_gid: none */
@@ -201,6 +203,59 @@ struct mesh_meta {
 	__u32 flags;		/* enum meta_flag */
 	__u64 cgroup_id;
 	char cgroup_path[CGROUP_PATH_MAX];
+};
+
+/*
+ * `meshbpf trace`: one event per decision a program takes, written to the ring of every
+ * active reader (trace_ring_0..3) while trace_ctl[0], a mask of active slots, is non-zero;
+ * trace_ctl[1 + slot] holds the reader's pid. With no reader, a decision costs one inlined
+ * array lookup.
+ */
+enum trace_hook {
+	TRACE_HOOK_CONNECT = 1,		/* connect4/6 */
+	TRACE_HOOK_SENDMSG = 2,		/* sendmsg4/6: an unconnected datagram */
+	TRACE_HOOK_BIND = 3,		/* bind4/6 */
+	TRACE_HOOK_SOCKOPS = 4,		/* sockops */
+	TRACE_HOOK_GETSOCKOPT = 5,	/* getsockopt: SO_ORIGINAL_DST */
+	TRACE_HOOK_SK_LOOKUP = 6,	/* the pod's sk_lookup: a new inbound connection */
+};
+
+/* Why a program decided what it did; Rust gives each the words `trace` and `explain` print. */
+enum trace_reason {
+	TRACE_CAPTURED = 1,		/* to the sidecar's outbound listener */
+	TRACE_CAPTURED_DNS = 2,		/* to the sidecar's DNS listener */
+	TRACE_TO_INBOUND = 3,		/* the sidecar's call to its own pod: to its inbound listener */
+	TRACE_SKIP_PROXY = 4,		/* the sidecar's own socket (uid/gid) */
+	TRACE_SKIP_LOOPBACK = 5,	/* over lo: loopback or the pod's own address */
+	TRACE_SKIP_PASSTHROUGH = 6,	/* from 127.0.0.6 / ::6 over lo */
+	TRACE_SKIP_EXCLUDED_PORT = 7,	/* an excluded outbound port */
+	TRACE_SKIP_EXCLUDED_CIDR = 8,	/* an excluded outbound CIDR */
+	TRACE_SKIP_NOT_INCLUDED = 9,	/* outside the included CIDRs and ports */
+	TRACE_SKIP_DNS_OFF = 10,	/* port 53, DNS capture off */
+	TRACE_SKIP_OUTBOUND_OFF = 11,	/* outbound capture off */
+	TRACE_SKIP_PROXY_PORT = 12,	/* to the outbound listener's port itself */
+	TRACE_INBOUND_MOVED = 13,	/* a wildcard bind moved to loopback */
+	TRACE_INBOUND_KEPT = 14,	/* a wildcard bind on an excluded or not included port */
+	TRACE_ORIGIN_PUBLISHED = 15,	/* sockops: the original destination, for the sidecar */
+	TRACE_SOCKMAP_ADDED = 16,	/* sockops: on the sockmap fast path */
+	TRACE_ORIGIN_ANSWERED = 17,	/* getsockopt: SO_ORIGINAL_DST answered */
+	TRACE_ORIGIN_MISSED = 18,	/* getsockopt: SO_ORIGINAL_DST asked, none known */
+	TRACE_INBOUND_TO_PROXY = 19,	/* sk_lookup: to the sidecar's listener */
+	TRACE_INBOUND_REFUSED = 20,	/* sk_lookup: no sidecar listener: refused */
+};
+
+struct decision_event {
+	__u64 time_ns;		/* bpf_ktime_get_ns() */
+	__u64 netns_cookie;
+	__u32 pid;		/* the calling process (0 where there is none: sockops, sk_lookup) */
+	__u32 uid;
+	char comm[16];
+	struct orig_dst dst;	/* the address asked for (or the socket's peer) */
+	struct orig_dst to;	/* what it became (family 0: unchanged) */
+	__u16 hook;		/* enum trace_hook */
+	__u16 reason;		/* enum trace_reason */
+	__u8 protocol;		/* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 _pad[7];
 };
 
 /*

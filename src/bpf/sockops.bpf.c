@@ -109,6 +109,8 @@ static __always_inline bool accelerate_sender(struct bpf_sock_ops *skops, struct
 	if (!sockmap_wanted(skops) || !sockmap_add(skops))
 		return false;
 	state->flags |= SOCK_F_SOCKMAP_SENDER;
+	trace(TRACE_HOOK_SOCKOPS, TRACE_SOCKMAP_ADDED, bpf_get_netns_cookie(skops), IPPROTO_TCP,
+	      &state->dst, NULL, false);
 	/* STATE: to leave sock_hash when it shuts down writing (sockmap_leave). RTT: to leave it
 	 * after a small first message, at that message's ACK (sockmap_first_ack). */
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG |
@@ -200,6 +202,8 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 		return;
 	}
 	count(CNT_ORIGIN_RECORDED);
+	trace(TRACE_HOOK_SOCKOPS, TRACE_ORIGIN_PUBLISHED, key.netns_cookie, IPPROTO_TCP, &dst, NULL,
+	      false);
 	/* Until established, its own close removes the entry: a connect that fails has no
 	 * sidecar end to do it. */
 	state->flags |= SOCK_F_ORIGIN_PENDING;
