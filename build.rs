@@ -225,6 +225,22 @@ fn abi_gen(linked: &Path) -> Result<String, String> {
         let _ = writeln!(out, "    {:?},", short.to_ascii_lowercase());
     }
     out.push_str("];\n\n");
+    for (enum_name, constant) in [
+        ("trace_reason", "TRACE_REASONS"),
+        ("trace_hook", "TRACE_HOOKS"),
+    ] {
+        let values: Enum<'_> = btf
+            .type_by_name(enum_name)
+            .ok_or(format!("meshbpf.h has no enum {enum_name}"))?;
+        let values: Vec<String> = values.iter().map(|m| m.value.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "/// Every value of `enum {enum_name}` (meshbpf.h).\n\
+             #[allow(dead_code)]\npub const {constant}: [u16; {}] = [{}];\n",
+            values.len(),
+            values.join(", ")
+        );
+    }
 
     let object = fs::read(linked).map_err(|e| e.to_string())?;
     let mut open = libbpf_rs::ObjectBuilder::default()

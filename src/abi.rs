@@ -19,6 +19,8 @@ mod generated {
 }
 pub(crate) use generated::map;
 pub use generated::COUNTER_NAMES;
+#[cfg(test)]
+pub(crate) use generated::{TRACE_HOOKS, TRACE_REASONS};
 
 /// The map layout this build reads and writes (`MESHBPF_LAYOUT_VERSION` in meshbpf.h).
 pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;

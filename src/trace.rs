@@ -40,6 +40,8 @@ pub enum Hook {
     Getsockopt,
     /// A new inbound connection (the pod's sk_lookup program).
     SkLookup,
+    /// A message of an accelerated connection (sk_msg).
+    SkMsg,
 }
 
 impl Hook {
@@ -52,6 +54,7 @@ impl Hook {
             (trace_hook::TRACE_HOOK_SOCKOPS, Hook::Sockops),
             (trace_hook::TRACE_HOOK_GETSOCKOPT, Hook::Getsockopt),
             (trace_hook::TRACE_HOOK_SK_LOOKUP, Hook::SkLookup),
+            (trace_hook::TRACE_HOOK_SK_MSG, Hook::SkMsg),
         ]
         .into_iter()
         .find_map(|(k, h)| (k.0 == raw).then_some(h))
@@ -67,6 +70,7 @@ impl fmt::Display for Hook {
             Hook::Sockops => "sockops",
             Hook::Getsockopt => "getsockopt",
             Hook::SkLookup => "inbound",
+            Hook::SkMsg => "sk_msg",
         })
     }
 }
@@ -95,13 +99,15 @@ pub enum Reason {
     OriginMissed,
     InboundToProxy,
     InboundRefused,
+    SockmapLeftSmall,
+    SockmapLeftShutdown,
     /// `explain` only: UDP to a port other than 53 is never looked at.
     SkipUdpNotDns,
     /// `explain` only: the pod is not registered.
     NotRegistered,
 }
 
-const REASONS: [(trace_reason, Reason); 20] = [
+const REASONS: [(trace_reason, Reason); 22] = [
     (trace_reason::TRACE_CAPTURED, Reason::Captured),
     (trace_reason::TRACE_CAPTURED_DNS, Reason::CapturedDns),
     (trace_reason::TRACE_TO_INBOUND, Reason::ToInbound),
@@ -140,6 +146,14 @@ const REASONS: [(trace_reason, Reason); 20] = [
     (trace_reason::TRACE_ORIGIN_MISSED, Reason::OriginMissed),
     (trace_reason::TRACE_INBOUND_TO_PROXY, Reason::InboundToProxy),
     (trace_reason::TRACE_INBOUND_REFUSED, Reason::InboundRefused),
+    (
+        trace_reason::TRACE_SOCKMAP_LEFT_SMALL,
+        Reason::SockmapLeftSmall,
+    ),
+    (
+        trace_reason::TRACE_SOCKMAP_LEFT_SHUTDOWN,
+        Reason::SockmapLeftShutdown,
+    ),
 ];
 
 impl Reason {
@@ -183,6 +197,8 @@ impl fmt::Display for Reason {
             Reason::OriginMissed => "SO_ORIGINAL_DST missed: no original destination known",
             Reason::InboundToProxy => "inbound: handed to the sidecar's listener",
             Reason::InboundRefused => "inbound: refused, no sidecar listener",
+            Reason::SockmapLeftSmall => "sockmap: left, first message below sockmap_min_bytes",
+            Reason::SockmapLeftShutdown => "sockmap: left, the application shut down writing",
             Reason::SkipUdpNotDns => "skipped: UDP to a port other than 53",
             Reason::NotRegistered => "skipped: the pod is not registered",
         })
@@ -643,5 +659,26 @@ fn loopback_for(dst: IpAddr) -> IpAddr {
     match dst {
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_none() => IpAddr::V6(Ipv6Addr::LOCALHOST),
         _ => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_reason_and_hook_of_the_programs_has_words() {
+        for raw in abi::TRACE_REASONS {
+            assert!(
+                Reason::from_raw(raw).is_some(),
+                "trace_reason {raw} has no Reason"
+            );
+        }
+        for raw in abi::TRACE_HOOKS {
+            assert!(
+                Hook::from_raw(raw).is_some(),
+                "trace_hook {raw} has no Hook"
+            );
+        }
     }
 }

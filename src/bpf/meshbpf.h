@@ -218,6 +218,7 @@ enum trace_hook {
 	TRACE_HOOK_SOCKOPS = 4,		/* sockops */
 	TRACE_HOOK_GETSOCKOPT = 5,	/* getsockopt: SO_ORIGINAL_DST */
 	TRACE_HOOK_SK_LOOKUP = 6,	/* the pod's sk_lookup: a new inbound connection */
+	TRACE_HOOK_SK_MSG = 7,		/* sk_msg: a message of an accelerated connection */
 };
 
 /* Why a program decided what it did; Rust gives each the words `trace` and `explain` print. */
@@ -242,6 +243,8 @@ enum trace_reason {
 	TRACE_ORIGIN_MISSED = 18,	/* getsockopt: SO_ORIGINAL_DST asked, none known */
 	TRACE_INBOUND_TO_PROXY = 19,	/* sk_lookup: to the sidecar's listener */
 	TRACE_INBOUND_REFUSED = 20,	/* sk_lookup: no sidecar listener: refused */
+	TRACE_SOCKMAP_LEFT_SMALL = 21,	/* sk_msg: a small first message: leaves the fast path */
+	TRACE_SOCKMAP_LEFT_SHUTDOWN = 22, /* sockops: shut down writing: left the fast path */
 };
 
 struct decision_event {

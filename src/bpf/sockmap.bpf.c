@@ -73,6 +73,8 @@ static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, str
 	}
 	state->flags = (state->flags & ~SOCK_F_SOCKMAP_SENDER) | SOCK_F_SOCKMAP_LEAVE;
 	count(CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG);
+	trace(TRACE_HOOK_SK_MSG, TRACE_SOCKMAP_LEFT_SMALL, bpf_get_netns_cookie(msg), IPPROTO_TCP,
+	      &state->dst, NULL, false);
 	return false;
 }
 

@@ -147,8 +147,11 @@ static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
 	if (!state || !(state->flags & (SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE)))
 		return;
 	state->flags &= ~(SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE);
-	if (sock_hash_remove(skops))
-		count(CNT_SOCKMAP_LEFT_ON_SHUTDOWN);
+	if (!sock_hash_remove(skops))
+		return;
+	count(CNT_SOCKMAP_LEFT_ON_SHUTDOWN);
+	trace(TRACE_HOOK_SOCKOPS, TRACE_SOCKMAP_LEFT_SHUTDOWN, bpf_get_netns_cookie(skops),
+	      IPPROTO_TCP, &state->dst, NULL, false);
 }
 
 /*
