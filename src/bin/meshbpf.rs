@@ -102,8 +102,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print the Istio Sidecar resource that lets stock istiod serve a bind-mode pod: one
-    /// ingress listener per discovered inbound port (captureMode NONE, to 127.0.0.1:PORT).
+    /// Print the Istio Sidecar resource that lets stock istiod serve a bind-mode pod.
+    ///
+    /// One ingress listener per discovered inbound port: captureMode NONE, to 127.0.0.1:PORT.
     SidecarResource(SidecarResourceArgs),
     /// Look up the original destination of a captured connection.
     Origin {
