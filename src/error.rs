@@ -170,6 +170,41 @@ pub enum Error {
     #[error("invalid setting: {0}")]
     InvalidSetting(String),
 
+    /// The network namespace is not a registered pod's.
+    #[error(
+        "{path} is not registered with meshbpf; register it first (`meshbpf register --netns \
+         {path} ...`)"
+    )]
+    NotRegistered {
+        /// The path given.
+        path: PathBuf,
+    },
+
+    /// Istio's `Sidecar` resource was asked for a pod that is not in bind mode.
+    #[error(
+        "{path} is registered with inbound mode {mode}: the Sidecar resource (one Envoy listener \
+         per port, captureMode NONE) is for bind mode, where the applications' listeners move \
+         to loopback; register the pod with --inbound-mode bind, or keep redirect mode, which \
+         stock Istio serves without a Sidecar resource"
+    )]
+    NotBindMode {
+        /// The path given.
+        path: PathBuf,
+        /// The pod's inbound mode.
+        mode: String,
+    },
+
+    /// Istio's `Sidecar` resource was asked for a bind-mode pod with no listener discovered.
+    #[error(
+        "no inbound listener discovered in {path} yet: the Sidecar resource lists the ports its \
+         applications listen on; start them (a wildcard bind made after registration is \
+         discovered), then ask again"
+    )]
+    NoInboundListeners {
+        /// The path given.
+        path: PathBuf,
+    },
+
     /// A CNI network configuration file cannot be read as one.
     #[error(
         "{path}: {reason}; the primary CNI plugin writes this file: fix it, or let that plugin \

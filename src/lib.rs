@@ -23,6 +23,7 @@ mod abi;
 pub mod agent;
 pub mod cni;
 mod error;
+pub mod istio;
 mod mapio;
 mod mesh;
 mod migrate;

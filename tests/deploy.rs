@@ -1,6 +1,8 @@
 //! deploy/: the manifests are valid Kubernetes objects (PyPI kubernetes-validate against the
 //! bundled schemas, offline, strict), the DaemonSet's flags are ones `meshbpf agent` takes,
-//! and the ConfigMap's plugin conf is one the agent and the plugin accept.
+//! and the ConfigMap's plugin conf is one the agent and the plugin accept. The Istio
+//! injection template (deploy/istio/) is checked as far as this machine can without istiod:
+//! what it deletes and adds, and that what it adds validates in a Pod.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -145,6 +147,11 @@ fn the_manifests_run_flags_meshbpf_takes() {
             "- name: meshbpf-init",
             "register",
         ),
+        (
+            "istio/injection-values.yaml",
+            "image: registry.example.com/meshbpf",
+            "register",
+        ),
     ] {
         let manifest = std::fs::read_to_string(deploy(file)).unwrap();
         let command = command_after(&manifest, container);
@@ -157,4 +164,92 @@ fn the_manifests_run_flags_meshbpf_takes() {
             .unwrap();
         assert!(out.status.success(), "{file}: {command:?}: {out:?}");
     }
+}
+
+/// The items of the block list `key:` in `text`, each as its lines (the first starts `- `).
+fn list_items(text: &str, key: &str) -> Vec<Vec<String>> {
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let mut lines = text.lines().skip_while(|l| l.trim() != format!("{key}:"));
+    let header = lines
+        .next()
+        .unwrap_or_else(|| panic!("no {key}: in {text}"));
+    let mut items: Vec<Vec<String>> = Vec::new();
+    for line in lines.take_while(|l| l.trim().is_empty() || indent(l) > indent(header)) {
+        if line.trim_start().starts_with("- ")
+            && items.first().is_none_or(|i| indent(&i[0]) == indent(line))
+        {
+            items.push(Vec::new());
+        }
+        if let Some(item) = items.last_mut() {
+            item.push(line.to_string());
+        }
+    }
+    items
+}
+
+#[test]
+fn the_istio_injection_template_puts_a_valid_meshbpf_init_container_in_istio_init_s_place() {
+    let values = std::fs::read_to_string(deploy("istio/injection-values.yaml")).unwrap();
+    let template = block_scalar(&values, "meshbpf");
+    // Plain YAML: nothing for istiod's text/template to render.
+    assert!(!template.contains("{{"), "{template}");
+    let name = |item: &[String]| {
+        item.iter()
+            .find_map(|l| {
+                l.trim_start()
+                    .trim_start_matches("- ")
+                    .strip_prefix("name: ")
+            })
+            .unwrap_or_else(|| panic!("no name in {item:?}"))
+            .to_string()
+    };
+    let (deleted, added): (Vec<_>, Vec<_>) = list_items(&template, "initContainers")
+        .into_iter()
+        .partition(|item| item.iter().any(|l| l.trim() == "$patch: delete"));
+    // Istio's init containers go, whichever the install injects ...
+    let names: Vec<String> = deleted.iter().map(|i| name(i)).collect();
+    assert_eq!(names, ["istio-init", "istio-validation"]);
+    // ... and one takes istio-init's name (and so its place in Istio's ordering), running
+    // meshbpf's registration in Istio's redirect mode.
+    assert_eq!(added.len(), 1, "{added:?}");
+    assert_eq!(name(&added[0]), "istio-init");
+    let command = command_after(&added[0].join("\n"), "- name: istio-init");
+    assert_eq!(
+        command,
+        [
+            "meshbpf",
+            "register",
+            "--netns=/proc/self/ns/net",
+            "--pin-dir=/sys/fs/bpf/meshbpf",
+            "--mesh=istio"
+        ]
+    );
+    // Its fields are ones Kubernetes takes: the template without its delete directives, in a
+    // Pod beside an application container, validated like the manifests.
+    let Some(validator) = validator() else {
+        return;
+    };
+    let mut kept = template.clone();
+    for item in &deleted {
+        kept = kept.replacen(&format!("{}\n", item.join("\n")), "", 1);
+    }
+    let spec = kept
+        .strip_prefix("spec:\n")
+        .unwrap_or_else(|| panic!("the template does not start with spec: {kept}"));
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: injected\n  namespace: shop\nspec:\n  \
+         containers:\n    - name: app\n      image: registry.example.com/web:1.0\n{spec}\n"
+    );
+    assert!(
+        pod.contains("hostPath:") && !pod.contains("$patch"),
+        "{pod}"
+    );
+    let file = std::env::temp_dir().join(format!("meshbpf-injected-{}.yaml", std::process::id()));
+    std::fs::write(&file, &pod).unwrap();
+    let (ok, text) = validate(&validator, std::slice::from_ref(&file));
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        ok && text.contains("passed for resource pod/injected"),
+        "{text}\n{pod}"
+    );
 }

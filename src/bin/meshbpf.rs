@@ -142,6 +142,10 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+    /// Print the Istio Sidecar resource that lets stock istiod serve a bind-mode pod.
+    ///
+    /// One ingress listener per discovered inbound port: captureMode NONE, to 127.0.0.1:PORT.
+    SidecarResource(SidecarResourceArgs),
     /// Look up the original destination of a captured connection.
     Origin {
         /// The pod's network namespace.
@@ -159,6 +163,49 @@ enum Command {
         #[command(flatten)]
         pin: PinDirArg,
     },
+}
+
+#[derive(clap::Args)]
+struct SidecarResourceArgs {
+    /// The pod's network namespace (registered with --inbound-mode bind).
+    #[arg(long)]
+    netns: PathBuf,
+    /// The resource's metadata.name.
+    #[arg(long, default_value = meshbpf::istio::DEFAULT_SIDECAR_NAME)]
+    name: String,
+    /// The resource's metadata.namespace (left out if not given).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// A label of the pod for spec.workloadSelector, KEY=VALUE; repeat for several.
+    #[arg(long, value_name = "KEY=VALUE")]
+    selector: Vec<String>,
+    #[command(flatten)]
+    pin: PinDirArg,
+}
+
+/// Prints the Sidecar resource as YAML on stdout (and nothing else there).
+fn print_sidecar_resource(args: &SidecarResourceArgs) -> anyhow::Result<()> {
+    let selector = args
+        .selector
+        .iter()
+        .map(|text| meshbpf::istio::parse_selector(text))
+        .collect::<meshbpf::Result<_>>()?;
+    let mesh = Mesh::open(&args.pin.pin_dir)?;
+    let resource = meshbpf::istio::SidecarResource::for_netns(
+        &mesh,
+        &args.netns,
+        &args.name,
+        args.namespace.as_deref(),
+        selector,
+    )?;
+    if resource.selector.is_empty() {
+        eprintln!(
+            "meshbpf: no --selector: this Sidecar applies to every workload of its namespace \
+             that has no Sidecar of its own"
+        );
+    }
+    print!("{resource}");
+    Ok(())
 }
 
 #[derive(clap::Args)]
@@ -339,6 +386,9 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::NotOurPinDir { .. }
             | Error::AttachedElsewhere { .. }
             | Error::InvalidSetting(_)
+            | Error::NotRegistered { .. }
+            | Error::NotBindMode { .. }
+            | Error::NoInboundListeners { .. }
             | Error::CniConfig { .. },
         ) => exit::BAD_INPUT,
         _ => exit::FAILURE,
@@ -498,6 +548,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Agent(args) => run_agent(&args)?,
+        Command::SidecarResource(args) => print_sidecar_resource(&args)?,
         Command::Check { json } => {
             let features = meshbpf::probe();
             if json {
