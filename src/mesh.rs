@@ -22,6 +22,8 @@ use crate::system::{self, Privilege};
 
 /// Where links and maps are pinned unless told otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshbpf";
+/// Envoy's IPv6 inbound passthrough source (`InboundPassthroughBindIpv6`).
+const INBOUND_PASSTHROUGH_6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
 /// A registered pod: its netns cookie and settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,6 +218,13 @@ impl Mesh {
             return Err(err);
         }
         let (ip4, ip6) = netns.addresses()?;
+        // Envoy's IPv6 inbound passthrough binds ::6, which istio-init puts on lo.
+        if settings.inbound_mode == InboundMode::Redirect && ip6.is_some() {
+            if let Err(err) = netns.add_loopback_address(INBOUND_PASSTHROUGH_6) {
+                self.delete_entries(&new);
+                return Err(err);
+            }
+        }
         let raw = RawPodSettings {
             netns_ino: netns_inode,
             lists_gen: gen,

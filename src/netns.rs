@@ -116,6 +116,36 @@ impl Netns {
         found.context(|| format!("reading the addresses of {}", self.path.display()))
     }
 
+    /// Adds `ip`/128 to the namespace's lo, as `ip -6 addr add ::6/128 dev lo` (istio-init
+    /// does it for Envoy's IPv6 inbound passthrough source, `::6`); already there is fine.
+    /// Needs CAP_NET_ADMIN.
+    pub(crate) fn add_loopback_address(&self, ip: Ipv6Addr) -> Result<()> {
+        let fd = self
+            .file
+            .as_fd()
+            .try_clone_to_owned()
+            .context(|| format!("duplicating {}", self.path.display()))?;
+        let added = std::thread::scope(|scope| {
+            scope
+                .spawn(move || -> std::io::Result<()> {
+                    setns(&fd, CloneFlags::CLONE_NEWNET)?;
+                    rtnetlink_add_address(LOOPBACK_IFINDEX, ip)
+                })
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("netlink thread panicked")))
+        });
+        match added {
+            Err(err) if err.raw_os_error() == Some(nix::libc::EEXIST) => Ok(()),
+            Err(err) if err.raw_os_error() == Some(nix::libc::EPERM) => {
+                Err(Error::PermissionDenied {
+                    action: "add ::6 to the pod's lo (Envoy's IPv6 inbound passthrough source)",
+                    missing: "CAP_NET_ADMIN (or register with --inbound-mode bind)".into(),
+                })
+            }
+            other => other.context(|| format!("adding {ip}/128 to lo in {}", self.path.display())),
+        }
+    }
+
     /// The open namespace file.
     pub(crate) fn file(&self) -> &File {
         &self.file
@@ -191,6 +221,64 @@ fn check_is_netns(path: &Path, file: &File) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// lo is the first interface of every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// One RTM_NEWADDR request over rtnetlink (linux/rtnetlink.h, linux/if_addr.h), in the
+/// calling thread's network namespace: `ip`/128 on interface `ifindex`.
+fn rtnetlink_add_address(ifindex: u32, ip: Ipv6Addr) -> std::io::Result<()> {
+    use nix::libc;
+    const RTM_NEWADDR: u16 = 20;
+    const IFA_ADDRESS: u16 = 1;
+    const IFA_LOCAL: u16 = 2;
+    const FLAGS: u16 =
+        (libc::NLM_F_REQUEST | libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
+    // nlmsghdr (16) + ifaddrmsg (8) + two rtattrs of 4 + 16 bytes.
+    let mut msg = Vec::with_capacity(64);
+    msg.extend_from_slice(&64u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_NEWADDR.to_ne_bytes());
+    msg.extend_from_slice(&FLAGS.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // the kernel
+    msg.extend_from_slice(&[libc::AF_INET6 as u8, 128, 0, 0]); // family, prefix, flags, scope
+    msg.extend_from_slice(&ifindex.to_ne_bytes());
+    for kind in [IFA_LOCAL, IFA_ADDRESS] {
+        msg.extend_from_slice(&20u16.to_ne_bytes());
+        msg.extend_from_slice(&kind.to_ne_bytes());
+        msg.extend_from_slice(&ip.octets());
+    }
+    // SAFETY: plain socket(2), send(2) and recv(2) on a descriptor owned right away.
+    let sock = unsafe {
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        OwnedFd::from_raw_fd(fd)
+    };
+    // SAFETY: `msg` is valid for its length.
+    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The acknowledgement: nlmsghdr, then nlmsgerr's error (0, or a negative errno).
+    let mut reply = [0u8; 1024];
+    // SAFETY: `reply` is valid for its length.
+    let n = unsafe { libc::recv(sock.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if n < 20 || u16::from_ne_bytes([reply[4], reply[5]]) != libc::NLMSG_ERROR as u16 {
+        return Err(std::io::Error::other("unexpected rtnetlink reply"));
+    }
+    match i32::from_ne_bytes([reply[16], reply[17], reply[18], reply[19]]) {
+        0 => Ok(()),
+        err => Err(std::io::Error::from_raw_os_error(-err)),
+    }
 }
 
 /// The cookie of the namespace `ns`: a socket made inside it reports it through

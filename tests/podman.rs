@@ -485,8 +485,8 @@ fn an_init_container_registers_its_pod_with_only_sys_admin_and_the_pin_dir_mount
     );
     assert!(mesh.pods().unwrap().is_empty());
 
-    // With every capability dropped but CAP_SYS_ADMIN, no privilege escalation, and the pin
-    // dir mounted (deploy/pod-init-container.yaml): registered.
+    // With every capability dropped but CAP_SYS_ADMIN and CAP_NET_ADMIN, no privilege
+    // escalation, and the pin dir mounted (deploy/pod-init-container.yaml): registered.
     let out = pm.run(
         "init",
         in_pod,
@@ -494,7 +494,7 @@ fn an_init_container_registers_its_pod_with_only_sys_admin_and_the_pin_dir_mount
             "--cap-drop",
             "all",
             "--cap-add",
-            "sys_admin",
+            "sys_admin,net_admin",
             "--security-opt",
             "no-new-privileges",
             "-v",

@@ -63,7 +63,7 @@ backend passthrough6
 ";
 
 /// The two pods compared: one registered with meshbpf in redirect mode, one behind
-/// istio-iptables. Both have ::6 on lo, as istio-init adds it for Envoy's IPv6 passthrough.
+/// istio-iptables. Both have ::6 on lo, which Envoy's IPv6 passthrough binds.
 struct World {
     env: Env,
     meshed: Pod,
@@ -100,9 +100,9 @@ fn world() -> World {
             file.display()
         )));
     }
-    for pod in [&meshed, &iptables] {
-        sh(Command::new("ip").args(["-n", &pod.name, "addr", "add", "::6/128", "dev", "lo"]));
-    }
+    // istio-init puts ::6 on lo for Envoy's IPv6 passthrough; `register` does it for the
+    // meshed pod.
+    sh(Command::new("ip").args(["-n", &iptables.name, "addr", "add", "::6/128", "dev", "lo"]));
     World {
         env,
         meshed,
@@ -305,4 +305,51 @@ fn istio_validation_passes_as_behind_istio_iptables_and_fails_without_capture() 
             stdout_of(&out)
         );
     }
+}
+
+/// In redirect mode an IPv6 pod gets ::6 on lo (Envoy's IPv6 passthrough source), as
+/// istio-init gives it; a caller without CAP_NET_ADMIN is refused, naming it, and the pod is
+/// not half registered. An IPv4-only pod needs nothing (127.0.0.6 is in 127/8).
+#[test]
+fn an_ipv6_pod_gets_its_passthrough_address_and_without_cap_net_admin_is_refused() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("v6");
+    let lo_has_6 = |pod: &Pod| {
+        let out = sh(Command::new("ip").args(["-n", &pod.name, "-6", "addr", "show", "dev", "lo"]));
+        String::from_utf8_lossy(&out.stdout).contains("inet6 ::6/128")
+    };
+    assert!(!lo_has_6(&pod));
+    let netns = pod.netns.to_str().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--bounding-set", "-net_admin", "--"])
+        .arg(cli())
+        .args(["register", "--netns", netns, "--pin-dir"])
+        .arg(&env.pin_dir)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(4), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("CAP_NET_ADMIN"),
+        "{out:?}"
+    );
+    assert!(mesh.pods().unwrap().is_empty(), "half registered");
+    for map in mesh.map_usage().unwrap() {
+        if ["cookie_map", "pod_rules", "cidr_include", "cidr_exclude"].contains(&map.name) {
+            assert_eq!(map.entries, Some(0), "{}", map.name);
+        }
+    }
+
+    stdout_of(&env.meshbpf(&["register", "--netns", netns]));
+    assert!(lo_has_6(&pod));
+    // Again (an update): already there is fine.
+    stdout_of(&env.meshbpf(&["register", "--netns", netns]));
+    // The bind model does not add it.
+    let other = env.pod("bindmode");
+    let other_ns = other.netns.to_str().unwrap();
+    stdout_of(&env.meshbpf(&["register", "--netns", other_ns, "--inbound-mode", "bind"]));
+    assert!(!lo_has_6(&other));
 }
