@@ -380,3 +380,55 @@ fn mptcp_connections_are_captured_and_report_where_they_connected() {
         },
     );
 }
+
+/// What the application learns of its own captured connection: getsockname() names the
+/// pod's address (a `getsockname4/6` hook rewrites the loopback source connect4/6 led to)
+/// and getpeername() the destination it asked for, as behind iptables, where NAT is undone
+/// for both. Only the kernel's socket table (`ss`, /proc/net/tcp) still shows loopback.
+#[test]
+fn a_captured_connection_names_the_pod_and_the_destination_as_behind_iptables() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings::default());
+    let reference = iptables_pod(&mut w._env, "iptables");
+    for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
+        let sidecar = pod.sidecar();
+        for v6 in [false, true] {
+            let dest = w.server.addr(v6, port(v6, 8080));
+            let probe = pod.connect(&dest, &[]);
+            assert!(probe.ok, "{name}: {probe:?}");
+            let own = if v6 {
+                format!("[{}]:", pod.v6)
+            } else {
+                format!("{}:", pod.v4)
+            };
+            let sockname = probe.get("sockname");
+            assert!(sockname.starts_with(&own), "{name} {dest}: {probe:?}");
+            assert_eq!(probe.get("peer"), dest, "{name}");
+            // The same ephemeral port as the socket really has.
+            let port_of = |a: &str| a.rsplit_once(':').map(|(_, p)| p.to_string());
+            assert_eq!(
+                port_of(&sockname),
+                port_of(&probe.get("local")),
+                "{name}: {probe:?}"
+            );
+            let table = if name == "meshbpf" {
+                if v6 {
+                    "[::1]:"
+                } else {
+                    "127.0.0.1:"
+                }
+            } else {
+                own.as_str()
+            };
+            assert!(probe.get("local").starts_with(table), "{name}: {probe:?}");
+        }
+        assert_eq!(
+            sidecar.lines("outbound ").len(),
+            2,
+            "{name}: {}",
+            sidecar.output()
+        );
+    }
+}
