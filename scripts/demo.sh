@@ -90,6 +90,11 @@ step "meshbpf attach --cgroup $CG"
 step "meshbpf register --netns /run/netns/mbdemo-app --inbound-mode bind   (the 'plain' pod stays out of the mesh)"
 "$BIN/meshbpf" register --netns /run/netns/mbdemo-app --inbound-mode bind --pin-dir "$PIN" | sed 's/^/    /'
 
+# Every decision the programs take in app, live, until the demo stops it (Ctrl-C's SIGINT).
+"$BIN/meshbpf" trace --netns /run/netns/mbdemo-app --pin-dir "$PIN" >"$WORK/trace.log" 2>"$WORK/trace.err" &
+TRACE=$!
+PIDS+=($TRACE)
+
 in_pod web 1000 "$EX/netprobe" http 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
 in_pod dns 0 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
@@ -105,7 +110,7 @@ in_pod app 1337 "$EX/sidecar" --pod-ip 192.0.2.10 --pod-ip 2001:db8::10 --inboun
 PIDS+=($!)
 in_pod plain 1337 "$EX/sidecar" >"$WORK/sidecar-plain.log" 2>&1 &
 PIDS+=($!)
-wait_for "$WORK/sidecar-app.log" 'dns-udp=\[::1' && wait_for "$WORK/sidecar-plain.log" 'dns-udp=\[::1' && wait_for "$WORK/web.log" 8081 && wait_for "$WORK/dns.log" started
+wait_for "$WORK/trace.err" 'reading slot' && wait_for "$WORK/sidecar-app.log" 'dns-udp=\[::1' && wait_for "$WORK/sidecar-plain.log" 'dns-udp=\[::1' && wait_for "$WORK/web.log" 8081 && wait_for "$WORK/dns.log" started
 info "HTTP server in pod web on :8080 (IPv4) and :8081 (IPv6); sidecar stand-in (uid 1337) on :15001 in app and plain"
 info "app's own service asked for 0.0.0.0:80 and got ${G}$(sed -n 's/^listening=//p' "$WORK/app.log")${R}; app's sidecar (not root) listens on 192.0.2.10:80 and [2001:db8::10]:80"
 
@@ -149,6 +154,18 @@ for pod in app plain; do
     via=$(grep -c '^dns ' "$WORK/sidecar-$pod.log" || true)
     if [ "$via" -gt 0 ]; then how="${G}through the sidecar${R}"; else how="${Y}straight to the server${R}"; fi
     printf '    %s%-5s%s answer %s from SERVER %s, %s\n' "$C" "$pod" "$R" "$answer" "$server" "$how"
+done
+
+step "meshbpf trace --netns /run/netns/mbdemo-app: why each decision in app was taken"
+kill -INT "$TRACE" && wait "$TRACE" 2>/dev/null
+# Time, pod, caller, protocol, hook, destination -> where it went, and why.
+grep -E ' (connect|sendto|bind|getsockopt) ' "$WORK/trace.log" | head -n 10 | cut -d' ' -f2- | sed 's/^/    /'
+printf '    (%s decisions in all)\n' "$(wc -l <"$WORK/trace.log")"
+
+step "meshbpf explain: the same policy, asked in advance, with the rule that decides"
+for q in "--dst $WEB4:8080" "--dst $WEB4:8080 --uid 1337" "--dst 127.0.0.1:9000" "--dst $DNS4:53 --proto udp"; do
+    # shellcheck disable=SC2086 # the query's words
+    printf '    %-36s %s\n' "$q" "$("$BIN/meshbpf" explain --netns /run/netns/mbdemo-app $q --pin-dir "$PIN")"
 done
 
 step "What the sidecar in app learned through getsockopt(SO_ORIGINAL_DST)"

@@ -580,11 +580,12 @@ pub fn explain(settings: &PodSettings, addresses: &[IpAddr], query: &Query) -> E
                 Some(settings.inbound_port),
             );
         }
-        return done(
-            Reason::SkipProxy,
-            format!("uid {} / gid {} is the sidecar's", query.uid, query.gid),
-            None,
-        );
+        let rule = if settings.proxy_uids.contains(&query.uid) {
+            format!("proxy_uids has {}", query.uid)
+        } else {
+            format!("proxy_gids has {}", query.gid)
+        };
+        return done(Reason::SkipProxy, rule, None);
     }
     if dns {
         return done(

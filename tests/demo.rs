@@ -79,6 +79,10 @@ fn the_demo_shows_captured_traffic_and_cleans_up_even_when_interrupted() {
         "original_dst=192.0.2.13:53",
         "got 127.0.0.1:80",
         "connect_redirected",
+        "captured: to the sidecar's outbound listener",
+        "inbound: wildcard bind moved to loopback",
+        "skipped: the sidecar's own socket",
+        "(include_outbound_cidrs is *)",
     ] {
         assert!(
             text.contains(expected),
