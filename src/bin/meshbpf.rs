@@ -584,10 +584,18 @@ fn run(command: Command) -> anyhow::Result<()> {
                 (None, cookie) => cookie,
             };
             let stop = stop_on_signals()?;
+            let dropped = || -> anyhow::Result<u64> {
+                let counters = mesh.counters()?;
+                Ok(counters
+                    .iter()
+                    .find(|(name, _)| *name == "trace_dropped")
+                    .map_or(0, |(_, n)| *n))
+            };
+            let dropped_before = dropped()?;
             let mut tracer = mesh.trace(cookie)?;
             eprintln!("meshbpf trace: reading slot {}; Ctrl-C ends", tracer.slot());
             let mut out = std::io::stdout().lock();
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            'reading: while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for event in tracer.poll(std::time::Duration::from_millis(100))? {
                     use std::io::Write;
                     let line = if json {
@@ -595,9 +603,20 @@ fn run(command: Command) -> anyhow::Result<()> {
                     } else {
                         event.to_string()
                     };
-                    writeln!(out, "{line}")?;
-                    out.flush()?;
+                    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+                        // Its reader went away (`meshbpf trace | head`): done.
+                        Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => break 'reading,
+                        other => other?,
+                    }
                 }
+            }
+            // Counted for every reader together: some may have been another reader's.
+            let lost = dropped()?.saturating_sub(dropped_before);
+            if lost > 0 {
+                eprintln!(
+                    "meshbpf trace: {lost} decisions were dropped while this ran (a reader's ring \
+                     was full: read faster, or narrow it with --netns)"
+                );
             }
         }
         Command::Explain {

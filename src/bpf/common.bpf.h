@@ -150,17 +150,35 @@ static __always_inline __u32 trace_slots(void)
 	return mask ? *mask : 0;
 }
 
-/* An event for every active reader; a full ring drops it (the reader is told by a gap). */
+static __always_inline void count_n(enum counter reason, __u64 n)
+{
+	__u32 key = reason;
+	__u64 *val = bpf_map_lookup_elem(&counters, &key);
+
+	if (val)
+		*val += n;
+}
+
+static __always_inline void count(enum counter reason)
+{
+	count_n(reason, 1);
+}
+
+/* An event for every active reader; a full ring drops it, counted in trace_dropped. */
 static __always_inline void trace_emit(struct decision_event *ev, __u32 slots)
 {
-	if (slots & 1)
-		bpf_ringbuf_output(&trace_ring_0, ev, sizeof(*ev), 0);
-	if (slots & 2)
-		bpf_ringbuf_output(&trace_ring_1, ev, sizeof(*ev), 0);
-	if (slots & 4)
-		bpf_ringbuf_output(&trace_ring_2, ev, sizeof(*ev), 0);
-	if (slots & 8)
-		bpf_ringbuf_output(&trace_ring_3, ev, sizeof(*ev), 0);
+	__u64 dropped = 0;
+
+	if ((slots & 1) && bpf_ringbuf_output(&trace_ring_0, ev, sizeof(*ev), 0))
+		dropped++;
+	if ((slots & 2) && bpf_ringbuf_output(&trace_ring_1, ev, sizeof(*ev), 0))
+		dropped++;
+	if ((slots & 4) && bpf_ringbuf_output(&trace_ring_2, ev, sizeof(*ev), 0))
+		dropped++;
+	if ((slots & 8) && bpf_ringbuf_output(&trace_ring_3, ev, sizeof(*ev), 0))
+		dropped++;
+	if (dropped)
+		count_n(CNT_TRACE_DROPPED, dropped);
 }
 
 /*
@@ -191,20 +209,6 @@ static __always_inline void trace(__u16 hook, __u16 reason, __u64 netns_cookie, 
 		bpf_get_current_comm(ev.comm, sizeof(ev.comm));
 	}
 	trace_emit(&ev, slots);
-}
-
-static __always_inline void count_n(enum counter reason, __u64 n)
-{
-	__u32 key = reason;
-	__u64 *val = bpf_map_lookup_elem(&counters, &key);
-
-	if (val)
-		*val += n;
-}
-
-static __always_inline void count(enum counter reason)
-{
-	count_n(reason, 1);
 }
 
 /* Whether `value` is in one of the pod's lists (those of its current generation). */

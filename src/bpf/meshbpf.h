@@ -301,6 +301,7 @@ enum counter {
 	CNT_INBOUND_DUAL_STACK,
 	CNT_PROXY_TO_INBOUND,
 	CNT_GETSOCKNAME_RESTORED,
+	CNT_TRACE_DROPPED,	/* a `meshbpf trace` reader's ring was full */
 	CNT_MAX,
 };
 
