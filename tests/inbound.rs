@@ -371,3 +371,51 @@ fn a_dual_stack_application_moved_to_loopback_stays_reachable_over_ipv4() {
     }
     assert_eq!(counter(&mesh, "inbound_dual_stack"), 1);
 }
+
+/// A documented limit of the bind model (issue 12, item 8): a client socket that binds a
+/// wildcard address with a fixed port and then connects somewhere not captured has its bind
+/// moved to loopback, so the connect fails (EINVAL), where behind iptables it works. Redirect
+/// mode, which moves no bind, behaves as iptables does; a captured destination works in both.
+#[test]
+fn a_client_bound_to_a_wildcard_port_reaches_an_excluded_destination_in_redirect_mode_only() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let server = env.pod("server");
+    let _server = server.server(&["0.0.0.0:8080", "0.0.0.0:8082"]);
+    let excluded = PodSettings {
+        exclude_outbound_ports: [8082].into(),
+        ..PodSettings::default()
+    };
+    let bind_settings = PodSettings {
+        inbound_mode: InboundMode::Bind,
+        ..excluded.clone()
+    };
+    let bind = registered(&mut env, &mesh, "bindmode", &bind_settings);
+    let redirect = registered(&mut env, &mesh, "redirect", &excluded);
+    let to_excluded = server.addr(false, 8082);
+    let to_captured = server.addr(false, 8080);
+
+    let probe = bind.connect(&to_excluded, &["--bind", "0.0.0.0:2020"]);
+    assert!(!probe.ok, "{probe:?}");
+    assert!(
+        probe.stdout.contains("Invalid argument") || probe.stderr.contains("Invalid argument"),
+        "{probe:?}"
+    );
+    let probe = redirect.connect(&to_excluded, &["--bind", "0.0.0.0:2020"]);
+    assert!(probe.ok, "{probe:?}");
+    assert_eq!(
+        probe.get("local"),
+        format!("{}:2020", redirect.v4),
+        "{probe:?}"
+    );
+
+    for pod in [&bind, &redirect] {
+        let sidecar = pod.sidecar();
+        let probe = pod.connect(&to_captured, &["--bind", "0.0.0.0:2021"]);
+        assert!(probe.ok, "{probe:?}");
+        assert_eq!(sidecar.lines("outbound ").len(), 1, "{}", sidecar.output());
+    }
+}
