@@ -479,10 +479,13 @@ pub(crate) fn detach(pin: &PinDir) -> Result<bool> {
 /// How long detach gives the sidecars to read what sk_msg already redirected to them.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Before sock_hash goes (and with it every queue that sockmap redirects into), stop the
-/// redirects and give the sidecars a moment to read what is queued: accelerated
-/// connections then carry on over the normal stack, losing nothing. Best effort: an
-/// attachment that cannot be read (another layout) is removed without it.
+/// Before the pins go, stop the redirects and give the sidecars a moment to read what is
+/// queued: accelerated connections then carry on over the normal stack, behind what was
+/// redirected already (a read empties the sockmap queue first). What is still queued is
+/// not lost: sock_hash outlives its pin while a socket is in it (each socket's psock holds
+/// the sk_msg program, which holds sock_hash) and goes when the last one closes (measured
+/// on 6.18, tests/intranode.rs). Best effort: an attachment that cannot be read (another
+/// layout) is removed without it.
 fn drain_sockmap(pin_dir: &Path) {
     let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {
         return;

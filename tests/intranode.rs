@@ -459,6 +459,67 @@ fn detach_and_agent_restart_mid_transfer_lose_nothing() {
     assert!(ok, "{out}");
 }
 
+#[test]
+fn detach_while_a_slow_reader_s_sidecar_holds_redirected_bytes_loses_none_of_them() {
+    if !privileged() {
+        return;
+    }
+    let World {
+        env,
+        mesh,
+        client,
+        server,
+        _client_sidecar,
+        server_sidecar: _server_sidecar,
+        app: _app,
+    } = world();
+    let sock_hash =
+        libbpf_rs::MapHandle::from_pinned_path(env.pin_dir.join("maps/sock_hash")).unwrap();
+    let id = {
+        use libbpf_rs::MapCore;
+        sock_hash.info().unwrap().info.id.to_string()
+    };
+    drop((mesh, sock_hash));
+    let loaded = || {
+        Command::new("bpftool")
+            .args(["map", "show", "id", &id])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let dest = server.addr(false, PORT);
+    let redirected = || {
+        counter(
+            &Mesh::open(&env.pin_dir).unwrap(),
+            "intra_node_bytes_redirected",
+        )
+    };
+    // The application reads seven bytes at a time: its sidecar's upstream socket holds much
+    // of what the server's sidecar redirected to it (no window holds the sender back), and
+    // reads it only as the application makes room.
+    std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            let args = ["--op", "download", "--size", "24000000", "--recv", "small"];
+            stream_from(&client, &dest, &args)
+        });
+        wait_until(
+            || redirected() >= 24_000_000,
+            || "the download was not accelerated".into(),
+        );
+        stdout_of(&env.meshbpf(&["detach"]));
+        // Unpinned, sock_hash lives on with the queue in it while its sockets do.
+        assert!(loaded(), "sock_hash went with bytes queued in it");
+        let (ok, out) = run.join().unwrap();
+        assert!(ok, "{out}");
+    });
+    // ... and goes with the last of them.
+    wait_until(
+        || !loaded(),
+        || format!("sock_hash (id {id}) outlived its sockets"),
+    );
+}
+
 /// Both pods' sidecar is HAProxy (Debian's, unmodified): outbound on 127.0.0.1:15001 to
 /// the original destination, inbound on 15006 (Istio's redirect mode) through to the
 /// application from 127.0.0.6, as Envoy's virtualInbound does.

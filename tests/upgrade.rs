@@ -172,12 +172,14 @@ fn listed(env: &Env) -> Vec<serde_json::Value> {
 }
 
 /// What this build lists for the same registrations made by itself. Pods keep the inbound
-/// model they had: the bind model, all earlier layouts' only one.
+/// model they had (the bind model, all earlier layouts' only one) and sockmap acceleration,
+/// on by default in those layouts (opt-in since).
 fn registered_afresh() -> Vec<serde_json::Value> {
     let mut env = Env::new();
     let _mesh = env.attach();
     let (app, other) = (env.pod("app"), env.pod("other"));
-    register_both(&cli(), &env, &app, &other, &["--inbound-mode", "bind"]);
+    let extra = ["--inbound-mode", "bind", "--sockmap"];
+    register_both(&cli(), &env, &app, &other, &extra);
     listed(&env)
 }
 
