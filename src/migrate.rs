@@ -324,16 +324,26 @@ pub(crate) fn upgrade(
 
     // 2. What only the library writes, converted before any new program runs.
     let mut snapshot = Snapshot::new();
-    let read = |name: &str| steps.iter().any(|s| s.reads.contains(&name));
-    for plan in plans
-        .iter()
-        .filter(|p| p.carry == Carry::Convert || read(&p.name))
-    {
+    for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
         if let Some(old) = &plan.old {
             snapshot.insert(plan.name.clone(), mapio::entries(old, &plan.name)?);
         }
     }
     for step in steps {
+        // A map a step only reads joins the snapshot when that step comes, in the shape the
+        // maps it reuses have: the shape since the step's layout (one converted by an earlier
+        // step is there already, converted).
+        for name in step.reads {
+            let reused = plans
+                .iter()
+                .find(|p| p.name == *name && p.carry == Carry::Reuse);
+            if let (false, Some(old)) = (
+                snapshot.contains_key(*name),
+                reused.and_then(|p| p.old.as_ref()),
+            ) {
+                snapshot.insert(name.to_string(), mapio::entries(old, name)?);
+            }
+        }
         (step.convert)(&mut snapshot)?;
     }
     for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
