@@ -277,7 +277,7 @@ impl Mesh {
             }
             self.pod_addrs
                 .update(abi::bytes(&key), &cookie.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|err| map_write_error(err, map::POD_ADDRS))?;
+                .map_err(addr_write_error)?;
         }
         let gone: Vec<IpAddr> = before
             .iter()
@@ -517,7 +517,7 @@ impl Mesh {
         for (key, cookie) in wanted {
             self.pod_addrs
                 .update(&key, &cookie.to_ne_bytes(), MapFlags::ANY)
-                .map_err(|err| map_write_error(err, map::POD_ADDRS))?;
+                .map_err(addr_write_error)?;
         }
         Ok(())
     }
@@ -757,6 +757,15 @@ fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
             context: format!("writing {map}"),
             cause: err,
         }
+    }
+}
+
+/// `pod_addrs` holds two addresses per pod; full, it holds those of dead pods too, which
+/// `gc` removes.
+fn addr_write_error(err: libbpf_rs::Error) -> Error {
+    match is_map_full(&err) {
+        true => Error::PodMapFull { max: MAX_PODS },
+        false => map_write_error(err, map::POD_ADDRS),
     }
 }
 

@@ -352,6 +352,32 @@ fn an_application_socket_never_receives_redirected_bytes() {
 }
 
 #[test]
+fn an_unregistered_peer_is_no_longer_accelerated_and_registering_again_resumes_it() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let upload = || w.stream(false, &["--op", "upload", "--size", "1000000"]);
+    upload();
+    assert_eq!(w.counter("intra_node_added"), 2);
+    // Unregistered, the server pod's address is no pod's any more: its sidecar still
+    // serves, the normal stack carries it.
+    assert!(w.mesh.unregister_netns(&w.server.netns).unwrap());
+    upload();
+    assert_eq!(w.counter("intra_node_added"), 2);
+    let listed = stdout_of(&w.env.meshbpf(&["list", "--json"]));
+    assert!(listed.contains("\"intra_node\":true"), "{listed}");
+    // Registered again (its earlier binds stay where they were moved).
+    w.mesh.register_netns(&w.server.netns, &opted_in()).unwrap();
+    upload();
+    assert_eq!(w.counter("intra_node_added"), 4);
+    // gc keeps both pods' addresses: their namespaces live.
+    assert!(w.mesh.gc().unwrap().is_empty());
+    upload();
+    assert_eq!(w.counter("intra_node_added"), 6);
+}
+
+#[test]
 fn without_the_opt_in_or_with_sockmap_off_nothing_is_accelerated() {
     if !privileged() {
         return;
