@@ -79,8 +79,10 @@ fn stale_destination_is_forgotten(v6: bool) {
     if !privileged() {
         return;
     }
+    // Sockmap on (opt-in since #15): a reused socket must not enter sock_hash either.
     let w = world(&PodSettings {
         exclude_outbound_ports: [8082, 8092].into(),
+        sockmap: true,
         ..Default::default()
     });
     let captured = w.server.addr(v6, port(v6, 8080));
