@@ -39,7 +39,7 @@ use util::bpf_stats::{self, ProgCost};
 use util::http::{self, Stack};
 use util::memory;
 use util::plot::{self, Bar, Panel};
-use util::{cpu_us, field, in_netns, median, tune, Machine};
+use util::{cpu_us, field, median, passive_opens, tune, Machine};
 
 const MODES: [&str; 4] = [
     "direct",
@@ -396,21 +396,6 @@ impl Runs {
             upstream_conns_per_req: median(self.upstream_conns_per_req.clone()),
         }
     }
-}
-
-/// TCP connections the pod's network namespace has accepted so far (`PassiveOpens`).
-fn passive_opens(pod: &Pod) -> f64 {
-    let snmp = in_netns(pod, &["cat", "/proc/net/snmp"]);
-    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
-    let (Some(names), Some(values)) = (tcp.first(), tcp.get(1)) else {
-        return f64::NAN;
-    };
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(n, _)| *n == "PassiveOpens")
-        .and_then(|(_, v)| v.parse().ok())
-        .unwrap_or(f64::NAN)
 }
 
 type Table = Vec<(String, [Figures; 4])>;

@@ -4,8 +4,9 @@
 #       meshbpf against istio-iptables: HAProxy/nginx/wrk and the sidecar stand-in,
 #       per-program BPF cost, map memory. A full run writes docs/bench-compare.{md,json,svg};
 #       --quick (seconds per mode, small scale) or --only writes target/bench-compare/.
-#   scripts/bench.sh sockmap
-#       sockmap on vs off (markdown on stdout).
+#   scripts/bench.sh sockmap [--only app|intranode] [--quick]
+#       sockmap on vs off (markdown on stdout): application to sidecar, and intra-node
+#       acceleration between two pods' sidecars (HAProxy, nginx, wrk).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV
 pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
 pub(crate) use crate::skel::types::{
     cidr_key as CidrKey, conn_key as ConnKey, inbound_key as InboundKey, mesh_meta as MeshMeta,
-    orig_dst as OrigDst, rule_key as RuleKey,
+    orig_dst as OrigDst, pod_addr_key as PodAddrKey, rule_key as RuleKey,
 };
 
 use crate::skel::types::{cidr_key_bits, consts, meta_flag, pod_flag, rule_kind};
@@ -46,6 +46,7 @@ pub(crate) mod pod_flags {
     pub const NO_OUTBOUND_EXCLUDED_PORTS: u32 = pod_flag::POD_F_NO_OUTBOUND_EXCLUDED_PORTS.0;
     pub const NO_OUTBOUND_EXCLUDED_CIDRS: u32 = pod_flag::POD_F_NO_OUTBOUND_EXCLUDED_CIDRS.0;
     pub const NO_OUTBOUND_INCLUDED_PORTS: u32 = pod_flag::POD_F_NO_OUTBOUND_INCLUDED_PORTS.0;
+    pub const INTRA_NODE: u32 = pod_flag::POD_F_INTRA_NODE.0;
 }
 
 /// `enum rule_kind` in meshbpf.h.
@@ -89,6 +90,7 @@ const _: () = assert!(size_of::<RuleKey>() == 16);
 const _: () = assert!(size_of::<CidrKey>() == 32);
 const _: () = assert!(size_of::<InboundKey>() == 16);
 const _: () = assert!(size_of::<crate::trace::RawEvent>() == 96);
+const _: () = assert!(size_of::<PodAddrKey>() == 16);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
 // object's BTF: every bit pattern is a valid value and they hold no pointers.
@@ -107,6 +109,20 @@ unsafe impl plain::Plain for CidrKey {}
 unsafe impl plain::Plain for InboundKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for crate::trace::RawEvent {}
+unsafe impl plain::Plain for PodAddrKey {}
+
+impl PodAddrKey {
+    /// The `pod_addrs` key of one of a pod's addresses: IPv6, IPv4 as IPv4-mapped.
+    pub(crate) fn new(ip: IpAddr) -> Self {
+        let v6 = match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        PodAddrKey {
+            addr: ip6_words(&v6),
+        }
+    }
+}
 
 impl RuleKey {
     pub(crate) fn new(netns_cookie: u64, gen: u16, kind: RuleKind, value: u32) -> Self {
@@ -311,6 +327,17 @@ mod tests {
             };
             assert_eq!(dst.to_socket_addr(), Some(addr));
         }
+    }
+
+    #[test]
+    fn pod_addresses_are_keyed_as_ipv6_with_ipv4_mapped() {
+        let v4 = PodAddrKey::new("192.0.2.10".parse().unwrap());
+        let mapped = PodAddrKey::new("::ffff:192.0.2.10".parse().unwrap());
+        assert_eq!(bytes(&v4), bytes(&mapped));
+        assert_eq!(
+            bytes(&v4),
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 192, 0, 2, 10]
+        );
     }
 
     #[test]

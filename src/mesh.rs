@@ -4,14 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 
 use crate::abi::{
-    self, map, CidrKey, ConnKey, InboundKey, MeshMeta, OrigDst, RawPodSettings, RuleKey, RuleKind,
-    COUNTER_NAMES, MAX_PODS,
+    self, map, CidrKey, ConnKey, InboundKey, MeshMeta, OrigDst, PodAddrKey, RawPodSettings,
+    RuleKey, RuleKind, COUNTER_NAMES, MAX_PODS,
 };
 use crate::error::{Context, Error, Result};
 use crate::mapio;
@@ -106,6 +106,7 @@ pub struct Mesh {
     origin_dst_map: MapHandle,
     sock_hash: MapHandle,
     counters: MapHandle,
+    pod_addrs: MapHandle,
 }
 
 impl Mesh {
@@ -162,6 +163,7 @@ impl Mesh {
             origin_dst_map: open(map::ORIGIN_DST_MAP)?,
             sock_hash: open(map::SOCK_HASH)?,
             counters: open(map::COUNTERS)?,
+            pod_addrs: open(map::POD_ADDRS)?,
             pin,
         })
     }
@@ -205,7 +207,8 @@ impl Mesh {
         let netns_inode = netns.inode()?;
         let lock = self.pin.lock(true)?;
         let cookie = netns.cookie();
-        let current = self.raw_pod(cookie)?.map(|raw| raw.lists_gen);
+        let previous = self.raw_pod(cookie)?;
+        let current = previous.map(|raw| raw.lists_gen);
         let gen = current.map_or(0, |g| g.wrapping_add(1));
         let stored = self.list_entries(&lock, Some(cookie))?.remove(&cookie);
         let stored = stored.unwrap_or_default();
@@ -247,6 +250,11 @@ impl Mesh {
             });
         }
         self.delete_entries(&stored.only(current));
+        self.claim_addresses(
+            cookie,
+            &raw.addresses(),
+            &previous.map(|p| p.addresses()).unwrap_or_default(),
+        )?;
         // The pod's sk_lookup program, which hands inbound connections to its sidecar.
         if settings.inbound_mode == InboundMode::None {
             pins::detach_pod(self.pin.path(), &lock, cookie)?;
@@ -268,6 +276,51 @@ impl Mesh {
                 .remove(&cookie)
                 .unwrap_or_default(),
         })
+    }
+
+    /// Records the pod's addresses in `pod_addrs` and releases those it had `before` and no
+    /// longer has. An address another registered pod holds stays with the newer network
+    /// namespace (the larger cookie: cookies only grow), as [`Mesh::gc`] decides too.
+    fn claim_addresses(&self, cookie: u64, now: &[IpAddr], before: &[IpAddr]) -> Result<()> {
+        for ip in now {
+            let key = PodAddrKey::new(*ip);
+            if let Some(owner) = self.addr_owner(&key)? {
+                if owner > cookie && self.raw_pod(owner)?.is_some() {
+                    continue;
+                }
+            }
+            self.pod_addrs
+                .update(abi::bytes(&key), &cookie.to_ne_bytes(), MapFlags::ANY)
+                .map_err(addr_write_error)?;
+        }
+        let gone: Vec<IpAddr> = before
+            .iter()
+            .filter(|ip| !now.contains(ip))
+            .copied()
+            .collect();
+        self.release_addresses(cookie, &gone)
+    }
+
+    /// Removes the pod's addresses from `pod_addrs`, those it holds.
+    fn release_addresses(&self, cookie: u64, addresses: &[IpAddr]) -> Result<()> {
+        for ip in addresses {
+            let key = PodAddrKey::new(*ip);
+            if self.addr_owner(&key)? == Some(cookie) {
+                let _ = self.pod_addrs.delete(abi::bytes(&key));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cookie of the pod holding an address in `pod_addrs`.
+    fn addr_owner(&self, key: &PodAddrKey) -> Result<Option<u64>> {
+        let value = self
+            .pod_addrs
+            .lookup(abi::bytes(key), MapFlags::ANY)
+            .context(|| format!("reading {}", map::POD_ADDRS))?;
+        Ok(value
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_ne_bytes))
     }
 
     /// One pod's `cookie_map` value, if it is registered.
@@ -357,11 +410,16 @@ impl Mesh {
     }
 
     fn unregister_locked(&self, lock: &PinLock, netns_cookie: u64) -> Result<bool> {
+        let addresses = self
+            .raw_pod(netns_cookie)?
+            .map(|raw| raw.addresses())
+            .unwrap_or_default();
         let registered = match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
             Ok(()) => true,
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
             Err(err) => return Err(err).context(|| format!("deleting from {}", map::COOKIE_MAP)),
         };
+        self.release_addresses(netns_cookie, &addresses)?;
         pins::detach_pod(self.pin.path(), lock, netns_cookie)?;
         if let Some(entries) = self
             .list_entries(lock, Some(netns_cookie))?
@@ -439,7 +497,43 @@ impl Mesh {
                 let _ = self.origin_dst_map.delete(&key);
             }
         }
+        self.sync_addresses(&registered)?;
         Ok(removed)
+    }
+
+    /// Makes `pod_addrs` hold each registered pod's addresses, an address two pods have
+    /// with the newer one (what a register or an unregister stopped half-way, or an
+    /// unregister of the newer of two, leaves otherwise).
+    fn sync_addresses(&self, registered: &BTreeMap<u64, RawPodSettings>) -> Result<()> {
+        let mut wanted: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for (&cookie, raw) in registered {
+            for ip in raw.addresses() {
+                let owner = wanted
+                    .entry(abi::bytes(&PodAddrKey::new(ip)).to_vec())
+                    .or_insert(cookie);
+                *owner = (*owner).max(cookie);
+            }
+        }
+        for (key, value) in mapio::entries(&self.pod_addrs, map::POD_ADDRS)? {
+            let owner = <[u8; 8]>::try_from(value.as_slice())
+                .ok()
+                .map(u64::from_ne_bytes);
+            match wanted.get(&key) {
+                Some(cookie) if owner == Some(*cookie) => {
+                    wanted.remove(&key);
+                }
+                Some(_) => {}
+                None => {
+                    let _ = self.pod_addrs.delete(&key);
+                }
+            }
+        }
+        for (key, cookie) in wanted {
+            self.pod_addrs
+                .update(&key, &cookie.to_ne_bytes(), MapFlags::ANY)
+                .map_err(addr_write_error)?;
+        }
+        Ok(())
     }
 
     /// Every registered pod.
@@ -677,6 +771,15 @@ fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
             context: format!("writing {map}"),
             cause: err,
         }
+    }
+}
+
+/// `pod_addrs` holds two addresses per pod; full, it holds those of dead pods too, which
+/// `gc` removes.
+fn addr_write_error(err: libbpf_rs::Error) -> Error {
+    match is_map_full(&err) {
+        true => Error::PodMapFull { max: MAX_PODS },
+        false => map_write_error(err, map::POD_ADDRS),
     }
 }
 

@@ -50,10 +50,13 @@ pub(crate) type Snapshot = BTreeMap<String, Vec<(Vec<u8>, Vec<u8>)>>;
 pub(crate) struct Step {
     /// The layout it upgrades from; it produces `from + 1`.
     pub from: u32,
-    /// The maps whose entries it rewrites even where their shape stayed the same.
+    /// The maps whose entries it rewrites even where their shape stayed the same, and the
+    /// maps new in its layout that it fills.
     pub rewrites: &'static [&'static str],
+    /// The maps it reads and leaves as they are: their entries are in its snapshot too.
+    pub reads: &'static [&'static str],
     /// Converts the snapshot of the old layout's maps (every map whose shape changed, and
-    /// those in `rewrites`) into the new layout's entries.
+    /// those in `rewrites` and `reads`) into the new layout's entries.
     pub convert: fn(&mut Snapshot) -> Result<()>,
 }
 
@@ -62,16 +65,19 @@ pub(crate) const STEPS: &[Step] = &[
     Step {
         from: 7,
         rewrites: &[],
+        reads: &[],
         convert: v7_to_v8,
     },
     Step {
         from: 8,
         rewrites: &[],
+        reads: &[],
         convert: v8_to_v9,
     },
     Step {
         from: 9,
-        rewrites: &[],
+        rewrites: &[abi::map::POD_ADDRS],
+        reads: &[abi::map::COOKIE_MAP],
         convert: v9_to_v10,
     },
 ];
@@ -128,9 +134,39 @@ fn v8_to_v9(snapshot: &mut Snapshot) -> Result<()> {
     Ok(())
 }
 
-/// Layout 10: `meshbpf trace`'s maps (trace_ctl and a ring per reader) are new; nothing
-/// else changed, nothing to convert.
-fn v9_to_v10(_snapshot: &mut Snapshot) -> Result<()> {
+/// Layout 10: `meshbpf trace`'s maps (trace_ctl and a ring per reader) are new and start
+/// empty; and intra-node acceleration. A new map, `pod_addrs`, holds each registered pod's
+/// own addresses (IPv4 as IPv4-mapped IPv6) with its netns cookie, filled here from the
+/// addresses layout 9 kept in `cookie_map` (an address two pods have goes to the newer
+/// one, the larger cookie, as register and gc decide). No pod has `POD_F_INTRA_NODE` yet:
+/// every value stays as it was.
+fn v9_to_v10(snapshot: &mut Snapshot) -> Result<()> {
+    let mut owners: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+    for (key, value) in snapshot.get(abi::map::COOKIE_MAP).into_iter().flatten() {
+        let (Ok(cookie), Some(raw)) = (
+            <[u8; 8]>::try_from(key.as_slice()).map(u64::from_ne_bytes),
+            abi::from_bytes::<abi::RawPodSettings>(value),
+        ) else {
+            return Err(Error::MigrationFailed(format!(
+                "cookie_map: an entry of {}+{} bytes, layout 9 has 8+56",
+                key.len(),
+                value.len()
+            )));
+        };
+        for ip in raw.addresses() {
+            let owner = owners
+                .entry(abi::bytes(&abi::PodAddrKey::new(ip)).to_vec())
+                .or_insert(cookie);
+            *owner = (*owner).max(cookie);
+        }
+    }
+    snapshot.insert(
+        abi::map::POD_ADDRS.into(),
+        owners
+            .into_iter()
+            .map(|(key, cookie)| (key, cookie.to_ne_bytes().to_vec()))
+            .collect(),
+    );
     Ok(())
 }
 
@@ -227,6 +263,7 @@ impl MapPlan {
 fn decide(name: &str, new: Shape, old: Option<Shape>, steps: &[Step]) -> Carry {
     let rewritten = steps.iter().any(|s| s.rewrites.contains(&name));
     match old {
+        None if rewritten => Carry::Convert,
         None => Carry::Empty,
         Some(old) if old == new && !rewritten => Carry::Reuse,
         Some(_)
@@ -294,6 +331,20 @@ pub(crate) fn upgrade(
         }
     }
     for step in steps {
+        // A map a step only reads joins the snapshot when that step comes, in the shape the
+        // maps it reuses have: the shape since the step's layout (one converted by an earlier
+        // step is there already, converted).
+        for name in step.reads {
+            let reused = plans
+                .iter()
+                .find(|p| p.name == *name && p.carry == Carry::Reuse);
+            if let (false, Some(old)) = (
+                snapshot.contains_key(*name),
+                reused.and_then(|p| p.old.as_ref()),
+            ) {
+                snapshot.insert(name.to_string(), mapio::entries(old, name)?);
+            }
+        }
         (step.convert)(&mut snapshot)?;
     }
     for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
@@ -307,7 +358,7 @@ pub(crate) fn upgrade(
 
     // 3. The programs, answers first.
     pins::attach_programs(&skel, cgroup, &pin_dir.join(pins::LINKS_DIR), options)?;
-    pins::update_pod_programs(pin_dir)?;
+    pins::update_pod_programs(pin_dir, &skel)?;
 
     // 4. What the old programs counted until now.
     for plan in plans.iter().filter(|p| p.carry == Carry::AddCounts) {
@@ -471,6 +522,44 @@ mod tests {
     }
 
     #[test]
+    fn layout_9_pods_addresses_fill_pod_addrs_the_newer_pod_keeping_a_shared_one() {
+        let pod = |ip4: &str, ip6: &str| abi::RawPodSettings {
+            pod_ip4: u32::from_ne_bytes(ip4.parse::<std::net::Ipv4Addr>().unwrap().octets()),
+            pod_ip6: abi::ip6_words(&ip6.parse().unwrap()),
+            ..crate::settings::PodSettings::default().to_raw()
+        };
+        let entry = |cookie: u64, raw: &abi::RawPodSettings| {
+            (cookie.to_ne_bytes().to_vec(), abi::bytes(raw).to_vec())
+        };
+        let (a, b, c) = (
+            pod("192.0.2.10", "2001:db8::10"),
+            pod("192.0.2.11", "::"),
+            pod("192.0.2.10", "2001:db8::12"),
+        );
+        let cookie_map = vec![entry(4, &a), entry(5, &b), entry(9, &c)];
+        let mut snapshot = Snapshot::new();
+        snapshot.insert(abi::map::COOKIE_MAP.into(), cookie_map.clone());
+        v9_to_v10(&mut snapshot).unwrap();
+        assert_eq!(
+            snapshot[abi::map::COOKIE_MAP],
+            cookie_map,
+            "cookie_map changed"
+        );
+        let owner = |ip: &str| {
+            let key = abi::bytes(&abi::PodAddrKey::new(ip.parse().unwrap())).to_vec();
+            snapshot[abi::map::POD_ADDRS]
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| u64::from_ne_bytes(v[..].try_into().unwrap()))
+        };
+        assert_eq!(owner("192.0.2.10"), Some(9));
+        assert_eq!(owner("2001:db8::10"), Some(4));
+        assert_eq!(owner("192.0.2.11"), Some(5));
+        assert_eq!(owner("2001:db8::12"), Some(9));
+        assert_eq!(snapshot[abi::map::POD_ADDRS].len(), 4);
+    }
+
+    #[test]
     fn a_key_of_another_size_is_refused() {
         let mut snapshot = Snapshot::new();
         snapshot.insert(abi::map::CIDR_INCLUDE.into(), vec![(vec![0; 32], vec![1])]);
@@ -511,6 +600,11 @@ mod tests {
         let hash = shape(MapType::Hash, 8, 8);
         assert_eq!(decide("m", hash, Some(hash), STEPS), Carry::Reuse);
         assert_eq!(decide("m", hash, None, STEPS), Carry::Empty);
+        // A new map that a step fills.
+        assert_eq!(
+            decide(abi::map::POD_ADDRS, hash, None, STEPS),
+            Carry::Convert
+        );
         assert_eq!(
             decide("m", hash, Some(shape(MapType::Hash, 4, 8)), STEPS),
             Carry::Convert

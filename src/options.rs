@@ -74,6 +74,11 @@ pub struct PodOptions {
     /// (16384; 0: every connection).
     #[arg(long, value_name = "BYTES")]
     pub sockmap_min_bytes: Option<String>,
+    /// Accelerate connections between this pod's sidecar and the sidecars of other pods of
+    /// the node registered with it too, socket to socket: their bytes then bypass the pods'
+    /// interfaces, NetworkPolicy and any tc/netfilter processing (README: intra-node).
+    #[arg(long)]
+    pub intra_node: bool,
 }
 
 /// The options that take a value, by name (conf key; the flag is `--` and dashes).
@@ -94,7 +99,13 @@ const VALUED: [&str; 14] = [
     "sockmap_min_bytes",
 ];
 /// The options that are switches.
-const SWITCHES: [&str; 4] = ["no_inbound", "no_dns", "sockmap", "no_sockmap"];
+const SWITCHES: [&str; 5] = [
+    "no_inbound",
+    "no_dns",
+    "sockmap",
+    "no_sockmap",
+    "intra_node",
+];
 
 impl PodOptions {
     /// Every option's name, as a CNI conf key.
@@ -157,6 +168,7 @@ impl PodOptions {
         }
         s.capture_dns &= !self.no_dns;
         s.sockmap = (s.sockmap || self.sockmap) && !self.no_sockmap;
+        s.intra_node |= self.intra_node;
         s.validate()?;
         Ok(s)
     }
@@ -212,6 +224,7 @@ impl PodOptions {
             "no_inbound" => &mut self.no_inbound,
             "no_dns" => &mut self.no_dns,
             "sockmap" => &mut self.sockmap,
+            "intra_node" => &mut self.intra_node,
             _ => &mut self.no_sockmap,
         }
     }

@@ -479,10 +479,13 @@ pub(crate) fn detach(pin: &PinDir) -> Result<bool> {
 /// How long detach gives the sidecars to read what sk_msg already redirected to them.
 const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Before sock_hash goes (and with it every queue that sockmap redirects into), stop the
-/// redirects and give the sidecars a moment to read what is queued: accelerated
-/// connections then carry on over the normal stack, losing nothing. Best effort: an
-/// attachment that cannot be read (another layout) is removed without it.
+/// Before the pins go, stop the redirects and give the sidecars a moment to read what is
+/// queued: accelerated connections then carry on over the normal stack, behind what was
+/// redirected already (a read empties the sockmap queue first). What is still queued is
+/// not lost: sock_hash outlives its pin while a socket is in it (each socket's psock holds
+/// the sk_msg program, which holds sock_hash) and goes when the last one closes (measured
+/// on 6.18, tests/intranode.rs). Best effort: an attachment that cannot be read (another
+/// layout) is removed without it.
 fn drain_sockmap(pin_dir: &Path) {
     let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {
         return;
@@ -784,7 +787,7 @@ fn replace_in_place(
             other => other,
         })?;
     attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
-    update_pod_programs(pin_dir)?;
+    update_pod_programs(pin_dir, &skel)?;
     let mut meta = *meta;
     meta.flags = meta_flags(options);
     write_meta(&skel, &meta)
@@ -814,10 +817,15 @@ fn live_pod_link(path: &Path) -> Result<Option<Link>> {
 
 /// Loads the sk_lookup program for the pod with `netns_cookie` (its own copy: the program
 /// type cannot ask for its netns cookie), with the attachment's pinned maps.
+///
+/// `maps_of`: a loaded attachment object whose maps it shares, by name; during an upgrade,
+/// the new object's (some of them not pinned yet, still in staging). Without it, the
+/// pinned maps.
 fn load_pod_program<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     pin_dir: &Path,
     netns_cookie: u64,
+    maps_of: Option<&MeshbpfSkel<'_>>,
 ) -> Result<crate::skel::lookup::LookupSkel<'obj>> {
     let mut open = crate::skel::lookup::LookupSkelBuilder::default()
         .open(open_object)
@@ -830,7 +838,27 @@ fn load_pod_program<'obj>(
         if name.contains('.') {
             continue;
         }
-        map.set_pin_path(pin_dir.join(MAPS_DIR).join(&name))
+        if let Some(main) = maps_of {
+            let shared = main
+                .object()
+                .maps()
+                .find(|m| m.name().to_string_lossy() == name)
+                .ok_or_else(|| {
+                    Error::MigrationFailed(format!("the attachment has no map {name}"))
+                })?;
+            map.reuse_fd(shared.as_fd())
+                .context(|| format!("sharing {name} with the pod's program"))?;
+            continue;
+        }
+        let path = pin_dir.join(MAPS_DIR).join(&name);
+        if fs::symlink_metadata(&path).is_err() {
+            // Not pinned: a map new in the layout an upgrade is migrating to, which this
+            // program does not use. Made here, it would pass for one already migrated.
+            map.set_autocreate(false)
+                .context(|| format!("leaving out {name}"))?;
+            continue;
+        }
+        map.set_pin_path(path)
             .context(|| format!("setting the pin path of {name}"))?;
     }
     open.load()
@@ -850,7 +878,7 @@ pub(crate) fn attach_pod(
         return Ok(());
     }
     let mut open_object = MaybeUninit::uninit();
-    let skel = load_pod_program(&mut open_object, pin_dir, netns_cookie)?;
+    let skel = load_pod_program(&mut open_object, pin_dir, netns_cookie, None)?;
     let mut link = skel
         .progs
         .handle__sk_lookup
@@ -882,14 +910,15 @@ pub(crate) fn pods_with_links(pin_dir: &Path) -> Result<Vec<u64>> {
         .collect())
 }
 
-/// Replaces every pod's sk_lookup program with this build's, in place.
-pub(crate) fn update_pod_programs(pin_dir: &Path) -> Result<()> {
+/// Replaces every pod's sk_lookup program with this build's, in place, sharing the maps of
+/// `maps_of` (the attachment object just loaded: during an upgrade, the new layout's maps).
+pub(crate) fn update_pod_programs(pin_dir: &Path, maps_of: &MeshbpfSkel<'_>) -> Result<()> {
     for cookie in pods_with_links(pin_dir)? {
         let Some(mut link) = live_pod_link(&pod_link_path(pin_dir, cookie))? else {
             continue;
         };
         let mut open_object = MaybeUninit::uninit();
-        let skel = load_pod_program(&mut open_object, pin_dir, cookie)?;
+        let skel = load_pod_program(&mut open_object, pin_dir, cookie, Some(maps_of))?;
         link.update_prog(&skel.progs.handle__sk_lookup)
             .context(|| format!("replacing the sk_lookup program of pod {cookie}"))?;
     }

@@ -306,6 +306,11 @@ pub struct PodSettings {
     /// With `sockmap`, a connection is accelerated when its first message is at least this
     /// many bytes; smaller first messages mark streams where sockmap loses.
     pub sockmap_min_bytes: u32,
+    /// Intra-node acceleration: a TCP connection between this pod's sidecar and the sidecar
+    /// of another pod of the node that opted in too goes socket to socket, both ways,
+    /// skipping the pods' interfaces (and so NetworkPolicy, netfilter and tc for its bytes
+    /// once established). Off by default (README: when not to turn it on).
+    pub intra_node: bool,
 }
 
 impl Default for PodSettings {
@@ -327,6 +332,7 @@ impl Default for PodSettings {
             capture_dns: true,
             sockmap: false,
             sockmap_min_bytes: DEFAULT_SOCKMAP_MIN_BYTES,
+            intra_node: false,
         }
     }
 }
@@ -471,6 +477,7 @@ impl PodSettings {
             )
             | flag(self.capture_dns, pod_flags::CAPTURE_DNS)
             | flag(self.sockmap, pod_flags::SOCKMAP)
+            | flag(self.intra_node, pod_flags::INTRA_NODE)
             | flag(
                 self.inbound_ports == Selection::All,
                 pod_flags::INBOUND_ALL_PORTS,
@@ -561,6 +568,7 @@ impl PodSettings {
             capture_dns: has(pod_flags::CAPTURE_DNS),
             sockmap: has(pod_flags::SOCKMAP),
             sockmap_min_bytes: raw.sockmap_min_bytes,
+            intra_node: has(pod_flags::INTRA_NODE),
         }
     }
 }
@@ -578,7 +586,7 @@ mod tests {
             (15001, 15006, 15053)
         );
         assert_eq!(s.include_outbound_cidrs, Selection::All);
-        assert!(s.capture_outbound && s.capture_dns && !s.sockmap);
+        assert!(s.capture_outbound && s.capture_dns && !s.sockmap && !s.intra_node);
         assert_eq!(s.inbound_mode, InboundMode::Redirect);
     }
 
@@ -596,6 +604,7 @@ mod tests {
             capture_dns: false,
             sockmap: false,
             sockmap_min_bytes: 1,
+            intra_node: true,
             dns_port: 5353,
             inbound_ports: Ports::parse("80,8080").unwrap(),
             exclude_inbound_ports: parse_port_list("9000").unwrap(),

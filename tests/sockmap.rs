@@ -88,53 +88,7 @@ fn every_send_and_receive_method_keeps_every_byte() {
         return;
     }
     let w = world();
-    let sizes = ["1", "1000", "100000", "4000000"];
-    let cases: [(&str, &str, &[&str]); 5] = [
-        (
-            "upload",
-            "--send",
-            &["write", "writev", "sendmsg", "sendfile", "splice", "epoll"],
-        ),
-        (
-            "download",
-            "--recv",
-            &["read", "small", "peek", "splice", "epoll"],
-        ),
-        (
-            "halfclose",
-            "--recv",
-            &["read", "small", "peek", "splice", "epoll"],
-        ),
-        (
-            "serverfirst",
-            "--send",
-            &["write", "writev", "sendfile", "splice", "epoll"],
-        ),
-        ("abort", "--recv", &["read", "splice", "epoll"]),
-    ];
-    let mut serverfirst = 0;
-    for (op, flag, methods) in cases {
-        for method in methods {
-            for size in sizes {
-                // Seven-byte reads of megabytes would only take long.
-                if *method == "small" && size == "4000000" {
-                    continue;
-                }
-                let out = assert_stream(&w, &["--op", op, "--size", size, flag, method]);
-                assert!(out.starts_with("ok "), "{out}");
-                if op == "serverfirst" {
-                    // The server checks what it received after shutting down its side.
-                    serverfirst += 1;
-                    wait_until(
-                        || w.server.lines("verdict ").len() == serverfirst,
-                        || format!("server verdicts:\n{}", w.server.output()),
-                    );
-                    let last = w.server.lines("verdict ").pop().unwrap_or_default();
-                    assert_eq!(last, format!("verdict serverfirst ok {size}"));
-                }
-            }
-        }
-    }
+    every_stream_case(&w.server, |args| assert_stream(&w, args));
     // The fast path really carried the application's bytes.
     assert!(counter(&w.mesh, "sockmap_bytes_redirected") > 50_000_000);
     assert_eq!(counter(&w.mesh, "sockmap_add_failed"), 0);

@@ -245,6 +245,34 @@ impl Old {
             &["links", "maps"]
         };
         assert_eq!(top, expected, "{when}");
+        // Each pod's sk_lookup program is this build's, and uses only the maps pinned now
+        // (not the previous layout's, nor a staging copy).
+        let pinned: Vec<u32> = map_ids(&self.env).into_iter().map(|(_, id)| id).collect();
+        for pod in fs::read_dir(self.env.pin_dir.join("pods"))
+            .into_iter()
+            .flatten()
+        {
+            let path = pod.unwrap().path();
+            let link = libbpf_rs::Link::open(&path).unwrap();
+            let prog_id = link.info().unwrap().prog_id;
+            let opts = libbpf_rs::query::ProgInfoQueryOptions::default().include_map_ids(true);
+            let prog = libbpf_rs::query::ProgInfoIter::with_query_opts(opts)
+                .find(|p| p.id == prog_id)
+                .unwrap_or_else(|| panic!("{when}: {} runs no program", path.display()));
+            // Its own read-only data (the pod's cookie) is no pinned map.
+            let internal = |id: u32| {
+                libbpf_rs::query::MapInfoIter::default()
+                    .any(|m| m.id == id && m.name.to_string_lossy().contains('.'))
+            };
+            for id in prog.map_ids.iter().filter(|id| !internal(**id)) {
+                assert!(
+                    pinned.contains(id),
+                    "{when}: {}'s program uses map {id}, not pinned: {:?}",
+                    path.display(),
+                    map_ids(&self.env)
+                );
+            }
+        }
         let mut hooks = self.env.attached_hooks();
         hooks.sort();
         assert_eq!(hooks, ATTACH_TYPES, "{when}");

@@ -59,6 +59,21 @@ pub fn tune(pod: &Pod) {
     }
 }
 
+/// TCP connections the pod's network namespace has accepted so far (`PassiveOpens`).
+pub fn passive_opens(pod: &Pod) -> f64 {
+    let snmp = in_netns(pod, &["cat", "/proc/net/snmp"]);
+    let tcp: Vec<&str> = snmp.lines().filter(|l| l.starts_with("Tcp:")).collect();
+    let (Some(names), Some(values)) = (tcp.first(), tcp.get(1)) else {
+        return f64::NAN;
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "PassiveOpens")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Output of a command in the pod's network namespace (as root, in the bench's cgroup).
 pub fn in_netns(pod: &Pod, args: &[&str]) -> String {
     let out = Command::new("ip")

@@ -706,5 +706,6 @@ fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
         "dns_port": pod.settings.dns_port,
         "sockmap": pod.settings.sockmap,
         "sockmap_min_bytes": pod.settings.sockmap_min_bytes,
+        "intra_node": pod.settings.intra_node,
     })
 }

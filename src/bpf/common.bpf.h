@@ -53,9 +53,13 @@ MESHBPF_MAP struct {
 } origin_dst_map SEC(".maps");
 
 /*
- * Both ends of each accelerated loopback connection, keyed by 4-tuple (src =
- * the socket's own end) plus the pod's netns cookie, so that pods using the
- * same loopback 4-tuple never collide. A socket leaves it when it closes.
+ * Both ends of each accelerated connection, keyed by 4-tuple (src = the
+ * socket's own end) plus a cookie. A loopback connection's is its pod's netns
+ * cookie, so that pods using the same loopback 4-tuple never collide. An
+ * intra-node connection's (sidecar to sidecar, across two pods) is 0, which no
+ * netns has: its two ends live in two namespaces, and what keeps its keys
+ * apart from every other's is that each end's local address is its own pod's,
+ * held by no other pod (pod_addrs). A socket leaves it when it closes.
  */
 MESHBPF_MAP struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
@@ -107,6 +111,18 @@ MESHBPF_MAP struct {
 	__type(key, struct listener_key);
 	__type(value, __u64);
 } listeners SEC(".maps");
+
+/*
+ * Registered pods' own addresses, to their netns cookie: written at register, removed at
+ * unregister; an address registered by a second pod stays with the newer namespace.
+ */
+MESHBPF_MAP struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MAX_POD_ADDRS);
+	__type(key, struct pod_addr_key);
+	__type(value, __u64);
+} pod_addrs SEC(".maps");
 
 /* Listener counts: incremented after a moved bind succeeds, decremented at socket release. */
 MESHBPF_MAP struct {

@@ -21,8 +21,9 @@ enum consts {
 	MAX_POD_RULES = 262144,		/* pod_rules: per-pod port and id lists, all pods together */
 	MAX_POD_CIDRS = 65536,		/* cidr_include, cidr_exclude: per-pod CIDR lists, each */
 	MAX_INBOUND_PORTS = 65536,	/* inbound_ports: discovered listeners, all pods together */
-	MAX_SOCKMAP_SOCKETS = 65536,	/* sock_hash: accelerated loopback sockets (two per connection) */
+	MAX_SOCKMAP_SOCKETS = 65536,	/* sock_hash: accelerated sockets (two per connection) */
 	MAX_LISTENERS = 65536,		/* listeners: sidecar and dual-stack application listeners */
+	MAX_POD_ADDRS = 32768,		/* pod_addrs: registered pods' own addresses, two per pod */
 	MAX_COUNTERS = 128,		/* counters: room for new reasons without a new layout */
 	TRACE_SLOTS = 4,		/* `meshbpf trace` readers at once, each with its ring */
 	TRACE_RING_BYTES = 256 * 1024,	/* each trace ring */
@@ -54,6 +55,12 @@ enum pod_flag {
 	POD_F_NO_OUTBOUND_EXCLUDED_PORTS = 1 << 8,
 	POD_F_NO_OUTBOUND_EXCLUDED_CIDRS = 1 << 9,
 	POD_F_NO_OUTBOUND_INCLUDED_PORTS = 1 << 10,
+	/*
+	 * Intra-node acceleration: a TCP connection between this pod's sidecar and the sidecar
+	 * of another registered pod of the node with the same flag goes socket to socket,
+	 * both ways, skipping both veths, the bridge and both TCP/IP stacks (sockops.bpf.c).
+	 */
+	POD_F_INTRA_NODE = 1 << 11,
 };
 
 /* cookie_map value: what one registered pod (network namespace) wants. */
@@ -111,6 +118,8 @@ enum sock_flag {
 	SOCK_F_ORIGIN_PENDING = 1 << 4,		/* origin published at connect, not yet established */
 	SOCK_F_PROXY_BOUND = 1 << 5,		/* bound to a port by the sidecar: its listener, if it listens */
 	SOCK_F_DUAL_WILDCARD = 1 << 6,		/* its [::] bind was moved to [::1] */
+	SOCK_F_INTRA_NODE = 1 << 7,		/* a sidecar's end of an intra-node connection, in sock_hash */
+	SOCK_F_INTRA_NODE_PLAIN = 1 << 8,	/* ... whose first message took the normal stack: all do */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
@@ -164,6 +173,14 @@ struct listener_key {
 	__u8 family;		/* AF_INET or AF_INET6 */
 	__u8 owner;		/* enum listener_owner */
 	__u32 _pad;
+};
+
+/*
+ * pod_addrs key: one of a registered pod's own addresses (network byte order; IPv4 as
+ * IPv4-mapped IPv6); the value is the pod's netns cookie. An address belongs to one pod.
+ */
+struct pod_addr_key {
+	__u32 addr[4];
 };
 
 /* inbound_ports key: a port an application of a pod listens on (moved to loopback). */
@@ -302,6 +319,12 @@ enum counter {
 	CNT_PROXY_TO_INBOUND,
 	CNT_GETSOCKNAME_RESTORED,
 	CNT_TRACE_DROPPED,	/* a `meshbpf trace` reader's ring was full */
+	CNT_INTRA_NODE_ADDED,
+	CNT_INTRA_NODE_ADD_FAILED,
+	CNT_INTRA_NODE_SKIP_FAST_OPEN,
+	CNT_INTRA_NODE_MSG_REDIRECTED,
+	CNT_INTRA_NODE_BYTES_REDIRECTED,
+	CNT_INTRA_NODE_NO_PEER,
 	CNT_MAX,
 };
 

@@ -16,6 +16,12 @@
  * accelerated for good; smaller, and the socket leaves sock_hash for good
  * (sk_msg may not delete from a sockmap: sockops does, at the RTT callback
  * that the first message's ACK triggers).
+ *
+ * The sidecars' ends of an intra-node connection (sockops.bpf.c) redirect both ways, each
+ * into the other's receive queue. Their first message decides too, by whether the peer is
+ * there: a sidecar may send before its peer's end is established (the handshake's last ACK
+ * still crossing the bridge), and then that direction stays on the normal stack for good.
+ * Neither ever leaves sock_hash before it closes: its peer may be redirecting into it.
  */
 #include "common.bpf.h"
 
@@ -78,6 +84,41 @@ static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, str
 	return false;
 }
 
+/*
+ * A message of a sidecar's end of an intra-node connection. Once a message was redirected,
+ * all are (until detach drains), so that the peer never reads bytes out of order; once one
+ * took the normal stack, all do.
+ */
+static __always_inline int intra_node_send(struct sk_msg_md *msg, struct sock_state *state)
+{
+	bool redirecting = state->flags & SOCK_F_SOCKMAP_REDIRECT;
+	struct conn_key peer = {};
+	__u32 size = msg->size;
+
+	if (state->flags & SOCK_F_INTRA_NODE_PLAIN)
+		return SK_PASS;
+	if (draining()) {
+		/* Behind what was redirected already, which the peer reads first. */
+		if (!redirecting)
+			state->flags |= SOCK_F_INTRA_NODE_PLAIN;
+		return SK_PASS;
+	}
+	msg_key(&peer, msg, false);
+	peer.netns_cookie = 0;
+	if (bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS) != SK_PASS) {
+		/* Not there yet (first message), or closing: the normal path carries it. */
+		if (!redirecting) {
+			state->flags |= SOCK_F_INTRA_NODE_PLAIN;
+			count(CNT_INTRA_NODE_NO_PEER);
+		}
+		return SK_PASS;
+	}
+	state->flags |= SOCK_F_SOCKMAP_REDIRECT;
+	count(CNT_INTRA_NODE_MSG_REDIRECTED);
+	count_n(CNT_INTRA_NODE_BYTES_REDIRECTED, size);
+	return SK_PASS;
+}
+
 SEC("sk_msg")
 int handle__sk_msg(struct sk_msg_md *msg)
 {
@@ -86,8 +127,10 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	__u32 size = msg->size;
 	long verdict;
 
-	/* The sidecar's end is in sock_hash as a target; its own sends take the normal path. */
 	state = msg->sk ? bpf_sk_storage_get(&sk_storage_map, msg->sk, 0, 0) : NULL;
+	if (state && (state->flags & SOCK_F_INTRA_NODE))
+		return intra_node_send(msg, state);
+	/* The sidecar's end is in sock_hash as a target; its own sends take the normal path. */
 	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
 		return SK_PASS;
 	if (!(state->flags & SOCK_F_SOCKMAP_REDIRECT) && !first_message_accelerates(msg, state))

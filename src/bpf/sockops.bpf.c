@@ -10,7 +10,8 @@
  * is gone.
  *
  * It also puts captured loopback connections into sock_hash for the sockmap
- * fast path (see below).
+ * fast path, and, in pods that opted in, the sidecars' ends of connections
+ * between two pods of the node (see below).
  */
 #include "common.bpf.h"
 
@@ -289,6 +290,140 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 old_
 }
 
 /*
+ * Intra-node acceleration (pods registered with --intra-node): a TCP connection whose two
+ * ends are the sidecars of two registered pods of this node goes socket to socket, both
+ * ways: each end's sends are redirected into the other's receive queue by sk_msg, skipping
+ * both pods' veths, the bridge, netfilter and tc, and both TCP/IP stacks. The handshake
+ * and the FIN still take the wire, so NetworkPolicy decides at connect as before; the bytes
+ * after it bypass everything a packet would meet.
+ *
+ * Which sockets: an established, non-loopback TCP socket is one end when
+ *  - its pod opted in, and so did the pod that owns its remote address (pod_addrs: a
+ *    registered pod of this node, not itself; the host, other nodes and unregistered pods
+ *    own no entry there, so their connections are never touched);
+ *  - its local address is its own pod's, and pod_addrs says so (an address two pods
+ *    registered belongs to the newer one), which keeps the two ends' keys unique (below);
+ *  - it belongs to a sidecar: its owner (sk_uid) is one of the pod's proxy uids. sockops
+ *    has no current task, but the socket keeps the uid that created it, and an accepted
+ *    socket the uid of its listener (sock_copy at the SYN, sock_graft at accept: the
+ *    acceptor's), so the sidecar's upstream connect and what the sidecar's listener
+ *    accepted are told from an application's sockets in the same way. An application
+ *    socket never enters, so it never receives redirected bytes: its splice and blocking
+ *    reads behave (KERNEL-NOTES.md).
+ *  - no byte has taken TCP yet: a TCP Fast Open SYN carrying data (the passive end is
+ *    made from the SYN; the active end sent data in it) is left out, or the peer would
+ *    read later redirected bytes before the ones still in its TCP queue.
+ * The key is the 4-tuple with cookie 0. Both ends compute the other's key from their own
+ * 4-tuple (no NAT between two pods of a node: connect4 leaves a sidecar's connects alone,
+ * and sk_lookup keeps the original local address), and no netns cookie is known to both.
+ * Two sockets with the same key would need the same local address in two namespaces,
+ * which pod_addrs rules out; loopback keys carry a netns cookie, never 0.
+ *
+ * The sidecar requirement is the loopback path's, now on both sides: sidecars read
+ * non-blocking (a sockmap receive may report EAGAIN on a blocking socket after a spurious
+ * wakeup) and without splice (it sees only TCP's queue). Envoy and HAProxy (without
+ * option splice-*) do.
+ *
+ * An end stays in sock_hash until it closes, also after a shutdown: the peer may be
+ * redirecting into it, and leaving the map drops what its queue holds. Its sends are
+ * decided by its first message (sockmap.bpf.c).
+ */
+/*
+ * The socket's local and remote addresses as pod_addrs keys. The barrier keeps clang from
+ * merging the two families' stores into one store of a load from a computed ctx offset,
+ * which the verifier refuses.
+ */
+static __always_inline void ops_addrs(struct bpf_sock_ops *skops, struct pod_addr_key *local,
+				      struct pod_addr_key *remote)
+{
+	if (skops->family == AF_INET) {
+		local->addr[2] = bpf_htonl(0x0000ffff);
+		local->addr[3] = skops->local_ip4;
+		remote->addr[2] = bpf_htonl(0x0000ffff);
+		remote->addr[3] = skops->remote_ip4;
+		asm volatile("" ::: "memory");
+		return;
+	}
+	local->addr[0] = skops->local_ip6[0];
+	local->addr[1] = skops->local_ip6[1];
+	local->addr[2] = skops->local_ip6[2];
+	local->addr[3] = skops->local_ip6[3];
+	remote->addr[0] = skops->remote_ip6[0];
+	remote->addr[1] = skops->remote_ip6[1];
+	remote->addr[2] = skops->remote_ip6[2];
+	remote->addr[3] = skops->remote_ip6[3];
+}
+
+/* The registered pod that owns an address: its cookie, or 0. */
+static __always_inline __u64 addr_owner(const struct pod_addr_key *key)
+{
+	__u64 *cookie = bpf_map_lookup_elem(&pod_addrs, key);
+
+	return cookie ? *cookie : 0;
+}
+
+/* Whether the socket was made by (or accepted for) one of the pod's proxy uids. */
+static __always_inline bool owned_by_proxy(struct bpf_sock *sk, const struct pod_settings *pod,
+					   __u64 cookie)
+{
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	__u32 uid;
+
+	if (!tp)
+		return false;
+	uid = tp->inet_conn.icsk_inet.sk.sk_uid.val;
+	return uid == pod->proxy_uid ||
+	       ((pod->flags & POD_F_MORE_PROXY_IDS) && pod_rule(pod, cookie, uid, RULE_PROXY_UID));
+}
+
+#define TCP_FLAG_SYN 0x02
+
+/* An established socket that may be a sidecar's end of an intra-node connection. */
+static __always_inline void intra_node_admit(struct bpf_sock_ops *skops, bool active)
+{
+	struct pod_addr_key local = {}, remote = {};
+	struct bpf_sock *sk = skops->sk;
+	struct pod_settings *pod, *peer_pod;
+	struct conn_key key = {};
+	struct sock_state *state;
+	__u64 cookie, peer;
+
+	if (!sockmap_enabled || !sk || ops_is_loopback(skops))
+		return;
+	cookie = bpf_get_netns_cookie(skops);
+	pod = lookup_pod(cookie);
+	if (!pod || !(pod->flags & POD_F_INTRA_NODE))
+		return;
+	ops_addrs(skops, &local, &remote);
+	peer = addr_owner(&remote);
+	if (!peer || peer == cookie || addr_owner(&local) != cookie)
+		return;
+	peer_pod = lookup_pod(peer);
+	if (!peer_pod || !(peer_pod->flags & POD_F_INTRA_NODE) ||
+	    !owned_by_proxy(sk, pod, cookie))
+		return;
+	if (active ? skops->data_segs_out != 0 : (skops->skb_tcp_flags & TCP_FLAG_SYN) != 0) {
+		count(CNT_INTRA_NODE_SKIP_FAST_OPEN);
+		return;
+	}
+	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!state) {
+		count(CNT_STORAGE_FAILED);
+		return;
+	}
+	conn_key_from_ops(&key, skops, true);
+	key.netns_cookie = 0;
+	state->flags = (state->flags & ~(SOCK_F_INTRA_NODE_PLAIN | SOCK_F_SOCKMAP_REDIRECT)) |
+		       SOCK_F_INTRA_NODE;
+	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
+		state->flags &= ~SOCK_F_INTRA_NODE;
+		count(CNT_INTRA_NODE_ADD_FAILED);
+		return;
+	}
+	count(CNT_INTRA_NODE_ADDED);
+}
+
+/*
  * A socket starts listening: the sidecar's listeners, and applications' dual-stack
  * listeners moved to [::1], go into `listeners`, where the pod's sk_lookup program finds
  * them (lookup.bpf.c).
@@ -321,9 +456,11 @@ int handle__sockops(struct bpf_sock_ops *skops)
 		break;
 	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB:
 		app_established(skops);
+		intra_node_admit(skops, true);
 		break;
 	case BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB:
 		watch_proxy_end(skops);
+		intra_node_admit(skops, false);
 		break;
 	case BPF_SOCK_OPS_TCP_LISTEN_CB:
 		listening(skops);

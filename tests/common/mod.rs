@@ -571,6 +571,63 @@ pub fn stdout_of(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Every way a program moves bytes through a fast path, as `stream run` options: the op,
+/// the flag choosing the application's method, and each method.
+pub const STREAM_CASES: [(&str, &str, &[&str]); 5] = [
+    (
+        "upload",
+        "--send",
+        &["write", "writev", "sendmsg", "sendfile", "splice", "epoll"],
+    ),
+    (
+        "download",
+        "--recv",
+        &["read", "small", "peek", "splice", "epoll"],
+    ),
+    (
+        "halfclose",
+        "--recv",
+        &["read", "small", "peek", "splice", "epoll"],
+    ),
+    (
+        "serverfirst",
+        "--send",
+        &["write", "writev", "sendfile", "splice", "epoll"],
+    ),
+    ("abort", "--recv", &["read", "splice", "epoll"]),
+];
+
+/// Runs every case of [`STREAM_CASES`] at sizes from 1 byte to 4 MB through `stream` (one
+/// `stream run` with these options, which must succeed), checking what the stream server
+/// `server` received of each serverfirst run; returns how many connections were made.
+pub fn every_stream_case(server: &Proc, mut stream: impl FnMut(&[&str]) -> String) -> u64 {
+    let (mut serverfirst, mut connections) = (0, 0);
+    for (op, flag, methods) in STREAM_CASES {
+        for method in methods {
+            for size in ["1", "1000", "100000", "4000000"] {
+                // Seven-byte reads of megabytes would only take long.
+                if *method == "small" && size == "4000000" {
+                    continue;
+                }
+                let out = stream(&["--op", op, "--size", size, flag, method]);
+                assert!(out.starts_with("ok "), "{out}");
+                connections += 1;
+                if op == "serverfirst" {
+                    // The server checks what it received after shutting down its side.
+                    serverfirst += 1;
+                    wait_until(
+                        || server.lines("verdict ").len() == serverfirst,
+                        || format!("server verdicts:\n{}", server.output()),
+                    );
+                    let last = server.lines("verdict ").pop().unwrap_or_default();
+                    assert_eq!(last, format!("verdict serverfirst ok {size}"));
+                }
+            }
+        }
+    }
+    connections
+}
+
 /// Writes `text` to a file in the env root.
 pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
     let path = env.root.join(name);
