@@ -752,6 +752,18 @@ pub(crate) fn attach_programs(
 /// detached (by a detach that stopped before unpinning it) is removed: its hook needs a
 /// new link.
 fn live_link(path: &Path) -> Result<Option<Link>> {
+    live_link_unless(
+        path,
+        |info| matches!(info, libbpf_rs::query::LinkTypeInfo::Cgroup(c) if c.cgroup_id == 0),
+    )
+}
+
+/// The link pinned at `path`, unless `detached` says of its info that the kernel detached
+/// it; then its pin is removed.
+fn live_link_unless(
+    path: &Path,
+    detached: impl Fn(&libbpf_rs::query::LinkTypeInfo) -> bool,
+) -> Result<Option<Link>> {
     if fs::symlink_metadata(path).is_err() {
         return Ok(None);
     }
@@ -759,7 +771,7 @@ fn live_link(path: &Path) -> Result<Option<Link>> {
     let info = link
         .info()
         .context(|| format!("querying link {}", path.display()))?;
-    if matches!(info.info, libbpf_rs::query::LinkTypeInfo::Cgroup(ref c) if c.cgroup_id == 0) {
+    if detached(&info.info) {
         fs::remove_file(path).context(|| format!("removing {}", path.display()))?;
         return Ok(None);
     }
@@ -801,18 +813,10 @@ fn pod_link_path(pin_dir: &Path, netns_cookie: u64) -> PathBuf {
 /// The pod's link, if pinned and still attached (a link whose network namespace is gone is
 /// detached by the kernel; its pin is removed here).
 fn live_pod_link(path: &Path) -> Result<Option<Link>> {
-    if fs::symlink_metadata(path).is_err() {
-        return Ok(None);
-    }
-    let link = Link::open(path).context(|| format!("opening link {}", path.display()))?;
-    let info = link
-        .info()
-        .context(|| format!("querying link {}", path.display()))?;
-    if matches!(info.info, libbpf_rs::query::LinkTypeInfo::NetNs(ref n) if n.ino == 0) {
-        fs::remove_file(path).context(|| format!("removing {}", path.display()))?;
-        return Ok(None);
-    }
-    Ok(Some(link))
+    live_link_unless(
+        path,
+        |info| matches!(info, libbpf_rs::query::LinkTypeInfo::NetNs(n) if n.ino == 0),
+    )
 }
 
 /// Loads the sk_lookup program for the pod with `netns_cookie` (its own copy: the program

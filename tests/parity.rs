@@ -51,6 +51,20 @@ fn loopback(v6: bool, port: u16) -> String {
     }
 }
 
+/// Waits until origin_dst_map is empty again: every connection's entry went with it.
+#[track_caller]
+fn no_entry_outlives_its_connection(w: &World) {
+    wait_until(
+        || w.mesh.tracked_connections() == 0,
+        || {
+            format!(
+                "{} entries outlive their connections",
+                w.mesh.tracked_connections()
+            )
+        },
+    );
+}
+
 /// `netprobe reuse ...` as the application; its `key=value` lines.
 fn reuse(w: &World, args: &[&str]) -> BTreeMap<String, String> {
     let mut all = vec!["reuse"];
@@ -138,10 +152,7 @@ fn stale_destination_is_forgotten(v6: bool) {
     // None of the second connects entered sock_hash or left an entry behind.
     assert_eq!(counter(&w.mesh, "sockmap_added") - sockmap_before, 4);
     drop(sidecar);
-    wait_until(
-        || w.mesh.tracked_connections() == 0,
-        || format!("{} entries left", w.mesh.tracked_connections()),
-    );
+    no_entry_outlives_its_connection(&w);
 }
 
 #[test]
@@ -333,15 +344,7 @@ fn tcp_fast_open_connections_get_their_original_destination_every_time() {
             "{name}: no Fast Open"
         );
     }
-    wait_until(
-        || w.mesh.tracked_connections() == 0,
-        || {
-            format!(
-                "{} entries outlive their connections",
-                w.mesh.tracked_connections()
-            )
-        },
-    );
+    no_entry_outlives_its_connection(&w);
 }
 
 #[test]
@@ -370,15 +373,7 @@ fn mptcp_connections_are_captured_and_report_where_they_connected() {
             sidecar.output()
         );
     }
-    wait_until(
-        || w.mesh.tracked_connections() == 0,
-        || {
-            format!(
-                "{} entries outlive their connections",
-                w.mesh.tracked_connections()
-            )
-        },
-    );
+    no_entry_outlives_its_connection(&w);
 }
 
 /// What the application learns of its own captured connection: getsockname() names the
