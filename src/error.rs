@@ -100,9 +100,7 @@ pub enum Error {
     },
 
     /// The process lacks the capabilities the operation needs.
-    #[error(
-        "meshbpf needs root to {action} (missing {missing}); run it as root"
-    )]
+    #[error("meshbpf needs root to {action} (missing {missing}); run it as root")]
     PermissionDenied {
         /// What was being done.
         action: &'static str,

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use libbpf_rs::libbpf_sys as sys;
+use libbpf_rs::{MapType, ProgramType};
 
 use crate::error::{Error, Result};
 use crate::system;
@@ -19,23 +20,25 @@ pub struct Feature {
     pub min_kernel: &'static str,
     /// Whether it is there.
     pub available: bool,
-    /// How that was found: `probed`, `version`, or what is missing.
+    /// How that was found: `probed` (there), `absent` (probed: not there), `probe failed: …`
+    /// (the kernel could not be asked), `version`, or what is missing.
     pub how: String,
 }
 
-fn prog_type(t: sys::bpf_prog_type) -> bool {
-    // SAFETY: plain libbpf probe; null opts are allowed.
-    unsafe { sys::libbpf_probe_bpf_prog_type(t, std::ptr::null()) == 1 }
+/// What libbpf's probe of a program type, map type or helper found: `Err` when the probe
+/// itself failed (no privilege, out of memory), which says nothing about the feature.
+type Probe = std::result::Result<bool, libbpf_rs::Error>;
+
+fn prog_type(t: ProgramType) -> Probe {
+    t.is_supported()
 }
 
-fn map_type(t: sys::bpf_map_type) -> bool {
-    // SAFETY: as above.
-    unsafe { sys::libbpf_probe_bpf_map_type(t, std::ptr::null()) == 1 }
+fn map_type(t: MapType) -> Probe {
+    t.is_supported()
 }
 
-fn helper(t: sys::bpf_prog_type, h: sys::bpf_func_id) -> bool {
-    // SAFETY: as above.
-    unsafe { sys::libbpf_probe_bpf_helper(t, h, std::ptr::null()) == 1 }
+fn helper(t: ProgramType, h: sys::bpf_func_id) -> Probe {
+    t.is_helper_supported(h)
 }
 
 /// Whether cgroup/getsockopt programs may read the calling task's system call arguments
@@ -47,22 +50,19 @@ pub(crate) fn syscall_args_readable() -> bool {
         sys::BPF_FUNC_task_pt_regs,
     ]
     .into_iter()
-    .all(|h| helper(sys::BPF_PROG_TYPE_CGROUP_SOCKOPT, h))
+    .all(|h| helper(ProgramType::CgroupSockopt, h).unwrap_or(false))
 }
 
 /// Whether sock_addr programs may find an MPTCP subflow's parent socket
 /// (`bpf_skc_to_mptcp_sock`, Linux 5.19): where they may, getpeername() of an MPTCP socket
 /// names the original destination.
 pub(crate) fn mptcp_readable() -> bool {
-    helper(
-        sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-        sys::BPF_FUNC_skc_to_mptcp_sock,
-    )
+    helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_skc_to_mptcp_sock).unwrap_or(false)
 }
 
 /// Whether the pods' sk_lookup program can load here (the program type: Linux 5.9).
 pub(crate) fn sk_lookup_usable() -> bool {
-    prog_type(sys::BPF_PROG_TYPE_SK_LOOKUP)
+    prog_type(ProgramType::SkLookup).unwrap_or(false)
 }
 
 /// Every feature meshbpf uses, checked on this kernel.
@@ -74,14 +74,14 @@ pub fn probe() -> Vec<Feature> {
         available: version >= at,
         how: "version".into(),
     };
-    let probed = |name: &'static str, min: &'static str, ok: bool| Feature {
+    let probed = |name: &'static str, min: &'static str, probe: Probe| Feature {
         name,
         min_kernel: min,
-        available: ok,
-        how: if ok {
-            "probed".into()
-        } else {
-            "probe failed".into()
+        available: matches!(probe, Ok(true)),
+        how: match probe {
+            Ok(true) => "probed".into(),
+            Ok(false) => "absent".into(),
+            Err(err) => format!("probe failed: {err}"),
         },
     };
     let cgroup2 = system::mounts_of_type("cgroup2");
@@ -116,120 +116,85 @@ pub fn probe() -> Vec<Feature> {
         probed(
             "cgroup/connect, bind, sendmsg programs (sock_addr)",
             "4.17",
-            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR),
+            prog_type(ProgramType::CgroupSockAddr),
         ),
         probed(
             "cgroup/post_bind, sock_release programs (sock)",
             "4.17",
-            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCK),
+            prog_type(ProgramType::CgroupSock),
         ),
-        probed(
-            "sockops programs",
-            "4.13",
-            prog_type(sys::BPF_PROG_TYPE_SOCK_OPS),
-        ),
+        probed("sockops programs", "4.13", prog_type(ProgramType::SockOps)),
         probed(
             "cgroup/getsockopt programs",
             "5.3",
-            prog_type(sys::BPF_PROG_TYPE_CGROUP_SOCKOPT),
+            prog_type(ProgramType::CgroupSockopt),
         ),
-        probed(
-            "sk_msg programs",
-            "4.17",
-            prog_type(sys::BPF_PROG_TYPE_SK_MSG),
-        ),
-        probed(
-            "sk_storage maps",
-            "5.2",
-            map_type(sys::BPF_MAP_TYPE_SK_STORAGE),
-        ),
-        probed(
-            "sockhash maps",
-            "4.18",
-            map_type(sys::BPF_MAP_TYPE_SOCKHASH),
-        ),
-        probed(
-            "LPM trie maps",
-            "4.11",
-            map_type(sys::BPF_MAP_TYPE_LPM_TRIE),
-        ),
+        probed("sk_msg programs", "4.17", prog_type(ProgramType::SkMsg)),
+        probed("sk_storage maps", "5.2", map_type(MapType::SkStorage)),
+        probed("sockhash maps", "4.18", map_type(MapType::Sockhash)),
+        probed("LPM trie maps", "4.11", map_type(MapType::LpmTrie)),
         probed(
             "sk_storage from sock_addr hooks",
             "≤ 5.15",
-            helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                sys::BPF_FUNC_sk_storage_get,
-            ),
+            helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_sk_storage_get),
         ),
         probed(
             "sk_storage from sockops",
             "≤ 5.15",
-            helper(sys::BPF_PROG_TYPE_SOCK_OPS, sys::BPF_FUNC_sk_storage_get),
+            helper(ProgramType::SockOps, sys::BPF_FUNC_sk_storage_get),
         ),
         probed(
             "sk_storage from getsockopt hooks",
             "5.3",
-            helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
-                sys::BPF_FUNC_sk_storage_get,
-            ),
+            helper(ProgramType::CgroupSockopt, sys::BPF_FUNC_sk_storage_get),
         ),
         probed(
             "sk_storage from sk_msg",
             "≤ 5.15",
-            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_sk_storage_get),
+            helper(ProgramType::SkMsg, sys::BPF_FUNC_sk_storage_get),
         ),
         probed(
             "sk_storage from sock hooks",
             "≤ 5.15",
-            helper(sys::BPF_PROG_TYPE_CGROUP_SOCK, sys::BPF_FUNC_sk_storage_get),
+            helper(ProgramType::CgroupSock, sys::BPF_FUNC_sk_storage_get),
         ),
         probed(
             "netns cookie in sock_addr hooks",
             "5.7",
-            helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                sys::BPF_FUNC_get_netns_cookie,
-            ),
+            helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_get_netns_cookie),
         ),
         probed(
             "netns cookie in sockops",
             "5.15",
-            helper(sys::BPF_PROG_TYPE_SOCK_OPS, sys::BPF_FUNC_get_netns_cookie),
+            helper(ProgramType::SockOps, sys::BPF_FUNC_get_netns_cookie),
         ),
         probed(
             "netns cookie in sk_msg",
             "5.15",
-            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_get_netns_cookie),
+            helper(ProgramType::SkMsg, sys::BPF_FUNC_get_netns_cookie),
         ),
         probed(
             "netns cookie in getsockopt hooks",
             "5.8",
-            helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
-                sys::BPF_FUNC_get_netns_cookie,
-            ),
+            helper(ProgramType::CgroupSockopt, sys::BPF_FUNC_get_netns_cookie),
         ),
         probed(
             "caller's uid in sock_addr hooks",
             "≤ 5.15",
             helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                ProgramType::CgroupSockAddr,
                 sys::BPF_FUNC_get_current_uid_gid,
             ),
         ),
         probed(
             "UDP socket lookup in sock_addr hooks",
             "5.2",
-            helper(
-                sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
-                sys::BPF_FUNC_sk_lookup_udp,
-            ),
+            helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_sk_lookup_udp),
         ),
         probed(
             "sockhash redirect from sk_msg",
             "4.18",
-            helper(sys::BPF_PROG_TYPE_SK_MSG, sys::BPF_FUNC_msg_redirect_hash),
+            helper(ProgramType::SkMsg, sys::BPF_FUNC_msg_redirect_hash),
         ),
         since("cgroup recvmsg4/6 hooks", "5.2", (5, 2)),
         since(
