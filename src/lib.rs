@@ -23,6 +23,7 @@ mod abi;
 pub mod agent;
 pub mod cni;
 mod error;
+mod loadlog;
 mod mapio;
 mod mesh;
 mod migrate;

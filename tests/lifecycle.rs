@@ -316,6 +316,41 @@ fn an_attachment_of_another_map_layout_is_refused_with_the_fix() {
 }
 
 #[test]
+fn a_pinned_map_of_another_shape_is_refused_by_name_and_the_programs_stay() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mesh = env.attach();
+    let links_before = mesh.status().unwrap().programs;
+    // Same layout number, one map of another shape: what a build with other maps leaves.
+    let map = env.pin_dir.join("maps/origin_dst_map");
+    fs::remove_file(&map).unwrap();
+    sh(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "other",
+        ]));
+
+    let out = env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("origin_dst_map differs") && stderr.contains("meshbpf detach"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("CAP_BPF") && !stderr.contains("verifier"),
+        "{stderr}"
+    );
+    // Nothing was replaced.
+    assert_eq!(mesh.status().unwrap().programs, links_before);
+    stdout_of(&env.meshbpf(&["detach"]));
+    assert!(env.attached_hooks().is_empty());
+}
+
+#[test]
 fn killing_attach_register_or_detach_at_any_moment_leaves_a_state_the_next_call_repairs() {
     if !privileged() {
         return;

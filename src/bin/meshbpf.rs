@@ -271,8 +271,8 @@ fn main() -> ExitCode {
 fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Error>() {
         Some(Error::NotAttached { .. }) => exit::NOT_ATTACHED,
-        Some(Error::PermissionDenied { .. }) => exit::PERMISSION,
-        Some(Error::MissingKernelFeature { .. }) => exit::KERNEL,
+        Some(Error::PermissionDenied { .. } | Error::LoadRefused { .. }) => exit::PERMISSION,
+        Some(Error::MissingKernelFeature { .. } | Error::VerifierRejected { .. }) => exit::KERNEL,
         Some(
             Error::NetnsNotFound { .. }
             | Error::NotANetns { .. }
