@@ -12,8 +12,10 @@ use crate::system;
 
 /// One feature and whether this kernel has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Feature {
     /// What meshbpf uses.
+    #[cfg_attr(feature = "serde", serde(rename = "feature"))]
     pub name: &'static str,
     /// The first kernel that has it (`≤ 5.15`: present in 5.15, meshbpf's floor, and not
     /// pinned to an earlier release here).
