@@ -4,7 +4,7 @@
 //! default policy (a connection is accelerated when its first message is at
 //! least 16 KiB). Prints markdown tables with ratios against the normal stack.
 //!
-//! Run as root with `scripts/bench.sh sockmap` (it builds the examples in release first).
+//! Run as root with `scripts/bench.sh sockmap` (it builds the sidecar and the test-support workloads in release first).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -63,7 +63,7 @@ fn main() {
             "--duration",
             SECONDS,
         ];
-        stdout_of(&pod.run(APP_UID, &example("stream"), &args))
+        stdout_of(&pod.run(APP_UID, &helper("stream"), &args))
             .trim()
             .to_string()
     };

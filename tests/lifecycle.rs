@@ -249,7 +249,7 @@ fn upgrading_under_load_fails_no_connection_and_lets_none_escape() {
     let cgroup = l.env.cgroup.to_str().unwrap().to_string();
     let load = l.pod.spawn(
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &[
             "run",
             &l.dest,
@@ -418,7 +418,7 @@ fn detach_leaves_existing_connections_working() {
             "--duration",
             "3",
         ];
-        l.pod.spawn(APP_UID, &example("stream"), &args)
+        l.pod.spawn(APP_UID, &helper("stream"), &args)
     };
     let plain = run("100");
     // Registered again: connections from now on take the fast path.
@@ -603,13 +603,13 @@ fn a_pod_cannot_read_another_pod_s_original_destination() {
     // Pod A: a captured connection 127.0.0.1:40000 -> 127.0.0.1:15001, held open.
     let holder = a.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "127.0.0.1:15001", "--hold"],
     );
     holder.wait_for("listening=");
     let _app = a.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &[
             "connect",
             &server.addr(false, 8080),
@@ -626,13 +626,13 @@ fn a_pod_cannot_read_another_pod_s_original_destination() {
     // Pod B: the very same 4-tuple, not captured; its proxy asks for the original destination.
     let prober = b.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "127.0.0.1:15001"],
     );
     prober.wait_for("listening=");
     let _direct = b.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["connect", "127.0.0.1:15001", "--bind", "0.0.0.0:40000"],
     );
     let out = prober.wait();

@@ -58,14 +58,48 @@ pub fn privileged() -> bool {
     root
 }
 
-/// A path to an example binary built next to this test binary.
-pub fn example(name: &str) -> PathBuf {
+/// The directory cargo builds this profile's binaries into (`target/debug`).
+fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join("examples").join(name);
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The test-support workloads (test-support/src/bin/), not examples.
+const HELPERS: [&str; 2] = ["netprobe", "stream"];
+
+/// An example binary (`sidecar`: examples/, what a mesh tool would copy), built next to this
+/// test binary.
+#[track_caller]
+pub fn example(name: &str) -> PathBuf {
+    assert!(
+        !HELPERS.contains(&name),
+        "{name} is a test-support binary: helper({name:?})"
+    );
+    let path = profile_dir().join("examples").join(name);
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo test` (it builds examples)",
+        path.display()
+    );
+    path
+}
+
+/// A workload the tests run in pods (`netprobe`, `stream`: the test-support workspace
+/// member), built next to this test binary.
+#[track_caller]
+pub fn helper(name: &str) -> PathBuf {
+    assert!(
+        HELPERS.contains(&name),
+        "{name} is not a test-support binary"
+    );
+    let path = profile_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: a plain `cargo test` builds it (test-support/); `cargo test --test \
+         NAME` alone does not: run `cargo build -p meshbpf-test-support` once",
         path.display()
     );
     path
@@ -407,7 +441,7 @@ impl Pod {
     pub fn connect(&self, dest: &str, extra: &[&str]) -> Probe {
         let mut args = vec!["connect", dest];
         args.extend_from_slice(extra);
-        let out = self.run(APP_UID, &example("netprobe"), &args);
+        let out = self.run(APP_UID, &helper("netprobe"), &args);
         Probe::from_output(&out)
     }
 
@@ -427,7 +461,7 @@ impl Pod {
     pub fn server_as(&self, uid: u32, addrs: &[&str]) -> Proc {
         let mut args = vec!["serve"];
         args.extend_from_slice(addrs);
-        let proc = self.spawn(uid, &example("netprobe"), &args);
+        let proc = self.spawn(uid, &helper("netprobe"), &args);
         wait_until(
             || proc.lines("listening=").len() == addrs.len(),
             || format!("server did not listen; output:\n{}", proc.output()),
@@ -435,17 +469,17 @@ impl Pod {
         proc
     }
 
-    /// Starts the byte-exact stream server (`examples/stream.rs`) on port 9000; returns it
+    /// Starts the byte-exact stream server (`test-support/src/bin/stream.rs`) on port 9000; returns it
     /// and the IPv4 address clients reach it at.
     pub fn stream_server(&self) -> (Proc, String) {
-        let proc = self.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
+        let proc = self.spawn(APP_UID, &helper("stream"), &["serve", "0.0.0.0:9000"]);
         proc.wait_for("listening=");
         (proc, self.addr(false, 9000))
     }
 
     /// `netprobe bind ADDR` as `uid`: the address bound (`bound=`) or the error (`bind_error=`).
     pub fn bind(&self, uid: u32, addr: &str) -> String {
-        let out = self.run(uid, &example("netprobe"), &["bind", addr]);
+        let out = self.run(uid, &helper("netprobe"), &["bind", addr]);
         stdout_of(&out).trim().to_string()
     }
 }
