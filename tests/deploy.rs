@@ -2,8 +2,12 @@
 //! bundled schemas, offline, strict), the DaemonSet's flags are ones `meshbpf agent` takes,
 //! and the ConfigMap's plugin conf is one the agent and the plugin accept.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::skip;
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,7 +34,7 @@ fn validator() -> Option<PathBuf> {
             std::env::var_os("CI").is_none(),
             "kubernetes-validate is missing and CI is set: run scripts/deps.sh"
         );
-        eprintln!("skipped: kubernetes-validate is missing (scripts/deps.sh installs it)");
+        skip("kubernetes-validate is missing (scripts/deps.sh installs it)");
     }
     found
 }

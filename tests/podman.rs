@@ -43,7 +43,7 @@ fn runtime_available() -> bool {
         panic!("podman, containernetworking-plugins or busybox-static is missing, and CI is set: run scripts/deps.sh");
     }
     if !ok {
-        eprintln!("skipped: needs podman, containernetworking-plugins and busybox-static (scripts/deps.sh installs them)");
+        skip("needs podman, containernetworking-plugins and busybox-static (scripts/deps.sh installs them)");
     }
     ok
 }

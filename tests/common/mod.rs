@@ -45,17 +45,27 @@ pub const PROXY_UID: u32 = 1337;
 pub const APP_UID: u32 = 1000;
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Whether privileged tests can run here. Without root they are skipped, except under CI,
-/// where a test that cannot run fails.
+/// Whether privileged tests can run here. Without root they are skipped (and say so), except
+/// under CI, where a test that cannot run fails.
+#[track_caller]
 pub fn privileged() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root && std::env::var_os("CI").is_some() {
         panic!("this end-to-end test needs root, and CI is set: it must run, not skip");
     }
     if !root {
-        eprintln!("skipped: needs root");
+        skip("needs root");
     }
     root
+}
+
+/// Says that the running test is skipped, and why, where it is seen: libtest keeps what a
+/// passing test prints with `eprintln!`, so this writes to the process's stderr itself, and
+/// a skipped test never shows as a bare `ok`.
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
 }
 
 /// The directory cargo builds this profile's binaries into (`target/debug`).
@@ -108,6 +118,7 @@ pub fn helper(name: &str) -> PathBuf {
 /// A command that runs `program` through a descriptor opened now (as root) and executed as
 /// `/proc/self/fd/N`: a process that drops to a non-root uid can then run it even when the
 /// checkout sits below a directory only root may enter, such as /root.
+#[track_caller]
 pub fn command_via_fd(program: &Path) -> Command {
     let exe = File::open(program).unwrap_or_else(|e| panic!("opening {}: {e}", program.display()));
     let fd = exe.as_raw_fd();
@@ -132,6 +143,7 @@ pub fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
 }
 
+#[track_caller]
 pub fn sh(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -144,6 +156,7 @@ pub fn sh(cmd: &mut Command) -> Output {
     out
 }
 
+#[track_caller]
 fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
 }
@@ -164,6 +177,7 @@ pub struct Env {
 }
 
 impl Env {
+    #[track_caller]
     pub fn new() -> Env {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let id = format!(
@@ -204,12 +218,14 @@ impl Env {
     }
 
     /// Attaches meshbpf to the test cgroup.
+    #[track_caller]
     pub fn attach(&self) -> Mesh {
         Mesh::attach(&self.cgroup, &self.pin_dir).expect("attach")
     }
 
     /// A new pod on the bridge, with an IPv4 and an IPv6 address from documentation ranges,
     /// whose processes run under the test cgroup (where meshbpf attaches).
+    #[track_caller]
     pub fn pod(&mut self, name: &str) -> Pod {
         let cgroup = self.cgroup.join(name);
         self.pod_in(name, cgroup)
@@ -217,6 +233,7 @@ impl Env {
 
     /// A pod whose processes run outside the test cgroup: no meshbpf program ever sees
     /// them, the "without meshbpf" baseline.
+    #[track_caller]
     pub fn pod_outside(&mut self, name: &str) -> Pod {
         let cgroup = self
             .cgroup2
@@ -224,6 +241,7 @@ impl Env {
         self.pod_in(name, cgroup)
     }
 
+    #[track_caller]
     fn pod_in(&mut self, name: &str, cgroup: PathBuf) -> Pod {
         let host = self.next_host;
         self.next_host += 1;
@@ -284,6 +302,7 @@ impl Env {
 
     /// A pod made by someone else (a container runtime): its network namespace at `netns`,
     /// with a new cgroup under the test cgroup for the processes the test puts in it.
+    #[track_caller]
     pub fn adopt(&mut self, name: &str, netns: PathBuf, v4: Ipv4Addr) -> Pod {
         let cgroup = self.cgroup.join(name);
         fs::create_dir(&cgroup).unwrap();
@@ -299,6 +318,7 @@ impl Env {
     }
 
     /// Runs the meshbpf CLI with `--pin-dir` of this env appended.
+    #[track_caller]
     pub fn meshbpf(&self, args: &[&str]) -> Output {
         Command::new(cli())
             .args(args)
@@ -309,6 +329,7 @@ impl Env {
     }
 
     /// Hooks bpftool reports attached to the test cgroup (attach type names).
+    #[track_caller]
     pub fn attached_hooks(&self) -> Vec<String> {
         let out = sh(Command::new("bpftool")
             .args(["cgroup", "show"])
@@ -368,6 +389,7 @@ impl Pod {
     }
 
     /// A command that will run inside this pod: in its netns and cgroup, as `uid`.
+    #[track_caller]
     pub fn command(&self, uid: u32, program: &Path, args: &[&str]) -> Command {
         let netns = File::open(&self.netns).expect("open netns");
         let procs = fs::OpenOptions::new()
@@ -404,6 +426,7 @@ impl Pod {
     }
 
     /// Starts a long-running process in the pod; its stdout goes to a log file.
+    #[track_caller]
     pub fn spawn(&self, uid: u32, program: &Path, args: &[&str]) -> Proc {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let log = self.logs.join(format!(
@@ -422,11 +445,13 @@ impl Pod {
     }
 
     /// Runs a process in the pod to completion (killed after a timeout) and returns its output.
+    #[track_caller]
     pub fn run(&self, uid: u32, program: &Path, args: &[&str]) -> Output {
         self.run_for(TIMEOUT, uid, program, args)
     }
 
     /// [`Pod::run`] with a timeout of its own, for bounded load loops.
+    #[track_caller]
     pub fn run_for(&self, timeout: Duration, uid: u32, program: &Path, args: &[&str]) -> Output {
         let child = self
             .command(uid, program, args)
@@ -438,6 +463,7 @@ impl Pod {
     }
 
     /// `netprobe connect DEST [extra...]` as the application; returns its `key=value` lines.
+    #[track_caller]
     pub fn connect(&self, dest: &str, extra: &[&str]) -> Probe {
         let mut args = vec!["connect", dest];
         args.extend_from_slice(extra);
@@ -446,6 +472,7 @@ impl Pod {
     }
 
     /// Starts the sidecar stand-in as the proxy uid and waits until it listens.
+    #[track_caller]
     pub fn sidecar(&self) -> Proc {
         let proc = self.spawn(PROXY_UID, &example("sidecar"), &[]);
         proc.wait_for("listening dns-udp=[::1]");
@@ -453,11 +480,13 @@ impl Pod {
     }
 
     /// Starts `netprobe serve` on `addrs` as the application and waits until it listens.
+    #[track_caller]
     pub fn server(&self, addrs: &[&str]) -> Proc {
         self.server_as(APP_UID, addrs)
     }
 
     /// Starts `netprobe serve` on `addrs` as `uid` and waits until it listens on all of them.
+    #[track_caller]
     pub fn server_as(&self, uid: u32, addrs: &[&str]) -> Proc {
         let mut args = vec!["serve"];
         args.extend_from_slice(addrs);
@@ -471,6 +500,7 @@ impl Pod {
 
     /// Starts the byte-exact stream server (`test-support/src/bin/stream.rs`) on port 9000; returns it
     /// and the IPv4 address clients reach it at.
+    #[track_caller]
     pub fn stream_server(&self) -> (Proc, String) {
         let proc = self.spawn(APP_UID, &helper("stream"), &["serve", "0.0.0.0:9000"]);
         proc.wait_for("listening=");
@@ -478,6 +508,7 @@ impl Pod {
     }
 
     /// `netprobe bind ADDR` as `uid`: the address bound (`bound=`) or the error (`bind_error=`).
+    #[track_caller]
     pub fn bind(&self, uid: u32, addr: &str) -> String {
         let out = self.run(uid, &helper("netprobe"), &["bind", addr]);
         stdout_of(&out).trim().to_string()
@@ -485,6 +516,7 @@ impl Pod {
 }
 
 /// Polls `done` until it holds; fails the test with `why()` after the harness timeout.
+#[track_caller]
 pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
     let deadline = Instant::now() + TIMEOUT;
     while !done() {
@@ -493,6 +525,7 @@ pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
     }
 }
 
+#[track_caller]
 fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;
     loop {
@@ -532,6 +565,7 @@ impl Proc {
     }
 
     /// Waits until the output contains `text`; panics with the output after a timeout.
+    #[track_caller]
     pub fn wait_for(&self, text: &str) {
         wait_until(
             || self.output().contains(text),
@@ -540,6 +574,7 @@ impl Proc {
     }
 
     /// Waits until the process exits by itself.
+    #[track_caller]
     pub fn wait(mut self) -> String {
         let log = self.log.clone();
         wait_until(
@@ -579,6 +614,7 @@ impl Probe {
         }
     }
 
+    #[track_caller]
     pub fn get(&self, key: &str) -> String {
         let prefix = format!("{key}=");
         self.stdout
@@ -595,6 +631,7 @@ impl Probe {
 }
 
 /// Stdout of a command as text; fails the test with stderr if it did not succeed.
+#[track_caller]
 pub fn stdout_of(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -606,6 +643,7 @@ pub fn stdout_of(out: &Output) -> String {
 }
 
 /// Writes `text` to a file in the env root.
+#[track_caller]
 pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
     let path = env.root.join(name);
     File::create(&path)
@@ -615,6 +653,7 @@ pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
 }
 
 /// The value of one counter.
+#[track_caller]
 pub fn counter(mesh: &Mesh, name: &str) -> u64 {
     mesh.counters()
         .unwrap()
