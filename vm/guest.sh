@@ -20,27 +20,26 @@ EOF
 chmod 755 /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
 # What a booted system has and the tests expect: loopback up in the initial namespace (the
-# agent serves /metrics there), /dev/shm, and cgroup v1 controllers beside the cgroup2
-# mounts the tests make (podman's runc wants them, as on the host).
+# agent serves /metrics there), /dev/shm, a writable CNI cache (/var/lib/cni: podman's CNI
+# backend keeps its results there), and cgroup v1 controllers beside the cgroup2 mounts the
+# tests make (podman's runc wants them, as on the host).
 ip link set lo up
 mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm
+[ -d /var/lib/cni ] && mount -t tmpfs -o mode=700 cni /var/lib/cni
 mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
 for c in $(awk '!/^#/ && $4 == 1 { print $1 }' /proc/cgroups); do
     mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
 done
 
 # Not run here, each with the reason the summary gives. Emulation runs the suite some 10 to
-# 30 times slower than the host: what is left out is what proves nothing about the kernel
-# (userspace crash consistency at every system call, manifests against schemas) or would
-# not fit CI's 90 minutes; the host suite runs all of it.
+# 30 times slower than the host: what is left out would not fit CI's 90 minutes, cannot
+# keep the harness's timeouts under emulation, or involves no kernel at all; the host suite
+# runs all of it.
 declare -A skipped=(
     [two_hundred_fifty_six_mib_each_way_is_byte_exact]="256 MiB each way takes most of an hour under emulation"
     [maps_are_back_at_idle_after_200000_short_connections]="200,000 connections take most of an hour under emulation"
     [the_demo_shows_captured_traffic_and_cleans_up_even_when_interrupted]="it times its interruptions against its own uninterrupted run, which emulation stretches past the harness timeout"
-    [killing_attach_register_or_detach_at_any_moment_leaves_a_state_the_next_call_repairs]="userspace crash consistency, a kill at each of 18 moments: a quarter of an hour under emulation"
-    [a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix]="userspace crash consistency, a kill at every bpf(2) call of a register, each checked with new connections"
-    [a_detach_stopped_at_any_step_never_leaves_capture_without_its_answers]="userspace crash consistency, a detach stopped at each of its steps"
-    [an_upgrade_killed_at_any_point_is_completed_by_the_next_attach]="userspace crash consistency, an upgrade killed at spread bpf(2) calls and at each rename"
+    [a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix]="a register killed at each of its bpf(2) calls, each followed by new connections that emulation on a busy machine pushes past the harness's 20 s timeout (its siblings, a kill at 18 moments of attach, register and detach, run here)"
 )
 declare -A skipped_binaries=(
     [deploy]="the manifests against Kubernetes' schemas (Python): no kernel involved"
