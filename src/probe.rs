@@ -25,6 +25,10 @@ pub struct Feature {
     /// How that was found: `probed` (there), `absent` (probed: not there), `probe failed: …`
     /// (the kernel could not be asked), `version`, or what is missing.
     pub how: String,
+    /// Whether `attach` refuses without it. Optional features are probed again at each
+    /// load: without them meshbpf does less (the feature's name says what), not wrong. The
+    /// mounts are checked where they are used, with the fix in the error.
+    pub required: bool,
 }
 
 /// What libbpf's probe of a program type, map type or helper found: `Err` when the probe
@@ -43,16 +47,28 @@ fn helper(t: ProgramType, h: sys::bpf_func_id) -> Probe {
     t.is_helper_supported(h)
 }
 
+/// Every helper of `helpers` from program type `t`: a failed probe wins over an absent helper.
+fn helpers(t: ProgramType, helpers: &[sys::bpf_func_id]) -> Probe {
+    helpers
+        .iter()
+        .try_fold(true, |all, &h| Ok(helper(t, h)? && all))
+}
+
 /// Whether cgroup/getsockopt programs may read the calling task's system call arguments
 /// (`bpf_get_current_task_btf` and `bpf_task_pt_regs` there): where they may, an
 /// SO_ORIGINAL_DST asked with a NULL buffer fails with EFAULT, as behind iptables.
 pub(crate) fn syscall_args_readable() -> bool {
-    [
-        sys::BPF_FUNC_get_current_task_btf,
-        sys::BPF_FUNC_task_pt_regs,
-    ]
-    .into_iter()
-    .all(|h| helper(ProgramType::CgroupSockopt, h).unwrap_or(false))
+    syscall_args_probe().unwrap_or(false)
+}
+
+fn syscall_args_probe() -> Probe {
+    helpers(
+        ProgramType::CgroupSockopt,
+        &[
+            sys::BPF_FUNC_get_current_task_btf,
+            sys::BPF_FUNC_task_pt_regs,
+        ],
+    )
 }
 
 /// Whether sock_addr programs may find an MPTCP subflow's parent socket
@@ -75,6 +91,7 @@ pub fn probe() -> Vec<Feature> {
         min_kernel: min,
         available: version >= at,
         how: "version".into(),
+        required: true,
     };
     let probed = |name: &'static str, min: &'static str, probe: Probe| Feature {
         name,
@@ -85,6 +102,16 @@ pub fn probe() -> Vec<Feature> {
             Ok(false) => "absent".into(),
             Err(err) => format!("probe failed: {err}"),
         },
+        required: true,
+    };
+    // Optional: what is lost without it is said where it is missing.
+    let optional = |feature: Feature, without: &str| Feature {
+        required: false,
+        how: match feature.available {
+            true => feature.how,
+            false => format!("{}; optional: {without}", feature.how),
+        },
+        ..feature
     };
     let cgroup2 = system::mounts_of_type("cgroup2");
     let bpffs = system::mounts_of_type("bpf");
@@ -94,6 +121,7 @@ pub fn probe() -> Vec<Feature> {
             min_kernel: "5.4 (CONFIG_DEBUG_INFO_BTF)",
             available: Path::new("/sys/kernel/btf/vmlinux").exists(),
             how: "/sys/kernel/btf/vmlinux".into(),
+            required: true,
         },
         Feature {
             name: "a cgroup v2 mount",
@@ -104,6 +132,7 @@ pub fn probe() -> Vec<Feature> {
                 .map_or("none mounted: mount -t cgroup2 none DIR".into(), |p| {
                     p.display().to_string()
                 }),
+            required: false,
         },
         Feature {
             name: "a bpffs mount",
@@ -114,6 +143,7 @@ pub fn probe() -> Vec<Feature> {
                 .map_or("none mounted: mount -t bpf bpf /sys/fs/bpf".into(), |p| {
                     p.display().to_string()
                 }),
+            required: false,
         },
         probed(
             "cgroup/connect, bind, sendmsg programs (sock_addr)",
@@ -212,6 +242,30 @@ pub fn probe() -> Vec<Feature> {
             (5, 12),
         ),
         since("SO_NETNS_COOKIE", "5.14", (5, 14)),
+        optional(
+            probed(
+                "sk_lookup programs (inbound redirect mode)",
+                "5.9",
+                prog_type(ProgramType::SkLookup),
+            ),
+            "pods register in the bind model only",
+        ),
+        optional(
+            probed(
+                "MPTCP parent socket from sock_addr hooks",
+                "5.19",
+                helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_skc_to_mptcp_sock),
+            ),
+            "getpeername() of a captured MPTCP connection names the sidecar",
+        ),
+        optional(
+            probed(
+                "caller's registers from getsockopt hooks",
+                "after 6.1",
+                syscall_args_probe(),
+            ),
+            "SO_ORIGINAL_DST cannot tell a NULL buffer (EFAULT behind iptables)",
+        ),
     ]
 }
 
@@ -219,7 +273,7 @@ pub fn probe() -> Vec<Feature> {
 pub fn require_features() -> Result<()> {
     let missing: Vec<String> = probe()
         .into_iter()
-        .filter(|f| !f.available && !f.name.contains("mount"))
+        .filter(|f| f.required && !f.available)
         .map(|f| format!("{} (Linux {}; {})", f.name, f.min_kernel, f.how))
         .collect();
     if missing.is_empty() {

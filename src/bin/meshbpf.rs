@@ -456,7 +456,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "{:<52} {:<28} {:<5} {}",
                         f.name,
                         f.min_kernel,
-                        if f.available { "yes" } else { "NO" },
+                        match (f.available, f.required) {
+                            (true, _) => "yes",
+                            (false, true) => "NO",
+                            (false, false) => "no",
+                        },
                         f.how
                     );
                 }
