@@ -109,7 +109,7 @@ impl Podman {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run podman");
-        output_within(child, Duration::from_secs(60))
+        output_within(child, scaled(Duration::from_secs(60)))
     }
 
     fn podman(&self, args: &[&str]) -> String {

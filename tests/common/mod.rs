@@ -43,7 +43,23 @@ pub const ATTACH_TYPES: [&str; 17] = [
 
 pub const PROXY_UID: u32 = 1337;
 pub const APP_UID: u32 = 1000;
+/// How long the harness waits for a process or a condition: a guard against hangs, not a
+/// speed goal (see [`scaled`]).
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A hang guard stretched by `MESHBPF_TEST_TIMEOUT_SCALE` (a whole number, 1 unless set),
+/// for machines that are slow on purpose: vm/run.sh's emulated guest sets it.
+pub fn scaled(timeout: Duration) -> Duration {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| {
+        std::env::var("MESHBPF_TEST_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&s| s >= 1)
+            .unwrap_or(1)
+    });
+    timeout * scale
+}
 
 /// Whether privileged tests can run here. Without root they are skipped (and say so), except
 /// under CI, where a test that cannot run fails.
@@ -450,7 +466,7 @@ impl Pod {
         self.run_for(TIMEOUT, uid, program, args)
     }
 
-    /// [`Pod::run`] with a timeout of its own, for bounded load loops.
+    /// [`Pod::run`] with a timeout of its own ([`scaled`]), for bounded load loops.
     #[track_caller]
     pub fn run_for(&self, timeout: Duration, uid: u32, program: &Path, args: &[&str]) -> Output {
         let child = self
@@ -459,7 +475,7 @@ impl Pod {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
-        wait_with_timeout(child, timeout)
+        wait_with_timeout(child, scaled(timeout))
     }
 
     /// `netprobe connect DEST [extra...]` as the application; returns its `key=value` lines.
@@ -518,7 +534,7 @@ impl Pod {
 /// Polls `done` until it holds; fails the test with `why()` after the harness timeout.
 #[track_caller]
 pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + scaled(TIMEOUT);
     while !done() {
         assert!(Instant::now() < deadline, "{}", why());
         std::thread::sleep(Duration::from_millis(10));
