@@ -10,7 +10,7 @@
 //!   server, wrk as the application (64-byte HTTP, keep-alive and a new connection per
 //!   request): req/s, p50/p99, CPU per request (the pods' cgroups);
 //! - `standin`: the same with the sidecar stand-in (`examples/sidecar.rs`) and the stream
-//!   load (`examples/stream.rs`): request/response sizes, connections, bulk;
+//!   load (`test-support/src/bin/stream.rs`): request/response sizes, connections, bulk;
 //! - `bpf`: per-program cost from `kernel.bpf_stats_enabled` (restored afterwards) under the
 //!   HTTP workloads: calls and ns per request, ns per call;
 //! - `scale`: connect() of pods not registered, and with 1 to 10,000 pods registered;
@@ -508,7 +508,7 @@ fn stream_run(pod: &Pod, dest: &str, w: &StreamWorkload, seconds: f64) -> String
         "--duration",
         &seconds.to_string(),
     ];
-    let out = stdout_of(&pod.run_for(Duration::from_secs(60), APP_UID, &example("stream"), &args));
+    let out = stdout_of(&pod.run_for(Duration::from_secs(60), APP_UID, &helper("stream"), &args));
     out.lines()
         .find(|l| l.starts_with("summary "))
         .unwrap_or_else(|| panic!("no summary: {out}"))
@@ -1137,7 +1137,7 @@ impl Report {
 
     fn md_standin(&self, md: &mut String, cfg: &Config) {
         let _ = writeln!(md, "## Sidecar stand-in\n");
-        let _ = writeln!(md, "The sidecar stand-in (`examples/sidecar.rs`: a thread per connection relaying with read/write) and the stream load (`examples/stream.rs`) to a server pod over veth. {} round(s) of {} s per figure. CPU per request (bulk: per MB).\n", cfg.standin_rounds, cfg.standin_seconds);
+        let _ = writeln!(md, "The sidecar stand-in (`examples/sidecar.rs`: a thread per connection relaying with read/write) and the stream load (`test-support/src/bin/stream.rs`) to a server pod over veth. {} round(s) of {} s per figure. CPU per request (bulk: per MB).\n", cfg.standin_rounds, cfg.standin_seconds);
         let _ = writeln!(md, "| workload | mode | req/s (bulk: MB/s) | × istio-iptables | × direct | p50 µs | p99 µs | p99.9 µs | CPU µs/req | CPU × istio-iptables |");
         let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for (name, figs) in &self.standin {

@@ -12,8 +12,8 @@
 //!   opened.
 //!
 //! Prints markdown tables with ratios against the normal stack. Run as root with
-//! `scripts/bench.sh sockmap [--only app|intranode] [--quick]` (it builds the examples in
-//! release first).
+//! `scripts/bench.sh sockmap [--only app|intranode] [--quick]` (it builds the sidecar and the
+//! test-support workloads in release first).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -89,7 +89,7 @@ fn app_to_sidecar(env: &mut Env, mesh: &Mesh) {
             "--duration",
             SECONDS,
         ];
-        stdout_of(&pod.run(APP_UID, &example("stream"), &args))
+        stdout_of(&pod.run(APP_UID, &helper("stream"), &args))
             .trim()
             .to_string()
     };

@@ -21,5 +21,6 @@ fi
 # this puts the value back should it be killed before it could.
 stats=$(cat /proc/sys/kernel/bpf_stats_enabled)
 trap 'echo "$stats" > /proc/sys/kernel/bpf_stats_enabled' EXIT
-cargo build --release --examples --quiet
+# The sidecar stand-in (examples/) and the workloads (test-support/) the benchmarks run.
+cargo build --release --bins --examples --quiet
 cargo bench --quiet --bench "$bench" -- "$@"

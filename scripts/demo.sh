@@ -52,7 +52,7 @@ step "Setting up: bpffs, a cgroup v2, four pods on a bridge"
 mkdir -p "$WORK/bpf" "$WORK/cgroup2" "$WORK/bin"
 # The pods' processes run as uids 1000 and 1337: give them copies they can reach even when
 # this checkout sits below a directory only root may enter (such as /root).
-install -m 755 "$BIN/meshbpf" "$EX/sidecar" "$EX/netprobe" "$WORK/bin/"
+install -m 755 "$BIN/meshbpf" "$EX/sidecar" "$BIN/netprobe" "$WORK/bin/"
 BIN=$WORK/bin EX=$WORK/bin
 mount -t bpf bpf "$WORK/bpf"
 # Our own cgroup2 mount: the same hierarchy as any other, whether or not one is mounted.
@@ -95,14 +95,14 @@ step "meshbpf register --netns /run/netns/mbdemo-app --inbound-mode bind   (the 
 TRACE=$!
 PIDS+=($TRACE)
 
-in_pod web 1000 "$EX/netprobe" http 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
+in_pod web 1000 "$BIN/netprobe" http 0.0.0.0:8080 "[::]:8081" >"$WORK/web.log" 2>&1 &
 PIDS+=($!)
 in_pod dns 0 dnsmasq --keep-in-foreground --conf-file=/dev/null --no-resolv --no-hosts --bind-interfaces \
     --user=root --pid-file --log-facility=- --listen-address=$DNS4 --host-record=web.mesh.test,$WEB4,$WEB6 \
     >"$WORK/dns.log" 2>&1 &
 PIDS+=($!)
 # The registered pod's own service: it asks for 0.0.0.0:80 (as root, like many images).
-in_pod app 0 "$EX/netprobe" http 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
+in_pod app 0 "$BIN/netprobe" http 0.0.0.0:80 >"$WORK/app.log" 2>&1 &
 PIDS+=($!)
 wait_for() { for _ in $(seq 200); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.05; done; echo "timed out waiting for $2 in $1" >&2; return 1; }
 wait_for "$WORK/app.log" listening=

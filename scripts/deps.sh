@@ -47,7 +47,7 @@ meshbpf_install_deps() {
         "$MESHBPF_PYTHON_VENV/bin/pip" install -q kubernetes-validate
     fi
     if ! command -v cargo >/dev/null; then
-        # rustup installs into ~/.cargo/bin, which a root shell started by sudo may not have on PATH.
+        # rustup installs into ~/.cargo/bin, which a root shell (su, sudo) may not have on PATH.
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
     fi
     command -v cargo >/dev/null || { echo "cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
@@ -60,7 +60,7 @@ meshbpf_install_bench_deps() {
 
 meshbpf_require_root() {
     if [ "$(id -u)" != 0 ]; then
-        echo "meshbpf: this needs root (it loads BPF programs and creates network namespaces); run it with sudo" >&2
+        echo "meshbpf: this needs root (it loads BPF programs and creates network namespaces); run it as root" >&2
         exit 1
     fi
 }

@@ -12,6 +12,6 @@ fi
 # build.rs also compiles the BPF programs against the other architecture's vmlinux.h.
 cargo build --quiet
 
-# Unit, end-to-end and doc tests; `cargo test` also builds examples/, which the
-# end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
+# Unit, end-to-end and doc tests; `cargo test` also builds examples/ and the test-support
+# workloads, which the end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
 cargo test "$@"

@@ -91,7 +91,11 @@ impl ErrorResult {
     }
 
     fn config(msg: impl Into<String>) -> Self {
-        let keys: Vec<&str> = PLUGIN_KEYS.into_iter().chain(PodOptions::keys()).collect();
+        let keys: Vec<String> = PLUGIN_KEYS
+            .into_iter()
+            .map(String::from)
+            .chain(PodOptions::keys())
+            .collect();
         ErrorResult::new(
             code::INVALID_CONFIG,
             msg,

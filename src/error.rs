@@ -6,8 +6,10 @@ use std::path::PathBuf;
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in meshbpf, with the fix in the message.
+/// Everything that can go wrong in meshbpf, with the fix in the message. New variants may
+/// come in any release: match with a `_` arm.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The netns path does not exist.
     #[error(
@@ -100,9 +102,7 @@ pub enum Error {
     },
 
     /// The process lacks the capabilities the operation needs.
-    #[error(
-        "meshbpf needs root to {action} (missing {missing}); run it as root, for example with sudo"
-    )]
+    #[error("meshbpf needs root to {action} (missing {missing}); run it as root")]
     PermissionDenied {
         /// What was being done.
         action: &'static str,
@@ -117,6 +117,36 @@ pub enum Error {
         feature: String,
         /// What was found.
         detail: String,
+    },
+
+    /// The kernel's verifier rejected one of meshbpf's programs.
+    #[error(
+        "the kernel's verifier rejected the BPF program {program} ({errno}): this kernel lacks \
+         something it needs, or meshbpf has a bug; run `meshbpf check`, and report the kernel \
+         (uname -r) with the verifier's log, which ends:\n{log_tail}"
+    )]
+    VerifierRejected {
+        /// The program's name in the BPF object, such as `handle__connect4`.
+        program: String,
+        /// The error the load returned.
+        errno: String,
+        /// The verifier's whole log.
+        log: String,
+        /// Its last lines, where the verifier says why.
+        log_tail: String,
+    },
+
+    /// The kernel refused to load programs although the process has the capabilities.
+    #[error(
+        "the kernel refused to load BPF programs ({cause}; libbpf: {detail}) although this \
+         process has CAP_BPF and CAP_NET_ADMIN: a security module (SELinux, AppArmor) or kernel \
+         lockdown forbids BPF here; allow it for meshbpf"
+    )]
+    LoadRefused {
+        /// libbpf's messages.
+        detail: String,
+        /// The error the load returned (part of the message, so not also a `source()`).
+        cause: libbpf_rs::Error,
     },
 
     /// Nothing is attached under the pin directory.

@@ -16,18 +16,28 @@
 //! println!("pod {} is in the mesh", pod.netns_cookie);
 //! # Ok(()) }
 //! ```
+//!
+//! Features: `cli` (default) builds the `meshbpf` and `meshbpf-cni` binaries and the modules
+//! only they need ([`cni`], [`agent`], [`PodOptions`], [`parse_annotations`]), with clap,
+//! anyhow and serde_json; `serde` (part of `cli`) makes the public types `Serialize`;
+//! `static` links libelf and zlib statically. A mesh tool that only registers pods needs
+//! none: `default-features = false`.
 
 #![warn(missing_docs)]
 
 mod abi;
+#[cfg(feature = "cli")]
 pub mod agent;
+#[cfg(feature = "cli")]
 pub mod cni;
 mod error;
 pub mod istio;
+mod loadlog;
 mod mapio;
 mod mesh;
 mod migrate;
 mod netns;
+#[cfg(feature = "cli")]
 mod options;
 mod origin;
 mod pins;
@@ -44,10 +54,13 @@ pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
+#[cfg(feature = "cli")]
 pub use options::PodOptions;
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::AttachOptions;
-pub use presets::{apply_istio_annotations, parse_annotations, MeshPreset};
+#[cfg(feature = "cli")]
+pub use presets::parse_annotations;
+pub use presets::{apply_istio_annotations, MeshPreset};
 pub use probe::{probe, require_features as probe_required, Feature};
 pub use settings::{
     parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,

@@ -25,12 +25,15 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/meshbpf";
 /// Envoy's IPv6 inbound passthrough source (`InboundPassthroughBindIpv6`).
 const INBOUND_PASSTHROUGH_6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
 
-/// A registered pod: its netns cookie and settings.
+/// A registered pod: its netns cookie and settings. Serialized flat: the settings' fields
+/// beside the cookie.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Pod {
     /// The network namespace's cookie (the `cookie_map` key).
     pub netns_cookie: u64,
     /// Its settings (the `cookie_map` value and its port lists).
+    #[cfg_attr(feature = "serde", serde(flatten))]
     pub settings: PodSettings,
     /// The network namespace's nsfs inode, as `/proc/PID/ns/net -> net:[INODE]` shows it.
     pub netns_inode: u64,
@@ -41,16 +44,27 @@ pub struct Pod {
     pub inbound_listeners: Vec<u16>,
 }
 
-/// Options for [`Mesh::register_netns_with`].
+/// Options for [`Mesh::register_netns_with`]; start from `RegisterOptions::default()`.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct RegisterOptions {
     /// Allow registering the host's own network namespace (captures every connection of
     /// the node's processes in the attached cgroup). Off unless asked for explicitly.
     pub allow_host_netns: bool,
 }
 
+impl RegisterOptions {
+    /// The defaults, with registering the host's own network namespace allowed or not.
+    pub fn with_host_netns(allow: bool) -> Self {
+        RegisterOptions {
+            allow_host_netns: allow,
+        }
+    }
+}
+
 /// One attached program, as its pinned link reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct AttachedProgram {
     /// The hook, such as `connect4` or `sockops`.
     pub hook: String,
@@ -62,10 +76,12 @@ pub struct AttachedProgram {
 
 /// What `meshbpf status` shows.
 #[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Status {
     /// The pin directory.
     pub pin_dir: PathBuf,
     /// The cgroup the programs are attached to, as given at attach.
+    #[cfg_attr(feature = "serde", serde(rename = "cgroup"))]
     pub cgroup_path: String,
     /// That cgroup's id.
     pub cgroup_id: u64,
@@ -77,12 +93,22 @@ pub struct Status {
     pub programs: Vec<AttachedProgram>,
     /// The registered pods.
     pub pods: Vec<Pod>,
-    /// Every counter, by name, summed over CPUs.
+    /// Every counter, by name, summed over CPUs. Serialized as an object, name to value.
+    #[cfg_attr(feature = "serde", serde(serialize_with = "counters_object"))]
     pub counters: Vec<(&'static str, u64)>,
+}
+
+#[cfg(feature = "serde")]
+fn counters_object<S: serde::Serializer>(
+    counters: &[(&'static str, u64)],
+    serializer: S,
+) -> std::result::Result<S::Ok, S::Error> {
+    serializer.collect_map(counters.iter().map(|(name, value)| (name, value)))
 }
 
 /// How full one pinned map is.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct MapUsage {
     /// The map's name (as pinned under `maps/`).
     pub name: &'static str,

@@ -3,19 +3,18 @@
 
 use std::fs::File;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
+use nix::sys::socket::{
+    recv, send, socket, AddressFamily, MsgFlags, SockFlag, SockProtocol, SockType,
+};
 use nix::sys::statfs::fstatfs;
 
 use crate::error::{Context, Error, Result};
 
-/// `SO_NETNS_COOKIE` (asm-generic/socket.h, Linux 5.14); the same on x86 and arm64.
-const SO_NETNS_COOKIE: nix::libc::c_int = 71;
-/// `NS_GET_NSTYPE` = `_IO(0xb7, 0x3)` (linux/nsfs.h, Linux 4.11).
-const NS_GET_NSTYPE: nix::libc::c_ulong = 0xb703;
 /// The host's network namespace: that of pid 1.
 const HOST_NETNS: &str = "/proc/1/ns/net";
 /// The inode number of the initial network namespace, fixed at build time of every kernel
@@ -249,29 +248,16 @@ fn rtnetlink_add_address(ifindex: u32, ip: Ipv6Addr) -> std::io::Result<()> {
         msg.extend_from_slice(&kind.to_ne_bytes());
         msg.extend_from_slice(&ip.octets());
     }
-    // SAFETY: plain socket(2), send(2) and recv(2) on a descriptor owned right away.
-    let sock = unsafe {
-        let fd = libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            libc::NETLINK_ROUTE,
-        );
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        OwnedFd::from_raw_fd(fd)
-    };
-    // SAFETY: `msg` is valid for its length.
-    if unsafe { libc::send(sock.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) } < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let sock = socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    send(sock.as_raw_fd(), &msg, MsgFlags::empty())?;
     // The acknowledgement: nlmsghdr, then nlmsgerr's error (0, or a negative errno).
     let mut reply = [0u8; 1024];
-    // SAFETY: `reply` is valid for its length.
-    let n = unsafe { libc::recv(sock.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len(), 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let n = recv(sock.as_raw_fd(), &mut reply, MsgFlags::empty())?;
     if n < 20 || u16::from_ne_bytes([reply[4], reply[5]]) != libc::NLMSG_ERROR as u16 {
         return Err(std::io::Error::other("unexpected rtnetlink reply"));
     }
@@ -371,33 +357,29 @@ fn open_ns_file(path: &Path) -> std::io::Result<File> {
 
 /// The namespace type of an nsfs file (`CLONE_NEW*`), or -1.
 fn ns_type(file: &File) -> nix::libc::c_int {
-    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd's namespace type.
-    unsafe { nix::libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) }
+    // SAFETY: NS_GET_NSTYPE (linux/nsfs.h, Linux 4.11) takes no argument and only reads the
+    // fd's namespace type.
+    unsafe { nix::libc::ioctl(file.as_raw_fd(), nix::libc::NS_GET_NSTYPE) }
 }
 
 /// The cookie of the calling thread's network namespace.
 pub fn current_cookie() -> std::io::Result<u64> {
-    // SAFETY: plain socket(2); the result is checked before it is wrapped.
-    let raw = unsafe {
-        nix::libc::socket(
-            nix::libc::AF_UNIX,
-            nix::libc::SOCK_DGRAM | nix::libc::SOCK_CLOEXEC,
-            0,
-        )
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a fresh, valid descriptor that nothing else owns.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    let sock = socket(
+        AddressFamily::Unix,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
     let mut cookie: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as nix::libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed.
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed. (nix has no
+    // wrapper for SO_NETNS_COOKIE, Linux 5.14.)
     let ret = unsafe {
         nix::libc::getsockopt(
             sock.as_raw_fd(),
             nix::libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
+            nix::libc::SO_NETNS_COOKIE,
             (&mut cookie as *mut u64).cast(),
             &mut len,
         )

@@ -1,65 +1,68 @@
 //! A pod's settings as named options, read in one place for every front end: `meshbpf
 //! register` takes them as flags (`--proxy-uid 1337`), the CNI plugin's conf entry as keys
 //! (`"proxy_uid": "1337"`, the flag's name in snake_case, as istio-cni's conf spells its keys).
+//! clap parses both: a conf key's value goes through its flag's parser.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use clap::{Args, FromArgMatches};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::presets::{apply_istio_annotations, MeshPreset};
 use crate::settings::{
-    parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
+    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
 };
 
 /// One pod's settings as options: a mesh preset, then each option given, overriding it.
 /// Lists are comma-separated; `*` means all.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
+#[non_exhaustive]
 pub struct PodOptions {
-    /// Start from this mesh's conventions: istio (default), linkerd, kuma, generic.
-    #[arg(long, value_name = "MESH")]
-    pub mesh: Option<String>,
+    /// Start from this mesh's conventions (istio when not given).
+    #[arg(long, value_name = "MESH", value_enum, ignore_case = true)]
+    pub mesh: Option<MeshPreset>,
     /// Users whose connections are never captured (the sidecar's; 1337 for Istio).
-    #[arg(long, value_name = "LIST")]
-    pub proxy_uid: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_id_list))]
+    pub proxy_uid: Option<BTreeSet<u32>>,
     /// Groups whose connections are never captured.
-    #[arg(long, value_name = "LIST")]
-    pub proxy_gid: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_id_list))]
+    pub proxy_gid: Option<BTreeSet<u32>>,
     /// The sidecar's outbound listener port on loopback (15001).
-    #[arg(long, value_name = "PORT")]
-    pub outbound_port: Option<String>,
+    #[arg(long, value_name = "PORT", value_parser = reason(port))]
+    pub outbound_port: Option<u16>,
     /// Only these destinations are captured (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    pub include_outbound_cidrs: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(Cidrs::parse))]
+    pub include_outbound_cidrs: Option<Cidrs>,
     /// Destinations never captured; wins over the included ones.
-    #[arg(long, value_name = "LIST")]
-    pub exclude_outbound_cidrs: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_cidr_list))]
+    pub exclude_outbound_cidrs: Option<BTreeSet<Cidr>>,
     /// Destination ports always captured, even outside the included CIDRs.
-    #[arg(long, value_name = "LIST")]
-    pub include_outbound_ports: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_port_list))]
+    pub include_outbound_ports: Option<BTreeSet<u16>>,
     /// Destination ports never captured, TCP and UDP.
-    #[arg(long, value_name = "LIST")]
-    pub exclude_outbound_ports: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_port_list))]
+    pub exclude_outbound_ports: Option<BTreeSet<u16>>,
     /// How inbound TCP reaches the applications: redirect (to the sidecar's inbound listener,
     /// Istio's; istio's, linkerd's and kuma's default), bind (wildcard binds move to loopback,
     /// the sidecar owns pod_ip:PORT; generic's default) or none.
-    #[arg(long, value_name = "MODE")]
-    pub inbound_mode: Option<String>,
+    #[arg(long, value_name = "MODE", value_enum, ignore_case = true)]
+    pub inbound_mode: Option<InboundMode>,
     /// The sidecar's inbound listener port, in redirect mode (15006).
-    #[arg(long, value_name = "PORT")]
-    pub inbound_port: Option<String>,
+    #[arg(long, value_name = "PORT", value_parser = reason(port))]
+    pub inbound_port: Option<u16>,
     /// Inbound ports captured (`*`, the default, is all).
-    #[arg(long, value_name = "LIST")]
-    pub inbound_ports: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(Ports::parse))]
+    pub inbound_ports: Option<Ports>,
     /// Inbound ports never captured, on top of the mesh's own (15008,15020,15021,15090).
-    #[arg(long, value_name = "LIST")]
-    pub exclude_inbound_ports: Option<String>,
+    #[arg(long, value_name = "LIST", value_parser = reason(parse_port_list))]
+    pub exclude_inbound_ports: Option<BTreeSet<u16>>,
     /// Do not capture inbound (the same as --inbound-mode none).
     #[arg(long)]
     pub no_inbound: bool,
     /// The sidecar's DNS listener port on loopback, UDP and TCP (15053).
-    #[arg(long, value_name = "PORT")]
-    pub dns_port: Option<String>,
+    #[arg(long, value_name = "PORT", value_parser = reason(port))]
+    pub dns_port: Option<u16>,
     /// Do not capture DNS: queries go straight to the servers.
     #[arg(long)]
     pub no_dns: bool,
@@ -72,8 +75,8 @@ pub struct PodOptions {
     pub no_sockmap: bool,
     /// Accelerate a connection only if its first message is at least this many bytes
     /// (16384; 0: every connection).
-    #[arg(long, value_name = "BYTES")]
-    pub sockmap_min_bytes: Option<String>,
+    #[arg(long, value_name = "BYTES", value_parser = reason(bytes))]
+    pub sockmap_min_bytes: Option<u32>,
     /// Accelerate connections between this pod's sidecar and the sidecars of other pods of
     /// the node registered with it too, socket to socket: their bytes then bypass the pods'
     /// interfaces, NetworkPolicy and any tc/netfilter processing (README: intra-node).
@@ -81,88 +84,122 @@ pub struct PodOptions {
     pub intra_node: bool,
 }
 
-/// The options that take a value, by name (conf key; the flag is `--` and dashes).
-const VALUED: [&str; 14] = [
-    "mesh",
-    "proxy_uid",
-    "proxy_gid",
-    "outbound_port",
-    "include_outbound_cidrs",
-    "exclude_outbound_cidrs",
-    "include_outbound_ports",
-    "exclude_outbound_ports",
-    "inbound_mode",
-    "inbound_port",
-    "inbound_ports",
-    "exclude_inbound_ports",
-    "dns_port",
-    "sockmap_min_bytes",
-];
-/// The options that are switches.
-const SWITCHES: [&str; 5] = [
-    "no_inbound",
-    "no_dns",
-    "sockmap",
-    "no_sockmap",
-    "intra_node",
-];
-
 impl PodOptions {
     /// Every option's name, as a CNI conf key.
-    pub fn keys() -> impl Iterator<Item = &'static str> {
-        VALUED.into_iter().chain(SWITCHES)
+    pub fn keys() -> Vec<String> {
+        Self::augment_args(clap::Command::new("conf"))
+            .get_arguments()
+            .map(|arg| arg.get_id().to_string())
+            .collect()
     }
 
     /// Sets the option named `key` (a conf key such as `proxy_uid`) from a JSON value: a
-    /// string, a number, or for lists an array of them; `true`/`false` for a switch. Returns
-    /// `Ok(false)` when `key` is not a pod option. A bad value is refused with the key and
-    /// value in the message, and leaves the options as they were.
+    /// string, a number, or for lists an array of them; `true` turns a switch on (`false`
+    /// leaves it as it was: off unless set before). Returns `Ok(false)` when `key` is not a
+    /// pod option. A bad value is refused with the key and value in the message, and leaves
+    /// the options as they were.
     pub fn set(&mut self, key: &str, value: &Value) -> Result<bool> {
-        let bad = |what: &str| Error::InvalidSetting(format!("{key}: {value}: {what}"));
-        if SWITCHES.contains(&key) {
-            let on = value.as_bool().ok_or_else(|| bad("give true or false"))?;
-            *self.switch_mut(key) = on;
-            return Ok(true);
-        }
-        if !VALUED.contains(&key) {
+        let bad = |what: String| Error::InvalidSetting(format!("{key}: {value}: {what}"));
+        let command = Self::augment_args(clap::Command::new("conf").no_binary_name(true));
+        let Some(arg) = command.get_arguments().find(|arg| arg.get_id() == key) else {
             return Ok(false);
-        }
-        let scalar = |v: &Value| match v {
-            Value::String(s) => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
         };
-        let text = match value {
-            Value::Array(items) => items
-                .iter()
-                .map(scalar)
-                .collect::<Option<Vec<_>>>()
-                .map(|items| items.join(","))
-                .ok_or_else(|| bad("give a list of strings or numbers"))?,
-            other => {
-                scalar(other).ok_or_else(|| bad("give a string, a number, or a list of them"))?
+        let flag = format!("--{}", arg.get_long().unwrap_or(key));
+        let argv = if arg.get_action().takes_values() {
+            let text = conf_text(value)
+                .ok_or_else(|| bad("give a string, a number, or a list of them".into()))?;
+            // `--flag=value`: a value may start with a dash.
+            vec![format!("{flag}={text}")]
+        } else {
+            match value.as_bool() {
+                Some(true) => vec![flag],
+                Some(false) => vec![],
+                None => return Err(bad("give true or false".into())),
             }
         };
-        // Parsed now, so that a bad value is named here, by its key.
-        apply(&mut PodSettings::default(), key, &text).map_err(|err| bad(&reason(err)))?;
-        *self.valued_mut(key) = Some(text);
+        let given = command
+            .try_get_matches_from(argv)
+            .and_then(|matches| PodOptions::from_arg_matches(&matches))
+            .map_err(|err| bad(clap_reason(&err)))?;
+        self.overlay(given);
         Ok(true)
     }
 
+    /// Takes every option `given` gives: each value, and each switch turned on. (Every
+    /// field is named: a new option is a compile error here until it is taken.)
+    fn overlay(&mut self, given: PodOptions) {
+        let PodOptions {
+            mesh,
+            proxy_uid,
+            proxy_gid,
+            outbound_port,
+            include_outbound_cidrs,
+            exclude_outbound_cidrs,
+            include_outbound_ports,
+            exclude_outbound_ports,
+            inbound_mode,
+            inbound_port,
+            inbound_ports,
+            exclude_inbound_ports,
+            no_inbound,
+            dns_port,
+            no_dns,
+            sockmap,
+            no_sockmap,
+            sockmap_min_bytes,
+            intra_node,
+        } = given;
+        fn take<T>(mine: &mut Option<T>, given: Option<T>) {
+            if given.is_some() {
+                *mine = given;
+            }
+        }
+        take(&mut self.mesh, mesh);
+        take(&mut self.proxy_uid, proxy_uid);
+        take(&mut self.proxy_gid, proxy_gid);
+        take(&mut self.outbound_port, outbound_port);
+        take(&mut self.include_outbound_cidrs, include_outbound_cidrs);
+        take(&mut self.exclude_outbound_cidrs, exclude_outbound_cidrs);
+        take(&mut self.include_outbound_ports, include_outbound_ports);
+        take(&mut self.exclude_outbound_ports, exclude_outbound_ports);
+        take(&mut self.inbound_mode, inbound_mode);
+        take(&mut self.inbound_port, inbound_port);
+        take(&mut self.inbound_ports, inbound_ports);
+        take(&mut self.exclude_inbound_ports, exclude_inbound_ports);
+        take(&mut self.dns_port, dns_port);
+        take(&mut self.sockmap_min_bytes, sockmap_min_bytes);
+        self.no_inbound |= no_inbound;
+        self.no_dns |= no_dns;
+        self.sockmap |= sockmap;
+        self.no_sockmap |= no_sockmap;
+        self.intra_node |= intra_node;
+    }
+
     /// The settings these options give: the mesh preset (istio unless `mesh` is given), then
-    /// the pod's Istio annotations if any, then each option given. The error names the
-    /// option (as its flag) and its value.
+    /// the pod's Istio annotations if any, then each option given.
     pub fn settings(&self, annotations: Option<&BTreeMap<String, String>>) -> Result<PodSettings> {
-        let preset: MeshPreset = self.mesh.as_deref().unwrap_or("istio").parse()?;
-        let mut s = preset.settings();
+        let mut s = self.mesh.unwrap_or(MeshPreset::Istio).settings();
         if let Some(annotations) = annotations {
             s = apply_istio_annotations(s, annotations)?;
         }
-        for (key, value) in self.given() {
-            apply(&mut s, key, value).map_err(|err| {
-                Error::InvalidSetting(format!("--{}: {}", key.replace('_', "-"), reason(err)))
-            })?;
+        fn put<T: Clone>(setting: &mut T, option: &Option<T>) {
+            if let Some(value) = option {
+                *setting = value.clone();
+            }
         }
+        put(&mut s.proxy_uids, &self.proxy_uid);
+        put(&mut s.proxy_gids, &self.proxy_gid);
+        put(&mut s.outbound_port, &self.outbound_port);
+        put(&mut s.include_outbound_cidrs, &self.include_outbound_cidrs);
+        put(&mut s.exclude_outbound_cidrs, &self.exclude_outbound_cidrs);
+        put(&mut s.include_outbound_ports, &self.include_outbound_ports);
+        put(&mut s.exclude_outbound_ports, &self.exclude_outbound_ports);
+        put(&mut s.inbound_mode, &self.inbound_mode);
+        put(&mut s.inbound_port, &self.inbound_port);
+        put(&mut s.inbound_ports, &self.inbound_ports);
+        put(&mut s.exclude_inbound_ports, &self.exclude_inbound_ports);
+        put(&mut s.dns_port, &self.dns_port);
+        put(&mut s.sockmap_min_bytes, &self.sockmap_min_bytes);
         if self.no_inbound {
             s.inbound_mode = InboundMode::None;
         }
@@ -172,69 +209,47 @@ impl PodOptions {
         s.validate()?;
         Ok(s)
     }
+}
 
-    /// The valued options given, with their values, in [`VALUED`] order.
-    fn given(&self) -> Vec<(&'static str, &str)> {
-        VALUED
-            .into_iter()
-            .filter_map(|key| Some((key, self.valued(key).as_deref()?)))
-            .collect()
-    }
-
-    fn valued(&self, key: &str) -> &Option<String> {
-        match key {
-            "mesh" => &self.mesh,
-            "proxy_uid" => &self.proxy_uid,
-            "proxy_gid" => &self.proxy_gid,
-            "outbound_port" => &self.outbound_port,
-            "include_outbound_cidrs" => &self.include_outbound_cidrs,
-            "exclude_outbound_cidrs" => &self.exclude_outbound_cidrs,
-            "include_outbound_ports" => &self.include_outbound_ports,
-            "exclude_outbound_ports" => &self.exclude_outbound_ports,
-            "inbound_mode" => &self.inbound_mode,
-            "inbound_port" => &self.inbound_port,
-            "inbound_ports" => &self.inbound_ports,
-            "exclude_inbound_ports" => &self.exclude_inbound_ports,
-            "dns_port" => &self.dns_port,
-            _ => &self.sockmap_min_bytes,
-        }
-    }
-
-    fn valued_mut(&mut self, key: &str) -> &mut Option<String> {
-        match key {
-            "mesh" => &mut self.mesh,
-            "proxy_uid" => &mut self.proxy_uid,
-            "proxy_gid" => &mut self.proxy_gid,
-            "outbound_port" => &mut self.outbound_port,
-            "include_outbound_cidrs" => &mut self.include_outbound_cidrs,
-            "exclude_outbound_cidrs" => &mut self.exclude_outbound_cidrs,
-            "include_outbound_ports" => &mut self.include_outbound_ports,
-            "exclude_outbound_ports" => &mut self.exclude_outbound_ports,
-            "inbound_mode" => &mut self.inbound_mode,
-            "inbound_port" => &mut self.inbound_port,
-            "inbound_ports" => &mut self.inbound_ports,
-            "exclude_inbound_ports" => &mut self.exclude_inbound_ports,
-            "dns_port" => &mut self.dns_port,
-            _ => &mut self.sockmap_min_bytes,
-        }
-    }
-
-    fn switch_mut(&mut self, key: &str) -> &mut bool {
-        match key {
-            "no_inbound" => &mut self.no_inbound,
-            "no_dns" => &mut self.no_dns,
-            "sockmap" => &mut self.sockmap,
-            "intra_node" => &mut self.intra_node,
-            _ => &mut self.no_sockmap,
-        }
+/// A conf value as the text its flag would take: lists joined with commas.
+fn conf_text(value: &Value) -> Option<String> {
+    let scalar = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()
+            .map(|items| items.join(",")),
+        other => scalar(other),
     }
 }
 
-/// A library error's message without the "invalid setting: " its Display adds.
-fn reason(err: Error) -> String {
-    match err {
-        Error::InvalidSetting(text) => text,
-        other => other.to_string(),
+/// Why clap refused a value: the parser's reason, or the values it takes.
+fn clap_reason(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(source) = std::error::Error::source(err) {
+        return source.to_string();
+    }
+    match err.get(ContextKind::ValidValue) {
+        Some(ContextValue::Strings(valid)) => format!("give one of {}", valid.join(", ")),
+        _ => err.kind().to_string(),
+    }
+}
+
+/// A parser for clap whose error is the library error's reason, without the "invalid
+/// setting: " its Display adds (clap names the flag and value itself).
+fn reason<T: 'static>(
+    parse: fn(&str) -> Result<T>,
+) -> impl Fn(&str) -> std::result::Result<T, String> + Clone + Send + Sync + 'static {
+    move |text| {
+        parse(text).map_err(|err| match err {
+            Error::InvalidSetting(text) => text,
+            other => other.to_string(),
+        })
     }
 }
 
@@ -249,70 +264,61 @@ fn port(text: &str) -> Result<u16> {
     }
 }
 
-/// Applies the valued option `key` to `s`.
-fn apply(s: &mut PodSettings, key: &str, text: &str) -> Result<()> {
-    match key {
-        // The preset is the starting point, applied before every option.
-        "mesh" => {
-            text.parse::<MeshPreset>()?;
-        }
-        "proxy_uid" => s.proxy_uids = parse_id_list(text)?,
-        "proxy_gid" => s.proxy_gids = parse_id_list(text)?,
-        "outbound_port" => s.outbound_port = port(text)?,
-        "include_outbound_cidrs" => s.include_outbound_cidrs = Cidrs::parse(text)?,
-        "exclude_outbound_cidrs" => s.exclude_outbound_cidrs = parse_cidr_list(text)?,
-        "include_outbound_ports" => s.include_outbound_ports = parse_port_list(text)?,
-        "exclude_outbound_ports" => s.exclude_outbound_ports = parse_port_list(text)?,
-        "inbound_mode" => s.inbound_mode = text.parse::<InboundMode>()?,
-        "inbound_port" => s.inbound_port = port(text)?,
-        "inbound_ports" => s.inbound_ports = Ports::parse(text)?,
-        "exclude_inbound_ports" => s.exclude_inbound_ports = parse_port_list(text)?,
-        "dns_port" => s.dns_port = port(text)?,
-        _ => {
-            s.sockmap_min_bytes = text.trim().parse().map_err(|_| {
-                Error::InvalidSetting(format!(
-                    "{text:?}: give a number of bytes from 0 to 4294967295"
-                ))
-            })?
-        }
-    }
-    Ok(())
+/// A number of bytes, 0 to 2^32-1; the error names the value.
+fn bytes(text: &str) -> Result<u32> {
+    text.trim().parse().map_err(|_| {
+        Error::InvalidSetting(format!(
+            "{text:?}: give a number of bytes from 0 to 4294967295"
+        ))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::{Args, Command};
+    use clap::Command;
     use serde_json::json;
 
+    /// `args` as `meshbpf register` parses them.
+    fn flags(args: &[&str]) -> std::result::Result<PodOptions, clap::Error> {
+        PodOptions::augment_args(Command::new("register").no_binary_name(true))
+            .try_get_matches_from(args)
+            .and_then(|matches| PodOptions::from_arg_matches(&matches))
+    }
+
     #[test]
-    fn every_flag_is_a_conf_key_and_every_conf_key_a_flag() {
-        let flags: Vec<String> = PodOptions::augment_args(Command::new("register"))
-            .get_arguments()
-            .map(|a| a.get_id().to_string())
-            .collect();
-        let mut keys: Vec<String> = PodOptions::keys().map(str::to_string).collect();
-        let mut sorted_flags = flags.clone();
-        sorted_flags.sort();
-        keys.sort();
-        assert_eq!(sorted_flags, keys);
-        // And each one reaches its own field.
-        for key in PodOptions::valued_keys() {
-            let mut o = PodOptions::default();
-            let value = match key {
+    fn every_conf_key_sets_what_its_flag_sets() {
+        for key in PodOptions::keys() {
+            let value = match key.as_str() {
                 "mesh" => "kuma",
                 "inbound_mode" => "bind",
                 k if k.contains("cidrs") => "192.0.2.7",
                 _ => "7",
             };
-            o.set(key, &json!(value)).unwrap();
-            assert_eq!(o.given(), vec![(key, value)], "{key}");
-        }
-    }
-
-    impl PodOptions {
-        fn valued_keys() -> impl Iterator<Item = &'static str> {
-            VALUED.into_iter()
+            let flag = format!("--{}", key.replace('_', "-"));
+            let switch =
+                key.starts_with("no_") || ["sockmap", "intra_node"].contains(&key.as_str());
+            let (conf, flag) = if switch {
+                (json!(true), flags(&[&flag]).unwrap())
+            } else {
+                (json!(value), flags(&[&flag, value]).unwrap())
+            };
+            let mut o = PodOptions::default();
+            assert!(o.set(&key, &conf).unwrap(), "{key}");
+            assert_ne!(o, PodOptions::default(), "{key} set nothing");
+            assert_eq!(o, flag, "{key}");
+            // --no-sockmap restates the default: it shows over a preset or conf with sockmap on.
+            let base = PodOptions {
+                sockmap: key == "no_sockmap",
+                ..Default::default()
+            };
+            let mut both = base.clone();
+            both.overlay(o);
+            assert_ne!(
+                both.settings(None).unwrap(),
+                base.settings(None).unwrap(),
+                "{key} changes no setting"
+            );
         }
     }
 
@@ -332,17 +338,22 @@ mod tests {
         ] {
             assert!(conf.set(key, &value).unwrap(), "{key}");
         }
-        let flags = PodOptions {
-            mesh: Some("linkerd".into()),
-            proxy_uid: Some("2102,3000".into()),
-            outbound_port: Some("4140".into()),
-            exclude_outbound_cidrs: Some("192.0.2.0/24, 2001:db8::/32".into()),
-            no_dns: true,
-            sockmap_min_bytes: Some("0".into()),
-            ..Default::default()
-        };
+        let flags = flags(&[
+            "--mesh",
+            "linkerd",
+            "--proxy-uid",
+            "2102,3000",
+            "--outbound-port",
+            "4140",
+            "--exclude-outbound-cidrs",
+            "192.0.2.0/24, 2001:db8::/32",
+            "--no-dns",
+            "--sockmap-min-bytes",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(conf, flags);
         let s = conf.settings(None).unwrap();
-        assert_eq!(s, flags.settings(None).unwrap());
         assert_eq!(s.proxy_uids, [2102, 3000].into());
         assert_eq!((s.outbound_port, s.sockmap_min_bytes), (4140, 0));
         assert!(!s.capture_dns);
@@ -360,27 +371,38 @@ mod tests {
             ("outbound_port", json!("80,81"), "80,81"),
             ("no_dns", json!("yes"), "true or false"),
             ("proxy_uid", json!({"a": 1}), "a list"),
-            ("mesh", json!("consul"), "consul"),
+            ("mesh", json!("consul"), "linkerd"),
             ("sockmap_min_bytes", json!(-1), "-1"),
         ] {
             let mut o = PodOptions::default();
             let err = o.set(key, &value).unwrap_err().to_string();
-            assert!(err.contains(key) && err.contains(named), "{err}");
+            assert!(
+                err.contains(key) && err.contains(&value.to_string()) && err.contains(named),
+                "{err}"
+            );
             assert_eq!(o, PodOptions::default(), "{key} changed the options");
         }
         assert!(!PodOptions::default().set("bogus", &json!(1)).unwrap());
     }
 
     #[test]
-    fn flag_errors_name_the_flag() {
-        let o = PodOptions {
-            include_outbound_ports: Some("http".into()),
-            ..Default::default()
-        };
-        let err = o.settings(None).unwrap_err().to_string();
-        assert!(
-            err.contains("--include-outbound-ports") && err.contains("http"),
-            "{err}"
+    fn flag_errors_name_the_flag_and_the_value() {
+        for (args, named) in [
+            (&["--include-outbound-ports", "http"][..], "http"),
+            (&["--outbound-port", "0"], "\"0\""),
+            (&["--mesh", "consul"], "consul"),
+            (&["--inbound-mode", "tproxy"], "tproxy"),
+        ] {
+            let err = flags(args).unwrap_err().to_string();
+            assert!(err.contains(args[0]) && err.contains(named), "{err}");
+        }
+        assert_eq!(
+            flags(&["--mesh", "Linkerd", "--inbound-mode", "BIND"]).unwrap(),
+            PodOptions {
+                mesh: Some(MeshPreset::Linkerd),
+                inbound_mode: Some(InboundMode::Bind),
+                ..Default::default()
+            }
         );
     }
 
@@ -391,15 +413,15 @@ mod tests {
             "3306".to_string(),
         )]);
         let o = PodOptions {
-            mesh: Some("kuma".into()),
-            exclude_outbound_ports: Some("5432".into()),
+            mesh: Some(MeshPreset::Kuma),
+            exclude_outbound_ports: Some([5432].into()),
             ..Default::default()
         };
         let s = o.settings(Some(&annotations)).unwrap();
         assert_eq!(s.exclude_outbound_ports, [5432].into());
         assert_eq!(s.proxy_uids, [5678].into());
         let without = PodOptions {
-            mesh: Some("kuma".into()),
+            mesh: Some(MeshPreset::Kuma),
             ..Default::default()
         };
         assert_eq!(

@@ -7,9 +7,9 @@ use std::os::fd::AsRawFd;
 
 use nix::libc;
 
-/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h) and `IP6T_SO_ORIGINAL_DST`
-/// (linux/netfilter_ipv6/ip6_tables.h) share the number 80.
-pub const SO_ORIGINAL_DST: libc::c_int = 80;
+/// `SO_ORIGINAL_DST` (linux/netfilter_ipv4.h); `IP6T_SO_ORIGINAL_DST`
+/// (linux/netfilter_ipv6/ip6_tables.h), its IPv6 counterpart at `SOL_IPV6`, has the same number.
+pub const SO_ORIGINAL_DST: libc::c_int = libc::SO_ORIGINAL_DST;
 
 /// The address the application connected to, for a connection a proxy accepted: the plain
 /// `getsockopt(SO_ORIGINAL_DST)` that works the same behind iptables REDIRECT and behind
@@ -28,13 +28,14 @@ pub fn dns_query_original_dst(socket: &UdpSocket) -> io::Result<SocketAddr> {
 
 fn original_dst_of(fd: libc::c_int, local: SocketAddr) -> io::Result<SocketAddr> {
     if local.is_ipv4() {
-        let sin: libc::sockaddr_in = getsockopt_struct(fd, libc::SOL_IP)?;
+        let sin: libc::sockaddr_in = getsockopt_struct(fd, libc::SOL_IP, libc::SO_ORIGINAL_DST)?;
         Ok(SocketAddr::V4(SocketAddrV4::new(
             Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
             u16::from_be(sin.sin_port),
         )))
     } else {
-        let sin6: libc::sockaddr_in6 = getsockopt_struct(fd, libc::SOL_IPV6)?;
+        let sin6: libc::sockaddr_in6 =
+            getsockopt_struct(fd, libc::SOL_IPV6, libc::IP6T_SO_ORIGINAL_DST)?;
         Ok(SocketAddr::V6(SocketAddrV6::new(
             Ipv6Addr::from(sin6.sin6_addr.s6_addr),
             u16::from_be(sin6.sin6_port),
@@ -44,19 +45,13 @@ fn original_dst_of(fd: libc::c_int, local: SocketAddr) -> io::Result<SocketAddr>
     }
 }
 
-fn getsockopt_struct<T>(fd: libc::c_int, level: libc::c_int) -> io::Result<T> {
+/// One `getsockopt` whose answer is a whole `T`. (nix's `OriginalDst` would panic on a short
+/// answer; this returns an error.)
+fn getsockopt_struct<T>(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: `value` is valid for writes of `len` bytes and `len` is a valid socklen_t.
-    let ret = unsafe {
-        libc::getsockopt(
-            fd,
-            level,
-            SO_ORIGINAL_DST,
-            value.as_mut_ptr().cast(),
-            &mut len,
-        )
-    };
+    let ret = unsafe { libc::getsockopt(fd, level, name, value.as_mut_ptr().cast(), &mut len) };
     if ret < 0 {
         return Err(io::Error::last_os_error());
     }

@@ -612,21 +612,20 @@ pub(crate) fn load<'obj>(
         map.set_pin_path(path)
             .context(|| format!("setting the pin path of {name}"))?;
     }
-    open.load().map_err(|cause| {
-        if cause.kind() == libbpf_rs::ErrorKind::PermissionDenied {
-            Error::PermissionDenied {
-                action: "load BPF programs",
-                missing: "CAP_BPF or a high enough RLIMIT_MEMLOCK".into(),
-            }
-        } else {
-            Error::Bpf {
-                context: "loading the BPF programs (the kernel verifier's log is printed above; \
-                          `meshbpf` needs Linux 5.15+ with BTF)"
-                    .into(),
-                cause,
-            }
+    load_skel(open, "loading the BPF programs")
+}
+
+/// Loads an opened skeleton; a failure is reported by its cause (the verifier's log, a
+/// pinned map of another shape, a refusal), as libbpf's messages tell it.
+fn load_skel<'obj, T: OpenSkel<'obj>>(open: T, what: &str) -> Result<T::Output> {
+    let (loaded, log) = crate::loadlog::capturing(|| open.load());
+    match loaded {
+        Ok(skel) => {
+            crate::loadlog::pass_on(&log);
+            Ok(skel)
         }
-    })
+        Err(cause) => Err(crate::loadlog::load_error(what, cause, &log)),
+    }
 }
 
 /// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
@@ -787,17 +786,8 @@ fn replace_in_place(
     options: &AttachOptions,
 ) -> Result<()> {
     let mut open_object = MaybeUninit::uninit();
-    let skel =
-        load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options).map_err(|err| match err {
-            Error::Bpf { cause, .. } if cause.kind() == libbpf_rs::ErrorKind::InvalidInput => {
-                Error::LayoutMismatch {
-                    pin_dir: pin_dir.into(),
-                    found: "incompatible pinned maps".into(),
-                    expected: LAYOUT_VERSION,
-                }
-            }
-            other => other,
-        })?;
+    // A pinned map of another shape than this build's is a layout mismatch (loadlog).
+    let skel = load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options)?;
     attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
     update_pod_programs(pin_dir, &skel)?;
     let mut meta = *meta;
@@ -865,8 +855,7 @@ fn load_pod_program<'obj>(
         map.set_pin_path(path)
             .context(|| format!("setting the pin path of {name}"))?;
     }
-    open.load()
-        .context(|| "loading the pod's sk_lookup program".into())
+    load_skel(open, "loading the pod's sk_lookup program")
 }
 
 /// Attaches the pod's sk_lookup program to its network namespace (`netns`, an open nsfs

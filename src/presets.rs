@@ -11,6 +11,12 @@ use crate::settings::{
 
 /// A service mesh whose sidecar conventions meshbpf knows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum MeshPreset {
     /// Istio: proxy uid 1337, outbound 15001, inbound 15006, DNS 15053
     /// (istio.io/latest/docs/ops/deployment/application-requirements/, "Ports used by Istio").
@@ -76,6 +82,7 @@ const ANNOTATION_PREFIX: &str = "traffic.sidecar.istio.io/";
 
 /// Parses a pod's annotations: a JSON object, or a YAML mapping of `key: value` lines (as
 /// `kubectl get pod -o jsonpath='{.metadata.annotations}'` or the manifest's block gives).
+#[cfg(feature = "cli")]
 pub fn parse_annotations(text: &str) -> Result<BTreeMap<String, String>> {
     let bad = |what: String| Error::InvalidSetting(format!("annotations: {what}"));
     if text.trim_start().starts_with('{') {
@@ -213,6 +220,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn yaml_and_json_annotations_give_the_same_settings() {
         let yaml = "annotations:\n  traffic.sidecar.istio.io/includeOutboundIPRanges: \"10.0.0.0/8,2001:db8::/32\"\n  traffic.sidecar.istio.io/excludeOutboundPorts: '3306'\n  prometheus.io/scrape: true\n";
         let json = r#"{"traffic.sidecar.istio.io/includeOutboundIPRanges":"10.0.0.0/8,2001:db8::/32","traffic.sidecar.istio.io/excludeOutboundPorts":"3306","prometheus.io/scrape":"true"}"#;
@@ -229,6 +237,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn empty_include_inbound_ports_turns_inbound_capture_off_as_istio_does() {
         let ann =
             parse_annotations(r#"{"traffic.sidecar.istio.io/includeInboundPorts":""}"#).unwrap();
@@ -241,6 +250,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "cli")]
     fn bad_annotations_are_refused_by_name() {
         for (text, named) in [
             (

@@ -44,6 +44,17 @@ pub type Ports = Selection<u16>;
 /// A set of destination prefixes: all of them, or those listed.
 pub type Cidrs = Selection<Cidr>;
 
+/// `*` for all, or the list.
+#[cfg(feature = "serde")]
+impl<T: Ord + serde::Serialize> serde::Serialize for Selection<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Selection::All => serializer.serialize_str("*"),
+            Selection::Only(values) => values.serialize(serializer),
+        }
+    }
+}
+
 impl<T: Ord> Selection<T> {
     fn parse_with(text: &str, list: impl Fn(&str) -> Result<BTreeSet<T>>) -> Result<Self> {
         match text.trim() {
@@ -219,6 +230,14 @@ impl FromStr for Cidr {
     }
 }
 
+/// As text, `10.0.0.0/8`.
+#[cfg(feature = "serde")]
+impl serde::Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
 impl fmt::Display for Cidr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.addr, self.prefix)
@@ -227,6 +246,12 @@ impl fmt::Display for Cidr {
 
 /// How inbound TCP connections to a pod reach its applications.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "cli", derive(clap::ValueEnum))]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum InboundMode {
     /// Istio's: every inbound connection to a captured port goes to the sidecar's inbound
     /// listener (`inbound_port`, 15006), which accepts it with the original `pod_ip:PORT` as
@@ -266,6 +291,7 @@ impl fmt::Display for InboundMode {
 
 /// What one registered pod wants captured, and where its sidecar listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct PodSettings {
     /// The sidecar's uids: their sockets are never captured (istio-iptables `-u`).
     pub proxy_uids: BTreeSet<u32>,

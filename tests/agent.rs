@@ -338,7 +338,7 @@ fn restarting_the_agent_under_load_fails_no_connection_and_capture_never_stops()
     let load = |count: usize| {
         app.spawn(
             APP_UID,
-            &example("stream"),
+            &helper("stream"),
             &[
                 "run",
                 &dest,
@@ -421,7 +421,7 @@ fn pods_running_before_the_agent_are_found_by_their_sidecar_and_registered() {
     // An application listening on that port is not a sidecar.
     let not_sidecar = env.pod("appport");
     let _app_listener = not_sidecar.server(&[&format!("127.0.0.1:{port}")]);
-    let mut host_listener = command_via_fd(&example("netprobe"));
+    let mut host_listener = command_via_fd(&helper("netprobe"));
     host_listener.args(["serve", &format!("127.0.0.1:{port}")]);
     // SAFETY: setresgid/setresuid between fork and exec, async-signal-safe.
     unsafe {

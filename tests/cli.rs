@@ -202,6 +202,16 @@ fn list_and_status_report_registered_pods_and_counters_as_json() {
     assert_eq!(list[0]["netns_cookie"], cookie);
     assert_eq!(list[0]["proxy_uids"], serde_json::json!([2102]));
     assert_eq!(list[0]["outbound_port"], 4140);
+    // Every field of the library's Pod, as the library has it.
+    let library =
+        serde_json::to_value(meshbpf::Mesh::open(&env.pin_dir).unwrap().pods().unwrap()).unwrap();
+    assert_eq!(list, library);
+    assert_eq!(
+        list[0]["addresses"],
+        serde_json::json!([pod.v4.to_string(), pod.v6.to_string()])
+    );
+    assert_eq!(list[0]["inbound_mode"], "redirect");
+    assert_eq!(list[0]["include_outbound_cidrs"], "*");
 
     let status: serde_json::Value =
         serde_json::from_str(&stdout_of(&env.meshbpf(&["status", "--json"]))).unwrap();
@@ -211,6 +221,13 @@ fn list_and_status_report_registered_pods_and_counters_as_json() {
     );
     assert_eq!(status["pods"].as_array().unwrap().len(), 1);
     assert!(status["counters"]["connect_redirected"].is_u64());
+    assert_eq!(status["layout_version"], meshbpf::LAYOUT_VERSION);
+    assert!(
+        status["cgroup"]
+            .as_str()
+            .is_some_and(|c| c.contains(env.cgroup.to_str().unwrap())),
+        "{status}"
+    );
 
     stdout_of(&env.meshbpf(&["unregister", "--netns", pod.netns.to_str().unwrap()]));
     let list: serde_json::Value =

@@ -95,14 +95,11 @@ fn add_registers_the_pod_with_its_conf_settings_and_prints_prev_result_byte_for_
     let pods = mesh.pods().unwrap();
     assert_eq!(pods.len(), 1);
     assert_eq!(pods[0].netns_cookie, cookie(&pod.netns));
-    let expected = meshbpf::PodOptions {
-        mesh: Some("linkerd".into()),
-        exclude_outbound_ports: Some("3306".into()),
-        no_sockmap: true,
-        ..Default::default()
-    }
-    .settings(None)
-    .unwrap();
+    let expected = meshbpf::PodSettings {
+        exclude_outbound_ports: [3306].into(),
+        sockmap: false,
+        ..meshbpf::MeshPreset::Linkerd.settings()
+    };
     assert_eq!(pods[0].settings, expected);
     assert_eq!(state_files(&env), ["ctr1.eth0"]);
     // CHECK agrees, with the same conf.

@@ -4,8 +4,12 @@
 //! injection template (deploy/istio/) is checked as far as this machine can without istiod:
 //! what it deletes and adds, and that what it adds validates in a Pod.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use common::skip;
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +36,7 @@ fn validator() -> Option<PathBuf> {
             std::env::var_os("CI").is_none(),
             "kubernetes-validate is missing and CI is set: run scripts/deps.sh"
         );
-        eprintln!("skipped: kubernetes-validate is missing (scripts/deps.sh installs it)");
+        skip("kubernetes-validate is missing (scripts/deps.sh installs it)");
     }
     found
 }

@@ -138,7 +138,7 @@ fn unconnected_and_connected_udp_queries_see_the_server_they_asked() {
             if connected {
                 args.push("--connected");
             }
-            let out = client.run(APP_UID, &example("netprobe"), &args);
+            let out = client.run(APP_UID, &helper("netprobe"), &args);
             let probe = stdout_of(&out);
             // recvfrom() (unconnected) or getpeername() (connected) name the server asked.
             assert!(probe.contains(&format!("from={server}\n")), "{probe}");
@@ -216,7 +216,7 @@ fn ipv4_mapped_server_addresses_see_the_server_they_asked() {
         if connected {
             args.push("--connected");
         }
-        let probe = stdout_of(&client.run(APP_UID, &example("netprobe"), &args));
+        let probe = stdout_of(&client.run(APP_UID, &helper("netprobe"), &args));
         assert!(probe.contains(&format!("from={server}\n")), "{probe}");
         assert!(probe.contains(&format!("answer={ANSWER_V4}\n")), "{probe}");
     }

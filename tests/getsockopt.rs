@@ -13,11 +13,11 @@ use common::*;
 fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
     let prober = pod.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", listen],
     );
     prober.wait_for("listening=");
-    let _app = pod.spawn(APP_UID, &example("netprobe"), &["connect", dest]);
+    let _app = pod.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
     let out = prober.wait();
     let results = probes(&out);
     assert_eq!(results.len(), 8, "{out}");

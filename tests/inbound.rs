@@ -264,7 +264,7 @@ fn a_moved_bind_that_failed_is_not_discovered_when_the_socket_binds_elsewhere() 
         ("[::]:8081", "[::]:15021"),
     ] {
         // The moved bind fails (EADDRINUSE); the same socket then listens on a mesh port.
-        let proc = pod.spawn(APP_UID, &example("netprobe"), &["rebind", first, second]);
+        let proc = pod.spawn(APP_UID, &helper("netprobe"), &["rebind", first, second]);
         proc.wait_for("bound=");
         assert!(
             proc.output().contains("first=err:EADDRINUSE"),
@@ -306,7 +306,7 @@ fn in_bind_mode_no_application_listener_is_reached_around_the_sidecar() {
         // What moving wildcard binds to loopback cannot close: the pod's own address, a
         // socket that never called bind(), a bind to port 0 (ephemeral).
         let _own_ip = pod.server(&[&pod.addr(false, 7070)]);
-        let unbound = pod.spawn(APP_UID, &example("netprobe"), &["autolisten"]);
+        let unbound = pod.spawn(APP_UID, &helper("netprobe"), &["autolisten"]);
         unbound.wait_for("listening=");
         let ephemeral = pod.server(&["0.0.0.0:0"]);
         let port_of = |p: &Proc| -> u16 {
@@ -364,7 +364,7 @@ fn a_dual_stack_application_moved_to_loopback_stays_reachable_over_ipv4() {
         assert_eq!(app.lines("listening="), [format!("listening={expected}")]);
         // The sidecar forwards IPv4 clients to 127.0.0.1, IPv6 ones to ::1: both reach it.
         for dest in ["127.0.0.1:8082", "[::1]:8082"] {
-            let probe = pod.run(PROXY_UID, &example("netprobe"), &["connect", dest]);
+            let probe = pod.run(PROXY_UID, &helper("netprobe"), &["connect", dest]);
             let out = stdout_of(&probe);
             assert!(out.contains("reply=from="), "{}: {dest}: {out}", pod.name);
         }

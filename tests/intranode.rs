@@ -2,7 +2,7 @@
 //! two registered pods of the node goes socket to socket, both ways, and loses, reorders or
 //! stalls nothing, whatever the applications behind the sidecars do; application sockets,
 //! unregistered pods and pods that did not opt in are never touched; it is off by default.
-//! Every transfer is checked byte for byte (length and pattern) by `examples/stream.rs`.
+//! Every transfer is checked byte for byte (length and pattern) by `test-support/src/bin/stream.rs`.
 
 mod common;
 
@@ -82,7 +82,7 @@ fn stream_from(pod: &Pod, dest: &str, args: &[&str]) -> (bool, String) {
     let out = pod.run_for(
         std::time::Duration::from_secs(300),
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &all,
     );
     let text = format!(

@@ -249,7 +249,7 @@ fn upgrading_under_load_fails_no_connection_and_lets_none_escape() {
     let cgroup = l.env.cgroup.to_str().unwrap().to_string();
     let load = l.pod.spawn(
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &[
             "run",
             &l.dest,
@@ -312,6 +312,41 @@ fn an_attachment_of_another_map_layout_is_refused_with_the_fix() {
     // detach still cleans it all up.
     stdout_of(&env.meshbpf(&["detach"]));
     assert!(bpffs_entries(&env).is_empty());
+    assert!(env.attached_hooks().is_empty());
+}
+
+#[test]
+fn a_pinned_map_of_another_shape_is_refused_by_name_and_the_programs_stay() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let mesh = env.attach();
+    let links_before = mesh.status().unwrap().programs;
+    // Same layout number, one map of another shape: what a build with other maps leaves.
+    let map = env.pin_dir.join("maps/origin_dst_map");
+    fs::remove_file(&map).unwrap();
+    sh(Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&map)
+        .args([
+            "type", "hash", "key", "4", "value", "4", "entries", "1", "name", "other",
+        ]));
+
+    let out = env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("origin_dst_map differs") && stderr.contains("meshbpf detach"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("CAP_BPF") && !stderr.contains("verifier"),
+        "{stderr}"
+    );
+    // Nothing was replaced.
+    assert_eq!(mesh.status().unwrap().programs, links_before);
+    stdout_of(&env.meshbpf(&["detach"]));
     assert!(env.attached_hooks().is_empty());
 }
 
@@ -384,7 +419,7 @@ fn detach_leaves_existing_connections_working() {
             "--duration",
             "3",
         ];
-        l.pod.spawn(APP_UID, &example("stream"), &args)
+        l.pod.spawn(APP_UID, &helper("stream"), &args)
     };
     let plain = run("100");
     // Registered again: connections from now on take the fast path.
@@ -569,13 +604,13 @@ fn a_pod_cannot_read_another_pod_s_original_destination() {
     // Pod A: a captured connection 127.0.0.1:40000 -> 127.0.0.1:15001, held open.
     let holder = a.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "127.0.0.1:15001", "--hold"],
     );
     holder.wait_for("listening=");
     let _app = a.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &[
             "connect",
             &server.addr(false, 8080),
@@ -592,13 +627,13 @@ fn a_pod_cannot_read_another_pod_s_original_destination() {
     // Pod B: the very same 4-tuple, not captured; its proxy asks for the original destination.
     let prober = b.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "127.0.0.1:15001"],
     );
     prober.wait_for("listening=");
     let _direct = b.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["connect", "127.0.0.1:15001", "--bind", "0.0.0.0:40000"],
     );
     let out = prober.wait();

@@ -236,13 +236,13 @@ fn origin_lookup_matches_what_the_proxy_is_told() {
     drop(w.sidecar);
     let holder = w.client.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "127.0.0.1:15001", "--hold"],
     );
     holder.wait_for("listening=");
     let _app = w.client.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &[
             "connect",
             &w.server.addr(false, 8080),

@@ -69,7 +69,7 @@ fn no_entry_outlives_its_connection(w: &World) {
 fn reuse(w: &World, args: &[&str]) -> BTreeMap<String, String> {
     let mut all = vec!["reuse"];
     all.extend_from_slice(args);
-    let out = w.client.run(APP_UID, &example("netprobe"), &all);
+    let out = w.client.run(APP_UID, &helper("netprobe"), &all);
     let text = stdout_of(&out);
     text.lines()
         .filter_map(|l| l.split_once('='))
@@ -82,7 +82,7 @@ fn reuse(w: &World, args: &[&str]) -> BTreeMap<String, String> {
 fn loopback_prober(w: &World, v6: bool, port: u16) -> Proc {
     let proc = w.client.spawn(
         APP_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", &loopback(v6, port), "--hold"],
     );
     proc.wait_for("listening=");
@@ -225,11 +225,11 @@ fn iptables_pod(env: &mut Env, name: &str) -> Pod {
 fn dual_stack_proxy_view(pod: &Pod, dest: &str) -> BTreeMap<String, String> {
     let prober = pod.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &["sockopts", "--listen", "[::]:15001"],
     );
     prober.wait_for("listening=");
-    let _app = pod.spawn(APP_UID, &example("netprobe"), &["connect", dest]);
+    let _app = pod.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
     probes(&prober.wait())
 }
 

@@ -43,7 +43,7 @@ fn runtime_available() -> bool {
         panic!("podman, containernetworking-plugins or busybox-static is missing, and CI is set: run scripts/deps.sh");
     }
     if !ok {
-        eprintln!("skipped: needs podman, containernetworking-plugins and busybox-static (scripts/deps.sh installs them)");
+        skip("needs podman, containernetworking-plugins and busybox-static (scripts/deps.sh installs them)");
     }
     ok
 }
@@ -109,7 +109,7 @@ impl Podman {
             .stderr(Stdio::piped())
             .spawn()
             .expect("run podman");
-        output_within(child, Duration::from_secs(60))
+        output_within(child, scaled(Duration::from_secs(60)))
     }
 
     fn podman(&self, args: &[&str]) -> String {

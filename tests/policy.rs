@@ -71,7 +71,7 @@ fn cidr(pod: &Pod, v6: bool, prefix: u8) -> Cidr {
 
 /// Connects as `uid` and says whether the connection went through a sidecar.
 fn captured(w: &World, uid: u32, dest: &str) -> bool {
-    let out = w.client.run(uid, &example("netprobe"), &["connect", dest]);
+    let out = w.client.run(uid, &helper("netprobe"), &["connect", dest]);
     let text = stdout_of(&out);
     assert!(text.contains("reply=from="), "no reply from {dest}: {text}");
     // Direct, the server sees the application's own socket; captured, it sees the sidecar's.
@@ -173,7 +173,7 @@ fn two_pods_with_different_settings_behave_independently() {
         .unwrap();
     let dest = w.s1.addr(false, 8080);
     assert!(!captured(&w, APP_UID, &dest));
-    let out = stdout_of(&other.run(APP_UID, &example("netprobe"), &["connect", &dest]));
+    let out = stdout_of(&other.run(APP_UID, &helper("netprobe"), &["connect", &dest]));
     assert!(out.contains("local=127.0.0.1:"), "{out}");
 }
 
@@ -199,7 +199,7 @@ fn mesh_presets_and_istio_annotations_drive_registration() {
         &["--outbound-port", "4140", "--dns-port", "4153"],
     );
     proxy.wait_for("listening dns-udp=[::1]");
-    let out = stdout_of(&linkerd.run(APP_UID, &example("netprobe"), &["connect", &dest]));
+    let out = stdout_of(&linkerd.run(APP_UID, &helper("netprobe"), &["connect", &dest]));
     assert!(out.contains("local=127.0.0.1:"), "{out}");
     assert_eq!(proxy.lines("outbound ").len(), 1, "{}", proxy.output());
     let list: serde_json::Value =

@@ -162,7 +162,7 @@ fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
         // Listeners the bind model could not close: the pod's own address, and a socket
         // that never called bind().
         let own_ip = pod.server(&[&pod.addr(false, 7070)]);
-        let unbound = pod.spawn(APP_UID, &example("netprobe"), &["autolisten"]);
+        let unbound = pod.spawn(APP_UID, &helper("netprobe"), &["autolisten"]);
         unbound.wait_for("listening=");
         let port = unbound.lines("listening=")[0]
             .rsplit(':')
@@ -217,7 +217,7 @@ fn reached(pod: &Pod, uid: u32, dest: &str, bind: Option<&str>) -> String {
     if let Some(src) = bind {
         args.extend_from_slice(&["--bind", src]);
     }
-    let out = pod.run(uid, &example("netprobe"), &args);
+    let out = pod.run(uid, &helper("netprobe"), &args);
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("reply=tag="))
@@ -235,7 +235,7 @@ fn istio_output_loopback_rules_hold_row_by_row() {
     for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
         let _app = pod.spawn(
             APP_UID,
-            &example("netprobe"),
+            &helper("netprobe"),
             &[
                 "serve",
                 "--tag",
@@ -247,7 +247,7 @@ fn istio_output_loopback_rules_hold_row_by_row() {
         );
         let _inbound = pod.spawn(
             PROXY_UID,
-            &example("netprobe"),
+            &helper("netprobe"),
             &["serve", "--tag", "inbound", "[::]:15006"],
         );
         wait_until(
@@ -298,7 +298,7 @@ fn istio_validation_passes_as_behind_istio_iptables_and_fails_without_capture() 
         (&w.iptables, "istio-iptables", "validation=ok"),
         (&plain, "no capture", "validation=failed timeout"),
     ] {
-        let out = pod.run(PROXY_UID, &example("netprobe"), &["validate"]);
+        let out = pod.run(PROXY_UID, &helper("netprobe"), &["validate"]);
         assert!(
             stdout_of(&out).contains(expected),
             "{name}: {}",

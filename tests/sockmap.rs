@@ -63,7 +63,7 @@ fn world() -> World {
 fn stream(w: &World, args: &[&str]) -> (bool, String) {
     let mut all = vec!["run", w.server_addr.as_str()];
     all.extend_from_slice(args);
-    let out = w.app.run(APP_UID, &example("stream"), &all);
+    let out = w.app.run(APP_UID, &helper("stream"), &all);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -151,7 +151,7 @@ fn killing_the_sidecar_mid_stream_ends_the_application_s_stream_without_a_hang()
     ] {
         let app = w.app.spawn(
             APP_UID,
-            &example("stream"),
+            &helper("stream"),
             &[
                 "run",
                 &w.server_addr,
@@ -213,7 +213,7 @@ fn maps_are_back_at_idle_after_200000_short_connections() {
     let out = stdout_of(&w.app.run_for(
         std::time::Duration::from_secs(180),
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &args,
     ));
     assert_eq!(

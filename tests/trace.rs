@@ -85,7 +85,7 @@ fn trace_and_explain_agree_on_every_connection_of_a_matrix() {
             Protocol::Tcp => vec!["connect", dest],
             Protocol::Udp => vec!["sendto", dest],
         };
-        let _ = app.run(*uid, &example("netprobe"), &args);
+        let _ = app.run(*uid, &helper("netprobe"), &args);
         let hook = match protocol {
             Protocol::Tcp => Hook::Connect,
             Protocol::Udp => Hook::Sendmsg,
@@ -177,7 +177,7 @@ fn several_readers_see_every_decision_and_ctrl_c_frees_the_slot() {
     std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
     assert!(line.contains("reading slot 1"), "{line}");
     let dest = server.addr(false, 8080);
-    let _ = app.run(APP_UID, &example("netprobe"), &["connect", &dest]);
+    let _ = app.run(APP_UID, &helper("netprobe"), &["connect", &dest]);
     let mut seen = Vec::new();
     collect(&mut first, &mut seen, Duration::from_secs(10), |s| {
         s.iter().any(|e| e.reason == Reason::Captured)

@@ -313,7 +313,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
     // registered pod's "sidecar" accepts it now and asks when told to.
     let late = o.other.spawn(
         PROXY_UID,
-        &example("netprobe"),
+        &helper("netprobe"),
         &[
             "sockopts",
             "--listen",
@@ -326,13 +326,13 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
     let late_dest = "192.0.2.77:8080"; // in `other`'s included CIDRs; never reached
     let _late_app = o
         .other
-        .spawn(APP_UID, &example("netprobe"), &["connect", late_dest]);
+        .spawn(APP_UID, &helper("netprobe"), &["connect", late_dest]);
     late.wait_for("accepted");
 
     // Long-lived connections through the sidecar, and new ones all along.
     let long = o.app.spawn(
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &[
             "run",
             &o.dest,
@@ -348,7 +348,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
     );
     let load = o.app.spawn(
         APP_UID,
-        &example("stream"),
+        &helper("stream"),
         &[
             "run",
             &o.dest,

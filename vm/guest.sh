@@ -1,32 +1,75 @@
 #!/bin/bash
-# Runs inside the VM that vm/run.sh boots: the host's root read-only over 9p, the
-# guest kernel's own modules, and every test binary; results go to the `results` share.
+# Runs inside the VM that vm/run.sh boots: the host's root read-only over 9p, the checkout
+# at its own path (shared on its own, so /tmp and /run checkouts work too), the guest
+# kernel's own modules, and every test binary; results go to the `results` share.
 set -u
 repo=$meshbpf_repo
 kver=$(uname -r)
-# The host root has no modules for this kernel, and the kernel's own module autoloading
-# looks in /lib/modules: load what the tests need from the extracted package instead.
-for m in veth bridge ip_tables iptable_filter iptable_nat xt_comment xt_tcpudp xt_owner; do
-    modprobe -d "$repo/target/vm/kernel" "$m" || echo "modprobe $m failed"
-done
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin CI=1
 mkdir -p /tmp/results && mount -t 9p -o trans=virtio,version=9p2000.L results /tmp/results
 out=/tmp/results
 echo "$kver" > $out/kernel
-export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin CI=1
-cd "$repo"
+
+# The host root has no modules for this kernel: point the kernel's module loader (what
+# iptables-nft, veth, bridge, MPTCP... need, loaded on demand as on the host) at the
+# extracted package.
+cat > /run/modprobe <<EOF
+#!/bin/sh
+exec /usr/sbin/modprobe -d "$repo/target/vm/kernel" "\$@"
+EOF
+chmod 755 /run/modprobe
+echo /run/modprobe > /proc/sys/kernel/modprobe
+# What a booted system has and the tests expect: loopback up in the initial namespace (the
+# agent serves /metrics there), /dev/shm, a writable CNI cache (/var/lib/cni: podman's CNI
+# backend keeps its results there), and cgroup v1 controllers beside the cgroup2 mounts the
+# tests make (podman's runc wants them, as on the host).
+ip link set lo up
+mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm
+[ -d /var/lib/cni ] && mount -t tmpfs -o mode=700 cni /var/lib/cni
+mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+for c in $(awk '!/^#/ && $4 == 1 { print $1 }' /proc/cgroups); do
+    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+done
+
+# Not run here, each with the reason the summary gives. Emulation runs the suite some 10 to
+# 30 times slower than the host: what is left out would not fit CI's 90 minutes, cannot
+# keep the harness's timeouts under emulation, or involves no kernel at all; the host suite
+# runs all of it.
+declare -A skipped=(
+    [two_hundred_fifty_six_mib_each_way_is_byte_exact]="256 MiB each way takes most of an hour under emulation"
+    [maps_are_back_at_idle_after_200000_short_connections]="200,000 connections take most of an hour under emulation"
+    [the_demo_shows_captured_traffic_and_cleans_up_even_when_interrupted]="it times its interruptions against its own uninterrupted run, which emulation stretches past the harness timeout"
+    [a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix]="a register killed at each of its bpf(2) calls, each followed by new connections that emulation on a busy machine pushes past the harness's 20 s timeout (its siblings, a kill at 18 moments of attach, register and detach, run here)"
+)
+declare -A skipped_binaries=(
+    [deploy]="the manifests against Kubernetes' schemas (Python): no kernel involved"
+)
+if ! ls "$repo"/target/previous-layout/*/target/debug/meshbpf >/dev/null 2>&1; then
+    skipped_binaries[upgrade]="the earlier layouts' builds are missing: the host suite (scripts/test.sh) makes them under target/previous-layout/, run it first"
+fi
+skip_args=()
+for t in "${!skipped[@]}"; do skip_args+=(--skip "$t"); done
+
 "$repo/target/debug/meshbpf" check > $out/check.txt 2>&1
 echo "meshbpf check: exit $?" >> $out/check.txt
 : > $out/summary.txt
+for t in "${!skipped_binaries[@]}"; do echo "skipped $t (all): ${skipped_binaries[$t]}"; done > $out/skipped.txt
+for t in "${!skipped[@]}"; do echo "skipped $t: ${skipped[$t]}"; done >> $out/skipped.txt
 while read -r exe; do
     name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
-    # Under emulation the bulk runs (256 MiB each way, 200,000 connections) and the demo
-    # (timed against its own uninterrupted run) would take most of an hour: skipped here,
-    # run on the host. Everything else runs.
-    "$exe" --test-threads=2 --skip two_hundred_fifty_six_mib --skip maps_are_back_at_idle \
-        --skip the_demo_shows > "$out/$name.log" 2>&1
+    [ -n "${skipped_binaries[$name]:-}" ] && continue
+    start=$(date +%s)
+    # RUSTC_BOOTSTRAP only lets libtest print each test's time (--report-time).
+    RUSTC_BOOTSTRAP=1 "$exe" --test-threads=2 -Z unstable-options --report-time \
+        "${skip_args[@]}" > "$out/$name.log" 2>&1
     rc=$?
+    secs=$(( $(date +%s) - start ))
     line=$(grep -E '^test result:' "$out/$name.log" | tail -1)
-    if [ $rc -eq 0 ]; then echo "ok      $name: $line" >> $out/summary.txt; else echo "FAILED  $name (exit $rc): ${line:-no result line}" >> $out/summary.txt; fi
+    if [ $rc -eq 0 ]; then
+        echo "ok      $name (${secs}s): $line" >> $out/summary.txt
+    else
+        echo "FAILED  $name (${secs}s, exit $rc): ${line:-no result line}" >> $out/summary.txt
+    fi
 done < "$repo/target/vm/tests.list"
 touch $out/done
 sync

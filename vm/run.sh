@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # CO-RE proof on a second kernel: boots Debian 12's own kernel (linux-image-amd64, 6.1)
-# in QEMU (emulated; see below) with this machine's root
-# filesystem shared read-only over 9p, and runs the very test binaries built here
-# inside it. Results per test land in target/vm/results/; exit status 0 only if every
-# test binary passed. Run as root: vm/run.sh [TEST-BINARY-FILTER]
+# in QEMU (emulated; see below) with this machine's root filesystem shared read-only over
+# 9p and the checkout shared on its own at the same path (so a checkout under /tmp or /run,
+# which the guest mounts tmpfs over, works too), and runs the very test binaries built here
+# inside it. Results per test land in target/vm/results/; exit status 0 only if every test
+# binary passed. A few tests are not run in the guest: vm/guest.sh lists them, each with
+# its reason, and the summary repeats them. Run as root: vm/run.sh [TEST-BINARY-FILTER]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 meshbpf_require_root
 meshbpf_install_deps qemu-system-x86 busybox-static kmod cpio
 repo=$PWD
+# The guest learns the path from the kernel command line, which splits at spaces.
+case $repo in *[[:space:]]*)
+    echo "vm/run.sh: the checkout's path ($repo) has a space; move it to one without" >&2
+    exit 1 ;;
+esac
 vm=$repo/target/vm
 results=$vm/results
 mkdir -p "$vm"
@@ -58,6 +65,9 @@ for m in $(cat /modules/order); do insmod /modules/$m.ko; done
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /newroot || { echo "9p root failed"; poweroff -f; }
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+# The checkout at its own path, also where the tmpfs mounts above hide the host's.
+[ -d "/newroot$meshbpf_repo" ] || mkdir -p "/newroot$meshbpf_repo"
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 repo "/newroot$meshbpf_repo" || { echo "9p checkout failed"; poweroff -f; }
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
 exec switch_root /newroot /bin/bash "$meshbpf_repo/vm/guest.sh"
 INIT
@@ -71,11 +81,13 @@ rm -rf "$results" && mkdir -p "$results"
 accel=${MESHBPF_VM_ACCEL:-tcg}; cpu=max
 [ "$accel" = kvm ] && cpu=host,-arch-capabilities
 echo "==> booting Linux $kver ($accel); the suite runs inside"
-timeout 3000 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
+# The limit keeps CI (the suite, then this) within its 90 minutes.
+timeout 3600 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
     -nographic -no-reboot -nic none \
     -kernel "$vm/kernel/boot/vmlinuz-$kver" -initrd "$vm/initramfs.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet meshbpf_repo=$repo" \
-    -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on \
+    -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
+    -virtfs local,path="$repo",mount_tag=repo,security_model=passthrough,readonly=on,multidevs=remap \
     -virtfs local,path="$results",mount_tag=results,security_model=passthrough \
     > "$vm/console.log" 2>&1 || true
 
@@ -85,6 +97,7 @@ if [ ! -f "$results/done" ]; then
     tail -20 "$vm/console.log" >&2
     exit 1
 fi
-grep -hE '^test .* \.\.\. (ok|FAILED)$' "$results"/*.log | sort > "$results/per-test.txt" || true
+grep -hE '^test .* \.\.\. (ok|FAILED)( <[0-9.]+s>)?$' "$results"/*.log | sort > "$results/per-test.txt" || true
 cat "$results/summary.txt"
+cat "$results/skipped.txt" 2>/dev/null || true
 ! grep -q FAILED "$results/summary.txt"

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshbpf::{Error, Mesh, PodSettings, RegisterOptions, DEFAULT_PIN_DIR};
-use serde_json::json;
+use serde::Serialize;
 
 /// eBPF traffic capture for service-mesh sidecars, in place of iptables.
 #[derive(Parser)]
@@ -315,13 +315,50 @@ fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicB
     Ok(stop)
 }
 
-fn trace_json(event: &meshbpf::TraceEvent) -> serde_json::Value {
-    json!({
-        "time_ns": event.time_ns, "netns_cookie": event.netns_cookie, "pid": event.pid,
-        "uid": event.uid, "comm": event.comm, "protocol": event.protocol.to_string(),
-        "hook": event.hook.to_string(), "dst": event.dst, "to": event.to,
-        "captured": event.reason.captured(), "reason": event.reason.to_string(),
-    })
+/// One line of `trace --json`: the event, with its protocol, hook and reason in words.
+#[derive(Serialize)]
+struct TraceLine<'a> {
+    time_ns: u64,
+    netns_cookie: u64,
+    pid: Option<u32>,
+    uid: Option<u32>,
+    comm: &'a str,
+    protocol: String,
+    hook: String,
+    dst: Option<SocketAddr>,
+    to: Option<SocketAddr>,
+    captured: bool,
+    reason: String,
+}
+
+impl<'a> From<&'a meshbpf::TraceEvent> for TraceLine<'a> {
+    fn from(event: &'a meshbpf::TraceEvent) -> Self {
+        TraceLine {
+            time_ns: event.time_ns,
+            netns_cookie: event.netns_cookie,
+            pid: event.pid,
+            uid: event.uid,
+            comm: &event.comm,
+            protocol: event.protocol.to_string(),
+            hook: event.hook.to_string(),
+            dst: event.dst,
+            to: event.to,
+            captured: event.reason.captured(),
+            reason: event.reason.to_string(),
+        }
+    }
+}
+
+/// What `explain --json` prints.
+#[derive(Serialize)]
+struct ExplainLine<'a> {
+    dst: SocketAddr,
+    protocol: String,
+    uid: u32,
+    captured: bool,
+    reason: String,
+    rule: &'a str,
+    to: Option<SocketAddr>,
 }
 
 /// One pod's settings, as `register` takes them: a mesh preset, then the pod's Istio
@@ -360,7 +397,21 @@ mod exit {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A value its parser refused is bad input, like any other setting: exit 6, not clap's
+        // usage error 2.
+        Err(err)
+            if matches!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation | clap::error::ErrorKind::InvalidValue
+            ) =>
+        {
+            let _ = err.print();
+            return ExitCode::from(exit::BAD_INPUT);
+        }
+        Err(err) => err.exit(),
+    };
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -373,8 +424,8 @@ fn main() -> ExitCode {
 fn exit_code(err: &anyhow::Error) -> u8 {
     match err.downcast_ref::<Error>() {
         Some(Error::NotAttached { .. }) => exit::NOT_ATTACHED,
-        Some(Error::PermissionDenied { .. }) => exit::PERMISSION,
-        Some(Error::MissingKernelFeature { .. }) => exit::KERNEL,
+        Some(Error::PermissionDenied { .. } | Error::LoadRefused { .. }) => exit::PERMISSION,
+        Some(Error::MissingKernelFeature { .. } | Error::VerifierRejected { .. }) => exit::KERNEL,
         Some(
             Error::NetnsNotFound { .. }
             | Error::NotANetns { .. }
@@ -437,8 +488,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             // Check the namespace before touching the attachment.
             meshbpf::Netns::open(&netns)?.refuse_host(allow_host_netns)?;
             let mesh = Mesh::open(&pin.pin_dir)?;
-            let pod =
-                mesh.register_netns_with(&netns, &settings, &RegisterOptions { allow_host_netns })?;
+            let pod = mesh.register_netns_with(
+                &netns,
+                &settings,
+                &RegisterOptions::with_host_netns(allow_host_netns),
+            )?;
             println!(
                 "registered {} (netns cookie {})",
                 netns.display(),
@@ -464,7 +518,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::List { json, pin } => {
             let pods = Mesh::open(&pin.pin_dir)?.pods()?;
             if json {
-                println!("{}", json!(pods.iter().map(pod_json).collect::<Vec<_>>()));
+                print_json(&pods)?;
             } else if pods.is_empty() {
                 println!("no pods registered");
             } else {
@@ -492,19 +546,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Status { json, pin } => {
             let status = Mesh::open(&pin.pin_dir)?.status()?;
             if json {
-                let value = json!({
-                    "pin_dir": status.pin_dir,
-                    "cgroup": status.cgroup_path,
-                    "cgroup_id": status.cgroup_id,
-                    "layout_version": status.layout_version,
-                    "sockmap": status.sockmap,
-                    "programs": status.programs.iter().map(|p| json!({
-                        "hook": p.hook, "link_id": p.link_id, "prog_id": p.prog_id,
-                    })).collect::<Vec<_>>(),
-                    "pods": status.pods.iter().map(pod_json).collect::<Vec<_>>(),
-                    "counters": status.counters.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-                });
-                println!("{value}");
+                print_json(&status)?;
             } else {
                 println!("attached to  {}", status.cgroup_path);
                 println!(
@@ -532,10 +574,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Gc { json, pin } => {
             let removed = Mesh::open(&pin.pin_dir)?.gc()?;
             if json {
-                println!(
-                    "{}",
-                    json!(removed.iter().map(pod_json).collect::<Vec<_>>())
-                );
+                print_json(&removed)?;
             } else if removed.is_empty() {
                 println!("every registered pod's network namespace still exists");
             } else {
@@ -552,11 +591,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Check { json } => {
             let features = meshbpf::probe();
             if json {
-                let rows: Vec<_> = features
-                    .iter()
-                    .map(|f| json!({"feature": f.name, "min_kernel": f.min_kernel, "available": f.available, "how": f.how}))
-                    .collect();
-                println!("{}", json!(rows));
+                print_json(&features)?;
             } else {
                 println!("{:<52} {:<28} {:<5} HOW", "FEATURE", "MINIMUM KERNEL", "OK");
                 for f in &features {
@@ -564,7 +599,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                         "{:<52} {:<28} {:<5} {}",
                         f.name,
                         f.min_kernel,
-                        if f.available { "yes" } else { "NO" },
+                        match (f.available, f.required) {
+                            (true, _) => "yes",
+                            (false, true) => "NO",
+                            (false, false) => "no",
+                        },
                         f.how
                     );
                 }
@@ -599,7 +638,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 for event in tracer.poll(std::time::Duration::from_millis(100))? {
                     use std::io::Write;
                     let line = if json {
-                        trace_json(&event).to_string()
+                        serde_json::to_string(&TraceLine::from(&event))?
                     } else {
                         event.to_string()
                     };
@@ -640,15 +679,15 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             let explained = mesh.explain(cookie, &query)?;
             if json {
-                println!(
-                    "{}",
-                    json!({
-                        "dst": dst, "protocol": proto.to_string(), "uid": uid,
-                        "captured": explained.reason.captured(),
-                        "reason": explained.reason.to_string(),
-                        "rule": explained.rule, "to": explained.to,
-                    })
-                );
+                print_json(&ExplainLine {
+                    dst,
+                    protocol: proto.to_string(),
+                    uid,
+                    captured: explained.reason.captured(),
+                    reason: explained.reason.to_string(),
+                    rule: &explained.rule,
+                    to: explained.to,
+                })?;
             } else {
                 println!("{explained}");
             }
@@ -664,10 +703,11 @@ fn run(command: Command) -> anyhow::Result<()> {
             let cookie = meshbpf::Netns::open(&netns)?.cookie();
             let origin = mesh.lookup_origin_dst(cookie, client, listener)?;
             match (json, origin) {
-                (true, origin) => println!(
-                    "{}",
-                    json!({ "client": client, "listener": listener, "original_dst": origin })
-                ),
+                (true, original_dst) => print_json(&Origin {
+                    client,
+                    listener,
+                    original_dst,
+                })?,
                 (false, Some(addr)) => println!("{addr}"),
                 (false, None) => anyhow::bail!(
                     "no captured connection from {client} to {listener} in {}",
@@ -679,33 +719,16 @@ fn run(command: Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pod_json(pod: &meshbpf::Pod) -> serde_json::Value {
-    json!({
-        "netns_cookie": pod.netns_cookie,
-        "netns_inode": pod.netns_inode,
-        "proxy_uids": pod.settings.proxy_uids,
-        "proxy_gids": pod.settings.proxy_gids,
-        "include_outbound_cidrs": match &pod.settings.include_outbound_cidrs {
-            meshbpf::Selection::All => json!("*"),
-            meshbpf::Selection::Only(c) => json!(c.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
-        },
-        "exclude_outbound_cidrs": pod.settings.exclude_outbound_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        "include_outbound_ports": pod.settings.include_outbound_ports,
-        "exclude_outbound_ports": pod.settings.exclude_outbound_ports,
-        "outbound_port": pod.settings.outbound_port,
-        "capture_outbound": pod.settings.capture_outbound,
-        "inbound_mode": pod.settings.inbound_mode.to_string(),
-        "inbound_port": pod.settings.inbound_port,
-        "inbound_ports": match &pod.settings.inbound_ports {
-            meshbpf::Selection::All => json!("*"),
-            meshbpf::Selection::Only(ports) => json!(ports),
-        },
-        "exclude_inbound_ports": pod.settings.exclude_inbound_ports,
-        "inbound_listeners": pod.inbound_listeners,
-        "capture_dns": pod.settings.capture_dns,
-        "dns_port": pod.settings.dns_port,
-        "sockmap": pod.settings.sockmap,
-        "sockmap_min_bytes": pod.settings.sockmap_min_bytes,
-        "intra_node": pod.settings.intra_node,
-    })
+/// What `origin --json` prints.
+#[derive(Serialize)]
+struct Origin {
+    client: SocketAddr,
+    listener: SocketAddr,
+    original_dst: Option<SocketAddr>,
+}
+
+/// Prints `value` as one line of JSON.
+fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(value)?);
+    Ok(())
 }

@@ -22,6 +22,7 @@ pub struct CniCall {
 
 impl CniCall {
     /// Stdout as JSON; fails the test unless stdout is exactly one JSON value.
+    #[track_caller]
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
             panic!(
@@ -32,6 +33,7 @@ impl CniCall {
     }
 
     /// The CNI error code of a failed call, after checking stdout is the spec's error object.
+    #[track_caller]
     pub fn error_code(&self) -> u64 {
         assert!(!self.ok, "succeeded: {self:?}");
         let json = self.json();
@@ -50,6 +52,7 @@ impl CniCall {
     }
 
     /// Fails the test unless the call succeeded.
+    #[track_caller]
     pub fn assert_ok(&self) -> &Self {
         assert!(self.ok, "plugin failed: {self:?}");
         self
@@ -58,6 +61,7 @@ impl CniCall {
 
 /// Runs `meshbpf-cni` with `CNI_COMMAND=command`, the other `CNI_*` variables from `vars`
 /// (as `("CONTAINERID", "c1")`), and `stdin` as the conf.
+#[track_caller]
 pub fn cni(command: &str, vars: &[(&str, &str)], stdin: &str) -> CniCall {
     let mut cmd = Command::new(cni_plugin());
     cmd.env_clear()
@@ -88,6 +92,7 @@ pub fn cni(command: &str, vars: &[(&str, &str)], stdin: &str) -> CniCall {
 }
 
 /// The netns cookies registered under `pin_dir`.
+#[track_caller]
 pub fn registered_cookies(pin_dir: &Path) -> Vec<u64> {
     match meshbpf::Mesh::open(pin_dir) {
         Ok(mesh) => mesh
@@ -102,6 +107,7 @@ pub fn registered_cookies(pin_dir: &Path) -> Vec<u64> {
 }
 
 /// The cookie of the network namespace at `path`.
+#[track_caller]
 pub fn cookie(path: &Path) -> u64 {
     meshbpf::Netns::open(path).expect("open netns").cookie()
 }
@@ -113,6 +119,7 @@ pub struct CniDirs {
 }
 
 impl CniDirs {
+    #[track_caller]
     pub fn new(root: &Path) -> CniDirs {
         let dirs = CniDirs {
             bin: root.join("cni-bin"),
@@ -126,6 +133,7 @@ impl CniDirs {
 
 /// `meshbpf agent` for this env's pin dir and these CNI dirs, with `plugin_conf` (JSON
 /// text) as its plugin conf.
+#[track_caller]
 pub fn agent_command(env: &super::Env, dirs: &CniDirs, plugin_conf: &str) -> Command {
     static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -156,6 +164,7 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent with `plugin_conf` (JSON text) and extra flags, and waits until it
     /// serves HTTP (by then it has attached, installed and inserted).
+    #[track_caller]
     pub fn start(env: &super::Env, dirs: &CniDirs, plugin_conf: &str, extra: &[&str]) -> Agent {
         static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -209,6 +218,7 @@ impl Agent {
     }
 
     /// Waits until the log contains `text`.
+    #[track_caller]
     pub fn wait_for(&self, text: &str) {
         super::wait_until(
             || self.log().contains(text),
@@ -217,6 +227,7 @@ impl Agent {
     }
 
     /// Sends `signal` and waits for the agent to exit; returns whether it exited 0, and its log.
+    #[track_caller]
     pub fn stop(mut self, signal: nix::sys::signal::Signal) -> (bool, String) {
         let mut child = self.child.take().expect("running");
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
@@ -226,6 +237,7 @@ impl Agent {
     }
 
     /// GET `path` from the agent: the status code and the body.
+    #[track_caller]
     pub fn get(&self, path: &str) -> (u16, String) {
         use std::io::Read;
         let mut stream = std::net::TcpStream::connect(&self.addr).expect("connect to the agent");

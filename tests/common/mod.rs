@@ -43,26 +43,68 @@ pub const ATTACH_TYPES: [&str; 17] = [
 
 pub const PROXY_UID: u32 = 1337;
 pub const APP_UID: u32 = 1000;
+/// How long the harness waits for a process or a condition: a guard against hangs, not a
+/// speed goal (see [`scaled`]).
 const TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Whether privileged tests can run here. Without root they are skipped, except under CI,
-/// where a test that cannot run fails.
+/// A hang guard stretched by `MESHBPF_TEST_TIMEOUT_SCALE` (a whole number, 1 unless set),
+/// for machines that are slow on purpose: vm/run.sh's emulated guest sets it.
+pub fn scaled(timeout: Duration) -> Duration {
+    static SCALE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let scale = *SCALE.get_or_init(|| {
+        std::env::var("MESHBPF_TEST_TIMEOUT_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&s| s >= 1)
+            .unwrap_or(1)
+    });
+    timeout * scale
+}
+
+/// Whether privileged tests can run here. Without root they are skipped (and say so), except
+/// under CI, where a test that cannot run fails.
+#[track_caller]
 pub fn privileged() -> bool {
     let root = nix::unistd::geteuid().is_root();
     if !root && std::env::var_os("CI").is_some() {
         panic!("this end-to-end test needs root, and CI is set: it must run, not skip");
     }
     if !root {
-        eprintln!("skipped: needs root");
+        skip("needs root");
     }
     root
 }
 
-/// A path to an example binary built next to this test binary.
-pub fn example(name: &str) -> PathBuf {
+/// Says that the running test is skipped, and why, where it is seen: libtest keeps what a
+/// passing test prints with `eprintln!`, so this writes to the process's stderr itself, and
+/// a skipped test never shows as a bare `ok`.
+pub fn skip(why: &str) {
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("this test");
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
+/// The directory cargo builds this profile's binaries into (`target/debug`).
+fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
-    let path = dir.join("examples").join(name);
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// The test-support workloads (test-support/src/bin/), not examples.
+const HELPERS: [&str; 2] = ["netprobe", "stream"];
+
+/// An example binary (`sidecar`: examples/, what a mesh tool would copy), built next to this
+/// test binary.
+#[track_caller]
+pub fn example(name: &str) -> PathBuf {
+    assert!(
+        !HELPERS.contains(&name),
+        "{name} is a test-support binary: helper({name:?})"
+    );
+    let path = profile_dir().join("examples").join(name);
     assert!(
         path.exists(),
         "{} is missing: run the tests with `cargo test` (it builds examples)",
@@ -71,9 +113,28 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// A workload the tests run in pods (`netprobe`, `stream`: the test-support workspace
+/// member), built next to this test binary.
+#[track_caller]
+pub fn helper(name: &str) -> PathBuf {
+    assert!(
+        HELPERS.contains(&name),
+        "{name} is not a test-support binary"
+    );
+    let path = profile_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: a plain `cargo test` builds it (test-support/); `cargo test --test \
+         NAME` alone does not: run `cargo build -p meshbpf-test-support` once",
+        path.display()
+    );
+    path
+}
+
 /// A command that runs `program` through a descriptor opened now (as root) and executed as
 /// `/proc/self/fd/N`: a process that drops to a non-root uid can then run it even when the
 /// checkout sits below a directory only root may enter, such as /root.
+#[track_caller]
 pub fn command_via_fd(program: &Path) -> Command {
     let exe = File::open(program).unwrap_or_else(|e| panic!("opening {}: {e}", program.display()));
     let fd = exe.as_raw_fd();
@@ -98,6 +159,7 @@ pub fn cli() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
 }
 
+#[track_caller]
 pub fn sh(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -110,6 +172,7 @@ pub fn sh(cmd: &mut Command) -> Output {
     out
 }
 
+#[track_caller]
 fn ip(args: &[&str]) {
     sh(Command::new("ip").args(args));
 }
@@ -130,6 +193,7 @@ pub struct Env {
 }
 
 impl Env {
+    #[track_caller]
     pub fn new() -> Env {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let id = format!(
@@ -170,12 +234,14 @@ impl Env {
     }
 
     /// Attaches meshbpf to the test cgroup.
+    #[track_caller]
     pub fn attach(&self) -> Mesh {
         Mesh::attach(&self.cgroup, &self.pin_dir).expect("attach")
     }
 
     /// A new pod on the bridge, with an IPv4 and an IPv6 address from documentation ranges,
     /// whose processes run under the test cgroup (where meshbpf attaches).
+    #[track_caller]
     pub fn pod(&mut self, name: &str) -> Pod {
         let cgroup = self.cgroup.join(name);
         self.pod_in(name, cgroup)
@@ -183,6 +249,7 @@ impl Env {
 
     /// A pod whose processes run outside the test cgroup: no meshbpf program ever sees
     /// them, the "without meshbpf" baseline.
+    #[track_caller]
     pub fn pod_outside(&mut self, name: &str) -> Pod {
         let cgroup = self
             .cgroup2
@@ -190,6 +257,7 @@ impl Env {
         self.pod_in(name, cgroup)
     }
 
+    #[track_caller]
     fn pod_in(&mut self, name: &str, cgroup: PathBuf) -> Pod {
         let host = self.next_host;
         self.next_host += 1;
@@ -250,6 +318,7 @@ impl Env {
 
     /// A pod made by someone else (a container runtime): its network namespace at `netns`,
     /// with a new cgroup under the test cgroup for the processes the test puts in it.
+    #[track_caller]
     pub fn adopt(&mut self, name: &str, netns: PathBuf, v4: Ipv4Addr) -> Pod {
         let cgroup = self.cgroup.join(name);
         fs::create_dir(&cgroup).unwrap();
@@ -265,6 +334,7 @@ impl Env {
     }
 
     /// Runs the meshbpf CLI with `--pin-dir` of this env appended.
+    #[track_caller]
     pub fn meshbpf(&self, args: &[&str]) -> Output {
         Command::new(cli())
             .args(args)
@@ -275,6 +345,7 @@ impl Env {
     }
 
     /// Hooks bpftool reports attached to the test cgroup (attach type names).
+    #[track_caller]
     pub fn attached_hooks(&self) -> Vec<String> {
         let out = sh(Command::new("bpftool")
             .args(["cgroup", "show"])
@@ -334,6 +405,7 @@ impl Pod {
     }
 
     /// A command that will run inside this pod: in its netns and cgroup, as `uid`.
+    #[track_caller]
     pub fn command(&self, uid: u32, program: &Path, args: &[&str]) -> Command {
         let netns = File::open(&self.netns).expect("open netns");
         let procs = fs::OpenOptions::new()
@@ -370,6 +442,7 @@ impl Pod {
     }
 
     /// Starts a long-running process in the pod; its stdout goes to a log file.
+    #[track_caller]
     pub fn spawn(&self, uid: u32, program: &Path, args: &[&str]) -> Proc {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let log = self.logs.join(format!(
@@ -388,11 +461,13 @@ impl Pod {
     }
 
     /// Runs a process in the pod to completion (killed after a timeout) and returns its output.
+    #[track_caller]
     pub fn run(&self, uid: u32, program: &Path, args: &[&str]) -> Output {
         self.run_for(TIMEOUT, uid, program, args)
     }
 
-    /// [`Pod::run`] with a timeout of its own, for bounded load loops.
+    /// [`Pod::run`] with a timeout of its own ([`scaled`]), for bounded load loops.
+    #[track_caller]
     pub fn run_for(&self, timeout: Duration, uid: u32, program: &Path, args: &[&str]) -> Output {
         let child = self
             .command(uid, program, args)
@@ -400,18 +475,20 @@ impl Pod {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("spawning {}: {e}", program.display()));
-        wait_with_timeout(child, timeout)
+        wait_with_timeout(child, scaled(timeout))
     }
 
     /// `netprobe connect DEST [extra...]` as the application; returns its `key=value` lines.
+    #[track_caller]
     pub fn connect(&self, dest: &str, extra: &[&str]) -> Probe {
         let mut args = vec!["connect", dest];
         args.extend_from_slice(extra);
-        let out = self.run(APP_UID, &example("netprobe"), &args);
+        let out = self.run(APP_UID, &helper("netprobe"), &args);
         Probe::from_output(&out)
     }
 
     /// Starts the sidecar stand-in as the proxy uid and waits until it listens.
+    #[track_caller]
     pub fn sidecar(&self) -> Proc {
         let proc = self.spawn(PROXY_UID, &example("sidecar"), &[]);
         proc.wait_for("listening dns-udp=[::1]");
@@ -419,15 +496,17 @@ impl Pod {
     }
 
     /// Starts `netprobe serve` on `addrs` as the application and waits until it listens.
+    #[track_caller]
     pub fn server(&self, addrs: &[&str]) -> Proc {
         self.server_as(APP_UID, addrs)
     }
 
     /// Starts `netprobe serve` on `addrs` as `uid` and waits until it listens on all of them.
+    #[track_caller]
     pub fn server_as(&self, uid: u32, addrs: &[&str]) -> Proc {
         let mut args = vec!["serve"];
         args.extend_from_slice(addrs);
-        let proc = self.spawn(uid, &example("netprobe"), &args);
+        let proc = self.spawn(uid, &helper("netprobe"), &args);
         wait_until(
             || proc.lines("listening=").len() == addrs.len(),
             || format!("server did not listen; output:\n{}", proc.output()),
@@ -435,30 +514,34 @@ impl Pod {
         proc
     }
 
-    /// Starts the byte-exact stream server (`examples/stream.rs`) on port 9000; returns it
+    /// Starts the byte-exact stream server (`test-support/src/bin/stream.rs`) on port 9000; returns it
     /// and the IPv4 address clients reach it at.
+    #[track_caller]
     pub fn stream_server(&self) -> (Proc, String) {
-        let proc = self.spawn(APP_UID, &example("stream"), &["serve", "0.0.0.0:9000"]);
+        let proc = self.spawn(APP_UID, &helper("stream"), &["serve", "0.0.0.0:9000"]);
         proc.wait_for("listening=");
         (proc, self.addr(false, 9000))
     }
 
     /// `netprobe bind ADDR` as `uid`: the address bound (`bound=`) or the error (`bind_error=`).
+    #[track_caller]
     pub fn bind(&self, uid: u32, addr: &str) -> String {
-        let out = self.run(uid, &example("netprobe"), &["bind", addr]);
+        let out = self.run(uid, &helper("netprobe"), &["bind", addr]);
         stdout_of(&out).trim().to_string()
     }
 }
 
 /// Polls `done` until it holds; fails the test with `why()` after the harness timeout.
+#[track_caller]
 pub fn wait_until(mut done: impl FnMut() -> bool, why: impl Fn() -> String) {
-    let deadline = Instant::now() + TIMEOUT;
+    let deadline = Instant::now() + scaled(TIMEOUT);
     while !done() {
         assert!(Instant::now() < deadline, "{}", why());
         std::thread::sleep(Duration::from_millis(10));
     }
 }
 
+#[track_caller]
 fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
     let deadline = Instant::now() + timeout;
     loop {
@@ -498,6 +581,7 @@ impl Proc {
     }
 
     /// Waits until the output contains `text`; panics with the output after a timeout.
+    #[track_caller]
     pub fn wait_for(&self, text: &str) {
         wait_until(
             || self.output().contains(text),
@@ -506,6 +590,7 @@ impl Proc {
     }
 
     /// Waits until the process exits by itself.
+    #[track_caller]
     pub fn wait(mut self) -> String {
         let log = self.log.clone();
         wait_until(
@@ -545,6 +630,7 @@ impl Probe {
         }
     }
 
+    #[track_caller]
     pub fn get(&self, key: &str) -> String {
         let prefix = format!("{key}=");
         self.stdout
@@ -561,6 +647,7 @@ impl Probe {
 }
 
 /// Stdout of a command as text; fails the test with stderr if it did not succeed.
+#[track_caller]
 pub fn stdout_of(out: &Output) -> String {
     assert!(
         out.status.success(),
@@ -629,6 +716,7 @@ pub fn every_stream_case(server: &Proc, mut stream: impl FnMut(&[&str]) -> Strin
 }
 
 /// Writes `text` to a file in the env root.
+#[track_caller]
 pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
     let path = env.root.join(name);
     File::create(&path)
@@ -638,6 +726,7 @@ pub fn write_file(env: &Env, name: &str, text: &str) -> PathBuf {
 }
 
 /// The value of one counter.
+#[track_caller]
 pub fn counter(mesh: &Mesh, name: &str) -> u64 {
     mesh.counters()
         .unwrap()

@@ -33,15 +33,23 @@
 //! or reordered byte is caught where it happens. `run` prints `ok op=... bytes=...` per
 //! connection, or `fail ...` and exits 1.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::thread;
 use std::time::Duration;
 
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use nix::libc;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+use nix::sys::sendfile::sendfile;
+use nix::sys::socket::{recv, sendmsg, setsockopt, sockopt, MsgFlags, SockaddrStorage};
+use nix::sys::uio::writev;
+use nix::unistd::{pipe2, read, write};
 
 const CHUNK: usize = 64 * 1024;
 
@@ -199,16 +207,7 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
                 l_onoff: 1,
                 l_linger: 0,
             };
-            // SAFETY: valid fd and a correctly sized linger struct.
-            unsafe {
-                libc::setsockopt(
-                    out.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_LINGER,
-                    (&linger as *const libc::linger).cast(),
-                    std::mem::size_of::<libc::linger>() as _,
-                )
-            };
+            setsockopt(&out, sockopt::Linger, &linger)?;
             return Ok(());
         }
         other => return Err(io::Error::other(format!("unknown op {other:?}"))),
@@ -552,24 +551,20 @@ fn shortconn(o: &Opts) -> Result<String, String> {
     Ok(format!("ok op=shortconn size={} requests={n}", o.size))
 }
 
-fn check(ret: isize, what: &str) -> Result<usize, String> {
-    if ret < 0 {
-        Err(format!("{what}: {}", io::Error::last_os_error()))
-    } else {
-        Ok(ret as usize)
-    }
+/// The result of a system call, its error named by `what`.
+fn check<T>(result: nix::Result<T>, what: &str) -> Result<T, String> {
+    result.map_err(|err| format!("{what}: {err}"))
 }
 
 /// Sends `size` pattern bytes on `s` with the syscall `method`.
 fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
-    let fd = s.as_raw_fd();
     let mut buf = vec![0u8; CHUNK];
     let mut at = 0u64;
     if method == "epoll" {
-        set_nonblocking(fd, true)?;
+        set_nonblocking(s, true)?;
     }
     let pipe = if method == "splice" {
-        Some(make_pipe()?)
+        Some(check(pipe2(OFlag::O_CLOEXEC), "pipe")?)
     } else {
         None
     };
@@ -580,7 +575,7 @@ fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
         while off < n {
             let rest = &buf[off..n];
             let sent = match method {
-                "write" => check(unsafe_write(fd, rest), "write")?,
+                "write" => check(write(s, rest), "write")?,
                 "writev" | "sendmsg" => {
                     // Three (writev) or four (sendmsg) iovecs of uneven sizes.
                     let parts = if method == "writev" { 3 } else { 4 };
@@ -591,24 +586,22 @@ fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
                     let mut iov = Vec::new();
                     let mut start = 0;
                     for &c in cuts.iter().chain(std::iter::once(&rest.len())) {
-                        iov.push(libc::iovec {
-                            iov_base: rest[start..].as_ptr() as *mut _,
-                            iov_len: c - start,
-                        });
+                        iov.push(IoSlice::new(&rest[start..c]));
                         start = c;
                     }
                     if method == "writev" {
-                        // SAFETY: the iovecs point into `rest`, which outlives the call.
-                        check(
-                            unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as _) },
-                            "writev",
-                        )?
+                        check(writev(s, &iov), "writev")?
                     } else {
-                        // SAFETY: as above; a zeroed msghdr with only the iovecs set is valid.
-                        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                        msg.msg_iov = iov.as_mut_ptr();
-                        msg.msg_iovlen = iov.len() as _;
-                        check(unsafe { libc::sendmsg(fd, &msg, 0) }, "sendmsg")?
+                        check(
+                            sendmsg::<SockaddrStorage>(
+                                s.as_raw_fd(),
+                                &iov,
+                                &[],
+                                MsgFlags::empty(),
+                                None,
+                            ),
+                            "sendmsg",
+                        )?
                     }
                 }
                 "sendfile" => {
@@ -616,11 +609,8 @@ fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
                     let mut sent = 0usize;
                     while sent < rest.len() {
                         let mut offset = sent as libc::off_t;
-                        // SAFETY: valid descriptors and offset pointer.
                         sent += check(
-                            unsafe {
-                                libc::sendfile(fd, file.as_raw_fd(), &mut offset, rest.len() - sent)
-                            },
+                            sendfile(s, &file, Some(&mut offset), rest.len() - sent),
                             "sendfile",
                         )?;
                     }
@@ -628,33 +618,23 @@ fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
                 }
                 "splice" => {
                     let (r, w) = pipe.as_ref().ok_or("no pipe")?;
-                    let put = check(unsafe_write(w.as_raw_fd(), rest), "write to pipe")?;
+                    let put = check(write(w, rest), "write to pipe")?;
                     let mut moved = 0;
                     while moved < put {
-                        // SAFETY: valid descriptors; null offsets for pipe and socket.
                         moved += check(
-                            unsafe {
-                                libc::splice(
-                                    r.as_raw_fd(),
-                                    std::ptr::null_mut(),
-                                    fd,
-                                    std::ptr::null_mut(),
-                                    put - moved,
-                                    libc::SPLICE_F_MOVE,
-                                )
-                            },
+                            splice(r, None, s, None, put - moved, SpliceFFlags::SPLICE_F_MOVE),
                             "splice to socket",
                         )?;
                     }
                     put
                 }
-                "epoll" => match unsafe_write(fd, rest) {
-                    n if n >= 0 => n as usize,
-                    _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => {
-                        wait_ready(fd, libc::EPOLLOUT)?;
+                "epoll" => match write(s, rest) {
+                    Ok(n) => n,
+                    Err(Errno::EAGAIN) => {
+                        wait_ready(s, EpollFlags::EPOLLOUT)?;
                         0
                     }
-                    _ => return Err(format!("write: {}", io::Error::last_os_error())),
+                    Err(err) => return Err(format!("write: {err}")),
                 },
                 other => return Err(format!("unknown send method {other}")),
             };
@@ -663,7 +643,7 @@ fn send(s: &TcpStream, method: &str, size: u64) -> Result<(), String> {
         at += n as u64;
     }
     if method == "epoll" {
-        set_nonblocking(fd, false)?;
+        set_nonblocking(s, false)?;
     }
     Ok(())
 }
@@ -674,28 +654,27 @@ fn receive(s: &TcpStream, method: &str, limit: Option<u64>) -> Result<Verifier, 
     let mut d = Verifier::new();
     let mut buf = vec![0u8; CHUNK];
     let pipe = if method == "splice" {
-        Some(make_pipe()?)
+        Some(check(pipe2(OFlag::O_CLOEXEC), "pipe")?)
     } else {
         None
     };
     if method == "epoll" {
-        set_nonblocking(fd, true)?;
+        set_nonblocking(s, true)?;
     }
     loop {
         if limit.is_some_and(|l| d.len >= l) {
             return Ok(d);
         }
         let n = match method {
-            "read" => check(unsafe_read(fd, &mut buf), "read")?,
-            "small" => check(unsafe_read(fd, &mut buf[..7]), "read")?,
+            "read" => check(read(fd, &mut buf), "read")?,
+            "small" => check(read(fd, &mut buf[..7]), "read")?,
             "peek" => {
-                // SAFETY: `buf` is valid for writes of its length.
                 let peeked = check(
-                    unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), 4096, libc::MSG_PEEK) },
+                    recv(fd, &mut buf[..4096], MsgFlags::MSG_PEEK),
                     "recv(MSG_PEEK)",
                 )?;
                 let mut again = vec![0u8; peeked];
-                let got = check(unsafe_read(fd, &mut again), "read after peek")?;
+                let got = check(read(fd, &mut again), "read after peek")?;
                 if got != peeked || again[..] != buf[..peeked] {
                     return Err(format!(
                         "MSG_PEEK saw {peeked} bytes, read returned {got} different ones"
@@ -705,36 +684,23 @@ fn receive(s: &TcpStream, method: &str, limit: Option<u64>) -> Result<Verifier, 
             }
             "splice" => {
                 let (r, w) = pipe.as_ref().ok_or("no pipe")?;
-                // SAFETY: valid descriptors; null offsets for socket and pipe.
                 let moved = check(
-                    unsafe {
-                        libc::splice(
-                            fd,
-                            std::ptr::null_mut(),
-                            w.as_raw_fd(),
-                            std::ptr::null_mut(),
-                            CHUNK,
-                            libc::SPLICE_F_MOVE,
-                        )
-                    },
+                    splice(s, None, w, None, CHUNK, SpliceFFlags::SPLICE_F_MOVE),
                     "splice from socket",
                 )?;
                 let mut got = 0;
                 while got < moved {
-                    got += check(
-                        unsafe_read(r.as_raw_fd(), &mut buf[got..moved]),
-                        "read from pipe",
-                    )?;
+                    got += check(read(r.as_raw_fd(), &mut buf[got..moved]), "read from pipe")?;
                 }
                 moved
             }
-            "epoll" => match unsafe_read(fd, &mut buf) {
-                n if n >= 0 => n as usize,
-                _ if io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock => {
-                    wait_ready(fd, libc::EPOLLIN)?;
+            "epoll" => match read(fd, &mut buf) {
+                Ok(n) => n,
+                Err(Errno::EAGAIN) => {
+                    wait_ready(s, EpollFlags::EPOLLIN)?;
                     continue;
                 }
-                _ => return Err(format!("read: {}", io::Error::last_os_error())),
+                Err(err) => return Err(format!("read: {err}")),
             },
             other => return Err(format!("unknown recv method {other}")),
         };
@@ -745,90 +711,34 @@ fn receive(s: &TcpStream, method: &str, limit: Option<u64>) -> Result<Verifier, 
     }
 }
 
-fn unsafe_write(fd: RawFd, data: &[u8]) -> isize {
-    // SAFETY: `data` is valid for reads of its length.
-    unsafe { libc::write(fd, data.as_ptr().cast(), data.len()) }
-}
-
-fn unsafe_read(fd: RawFd, buf: &mut [u8]) -> isize {
-    // SAFETY: `buf` is valid for writes of its length.
-    unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) }
-}
-
-fn make_pipe() -> Result<(OwnedFd, OwnedFd), String> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-    check(
-        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } as isize,
-        "pipe",
-    )?;
-    // SAFETY: both descriptors are fresh and owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
+/// A memfd holding `data`, for sendfile.
 fn memfd_with(data: &[u8]) -> Result<OwnedFd, String> {
-    // SAFETY: the name is NUL-terminated.
-    let fd = check(
-        unsafe { libc::memfd_create(c"stream".as_ptr(), libc::MFD_CLOEXEC) } as isize,
+    let file = check(
+        memfd_create(c"stream", MemFdCreateFlag::MFD_CLOEXEC),
         "memfd_create",
     )?;
-    // SAFETY: a fresh descriptor owned by nothing else.
-    let file = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     let mut written = 0;
     while written < data.len() {
-        written += check(
-            unsafe_write(file.as_raw_fd(), &data[written..]),
-            "write to memfd",
-        )?;
+        written += check(write(&file, &data[written..]), "write to memfd")?;
     }
     Ok(file)
 }
 
-fn set_nonblocking(fd: RawFd, on: bool) -> Result<(), String> {
-    // SAFETY: F_GETFL/F_SETFL on a valid descriptor.
-    let flags = check(unsafe { libc::fcntl(fd, libc::F_GETFL) } as isize, "fcntl")? as i32;
-    let flags = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
-    check(
-        unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } as isize,
-        "fcntl",
-    )
-    .map(|_| ())
+fn set_nonblocking(s: &TcpStream, on: bool) -> Result<(), String> {
+    let flags = check(fcntl(s.as_raw_fd(), FcntlArg::F_GETFL), "fcntl")?;
+    let mut flags = OFlag::from_bits_retain(flags);
+    flags.set(OFlag::O_NONBLOCK, on);
+    check(fcntl(s.as_raw_fd(), FcntlArg::F_SETFL(flags)), "fcntl").map(|_| ())
 }
 
 /// Waits (bounded) until `fd` is ready for `events`.
-fn wait_ready(fd: RawFd, events: i32) -> Result<(), String> {
-    // SAFETY: epoll calls on descriptors this function owns or borrows.
-    let ep = check(
-        unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) } as isize,
-        "epoll_create1",
-    )?;
-    // SAFETY: a fresh descriptor owned by nothing else.
-    let ep = unsafe { OwnedFd::from_raw_fd(ep as RawFd) };
-    let mut ev = libc::epoll_event {
-        events: (events | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32,
-        u64: 0,
-    };
-    check(
-        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) } as isize,
-        "epoll_ctl",
-    )?;
-    let mut out = [libc::epoll_event { events: 0, u64: 0 }];
-    let n = check(
-        unsafe {
-            libc::epoll_wait(
-                ep.as_raw_fd(),
-                out.as_mut_ptr(),
-                1,
-                TIMEOUT.as_millis() as i32,
-            )
-        } as isize,
-        "epoll_wait",
-    )?;
-    if n == 0 {
+fn wait_ready(fd: impl AsFd, events: EpollFlags) -> Result<(), String> {
+    let epoll = check(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC), "epoll_create1")?;
+    let events = events | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+    check(epoll.add(fd, EpollEvent::new(events, 0)), "epoll_ctl")?;
+    let timeout = EpollTimeout::try_from(TIMEOUT).map_err(|e| e.to_string())?;
+    let mut ready = [EpollEvent::empty()];
+    if check(epoll.wait(&mut ready, timeout), "epoll_wait")? == 0 {
         return Err("epoll_wait timed out: the stream stalled".into());
     }
     Ok(())
