@@ -8,7 +8,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::Command;
+use std::path::Path;
+use std::process::{Command, Output};
 
 use common::*;
 
@@ -84,6 +85,10 @@ fn world() -> World {
         meshed.netns.to_str().unwrap(),
         "--exclude-inbound-ports",
         "9090",
+        // The gid istio-iptables is given (-g 1337, as ISTIO_IPTABLES above); meshbpf's
+        // default proxy gid list is empty.
+        "--proxy-gid",
+        "1337",
     ]));
     for (rules, restore) in [
         (ISTIO_IPTABLES.to_string(), "iptables-restore"),
@@ -266,7 +271,28 @@ fn reached(pod: &Pod, uid: u32, dest: &str, bind: Option<&str>) -> String {
     if let Some(src) = bind {
         args.extend_from_slice(&["--bind", src]);
     }
-    let out = pod.run(uid, &helper("netprobe"), &args);
+    reply_tag(pod.run(uid, &helper("netprobe"), &args))
+}
+
+/// [`reached`] with the group `gid` and the user `uid` (the proxy's gid, another uid).
+fn reached_with_gid(pod: &Pod, uid: u32, gid: u32, dest: &str) -> String {
+    let netprobe = helper("netprobe");
+    let (uid, gid) = (uid.to_string(), gid.to_string());
+    let args = [
+        "--reuid",
+        &uid,
+        "--regid",
+        &gid,
+        "--clear-groups",
+        netprobe.to_str().unwrap(),
+        "connect",
+        dest,
+    ];
+    reply_tag(pod.run(0, Path::new("/usr/bin/setpriv"), &args))
+}
+
+/// The tag of the server a `netprobe connect` reached, or how it failed.
+fn reply_tag(out: Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout);
     text.lines()
         .find_map(|l| l.strip_prefix("reply=tag="))
@@ -352,6 +378,24 @@ fn istio_output_loopback_rules_hold_row_by_row() {
                 reached(pod, *uid, dest, *bind),
                 *expected,
                 "{name}: uid {uid} from {bind:?} to {dest}"
+            );
+        }
+        // The same rules by group (-m owner --gid-owner 1337): the proxy's gid with another uid.
+        let gid_rows: [(String, &str); 5] = [
+            // -o lo ! --uid-owner 1337 -> RETURN comes before the gid's ISTIO_IN_REDIRECT:
+            // over lo, the gid alone is not sent to the inbound listener
+            (own4.clone(), "app"),
+            (own6.clone(), "app"),
+            // -m owner --gid-owner 1337 -> RETURN: not captured to another host
+            (remote4.clone(), "remote"),
+            (remote6.clone(), "remote"),
+            ("127.0.0.1:8080".into(), "app"),
+        ];
+        for (dest, expected) in &gid_rows {
+            assert_eq!(
+                reached_with_gid(pod, APP_UID, PROXY_UID, dest),
+                *expected,
+                "{name}: uid {APP_UID} gid {PROXY_UID} to {dest}"
             );
         }
     }

@@ -284,6 +284,19 @@ static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
  * keeps it loop-free. The first uid and gid sit in the pod's settings; more,
  * rarely, in pod_rules.
  */
+/*
+ * The sidecar by uid only: istio-iptables sends a caller over lo to the inbound
+ * listener by --uid-owner; by --gid-owner alone it never does (its
+ * `-o lo ! --uid-owner 1337 -j RETURN` comes first).
+ */
+static __always_inline bool is_proxy_uid(const struct pod_settings *pod, __u64 netns_cookie)
+{
+	__u32 uid = (__u32)bpf_get_current_uid_gid();
+
+	return uid == pod->proxy_uid || ((pod->flags & POD_F_MORE_PROXY_IDS) &&
+					 pod_rule(pod, netns_cookie, uid, RULE_PROXY_UID));
+}
+
 static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns_cookie)
 {
 	__u64 ugid = bpf_get_current_uid_gid();

@@ -67,7 +67,7 @@ static __always_inline bool from_inbound_passthrough(struct bpf_sock_addr *ctx, 
  *   1. excluded outbound ports (-o)                         never, TCP and UDP
  *   2. from 127.0.0.6 / ::6 over lo                          never
  *   3. the proxy's uids / gids (-u, -g): in redirect mode,   the inbound port
- *      TCP over lo not to 127.0.0.1, port not 15008 (nor 53
+ *      by uid, TCP over lo not to 127.0.0.1, port not 15008 (nor 53
  *      with DNS capture): its calls to its own pod
  *      (and istio-validation's to 127.0.0.6:15002);
  *      anything else                                         never
@@ -123,7 +123,8 @@ static __always_inline __u16 redirect_port(struct bpf_sock_addr *ctx, const stru
 	if (is_proxy(pod, cookie)) {
 		if (tcp && lo && !to_the_loopback(d) && d->port != INBOUND_TUNNEL_PORT && !dns &&
 		    (pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) ==
-			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT))
+			    (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT) &&
+		    is_proxy_uid(pod, cookie))
 			return decided(out, pod->inbound_port, TRACE_TO_INBOUND,
 				       CNT_PROXY_TO_INBOUND);
 		return decided(out, 0, TRACE_SKIP_PROXY, CNT_SKIP_PROXY_UID);
