@@ -164,7 +164,15 @@ fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
     }
     let w = world();
     for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
-        let app = pod.server(&["0.0.0.0:8080", "[::]:8081", "0.0.0.0:9090"]);
+        let app = pod.server(&[
+            "0.0.0.0:8080",
+            "[::]:8081",
+            "0.0.0.0:9090",
+            "0.0.0.0:15008",
+            "0.0.0.0:15020",
+            "[::]:15021",
+            "0.0.0.0:15090",
+        ]);
         // Listeners the bind model could not close: the pod's own address, and a socket
         // that never called bind().
         let own_ip = pod.server(&[&pod.addr(false, 7070)]);
@@ -198,6 +206,21 @@ fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
             w.client.v4.to_string(),
             "{name}"
         );
+        // The mesh ports (ISTIO_INBOUND's --dport 15008/15090/15021/15020 -j RETURN) go
+        // straight to a listener on them, IPv4 and IPv6.
+        for dest in [
+            pod.addr(false, 15008),
+            pod.addr(false, 15020),
+            pod.addr(true, 15021),
+            pod.addr(false, 15090),
+        ] {
+            let from = if dest.starts_with('[') {
+                w.client.v6.to_string()
+            } else {
+                w.client.v4.to_string()
+            };
+            assert_eq!(seen_by_app(&w.client, &dest), from, "{name}: {dest}");
+        }
         // The pod's own calls on loopback and to its own address go straight too.
         for (dest, seen) in [
             ("127.0.0.1:8080".to_string(), "127.0.0.1".to_string()),
