@@ -436,12 +436,15 @@ fn istio_validation_passes_as_behind_istio_iptables_and_fails_without_capture() 
         (&w.iptables, "istio-iptables", "validation=ok"),
         (&plain, "no capture", "validation=failed timeout"),
     ] {
-        let out = pod.run(PROXY_UID, &helper("netprobe"), &["validate"]);
-        assert!(
-            stdout_of(&out).contains(expected),
-            "{name}: {}",
-            stdout_of(&out)
-        );
+        // istio-validation checks IPv4, and IPv6 too in a dual-stack pod.
+        for args in [&["validate"][..], &["validate", "--v6"]] {
+            let out = pod.run(PROXY_UID, &helper("netprobe"), args);
+            assert!(
+                stdout_of(&out).contains(expected),
+                "{name}: {args:?}: {}",
+                stdout_of(&out)
+            );
+        }
     }
 }
 

@@ -28,7 +28,7 @@ static __always_inline bool dest_is(const struct dest *d, __u32 ip4, __u32 ip6_l
 
 /*
  * Destinations that reach this host over loopback, as istio-iptables' `-o lo` rules see
- * them: 127.0.0.0/8 and ::1, the unspecified addresses (connect(2) turns 0.0.0.0 into
+ * them: 127.0.0.0/8, ::1 (and ::6 in redirect mode), the unspecified addresses (connect(2) turns 0.0.0.0 into
  * 127.0.0.1 and :: into ::1), and the pod's own addresses.
  */
 static __always_inline bool over_lo(const struct dest *d, const struct pod_settings *pod)
@@ -37,6 +37,9 @@ static __always_inline bool over_lo(const struct dest *d, const struct pod_setti
 		return d->addr[0] == 0 || is_loopback4(d->addr[0]) ||
 		       (pod->pod_ip4 && d->addr[0] == pod->pod_ip4);
 	if (dest_is(d, 0, 0) || dest_is(d, 0, bpf_htonl(1)))
+		return true;
+	/* ::6, Envoy's IPv6 passthrough source, is on lo in redirect mode (`register` adds it) */
+	if ((pod->flags & POD_F_INBOUND_REDIRECT) && dest_is(d, 0, bpf_htonl(6)))
 		return true;
 	return (pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]) &&
 	       d->addr[0] == pod->pod_ip6[0] && d->addr[1] == pod->pod_ip6[1] &&
