@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
@@ -209,6 +210,54 @@ fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
     }
 }
 
+/// `netprobe sockopts` as the sidecar on `listen` in `pod`, a connection from `client` to
+/// `dest`: every getsockopt answer on the sidecar's accepted (redirected) socket.
+fn inbound_probes(pod: &Pod, client: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
+    let prober = pod.spawn(
+        PROXY_UID,
+        &helper("netprobe"),
+        &["sockopts", "--listen", listen],
+    );
+    prober.wait_for("listening=");
+    let _client = client.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
+    let out = prober.wait();
+    let results = probes(&out);
+    assert_eq!(results.len(), 8, "{out}");
+    results
+}
+
+#[test]
+fn the_inbound_listener_is_answered_the_original_destination_v4_and_v6_as_behind_istio_iptables() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    // Envoy asks SO_ORIGINAL_DST (SOL_IP) on an IPv4 connection and IP6T_SO_ORIGINAL_DST
+    // (SOL_IPV6) on an IPv6 one, right after accept.
+    for (v6, listen, port) in [(false, "0.0.0.0:15006", 8080), (true, "[::]:15006", 8081)] {
+        let answers: Vec<_> = [&w.meshed, &w.iptables]
+            .into_iter()
+            .map(|pod| {
+                let dest = pod.addr(v6, port);
+                let answers = inbound_probes(pod, &w.client, listen, &dest);
+                assert_eq!(
+                    answers["original_dst"],
+                    format!("ok:{}", sockaddr_hex(dest.parse().unwrap())),
+                    "{}: {dest}: {answers:?}",
+                    pod.name
+                );
+                // Each pod's own address, checked above; the rest must match.
+                let mut answers = answers;
+                answers.remove("original_dst");
+                answers
+            })
+            .collect();
+        // Every other answer (a NULL or short buffer, the other level, plain options) is
+        // the one the kernel gives behind REDIRECT.
+        assert_eq!(answers[0], answers[1], "v6 {v6}: meshbpf vs istio-iptables");
+    }
+}
+
 /// Which server a connection from the pod reached: `inbound` (a recorder on the inbound
 /// listener's port, as the proxy uid) or `app` (the application, on 8080, 8081, 15008), or
 /// how it failed.
@@ -232,7 +281,20 @@ fn istio_output_loopback_rules_hold_row_by_row() {
         return;
     }
     let w = world();
+    // A host outside the pod (another pod on the bridge), for the rows not over lo.
+    let _remote = w.client.spawn(
+        APP_UID,
+        &helper("netprobe"),
+        &["serve", "--tag", "remote", "0.0.0.0:8080", "[::]:8081"],
+    );
+    let remote4 = w.client.addr(false, 8080);
+    let remote6 = w.client.addr(true, 8081);
     for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
+        let _outbound = pod.spawn(
+            PROXY_UID,
+            &helper("netprobe"),
+            &["serve", "--tag", "outbound", "[::]:15001"],
+        );
         let _app = pod.spawn(
             APP_UID,
             &helper("netprobe"),
@@ -250,15 +312,18 @@ fn istio_output_loopback_rules_hold_row_by_row() {
             &helper("netprobe"),
             &["serve", "--tag", "inbound", "[::]:15006"],
         );
-        wait_until(
-            || reached(pod, 0, "127.0.0.1:15006", None) == "inbound",
-            || format!("{name}: the recorder does not answer"),
-        );
+        for (port, tag) in [(15006, "inbound"), (15001, "outbound")] {
+            wait_until(
+                || reached(pod, 0, &format!("127.0.0.1:{port}"), None) == tag,
+                || format!("{name}: the {tag} recorder does not answer"),
+            );
+        }
         let own4 = pod.addr(false, 8080);
         let own6 = pod.addr(true, 8081);
         // (uid, bound source, destination) -> which server, after istio-iptables' rules
-        // (notes in the ISTIO_OUTPUT chain above).
-        let rows: [(u32, Option<&str>, String, &str); 11] = [
+        // (notes in the ISTIO_OUTPUT chain above). The destination decides the interface:
+        // the pod's own addresses and loopback go out over lo, the remote host over eth0.
+        let rows: [(u32, Option<&str>, String, &str); 15] = [
             // -o lo ! -d 127.0.0.1/32 ! --dport 15008 --uid-owner 1337 -> ISTIO_IN_REDIRECT
             (PROXY_UID, None, own4.clone(), "inbound"),
             (PROXY_UID, None, "127.0.0.6:8080".into(), "inbound"),
@@ -275,6 +340,12 @@ fn istio_output_loopback_rules_hold_row_by_row() {
             (PROXY_UID, None, own6.clone(), "inbound"),
             (PROXY_UID, None, "[::1]:8081".into(), "app"),
             (APP_UID, None, own6.clone(), "app"),
+            // Not over lo: -m owner --uid-owner 1337 -> RETURN (the sidecar's upstream) ...
+            (PROXY_UID, None, remote4.clone(), "remote"),
+            (PROXY_UID, None, remote6.clone(), "remote"),
+            // ... and anyone else -> ISTIO_REDIRECT (15001)
+            (APP_UID, None, remote4.clone(), "outbound"),
+            (APP_UID, None, remote6.clone(), "outbound"),
         ];
         for (uid, bind, dest, expected) in &rows {
             assert_eq!(
