@@ -353,22 +353,20 @@ fn the_agent_unregisters_pods_whose_netns_is_gone_and_keeps_the_live_ones() {
             .map(|p| p.netns_cookie)
             .collect()
     };
+    // The map changes first, then the agent logs and counts it: wait for all three.
+    let gc_logged = format!("gc: unregistered netns cookie {gone_cookie}");
+    let gc_counted = || {
+        value(
+            &parse_metrics(&agent.get("/metrics").1),
+            "meshbpf_agent_gc_unregistered_total",
+            None,
+        ) == 1.0
+    };
     wait_until(
-        || cookies() == [live_cookie],
+        || cookies() == [live_cookie] && agent.log().contains(&gc_logged) && gc_counted(),
         || format!("registered: {:?}\n{}", cookies(), agent.log()),
     );
-    assert!(
-        agent
-            .log()
-            .contains(&format!("gc: unregistered netns cookie {gone_cookie}")),
-        "{}",
-        agent.log()
-    );
     let samples = parse_metrics(&agent.get("/metrics").1);
-    assert_eq!(
-        value(&samples, "meshbpf_agent_gc_unregistered_total", None),
-        1.0
-    );
     assert_eq!(value(&samples, "meshbpf_registered_pods", None), 1.0);
     // The live pod is still captured.
     let server = env.pod("server");
