@@ -228,6 +228,7 @@ fn abi_gen(linked: &Path) -> Result<String, String> {
     for (enum_name, constant) in [
         ("trace_reason", "TRACE_REASONS"),
         ("trace_hook", "TRACE_HOOKS"),
+        ("rule_kind", "RULE_KINDS"),
     ] {
         let values: Enum<'_> = btf
             .type_by_name(enum_name)

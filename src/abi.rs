@@ -20,7 +20,7 @@ mod generated {
 pub(crate) use generated::map;
 pub use generated::COUNTER_NAMES;
 #[cfg(test)]
-pub(crate) use generated::{TRACE_HOOKS, TRACE_REASONS};
+pub(crate) use generated::{RULE_KINDS, TRACE_HOOKS, TRACE_REASONS};
 
 /// The map layout this build reads and writes (`MESHBPF_LAYOUT_VERSION` in meshbpf.h).
 pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;
@@ -285,6 +285,15 @@ impl ConnKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_rule_kind_of_the_programs_is_known_and_no_other() {
+        let known: Vec<u16> = RuleKind::ALL.iter().map(|k| *k as u16).collect();
+        assert_eq!(
+            known, RULE_KINDS,
+            "RuleKind::ALL against enum rule_kind (meshbpf.h)"
+        );
+    }
 
     #[test]
     fn ipv4_key_uses_first_word_in_network_order() {

@@ -38,7 +38,7 @@ pub(crate) const MAPS_DIR: &str = "maps";
 pub(crate) const LINKS_DIR: &str = "links";
 /// Per-pod links: `pods/<netns cookie>`, each pod's sk_lookup program on its netns.
 pub(crate) const PODS_DIR: &str = "pods";
-pub(crate) const META_MAP: &str = "meta_map";
+pub(crate) const META_MAP: &str = crate::abi::map::META_MAP;
 /// Program names in the BPF C start with this; the rest names the hook and its link pin.
 const PROG_PREFIX: &str = "handle__";
 /// bpffs refuses names with a dot, so a staging directory is `<name>-staging-<pid>`.
@@ -490,7 +490,8 @@ fn drain_sockmap(pin_dir: &Path) {
     let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {
         return;
     };
-    let Ok(sock_hash) = MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join("sock_hash"))
+    let Ok(sock_hash) =
+        MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join(crate::abi::map::SOCK_HASH))
     else {
         return;
     };

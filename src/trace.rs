@@ -539,7 +539,10 @@ pub fn explain(settings: &PodSettings, addresses: &[IpAddr], query: &Query) -> E
             None,
         );
     }
-    let lo = over_lo(ip, addresses);
+    // ::6, Envoy's IPv6 passthrough source, is on lo in redirect mode (`register` adds it).
+    let lo = over_lo(ip, addresses)
+        || (settings.inbound_mode == InboundMode::Redirect
+            && ip == IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6)));
     if settings.exclude_outbound_ports.contains(&port) {
         return done(
             Reason::SkipExcludedPort,
@@ -567,8 +570,11 @@ pub fn explain(settings: &PodSettings, addresses: &[IpAddr], query: &Query) -> E
         let the_loopback = ip.is_unspecified()
             || ip == IpAddr::V4(Ipv4Addr::LOCALHOST)
             || ip == IpAddr::V6(Ipv6Addr::LOCALHOST);
+        // By uid only: istio-iptables' `-o lo ! --uid-owner 1337 -j RETURN` comes before
+        // the gid's ISTIO_IN_REDIRECT.
         if tcp
             && lo
+            && settings.proxy_uids.contains(&query.uid)
             && !the_loopback
             && port != INBOUND_TUNNEL_PORT
             && !dns

@@ -8,6 +8,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 
 use common::k8s::*;
 use common::*;
@@ -17,6 +18,9 @@ use serde_json::{json, Value};
 /// Every test but discovery's: other tests' pods, running sidecars on this machine at the
 /// same time, are not this test's to register.
 const NO_DISCOVER: &[&str] = &["--no-discover"];
+/// ... and no gc within a test (gc also reconciles the conflist): a rewrite of the primary
+/// conflist is then seen by the inotify watch or not at all.
+const WATCH_ONLY: &[&str] = &["--no-discover", "--gc-interval", "3600"];
 
 const KINDNET: &str = r#"{
   "cniVersion": "0.4.0",
@@ -76,7 +80,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
         "exclude_namespaces": ["kube-system", "istio-system"],
         "state_dir": env.root.join("cni-state"),
     });
-    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), NO_DISCOVER);
+    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), WATCH_ONLY);
 
     // Inserted last, as given, with the agent's pin dir; the other file untouched.
     wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
@@ -119,7 +123,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
     assert!(clean, "{log}");
     assert!(log.contains("programs stay attached"), "{log}");
     assert_eq!(env.attached_hooks().len(), ATTACH_TYPES.len());
-    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), NO_DISCOVER);
+    let agent = Agent::start(&env, &dirs, &plugin_conf.to_string(), WATCH_ONLY);
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(fs::read_to_string(&primary).unwrap(), settled);
     assert!(!agent.log().contains("inserted"), "{}", agent.log());
@@ -148,7 +152,7 @@ fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite() {
     }
     let env = Env::new();
     let dirs = CniDirs::new(&env.root);
-    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
+    let agent = Agent::start(&env, &dirs, "{}", WATCH_ONLY);
     // No network configuration yet: not ready, and it says why.
     let (code, body) = agent.get("/healthz");
     assert_eq!(code, 503);
@@ -316,6 +320,60 @@ fn metrics_give_every_counter_the_pods_and_every_map_s_entries_and_capacity() {
         1.0
     );
     assert_eq!(agent.get("/nowhere").0, 404);
+}
+
+#[test]
+fn the_agent_unregisters_pods_whose_netns_is_gone_and_keeps_the_live_ones() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
+    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    let gone = env.pod("gone");
+    let live = env.pod("live");
+    let settings = meshbpf::PodSettings::default();
+    let gone_cookie = mesh
+        .register_netns(&gone.netns, &settings)
+        .unwrap()
+        .netns_cookie;
+    let live_cookie = mesh
+        .register_netns(&live.netns, &settings)
+        .unwrap()
+        .netns_cookie;
+    // The pod is deleted without a CNI DEL (a crashed runtime, a node agent that missed it):
+    // no process and no mount keeps its namespace.
+    sh(Command::new("ip").args(["netns", "del", &gone.name]));
+    let cookies = || -> Vec<u64> {
+        mesh.pods()
+            .unwrap()
+            .iter()
+            .map(|p| p.netns_cookie)
+            .collect()
+    };
+    // The map changes first, then the agent logs and counts it: wait for all three.
+    let gc_logged = format!("gc: unregistered netns cookie {gone_cookie}");
+    let gc_counted = || {
+        value(
+            &parse_metrics(&agent.get("/metrics").1),
+            "meshbpf_agent_gc_unregistered_total",
+            None,
+        ) == 1.0
+    };
+    wait_until(
+        || cookies() == [live_cookie] && agent.log().contains(&gc_logged) && gc_counted(),
+        || format!("registered: {:?}\n{}", cookies(), agent.log()),
+    );
+    let samples = parse_metrics(&agent.get("/metrics").1);
+    assert_eq!(value(&samples, "meshbpf_registered_pods", None), 1.0);
+    // The live pod is still captured.
+    let server = env.pod("server");
+    let _server = server.server(&["0.0.0.0:8080"]);
+    let _sidecar = live.sidecar();
+    assert!(live.connect(&server.addr(false, 8080), &[]).ok);
+    assert_eq!(counter(&mesh, "connect_redirected"), 1);
 }
 
 #[test]

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
 use common::*;
 use meshbpf::{AttachOptions, Mesh, PodSettings};
@@ -63,7 +64,10 @@ fn world() -> World {
 fn stream(w: &World, args: &[&str]) -> (bool, String) {
     let mut all = vec!["run", w.server_addr.as_str()];
     all.extend_from_slice(args);
-    let out = w.app.run(APP_UID, &helper("stream"), &all);
+    // Up to 256 MiB each way through the stand-in: a hang guard of its own, not a speed goal
+    // (a busy 2-core machine took over 20 s).
+    let guard = scaled(Duration::from_secs(90));
+    let out = w.app.run_for(guard, APP_UID, &helper("stream"), &all);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),

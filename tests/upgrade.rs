@@ -101,6 +101,10 @@ const LISTS: [&str; 8] = [
 
 /// A node attached by the previous build, with a registered pod (its sidecar, a server in
 /// another pod), a second registered pod with other lists, and an unregistered one.
+/// Where the live connection of [`Old::live_connection`] goes: in `other`'s included CIDRs,
+/// never reached (its proxy only asks).
+const LATE_DEST: &str = "192.0.2.77:8080";
+
 struct Old {
     layout: Layout,
     env: Env,
@@ -190,6 +194,42 @@ fn registered_afresh(Layout(layout, _): Layout) -> Vec<serde_json::Value> {
 }
 
 impl Old {
+    /// A connection made now in `other`, whose proxy (a probe on its outbound port) has
+    /// accepted it and asks SO_ORIGINAL_DST only when [`Old::assert_still_answered`] tells it.
+    fn live_connection(&self) -> (Proc, Proc) {
+        let ask = self.env.root.join("ask");
+        let _ = fs::remove_file(&ask);
+        let late = self.other.spawn(
+            PROXY_UID,
+            &helper("netprobe"),
+            &[
+                "sockopts",
+                "--listen",
+                "127.0.0.1:15001",
+                "--wait-for",
+                ask.to_str().unwrap(),
+            ],
+        );
+        late.wait_for("listening=");
+        let app = self
+            .other
+            .spawn(APP_UID, &helper("netprobe"), &["connect", LATE_DEST]);
+        late.wait_for("accepted");
+        (late, app)
+    }
+
+    /// The connection of [`Old::live_connection`] still gets its original destination.
+    #[track_caller]
+    fn assert_still_answered(&self, (late, _app): (Proc, Proc), when: &str) {
+        fs::write(self.env.root.join("ask"), "").unwrap();
+        let told = probes(&late.wait());
+        assert_eq!(
+            told["original_dst"],
+            format!("ok:{}", sockaddr_hex(LATE_DEST.parse().unwrap())),
+            "{when}: a connection made before lost its original destination"
+        );
+    }
+
     fn attach_current(&self) -> Output {
         let cgroup = self.env.cgroup.to_str().unwrap().to_string();
         self.env.meshbpf(&["attach", "--cgroup", &cgroup])
@@ -309,25 +349,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
         return;
     }
     let o = attached_by(PREVIOUS);
-    // A live connection whose proxy asks SO_ORIGINAL_DST only after the upgrade: the other
-    // registered pod's "sidecar" accepts it now and asks when told to.
-    let late = o.other.spawn(
-        PROXY_UID,
-        &helper("netprobe"),
-        &[
-            "sockopts",
-            "--listen",
-            "127.0.0.1:15001",
-            "--wait-for",
-            o.env.root.join("ask").to_str().unwrap(),
-        ],
-    );
-    late.wait_for("listening=");
-    let late_dest = "192.0.2.77:8080"; // in `other`'s included CIDRs; never reached
-    let _late_app = o
-        .other
-        .spawn(APP_UID, &helper("netprobe"), &["connect", late_dest]);
-    late.wait_for("accepted");
+    let late = o.live_connection();
 
     // Long-lived connections through the sidecar, and new ones all along.
     let long = o.app.spawn(
@@ -375,13 +397,7 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
         String::from_utf8_lossy(&out.stderr)
     );
 
-    fs::write(o.env.root.join("ask"), "").unwrap();
-    let told = probes(&late.wait());
-    assert_eq!(
-        told["original_dst"],
-        format!("ok:{}", sockaddr_hex(late_dest.parse().unwrap())),
-        "a connection made before the upgrade lost its original destination"
-    );
+    o.assert_still_answered(late, "after the upgrade");
     let out = load.wait();
     assert_eq!(
         out.lines()
@@ -491,6 +507,7 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         let o = attached_by(PREVIOUS);
         let cgroup = o.env.cgroup.to_str().unwrap().to_string();
         let when = format!("killed at {syscall} #{k}");
+        let late = o.live_connection();
         let out = Command::new("strace")
             .args(["-f", "-qq", "-o", "/dev/null", "-e"])
             .arg(format!("trace={syscall}"))
@@ -506,6 +523,7 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         o.assert_capture_works(&when);
         stdout_of(&o.attach_current());
         o.assert_upgraded(&expected, &when);
+        o.assert_still_answered(late, &format!("{when}, then attached again"));
     }
 }
 

@@ -110,7 +110,7 @@ pub(super) fn metrics(pin_dir: &Path, stats: &Stats) -> String {
             .collect();
         let pods = usage
             .iter()
-            .find(|(name, ..)| *name == "cookie_map")
+            .find(|(name, ..)| *name == crate::abi::map::COOKIE_MAP)
             .map_or(0, |(_, entries, _)| *entries);
         family(
             &mut out,

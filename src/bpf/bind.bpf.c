@@ -72,7 +72,7 @@ static __always_inline int keep_bind(struct bpf_sock_addr *ctx)
 		state->inbound_port = 0;
 		state->flags &= ~SOCK_F_DUAL_WILDCARD;
 	}
-	return 1;
+	return SOCK_ALLOW;
 }
 
 /*
@@ -86,14 +86,14 @@ static __always_inline int proxy_bind(struct bpf_sock_addr *ctx, const struct po
 	struct sock_state *state;
 
 	if (port == 0)
-		return 1;
+		return SOCK_ALLOW;
 	if ((pod->flags & POD_F_CAPTURE_INBOUND) && ctx->protocol == IPPROTO_TCP) {
 		state = bpf_sk_storage_get(&sk_storage_map, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (state)
 			state->flags |= SOCK_F_PROXY_BOUND;
 	}
 	if (port >= 1024)
-		return 1;
+		return SOCK_ALLOW;
 	count(CNT_BIND_PROXY_PRIVILEGED);
 	return BIND_ALLOW_NO_CAP_NET_BIND_SERVICE;
 }
@@ -114,48 +114,55 @@ static __always_inline void mark_dual_wildcard(struct bpf_sock_addr *ctx)
 		state->flags |= SOCK_F_DUAL_WILDCARD;
 }
 
-SEC("cgroup/bind4")
-int handle__bind4(struct bpf_sock_addr *ctx)
+/* What bind4 and bind6 decide alike: a verdict, or BIND_MOVE for a bind to move to loopback. */
+#define BIND_MOVE (-1)
+static __always_inline int bind_verdict(struct bpf_sock_addr *ctx, bool wildcard)
 {
 	__u64 cookie = bpf_get_netns_cookie(ctx);
 	struct pod_settings *pod = lookup_pod(cookie);
 
 	if (!pod)
-		return 1;
+		return SOCK_ALLOW;
 	if (is_proxy(pod, cookie))
 		return proxy_bind(ctx, pod);
-	if (ctx->user_ip4 != 0 || !capture_bind(ctx, pod, cookie))
+	if (!wildcard || !capture_bind(ctx, pod, cookie))
 		return keep_bind(ctx);
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
-	return 1;
+	return BIND_MOVE;
+}
+
+SEC("cgroup/bind4")
+int handle__bind4(struct bpf_sock_addr *ctx)
+{
+	int verdict = bind_verdict(ctx, ctx->user_ip4 == 0);
+
+	if (verdict != BIND_MOVE)
+		return verdict;
+	ctx->user_ip4 = LOOPBACK4;
+	return SOCK_ALLOW;
 }
 
 SEC("cgroup/bind6")
 int handle__bind6(struct bpf_sock_addr *ctx)
 {
-	__u64 cookie = bpf_get_netns_cookie(ctx);
-	struct pod_settings *pod = lookup_pod(cookie);
+	/* Word by word in the condition: see IP6_GET. */
+	int verdict = bind_verdict(ctx, !(ctx->user_ip6[0] || ctx->user_ip6[1] ||
+					  ctx->user_ip6[2] || ctx->user_ip6[3]));
 
-	if (!pod)
-		return 1;
-	if (is_proxy(pod, cookie))
-		return proxy_bind(ctx, pod);
-	if (ctx->user_ip6[0] || ctx->user_ip6[1] || ctx->user_ip6[2] || ctx->user_ip6[3] ||
-	    !capture_bind(ctx, pod, cookie))
-		return keep_bind(ctx);
+	if (verdict != BIND_MOVE)
+		return verdict;
 	/*
 	 * A dual-stack [::] answers both families, but a socket has one address, and one bound
 	 * to ::1 is IPv6-only (inet6_bind sets it). So it moves to ::ffff:127.0.0.1, which
 	 * takes IPv4 over lo; the pod's sk_lookup program hands it IPv6 over lo to [::1]:PORT.
 	 */
 	if (v6only(ctx)) {
-		ctx->user_ip6[3] = bpf_htonl(1);
+		ctx->user_ip6[3] = LOOPBACK6_LAST;
 	} else {
-		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
-		ctx->user_ip6[3] = bpf_htonl(0x7f000001);
+		ctx->user_ip6[2] = V4_MAPPED_PREFIX;
+		ctx->user_ip6[3] = LOOPBACK4;
 		mark_dual_wildcard(ctx);
 	}
-	return 1;
+	return SOCK_ALLOW;
 }
 
 /* After a moved bind succeeded: count the listener once. */
@@ -183,14 +190,14 @@ SEC("cgroup/post_bind4")
 int handle__post_bind4(struct bpf_sock *sk)
 {
 	count_listener(sk);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 SEC("cgroup/post_bind6")
 int handle__post_bind6(struct bpf_sock *sk)
 {
 	count_listener(sk);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 /*
@@ -208,13 +215,13 @@ int handle__sock_release(struct bpf_sock *sk)
 
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (!state || !(state->flags & SOCK_F_INBOUND_COUNTED))
-		return 1;
+		return SOCK_ALLOW;
 	key.netns_cookie = bpf_get_netns_cookie(sk);
 	key.port = state->inbound_port;
 	listeners = bpf_map_lookup_elem(&inbound_ports, &key);
 	if (listeners && *listeners > 0)
 		__sync_fetch_and_add(listeners, -1);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -19,6 +19,38 @@
 /* SO_ORIGINAL_DST (linux/netfilter_ipv4.h) == IP6T_SO_ORIGINAL_DST */
 #define SO_ORIGINAL_DST 80
 
+/* What a cgroup sock, sock_addr or sockopt program returns to let the call go on (0 would
+ * fail it with EPERM). */
+#define SOCK_ALLOW 1
+
+/* Addresses in network byte order, as the contexts hold them. */
+#define LOOPBACK4 bpf_htonl(0x7f000001)		/* 127.0.0.1 */
+#define PASSTHROUGH4 bpf_htonl(0x7f000006)	/* 127.0.0.6: Istio's inbound upstream source */
+#define V4_MAPPED_PREFIX bpf_htonl(0x0000ffff)	/* word 2 of ::ffff:a.b.c.d */
+#define LOOPBACK6_LAST bpf_htonl(1)		/* word 3 of ::1 (words 0-2 are 0) */
+#define PASSTHROUGH6_LAST bpf_htonl(6)		/* word 3 of ::6, 127.0.0.6's IPv6 twin */
+
+/*
+ * The four words of an IPv6 address, Cilium's ctx_get and friends, for the addresses a program
+ * holds (keys, settings, locals). A context's address fields are read and written one word at
+ * a time, at a constant offset, spelled out in place: through these macros (or any copy-out
+ * then compare), clang may address them from a register holding ctx + 8, a "modified ctx
+ * ptr" the verifier refuses (as each handler's verifier run in the tests shows).
+ */
+#define IP6_GET(dst, src)                                                                          \
+	do {                                                                                       \
+		(dst)[0] = (src)[0];                                                               \
+		(dst)[1] = (src)[1];                                                               \
+		(dst)[2] = (src)[2];                                                               \
+		(dst)[3] = (src)[3];                                                               \
+	} while (0)
+#define IP6_EQ(a, b) ((a)[0] == (b)[0] && (a)[1] == (b)[1] && (a)[2] == (b)[2] && (a)[3] == (b)[3])
+/* Whether a (context) address is ::N, for the last word given. */
+#define IP6_IS_LOW(a, last) ((a)[0] == 0 && (a)[1] == 0 && (a)[2] == 0 && (a)[3] == (last))
+/* Whether an address is set (a pod's IPv6 address is all zeros when it has none). */
+#define IP6_IS_SET(a) ((a)[0] | (a)[1] | (a)[2] | (a)[3])
+
+
 #ifdef MESHBPF_DEFINE_MAPS
 #define MESHBPF_MAP
 #else
@@ -252,12 +284,9 @@ static __always_inline bool in_cidrs(void *trie, const struct pod_settings *pod,
 	};
 
 	if (v6) {
-		key.addr[0] = addr[0];
-		key.addr[1] = addr[1];
-		key.addr[2] = addr[2];
-		key.addr[3] = addr[3];
+		IP6_GET(key.addr, addr);
 	} else {
-		key.addr[2] = bpf_htonl(0x0000ffff);
+		key.addr[2] = V4_MAPPED_PREFIX;
 		key.addr[3] = addr[0];
 	}
 	return bpf_map_lookup_elem(trie, &key) != NULL;
@@ -280,11 +309,6 @@ static __always_inline struct pod_settings *lookup_pod(__u64 netns_cookie)
 }
 
 /*
- * Sockets of the sidecar (by uid or gid) are never captured: that is what
- * keeps it loop-free. The first uid and gid sit in the pod's settings; more,
- * rarely, in pod_rules.
- */
-/*
  * The sidecar by uid only: istio-iptables sends a caller over lo to the inbound
  * listener by --uid-owner; by --gid-owner alone it never does (its
  * `-o lo ! --uid-owner 1337 -j RETURN` comes first).
@@ -297,6 +321,11 @@ static __always_inline bool is_proxy_uid(const struct pod_settings *pod, __u64 n
 					 pod_rule(pod, netns_cookie, uid, RULE_PROXY_UID));
 }
 
+/*
+ * Sockets of the sidecar (by uid or gid) are never captured: that is what
+ * keeps it loop-free. The first uid and gid sit in the pod's settings; more,
+ * rarely, in pod_rules.
+ */
 static __always_inline bool is_proxy(const struct pod_settings *pod, __u64 netns_cookie)
 {
 	__u64 ugid = bpf_get_current_uid_gid();
@@ -333,7 +362,7 @@ static __always_inline bool is_loopback4(__u32 addr_be)
 
 static __always_inline bool is_v4_mapped(const __u32 addr[4])
 {
-	return addr[0] == 0 && addr[1] == 0 && addr[2] == bpf_htonl(0x0000ffff);
+	return addr[0] == 0 && addr[1] == 0 && addr[2] == V4_MAPPED_PREFIX;
 }
 
 /* The loopback address a redirected IPv6 socket talks to: ::1, or ::ffff:127.0.0.1 for an
@@ -342,15 +371,15 @@ static __always_inline void proxy_addr6(__u32 out[4], bool mapped)
 {
 	out[0] = 0;
 	out[1] = 0;
-	out[2] = mapped ? bpf_htonl(0x0000ffff) : 0;
-	out[3] = mapped ? bpf_htonl(0x7f000001) : bpf_htonl(1);
+	out[2] = mapped ? V4_MAPPED_PREFIX : 0;
+	out[3] = mapped ? LOOPBACK4 : LOOPBACK6_LAST;
 }
 
 static __always_inline bool is_loopback6(const __u32 addr[4])
 {
 	if (is_v4_mapped(addr))
 		return is_loopback4(addr[3]);
-	return addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == bpf_htonl(1);
+	return IP6_IS_LOW(addr, LOOPBACK6_LAST);
 }
 
 /* Fold an IPv4-mapped IPv6 pair into the IPv4 form both ends of the connection agree on. */
@@ -410,7 +439,7 @@ static __always_inline bool restore_orig_dst6(struct bpf_sock_addr *ctx)
 	} else if (state->dst.family == AF_INET) {
 		ctx->user_ip6[0] = 0;
 		ctx->user_ip6[1] = 0;
-		ctx->user_ip6[2] = bpf_htonl(0x0000ffff);
+		ctx->user_ip6[2] = V4_MAPPED_PREFIX;
 		ctx->user_ip6[3] = state->dst.addr[0];
 	} else {
 		return false;

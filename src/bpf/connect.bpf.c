@@ -28,28 +28,26 @@ static __always_inline bool dest_is(const struct dest *d, __u32 ip4, __u32 ip6_l
 
 /*
  * Destinations that reach this host over loopback, as istio-iptables' `-o lo` rules see
- * them: 127.0.0.0/8, ::1 (and ::6 in redirect mode), the unspecified addresses (connect(2) turns 0.0.0.0 into
- * 127.0.0.1 and :: into ::1), and the pod's own addresses.
+ * them: 127.0.0.0/8, ::1 (and ::6 in redirect mode), the unspecified addresses (connect(2)
+ * turns 0.0.0.0 into 127.0.0.1 and :: into ::1), and the pod's own addresses.
  */
 static __always_inline bool over_lo(const struct dest *d, const struct pod_settings *pod)
 {
 	if (!d->v6)
 		return d->addr[0] == 0 || is_loopback4(d->addr[0]) ||
 		       (pod->pod_ip4 && d->addr[0] == pod->pod_ip4);
-	if (dest_is(d, 0, 0) || dest_is(d, 0, bpf_htonl(1)))
+	if (dest_is(d, 0, 0) || dest_is(d, 0, LOOPBACK6_LAST))
 		return true;
 	/* ::6, Envoy's IPv6 passthrough source, is on lo in redirect mode (`register` adds it) */
-	if ((pod->flags & POD_F_INBOUND_REDIRECT) && dest_is(d, 0, bpf_htonl(6)))
+	if ((pod->flags & POD_F_INBOUND_REDIRECT) && dest_is(d, 0, PASSTHROUGH6_LAST))
 		return true;
-	return (pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]) &&
-	       d->addr[0] == pod->pod_ip6[0] && d->addr[1] == pod->pod_ip6[1] &&
-	       d->addr[2] == pod->pod_ip6[2] && d->addr[3] == pod->pod_ip6[3];
+	return IP6_IS_SET(pod->pod_ip6) && IP6_EQ(d->addr, pod->pod_ip6);
 }
 
 /* `-d 127.0.0.1/32` (`::1/128`): the loopback address itself (what 0.0.0.0 and :: become). */
 static __always_inline bool to_the_loopback(const struct dest *d)
 {
-	return dest_is(d, 0, 0) || dest_is(d, bpf_htonl(0x7f000001), bpf_htonl(1));
+	return dest_is(d, 0, 0) || dest_is(d, LOOPBACK4, LOOPBACK6_LAST);
 }
 
 /* Bound to 127.0.0.6 (::6): Envoy's inbound passthrough upstream and pilot-agent's probes. */
@@ -58,9 +56,9 @@ static __always_inline bool from_inbound_passthrough(struct bpf_sock_addr *ctx, 
 	struct bpf_sock *sk = ctx->sk;
 
 	if (!v6)
-		return sk->src_ip4 == bpf_htonl(0x7f000006);
+		return sk->src_ip4 == PASSTHROUGH4;
 	return sk->src_ip6[0] == 0 && sk->src_ip6[1] == 0 && sk->src_ip6[2] == 0 &&
-	       sk->src_ip6[3] == bpf_htonl(6);
+	       sk->src_ip6[3] == PASSTHROUGH6_LAST;
 }
 
 /*
@@ -212,14 +210,14 @@ static __always_inline int leave_alone(struct bpf_sock_addr *ctx, struct bpf_soc
 	struct sock_state *state;
 
 	if (!connecting)
-		return 1;
+		return SOCK_ALLOW;
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (state) {
 		state->dst.family = 0;
 		if (ctx->protocol == IPPROTO_TCP)
 			mptcp_parent_keeps(sk, NULL);
 	}
-	return 1;
+	return SOCK_ALLOW;
 }
 
 /* The decision, for `meshbpf trace`: what was asked, what it became. */
@@ -235,7 +233,7 @@ static __always_inline void trace_decision(struct bpf_sock_addr *ctx, bool conne
 		to.family = dst->family;
 		to.port = bpf_htons(port);
 		if (dst->family == AF_INET)
-			to.addr[0] = bpf_htonl(0x7f000001);
+			to.addr[0] = LOOPBACK4;
 		else
 			proxy_addr6(to.addr, is_v4_mapped(dst->addr));
 	}
@@ -263,10 +261,10 @@ static __always_inline int redirect4(struct bpf_sock_addr *ctx, bool connecting)
 	if (!port)
 		return leave_alone(ctx, sk, connecting);
 	if (!remember(ctx, sk, &dst))
-		return 1;
-	ctx->user_ip4 = bpf_htonl(0x7f000001);
+		return SOCK_ALLOW;
+	ctx->user_ip4 = LOOPBACK4;
 	ctx->user_port = bpf_htons(port);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
@@ -301,14 +299,14 @@ static __always_inline int redirect6(struct bpf_sock_addr *ctx, bool connecting)
 	if (!port)
 		return leave_alone(ctx, sk, connecting);
 	if (!remember(ctx, sk, &dst))
-		return 1;
+		return SOCK_ALLOW;
 	proxy_addr6(to, mapped);
 	ctx->user_ip6[0] = to[0];
 	ctx->user_ip6[1] = to[1];
 	ctx->user_ip6[2] = to[2];
 	ctx->user_ip6[3] = to[3];
 	ctx->user_port = bpf_htons(port);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 SEC("cgroup/connect4")
@@ -352,7 +350,7 @@ int handle__getpeername4(struct bpf_sock_addr *ctx)
 {
 	if (peer_is_sidecar(ctx, is_loopback4(ctx->user_ip4)) && restore_orig_dst4(ctx))
 		count(CNT_GETPEERNAME_RESTORED);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 SEC("cgroup/getpeername6")
@@ -362,7 +360,7 @@ int handle__getpeername6(struct bpf_sock_addr *ctx)
 
 	if (peer_is_sidecar(ctx, is_loopback6(peer)) && restore_orig_dst6(ctx))
 		count(CNT_GETPEERNAME_RESTORED);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 
@@ -394,13 +392,13 @@ int handle__getsockname4(struct bpf_sock_addr *ctx)
 	struct pod_settings *pod;
 
 	if (!is_loopback4(ctx->user_ip4))
-		return 1;
+		return SOCK_ALLOW;
 	pod = captured_pod(ctx);
 	if (pod && pod->pod_ip4) {
 		ctx->user_ip4 = pod->pod_ip4;
 		count(CNT_GETSOCKNAME_RESTORED);
 	}
-	return 1;
+	return SOCK_ALLOW;
 }
 
 SEC("cgroup/getsockname6")
@@ -410,24 +408,24 @@ int handle__getsockname6(struct bpf_sock_addr *ctx)
 	struct pod_settings *pod;
 
 	if (!is_loopback6(local))
-		return 1;
+		return SOCK_ALLOW;
 	pod = captured_pod(ctx);
 	if (!pod)
-		return 1;
+		return SOCK_ALLOW;
 	if (is_v4_mapped(local)) {
 		if (!pod->pod_ip4)
-			return 1;
+			return SOCK_ALLOW;
 		ctx->user_ip6[3] = pod->pod_ip4;
 	} else {
-		if (!(pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]))
-			return 1;
+		if (!IP6_IS_SET(pod->pod_ip6))
+			return SOCK_ALLOW;
 		ctx->user_ip6[0] = pod->pod_ip6[0];
 		ctx->user_ip6[1] = pod->pod_ip6[1];
 		ctx->user_ip6[2] = pod->pod_ip6[2];
 		ctx->user_ip6[3] = pod->pod_ip6[3];
 	}
 	count(CNT_GETSOCKNAME_RESTORED);
-	return 1;
+	return SOCK_ALLOW;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -77,7 +77,7 @@ static __always_inline int answer_len(struct bpf_sockopt *ctx, int addr_len)
 static __always_inline int pass(struct bpf_sockopt *ctx)
 {
 	ctx->optlen = 0;
-	return 1;
+	return SOCK_ALLOW;
 }
 
 /* The original destination of the captured TCP connection whose proxy end is `sk`. */
@@ -220,10 +220,10 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 	count(CNT_GETSOCKOPT_ANSWERED);
 	trace(TRACE_HOOK_GETSOCKOPT, TRACE_ORIGIN_ANSWERED, bpf_get_netns_cookie(ctx), sk->protocol,
 	      dst, NULL, true);
-	return 1;
+	return SOCK_ALLOW;
 efault:
 	ctx->retval = -EFAULT;
-	return 1;
+	return SOCK_ALLOW;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -37,12 +37,13 @@ static __always_inline bool from_the_pod(struct bpf_sk_lookup *ctx, const struct
 	if (ctx->family == AF_INET)
 		return is_loopback4(ctx->remote_ip4) ||
 		       (pod->pod_ip4 && ctx->remote_ip4 == pod->pod_ip4);
+	/* Word by word in the condition: see IP6_GET. */
 	if (ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 && ctx->remote_ip6[2] == 0 &&
-	    (ctx->remote_ip6[3] == bpf_htonl(1) || ctx->remote_ip6[3] == bpf_htonl(6)))
+	    (ctx->remote_ip6[3] == LOOPBACK6_LAST || ctx->remote_ip6[3] == PASSTHROUGH6_LAST))
 		return true;
-	return (pod->pod_ip6[0] | pod->pod_ip6[1] | pod->pod_ip6[2] | pod->pod_ip6[3]) &&
-	       ctx->remote_ip6[0] == pod->pod_ip6[0] && ctx->remote_ip6[1] == pod->pod_ip6[1] &&
-	       ctx->remote_ip6[2] == pod->pod_ip6[2] && ctx->remote_ip6[3] == pod->pod_ip6[3];
+	return IP6_IS_SET(pod->pod_ip6) && ctx->remote_ip6[0] == pod->pod_ip6[0] &&
+	       ctx->remote_ip6[1] == pod->pod_ip6[1] && ctx->remote_ip6[2] == pod->pod_ip6[2] &&
+	       ctx->remote_ip6[3] == pod->pod_ip6[3];
 }
 
 /* A listener of the pod (a referenced socket: release it), or NULL. */
@@ -127,8 +128,9 @@ static __always_inline int dual_stack_loopback(struct bpf_sk_lookup *ctx, __u16 
 {
 	struct bpf_sock *sk;
 
+	/* Word by word in the condition: see IP6_GET. */
 	if (ctx->family != AF_INET6 || ctx->local_ip6[0] || ctx->local_ip6[1] ||
-	    ctx->local_ip6[2] || ctx->local_ip6[3] != bpf_htonl(1))
+	    ctx->local_ip6[2] || ctx->local_ip6[3] != LOOPBACK6_LAST)
 		return SK_PASS;
 	sk = find_listener(port, AF_INET6, LISTENER_APP);
 	if (sk && assign(ctx, sk))

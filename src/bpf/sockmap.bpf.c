@@ -39,6 +39,11 @@ static __always_inline bool draining(void)
 	return meta && (meta->flags & META_F_DRAINING);
 }
 
+/*
+ * sockops' conn_key_from_ops for an sk_msg context. One body for both (a macro over either
+ * context) is refused by the verifier for sk_msg: clang reads local_ip6 through a register
+ * holding msg + offset, a "modified ctx ptr" (measured with clang 19 on 6.18).
+ */
 static __always_inline void msg_key(struct conn_key *key, struct sk_msg_md *msg, bool local_is_src)
 {
 	__u32 *local = local_is_src ? key->src_addr : key->dst_addr;

@@ -337,9 +337,9 @@ static __always_inline void ops_addrs(struct bpf_sock_ops *skops, struct pod_add
 				      struct pod_addr_key *remote)
 {
 	if (skops->family == AF_INET) {
-		local->addr[2] = bpf_htonl(0x0000ffff);
+		local->addr[2] = V4_MAPPED_PREFIX;
 		local->addr[3] = skops->local_ip4;
-		remote->addr[2] = bpf_htonl(0x0000ffff);
+		remote->addr[2] = V4_MAPPED_PREFIX;
 		remote->addr[3] = skops->remote_ip4;
 		asm volatile("" ::: "memory");
 		return;

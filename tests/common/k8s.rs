@@ -175,7 +175,13 @@ impl Agent {
             .arg(&env.cgroup)
             .arg("--plugin-binary")
             .arg(cni_plugin())
-            .args(["--listen", "127.0.0.1:0", "--gc-interval", "1"])
+            .args(["--listen", "127.0.0.1:0"])
+            // gc every second unless the test says otherwise.
+            .args(if extra.contains(&"--gc-interval") {
+                &[][..]
+            } else {
+                &["--gc-interval", "1"][..]
+            })
             .args(extra)
             .stdout(Stdio::from(out.try_clone().unwrap()))
             .stderr(Stdio::from(out))
