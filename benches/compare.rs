@@ -42,12 +42,7 @@ use util::memory;
 use util::plot::{self, Bar, Panel};
 use util::{cpu_us, field, median, passive_opens, tune, Machine};
 
-const MODES: [&str; 4] = [
-    "direct",
-    "istio-iptables",
-    "meshbpf",
-    "meshbpf --sockmap",
-];
+const MODES: [&str; 4] = ["direct", "istio-iptables", "meshbpf", "meshbpf --sockmap"];
 const IPT: usize = 1;
 const PHASES: [&str; 5] = ["proxy", "standin", "bpf", "scale", "memory"];
 
@@ -573,9 +568,63 @@ fn bpf_phase(w: &World, cfg: &Config) -> Vec<BpfRun> {
                 rps: r.rps(),
                 progs: bpf_stats::costs(&progs, &before, &after, r.requests),
             });
+            if mi == 2 {
+                out.push(traced_run(w, mesh, pod, &wl, cfg, &progs));
+            }
         }
     }
     out
+}
+
+/// The default mode again, with a `meshbpf trace` of the pod reading every decision
+/// (issue 17: what tracing costs while it runs; the rows without it are what it costs when
+/// nobody traces).
+fn traced_run(
+    w: &World,
+    mesh: &Mesh,
+    pod: &Pod,
+    wl: &http::Workload,
+    cfg: &Config,
+    progs: &[(String, u32)],
+) -> BpfRun {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cookie = meshbpf::Netns::open(&pod.netns)
+        .expect("pod netns")
+        .cookie();
+    let pin_dir = mesh.pin_dir().to_path_buf();
+    let stop = AtomicBool::new(false);
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let (r, before, after, events) = std::thread::scope(|scope| {
+        // A Tracer stays on the thread that made it.
+        let reader = scope.spawn(|| {
+            let mesh = Mesh::open(&pin_dir).expect("open the attachment");
+            let mut tracer = mesh.trace(Some(cookie)).expect("meshbpf trace");
+            ready.send(()).expect("bench thread");
+            let mut events = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                events += tracer
+                    .poll(Duration::from_millis(100))
+                    .map_or(0, |e| e.len());
+            }
+            events
+        });
+        is_ready.recv().expect("trace reader started");
+        let before = bpf_stats::snapshot(progs);
+        let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
+        let after = bpf_stats::snapshot(progs);
+        stop.store(true, Ordering::SeqCst);
+        (r, before, after, reader.join().expect("trace reader"))
+    });
+    eprintln!(
+        "    trace read {events} decisions ({:.1} per request)",
+        events as f64 / r.requests.max(1.0)
+    );
+    BpfRun {
+        mode: "meshbpf, `meshbpf trace` reading",
+        workload: wl.name.to_string(),
+        rps: r.rps(),
+        progs: bpf_stats::costs(progs, &before, &after, r.requests),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
