@@ -3,7 +3,8 @@
 //! - `direct`: no sidecar at all (the floor);
 //! - `istio-iptables`: the exact nat rules istio-iptables installs in REDIRECT mode;
 //! - `meshbpf`: `meshbpf attach` and `register` with their defaults;
-//! - `meshbpf --no-sockmap`: `meshbpf attach --no-sockmap` (no sk_msg program).
+//! - `meshbpf --sockmap`: `register --sockmap` (sockmap acceleration, opt-in per pod), in an
+//!   attachment of its own.
 //!
 //! Phases (`--only a,b`), in order:
 //! - `proxy`: a production proxy as the sidecar — HAProxy in transparent mode, nginx as the
@@ -41,12 +42,7 @@ use util::memory;
 use util::plot::{self, Bar, Panel};
 use util::{cpu_us, field, median, passive_opens, tune, Machine};
 
-const MODES: [&str; 4] = [
-    "direct",
-    "istio-iptables",
-    "meshbpf",
-    "meshbpf --no-sockmap",
-];
+const MODES: [&str; 4] = ["direct", "istio-iptables", "meshbpf", "meshbpf --sockmap"];
 const IPT: usize = 1;
 const PHASES: [&str; 5] = ["proxy", "standin", "bpf", "scale", "memory"];
 
@@ -228,20 +224,23 @@ fn main() {
     // A second one for the memory phase, with no conntrack entries from the runs before.
     let ipt_fresh = env.pod_outside("iptables-mem");
     istio_iptables(&env, &ipt_fresh);
-    // meshbpf's default attach holds the test cgroup; --no-sockmap is attached to its own pod's
-    // cgroup, so the two never run each other's programs.
+    // meshbpf's attach holds the test cgroup; the --sockmap pod has an attachment of its own on
+    // its own cgroup, so each mode's programs (and their bpf_stats) are its own.
     let default = env.pod("meshbpf");
     mesh.register_netns(&default.netns, &PodSettings::default())
         .expect("register");
-    let no_sockmap = env.pod_outside("nosockmap");
-    let no_sockmap_pins = env.bpffs.join("mesh-nosockmap");
-    let no_sockmap_mesh =
-        Mesh::attach_with(&no_sockmap.cgroup, &no_sockmap_pins, &no_sockmap_options())
-            .expect("attach --no-sockmap");
-    let _detach = Detach(no_sockmap_pins.clone());
-    no_sockmap_mesh
-        .register_netns(&no_sockmap.netns, &PodSettings::default())
-        .expect("register");
+    let sockmap = env.pod_outside("sockmap");
+    let sockmap_pins = env.bpffs.join("mesh-sockmap");
+    let sockmap_mesh = Mesh::attach_with(&sockmap.cgroup, &sockmap_pins, &AttachOptions::default())
+        .expect("attach");
+    let _detach = Detach(sockmap_pins.clone());
+    let with_sockmap = PodSettings {
+        sockmap: true,
+        ..PodSettings::default()
+    };
+    sockmap_mesh
+        .register_netns(&sockmap.netns, &with_sockmap)
+        .expect("register --sockmap");
     let unregistered = env.pod("unregistered");
     let bare = env.pod_outside("bare");
     let scaled = env.pod("scale");
@@ -252,7 +251,7 @@ fn main() {
         &ipt,
         &ipt_fresh,
         &default,
-        &no_sockmap,
+        &sockmap,
         &unregistered,
         &bare,
         &scaled,
@@ -266,8 +265,8 @@ fn main() {
     let world = World {
         env: &env,
         server: &server,
-        clients: [&direct, &ipt, &default, &no_sockmap],
-        meshes: [None, None, Some(&mesh), Some(&no_sockmap_mesh)],
+        clients: [&direct, &ipt, &default, &sockmap],
+        meshes: [None, None, Some(&mesh), Some(&sockmap_mesh)],
         stack: &stack,
         url,
         stream_dest,
@@ -313,15 +312,6 @@ fn main() {
     }
     report.seconds = started.elapsed().as_secs_f64();
     report.write(&cfg);
-}
-
-/// `meshbpf attach --no-sockmap`: built from the defaults, since AttachOptions may grow
-/// (it is `#[non_exhaustive]` on main).
-#[allow(clippy::field_reassign_with_default)]
-fn no_sockmap_options() -> AttachOptions {
-    let mut options = AttachOptions::default();
-    options.sockmap = false;
-    options
 }
 
 /// Installs the istio-iptables rules in the pod's network namespace.
@@ -578,9 +568,63 @@ fn bpf_phase(w: &World, cfg: &Config) -> Vec<BpfRun> {
                 rps: r.rps(),
                 progs: bpf_stats::costs(&progs, &before, &after, r.requests),
             });
+            if mi == 2 {
+                out.push(traced_run(w, mesh, pod, &wl, cfg, &progs));
+            }
         }
     }
     out
+}
+
+/// The default mode again, with a `meshbpf trace` of the pod reading every decision
+/// (issue 17: what tracing costs while it runs; the rows without it are what it costs when
+/// nobody traces).
+fn traced_run(
+    w: &World,
+    mesh: &Mesh,
+    pod: &Pod,
+    wl: &http::Workload,
+    cfg: &Config,
+    progs: &[(String, u32)],
+) -> BpfRun {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let cookie = meshbpf::Netns::open(&pod.netns)
+        .expect("pod netns")
+        .cookie();
+    let pin_dir = mesh.pin_dir().to_path_buf();
+    let stop = AtomicBool::new(false);
+    let (ready, is_ready) = std::sync::mpsc::channel();
+    let (r, before, after, events) = std::thread::scope(|scope| {
+        // A Tracer stays on the thread that made it.
+        let reader = scope.spawn(|| {
+            let mesh = Mesh::open(&pin_dir).expect("open the attachment");
+            let mut tracer = mesh.trace(Some(cookie)).expect("meshbpf trace");
+            ready.send(()).expect("bench thread");
+            let mut events = 0usize;
+            while !stop.load(Ordering::SeqCst) {
+                events += tracer
+                    .poll(Duration::from_millis(100))
+                    .map_or(0, |e| e.len());
+            }
+            events
+        });
+        is_ready.recv().expect("trace reader started");
+        let before = bpf_stats::snapshot(progs);
+        let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
+        let after = bpf_stats::snapshot(progs);
+        stop.store(true, Ordering::SeqCst);
+        (r, before, after, reader.join().expect("trace reader"))
+    });
+    eprintln!(
+        "    trace read {events} decisions ({:.1} per request)",
+        events as f64 / r.requests.max(1.0)
+    );
+    BpfRun {
+        mode: "meshbpf, `meshbpf trace` reading",
+        workload: wl.name.to_string(),
+        rps: r.rps(),
+        progs: bpf_stats::costs(progs, &before, &after, r.requests),
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1008,7 +1052,7 @@ impl Report {
             self.versions.join(", "),
             self.seconds
         );
-        let _ = writeln!(md, "Modes, each client in a pod of its own: `direct` (no sidecar), `istio-iptables` (the nat rules istio-iptables installs, REDIRECT mode; conntrack only in that pod), `meshbpf` (`attach` and `register` with their defaults), `meshbpf --no-sockmap` (`attach --no-sockmap`). Interleaved rounds; each figure is the median over the rounds. CPU is the user+system time of the client pod's and the server pod's cgroups (application, sidecar, server, and the softirq work done in their context), so other work on the machine does not count.\n");
+        let _ = writeln!(md, "Modes, each client in a pod of its own: `direct` (no sidecar), `istio-iptables` (the nat rules istio-iptables installs, REDIRECT mode; conntrack only in that pod), `meshbpf` (`attach` and `register` with their defaults), `meshbpf --sockmap` (`register --sockmap`: sockmap acceleration, opt-in per pod, in an attachment of its own). Interleaved rounds; each figure is the median over the rounds. CPU is the user+system time of the client pod's and the server pod's cgroups (application, sidecar, server, and the softirq work done in their context), so other work on the machine does not count.\n");
         let _ = writeln!(md, "![plot](bench-compare.svg)\n");
         if !self.proxy.is_empty() {
             self.md_proxy(&mut md, cfg);
@@ -1066,7 +1110,7 @@ impl Report {
         );
         let _ = writeln!(
             md,
-            "| figure | meshbpf | meshbpf --no-sockmap | goal |\n|---|---:|---:|---:|"
+            "| figure | meshbpf | meshbpf --sockmap | goal |\n|---|---:|---:|---:|"
         );
         let row = |md: &mut String, label: &str, f: &dyn Fn(&Figures) -> f64, goal: &str| {
             let mut cells = Vec::new();
@@ -1103,11 +1147,11 @@ impl Report {
         let sockmap: Vec<String> = self
             .proxy
             .iter()
-            .map(|(_, figs)| format!("{:.2}×", figs[2].rps / figs[3].rps))
+            .map(|(_, figs)| format!("{:.2}×", figs[3].rps / figs[2].rps))
             .collect();
         let _ = writeln!(
             md,
-            "| default ÷ `--no-sockmap` req/s ({names}) | {} | | ≥ 0.97× |\n",
+            "| `--sockmap` ÷ default req/s ({names}) | | {} | ≥ 0.97× |\n",
             sockmap.join(" / ")
         );
     }
@@ -1200,7 +1244,7 @@ impl Report {
                 f.values().map(|m| json!({"map": m.name, "type": m.kind, "max_entries": m.max_entries, "bytes": m.bytes})).collect()
             };
             json!({
-                "maps_meshbpf": maps(&mem.fixed[0]), "maps_no_sockmap": maps(&mem.fixed[1]),
+                "maps_meshbpf": maps(&mem.fixed[0]), "maps_sockmap": maps(&mem.fixed[1]),
                 "conntrack_entry_bytes": mem.conntrack_entry_bytes,
                 "connections": mem.conns.iter().map(|c| json!({"mode": c.mode, "connections": c.connections,
                     "map_bytes": [c.map_bytes.0, c.map_bytes.1], "socket_option_bytes": [c.option_bytes.0, c.option_bytes.1],
@@ -1230,7 +1274,7 @@ fn md_memory(md: &mut String, mem: &Memory, cfg: &Config) {
     let _ = writeln!(md, "Map memory is the `memlock` the kernel charges each map (its fdinfo; since Linux 6.4 the map's own estimate of its usage). Preallocated maps (hash, LRU hash, arrays) cost their full bound from `attach` on, whatever the load.\n");
     let _ = writeln!(
         md,
-        "| map | type | max entries | meshbpf | meshbpf --no-sockmap |\n|---|---|---:|---:|---:|"
+        "| map | type | max entries | meshbpf | meshbpf --sockmap |\n|---|---|---:|---:|---:|"
     );
     for (name, m) in &mem.fixed[0] {
         let other = mem.fixed[1].get(name).map_or(0, |o| o.bytes);
