@@ -45,11 +45,10 @@
 		(dst)[3] = (src)[3];                                                               \
 	} while (0)
 #define IP6_EQ(a, b) ((a)[0] == (b)[0] && (a)[1] == (b)[1] && (a)[2] == (b)[2] && (a)[3] == (b)[3])
-/* Whether a (context) address is ::N, for the last word given. */
+/* Whether an address is ::N, for the last word given. */
 #define IP6_IS_LOW(a, last) ((a)[0] == 0 && (a)[1] == 0 && (a)[2] == 0 && (a)[3] == (last))
 /* Whether an address is set (a pod's IPv6 address is all zeros when it has none). */
 #define IP6_IS_SET(a) ((a)[0] | (a)[1] | (a)[2] | (a)[3])
-
 
 #ifdef MESHBPF_DEFINE_MAPS
 #define MESHBPF_MAP
