@@ -247,16 +247,23 @@ fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
         .value
 }
 
+/// A node with a primary CNI conflist and the agent running on it (attached), and the
+/// attachment it made.
+fn running_agent(env: &Env) -> (CniDirs, Agent, meshbpf::Mesh) {
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let agent = Agent::start(env, &dirs, "{}", NO_DISCOVER);
+    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    (dirs, agent, mesh)
+}
+
 #[test]
 fn metrics_give_every_counter_the_pods_and_every_map_s_entries_and_capacity() {
     if !privileged() {
         return;
     }
     let mut env = Env::new();
-    let dirs = CniDirs::new(&env.root);
-    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
-    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
-    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    let (_dirs, agent, mesh) = running_agent(&env);
     let app = env.pod("app");
     let server = env.pod("server");
     let _server = server.server(&["0.0.0.0:8080"]);
@@ -328,10 +335,7 @@ fn the_agent_unregisters_pods_whose_netns_is_gone_and_keeps_the_live_ones() {
         return;
     }
     let mut env = Env::new();
-    let dirs = CniDirs::new(&env.root);
-    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
-    let agent = Agent::start(&env, &dirs, "{}", NO_DISCOVER);
-    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    let (_dirs, agent, mesh) = running_agent(&env);
     let gone = env.pod("gone");
     let live = env.pod("live");
     let settings = meshbpf::PodSettings::default();
