@@ -448,6 +448,49 @@ fn istio_validation_passes_as_behind_istio_iptables_and_fails_without_capture() 
     }
 }
 
+/// `--inbound-ports` restricts redirect mode as istio-iptables' `-b` does: a port in the list
+/// goes to the inbound listener, any other reaches its listener directly.
+#[test]
+fn only_the_inbound_ports_given_go_to_the_inbound_listener() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let _mesh = env.attach();
+    let pod = env.pod("meshed");
+    let client = env.pod("client");
+    stdout_of(&env.meshbpf(&[
+        "register",
+        "--netns",
+        pod.netns.to_str().unwrap(),
+        "--inbound-ports",
+        "8080",
+    ]));
+    let _app = pod.spawn(
+        APP_UID,
+        &helper("netprobe"),
+        &["serve", "--tag", "app", "0.0.0.0:8080", "[::]:8081"],
+    );
+    let _inbound = pod.spawn(
+        PROXY_UID,
+        &helper("netprobe"),
+        &["serve", "--tag", "inbound", "[::]:15006"],
+    );
+    wait_until(
+        || reached(&pod, 0, "127.0.0.1:15006", None) == "inbound",
+        || "the recorder does not answer".into(),
+    );
+    for (v6, port, expected) in [
+        (false, 8080, "inbound"),
+        (false, 8081, "app"),
+        (true, 8080, "inbound"),
+        (true, 8081, "app"),
+    ] {
+        let dest = pod.addr(v6, port);
+        assert_eq!(reached(&client, APP_UID, &dest, None), expected, "{dest}");
+    }
+}
+
 /// In redirect mode an IPv6 pod gets ::6 on lo (Envoy's IPv6 passthrough source), as
 /// istio-init gives it; a caller without CAP_NET_ADMIN is refused, naming it, and the pod is
 /// not half registered. An IPv4-only pod needs nothing (127.0.0.6 is in 127/8).
