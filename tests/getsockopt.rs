@@ -3,26 +3,9 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::process::Command;
 
 use common::*;
-
-/// Runs `netprobe sockopts` as the proxy in `pod` on `listen`, has the application connect
-/// to `dest`, and returns the probe results.
-fn probe_accepted(pod: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
-    let prober = pod.spawn(
-        PROXY_UID,
-        &helper("netprobe"),
-        &["sockopts", "--listen", listen],
-    );
-    prober.wait_for("listening=");
-    let _app = pod.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
-    let out = prober.wait();
-    let results = probes(&out);
-    assert_eq!(results.len(), 8, "{out}");
-    results
-}
 
 fn passthrough(v6: bool) {
     if !privileged() {
@@ -73,10 +56,10 @@ fn passthrough(v6: bool) {
         ]));
 
     // A captured connection, a connection unknown to meshbpf, and one no hook ever saw.
-    let known = probe_accepted(&registered, listen, &dest);
-    let unknown = probe_accepted(&unregistered, listen, listen);
-    let without = probe_accepted(&baseline, listen, listen);
-    let behind_iptables = probe_accepted(&redirected, listen, &dest);
+    let known = probe_accepted(&registered, listen, &registered, &dest);
+    let unknown = probe_accepted(&unregistered, listen, &unregistered, listen);
+    let without = probe_accepted(&baseline, listen, &baseline, listen);
+    let behind_iptables = probe_accepted(&redirected, listen, &redirected, &dest);
 
     assert_eq!(
         known["original_dst"],

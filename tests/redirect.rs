@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -238,22 +237,6 @@ fn an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables() {
     }
 }
 
-/// `netprobe sockopts` as the sidecar on `listen` in `pod`, a connection from `client` to
-/// `dest`: every getsockopt answer on the sidecar's accepted (redirected) socket.
-fn inbound_probes(pod: &Pod, client: &Pod, listen: &str, dest: &str) -> BTreeMap<String, String> {
-    let prober = pod.spawn(
-        PROXY_UID,
-        &helper("netprobe"),
-        &["sockopts", "--listen", listen],
-    );
-    prober.wait_for("listening=");
-    let _client = client.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
-    let out = prober.wait();
-    let results = probes(&out);
-    assert_eq!(results.len(), 8, "{out}");
-    results
-}
-
 #[test]
 fn the_inbound_listener_is_answered_the_original_destination_v4_and_v6_as_behind_istio_iptables() {
     if !privileged() {
@@ -267,7 +250,7 @@ fn the_inbound_listener_is_answered_the_original_destination_v4_and_v6_as_behind
             .into_iter()
             .map(|pod| {
                 let dest = pod.addr(v6, port);
-                let answers = inbound_probes(pod, &w.client, listen, &dest);
+                let answers = probe_accepted(pod, listen, &w.client, &dest);
                 assert_eq!(
                     answers["original_dst"],
                     format!("ok:{}", sockaddr_hex(dest.parse().unwrap())),

@@ -736,6 +736,28 @@ pub fn counter(mesh: &Mesh, name: &str) -> u64 {
         .unwrap()
 }
 
+/// Runs `netprobe sockopts` as the proxy in `pod` on `listen`, has the application in
+/// `client` connect to `dest`, and returns every getsockopt answer on the accepted socket.
+#[track_caller]
+pub fn probe_accepted(
+    pod: &Pod,
+    listen: &str,
+    client: &Pod,
+    dest: &str,
+) -> BTreeMap<String, String> {
+    let prober = pod.spawn(
+        PROXY_UID,
+        &helper("netprobe"),
+        &["sockopts", "--listen", listen],
+    );
+    prober.wait_for("listening=");
+    let _client = client.spawn(APP_UID, &helper("netprobe"), &["connect", dest]);
+    let out = prober.wait();
+    let results = probes(&out);
+    assert_eq!(results.len(), 8, "{out}");
+    results
+}
+
 /// `probe NAME=RESULT` lines of a `netprobe sockopts` run.
 pub fn probes(output: &str) -> BTreeMap<String, String> {
     output
