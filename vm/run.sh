@@ -100,4 +100,10 @@ fi
 grep -hE '^test .* \.\.\. (ok|FAILED)( <[0-9.]+s>)?$' "$results"/*.log | sort > "$results/per-test.txt" || true
 cat "$results/summary.txt"
 cat "$results/skipped.txt" 2>/dev/null || true
+# A failure's own words, so a CI log that shows only this script's output still says why.
+for log in "$results"/*.log; do
+    grep -q '^test result: FAILED' "$log" || continue
+    echo "==> $(basename "$log" .log): the failures"
+    sed -n '/^failures:$/,/^test result:/p' "$log" | tail -150
+done
 ! grep -q FAILED "$results/summary.txt"
