@@ -132,6 +132,16 @@ enum rule_kind {
 	RULE_PROXY_GID = 6,		/* value: a gid */
 };
 
+/*
+ * A pod_rules entry of this kind (value 0, generation 0) says a register or unregister of
+ * the pod is under way, or was stopped half-way: only then may the pod have list entries
+ * that its pod_settings do not account for, which only a pass over the whole maps finds.
+ * Written and read by the library alone; no program looks it up.
+ */
+enum rule_marker {
+	RULE_LISTS_CHANGING = 0xff,
+};
+
 struct rule_key {
 	__u64 netns_cookie;
 	__u32 value;		/* host byte order */
