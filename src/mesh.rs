@@ -249,51 +249,20 @@ impl Mesh {
         self.pod_rules
             .update(abi::bytes(&marker), &[1], MapFlags::ANY)
             .map_err(|err| map_write_error(err, map::POD_RULES))?;
-        let stored = match previous.is_some() || stopped {
-            true => self.list_entries(&lock, Some(cookie))?.remove(&cookie),
-            false => None,
-        };
-        let stored = stored.unwrap_or_default();
-        // Entries of a generation not in force were left by a register stopped half-way:
-        // they go first, so that the new generation starts empty.
-        self.delete_entries(&stored.except(current));
-        let new = ListEntries::of(cookie, gen, &settings.lists());
-        if let Err(err) = self.write_entries(&new) {
-            self.delete_entries(&new);
-            return Err(err);
-        }
-        let (ip4, ip6) = netns.addresses()?;
-        // Envoy's IPv6 inbound passthrough binds ::6, which istio-init puts on lo.
-        if settings.inbound_mode == InboundMode::Redirect && ip6.is_some() {
-            if let Err(err) = netns.add_loopback_address(INBOUND_PASSTHROUGH_6) {
-                self.delete_entries(&new);
-                return Err(err);
-            }
-        }
-        let raw = RawPodSettings {
-            netns_ino: netns_inode,
-            lists_gen: gen,
-            pod_ip4: ip4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
-            pod_ip6: ip6.map_or([0; 4], |ip| abi::ip6_words(&ip)),
-            ..settings.to_raw()
-        };
-        // The switch: from here connections see the new settings and lists together.
-        if let Err(err) =
-            self.cookie_map
-                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
-        {
-            self.delete_entries(&new);
-            return Err(match is_map_full(&err) {
-                true => Error::PodMapFull { max: MAX_PODS },
-                false => Error::Bpf {
-                    context: "writing cookie_map".into(),
-                    cause: err,
-                },
-            });
-        }
-        self.delete_entries(&stored.only(current));
-        // Every entry is of the generation in force now.
+        let switched = self.switch_lists(
+            &lock,
+            &netns,
+            cookie,
+            previous.is_some() || stopped,
+            gen,
+            current,
+            settings,
+            netns_inode,
+        );
+        // Every entry is of the generation in force now, or (an error) the new ones are gone
+        // again: either way nothing is left for a scan to find.
         let _ = self.pod_rules.delete(abi::bytes(&marker));
+        let raw = switched?;
         self.claim_addresses(
             cookie,
             &raw.addresses(),
@@ -420,6 +389,75 @@ impl Mesh {
             }
         }
         Ok(out)
+    }
+
+    /// Register's switch to the new lists: the pod's leftover entries (looked for only when
+    /// `scan`: a registered pod, or a register or unregister of it stopped half-way) go,
+    /// the new generation's entries are written, then `cookie_map` names that generation,
+    /// then the previous generation's entries go. On an error, the new entries are removed
+    /// again and the pod keeps what it had.
+    #[allow(clippy::too_many_arguments)]
+    fn switch_lists(
+        &self,
+        lock: &PinLock,
+        netns: &Netns,
+        cookie: u64,
+        scan: bool,
+        gen: u16,
+        current: Option<u16>,
+        settings: &PodSettings,
+        netns_inode: u64,
+    ) -> Result<RawPodSettings> {
+        let stored = match scan {
+            true => self.list_entries(lock, Some(cookie))?.remove(&cookie),
+            false => None,
+        };
+        let stored = stored.unwrap_or_default();
+        // Entries of a generation not in force were left by a register stopped half-way:
+        // they go first, so that the new generation starts empty.
+        self.delete_entries(&stored.except(current));
+        let new = ListEntries::of(cookie, gen, &settings.lists());
+        if let Err(err) = self.write_entries(&new) {
+            self.delete_entries(&new);
+            return Err(err);
+        }
+        let (ip4, ip6) = match netns.addresses() {
+            Ok(addresses) => addresses,
+            Err(err) => {
+                self.delete_entries(&new);
+                return Err(err);
+            }
+        };
+        // Envoy's IPv6 inbound passthrough binds ::6, which istio-init puts on lo.
+        if settings.inbound_mode == InboundMode::Redirect && ip6.is_some() {
+            if let Err(err) = netns.add_loopback_address(INBOUND_PASSTHROUGH_6) {
+                self.delete_entries(&new);
+                return Err(err);
+            }
+        }
+        let raw = RawPodSettings {
+            netns_ino: netns_inode,
+            lists_gen: gen,
+            pod_ip4: ip4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            pod_ip6: ip6.map_or([0; 4], |ip| abi::ip6_words(&ip)),
+            ..settings.to_raw()
+        };
+        // The switch: from here connections see the new settings and lists together.
+        if let Err(err) =
+            self.cookie_map
+                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
+        {
+            self.delete_entries(&new);
+            return Err(match is_map_full(&err) {
+                true => Error::PodMapFull { max: MAX_PODS },
+                false => Error::Bpf {
+                    context: "writing cookie_map".into(),
+                    cause: err,
+                },
+            });
+        }
+        self.delete_entries(&stored.only(current));
+        Ok(raw)
     }
 
     /// Writes every entry, stopping at the first failure.

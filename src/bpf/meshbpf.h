@@ -120,6 +120,7 @@ enum sock_flag {
 	SOCK_F_DUAL_WILDCARD = 1 << 6,		/* its [::] bind was moved to [::1] */
 	SOCK_F_INTRA_NODE = 1 << 7,		/* a sidecar's end of an intra-node connection, in sock_hash */
 	SOCK_F_INTRA_NODE_PLAIN = 1 << 8,	/* ... whose first message took the normal stack: all do */
+	SOCK_F_SOCKMAP_WANTED = 1 << 9,		/* its origin was published in a pod with sockmap on */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
