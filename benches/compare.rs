@@ -570,6 +570,7 @@ fn bpf_phase(w: &World, cfg: &Config) -> Vec<BpfRun> {
             });
             if mi == 2 {
                 out.push(traced_run(w, mesh, pod, &wl, cfg, &progs));
+                out.push(floor_run(w, pod, &wl, cfg));
             }
         }
     }
@@ -626,6 +627,34 @@ fn traced_run(
         progs: bpf_stats::costs(progs, &before, &after, r.requests),
     }
 }
+
+/// The hooks a proxied TCP/IPv4 request runs, each once more with a program that does
+/// nothing, beside meshbpf's: what `bpf_stats` charges a call by itself (two clock reads),
+/// the floor under the rows above, times the calls the kernel makes.
+fn floor_run(w: &World, pod: &Pod, wl: &http::Workload, cfg: &Config) -> BpfRun {
+    const HOOKS: [&str; 6] = [
+        "sockops",
+        "connect4",
+        "getsockopt",
+        "sock_release",
+        "getpeername4",
+        "getsockname4",
+    ];
+    let empty = bpf_stats::EmptyPrograms::attach(&pod.cgroup, &HOOKS);
+    let progs = empty.programs();
+    let before = bpf_stats::snapshot(&progs);
+    let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
+    let after = bpf_stats::snapshot(&progs);
+    BpfRun {
+        mode: FLOOR_MODE,
+        workload: wl.name.to_string(),
+        rps: r.rps(),
+        progs: bpf_stats::costs(&progs, &before, &after, r.requests),
+    }
+}
+
+/// The bpf phase's row of programs that do nothing.
+const FLOOR_MODE: &str = "programs that do nothing, at the same hooks (the floor)";
 
 // ---------------------------------------------------------------------------------------
 // Pods not registered; many pods registered
@@ -1158,20 +1187,31 @@ impl Report {
 
     fn md_bpf(&self, md: &mut String, cfg: &Config) {
         let _ = writeln!(md, "## BPF programs: cost per request\n");
-        let _ = writeln!(md, "`kernel.bpf_stats_enabled=1` (restored afterwards) while wrk runs {} s through HAProxy per row; the kernel's `run_time_ns` and `run_cnt` of every program of the pod's attachment, divided by the requests wrk completed. Stats cost a little themselves (two clock reads per run), so req/s here is not comparable with the table above.\n", cfg.bpf_seconds);
-        let _ = writeln!(md, "| workload | mode | BPF µs/request | req/s | programs (calls/request × ns/call) |\n|---|---|---:|---:|---|");
+        let _ = writeln!(md, "`kernel.bpf_stats_enabled=1` (restored afterwards) while wrk runs {} s through HAProxy per row; the kernel's `run_time_ns` and `run_cnt` of every program of the pod's attachment, divided by the requests wrk completed. Stats cost a little themselves (two clock reads per run), so req/s here is not comparable with the table above. The row \"{FLOOR_MODE}\" measures that cost: programs that only `return 1`, attached beside meshbpf's in the default pod at the hooks a request runs, cost what the stats charge any program per call, times the calls the kernel makes per request (each meshbpf row includes it). \"above the floor\" is a row's cost less the floor's for the same workload: what meshbpf's programs do.\n", cfg.bpf_seconds);
+        let _ = writeln!(md, "| workload | mode | BPF µs/request | above the floor | req/s | programs (calls/request × ns/call) |\n|---|---|---:|---:|---:|---|");
         for r in &self.bpf {
             let progs: Vec<String> = r
                 .progs
                 .iter()
                 .map(|p| format!("{} {:.2}×{:.0}", p.hook, p.calls_per_request, p.ns_per_call))
                 .collect();
+            let floor = self
+                .bpf
+                .iter()
+                .find(|f| f.mode == FLOOR_MODE && f.workload == r.workload);
+            let above = match floor {
+                Some(f) if r.mode != FLOOR_MODE => {
+                    format!("{:.2}", (r.ns_per_request() - f.ns_per_request()) / 1e3)
+                }
+                _ => String::new(),
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {:.2} | {:.0} | {} |",
+                "| {} | {} | {:.2} | {} | {:.0} | {} |",
                 r.workload,
                 r.mode,
                 r.ns_per_request() / 1e3,
+                above,
                 r.rps,
                 progs.join(", ")
             );

@@ -11,7 +11,7 @@ pub(crate) use crate::skel::types::{
     orig_dst as OrigDst, pod_addr_key as PodAddrKey, rule_key as RuleKey,
 };
 
-use crate::skel::types::{cidr_key_bits, consts, meta_flag, pod_flag, rule_kind};
+use crate::skel::types::{cidr_key_bits, consts, meta_flag, pod_flag, rule_kind, rule_marker};
 
 /// The counter names and the map names, derived by build.rs from the BPF object.
 mod generated {
@@ -133,6 +133,21 @@ impl RuleKey {
             gen,
             ..Default::default()
         }
+    }
+
+    /// The pod's "lists changing" marker (meshbpf.h's `RULE_LISTS_CHANGING`): present while
+    /// a register or unregister of the pod runs, and after one that was stopped half-way.
+    pub(crate) fn lists_changing(netns_cookie: u64) -> Self {
+        RuleKey {
+            netns_cookie,
+            kind: rule_marker::RULE_LISTS_CHANGING.0 as u8,
+            ..Default::default()
+        }
+    }
+
+    /// Whether this is a [`RuleKey::lists_changing`] marker, not a list entry.
+    pub(crate) fn is_marker(&self) -> bool {
+        self.kind == rule_marker::RULE_LISTS_CHANGING.0 as u8
     }
 }
 

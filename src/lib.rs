@@ -69,5 +69,6 @@ pub use settings::{
 };
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};
 pub use trace::{
-    explain, Explanation, Hook, Protocol, Query, Reason, TraceEvent, Tracer, TRACE_SLOTS,
+    explain, Explanation, Hook, Protocol, Query, Reason, TraceEvent, Tracer, TRACE_DRAIN,
+    TRACE_SLOTS,
 };

@@ -236,46 +236,33 @@ impl Mesh {
         let previous = self.raw_pod(cookie)?;
         let current = previous.map(|raw| raw.lists_gen);
         let gen = current.map_or(0, |g| g.wrapping_add(1));
-        let stored = self.list_entries(&lock, Some(cookie))?.remove(&cookie);
-        let stored = stored.unwrap_or_default();
-        // Entries of a generation not in force were left by a register stopped half-way:
-        // they go first, so that the new generation starts empty.
-        self.delete_entries(&stored.except(current));
-        let new = ListEntries::of(cookie, gen, &settings.lists());
-        if let Err(err) = self.write_entries(&new) {
-            self.delete_entries(&new);
-            return Err(err);
-        }
-        let (ip4, ip6) = netns.addresses()?;
-        // Envoy's IPv6 inbound passthrough binds ::6, which istio-init puts on lo.
-        if settings.inbound_mode == InboundMode::Redirect && ip6.is_some() {
-            if let Err(err) = netns.add_loopback_address(INBOUND_PASSTHROUGH_6) {
-                self.delete_entries(&new);
-                return Err(err);
-            }
-        }
-        let raw = RawPodSettings {
-            netns_ino: netns_inode,
-            lists_gen: gen,
-            pod_ip4: ip4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
-            pod_ip6: ip6.map_or([0; 4], |ip| abi::ip6_words(&ip)),
-            ..settings.to_raw()
-        };
-        // The switch: from here connections see the new settings and lists together.
-        if let Err(err) =
-            self.cookie_map
-                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
-        {
-            self.delete_entries(&new);
-            return Err(match is_map_full(&err) {
-                true => Error::PodMapFull { max: MAX_PODS },
-                false => Error::Bpf {
-                    context: "writing cookie_map".into(),
-                    cause: err,
-                },
-            });
-        }
-        self.delete_entries(&stored.only(current));
+        // A pod seen for the first time has no list entries, unless a register or unregister
+        // of it was stopped half-way, which left its marker: only then are the whole maps
+        // read (one pass each) to find them. Otherwise register costs the same with 10 pods
+        // as with 16,384.
+        let marker = RuleKey::lists_changing(cookie);
+        let stopped = self
+            .pod_rules
+            .lookup(abi::bytes(&marker), MapFlags::ANY)
+            .context(|| format!("reading {}", map::POD_RULES))?
+            .is_some();
+        self.pod_rules
+            .update(abi::bytes(&marker), &[1], MapFlags::ANY)
+            .map_err(|err| map_write_error(err, map::POD_RULES))?;
+        let switched = self.switch_lists(
+            &lock,
+            &netns,
+            cookie,
+            previous.is_some() || stopped,
+            gen,
+            current,
+            settings,
+            netns_inode,
+        );
+        // Every entry is of the generation in force now, or (an error) the new ones are gone
+        // again: either way nothing is left for a scan to find.
+        let _ = self.pod_rules.delete(abi::bytes(&marker));
+        let raw = switched?;
         self.claim_addresses(
             cookie,
             &raw.addresses(),
@@ -378,7 +365,11 @@ impl Mesh {
         for (key, _) in mapio::entries(&self.pod_rules, map::POD_RULES)? {
             if let Some(rule) = abi::from_bytes::<RuleKey>(&key).filter(|k| wanted(k.netns_cookie))
             {
-                out.entry(rule.netns_cookie).or_default().rules.push(rule);
+                let pod = out.entry(rule.netns_cookie).or_default();
+                match rule.is_marker() {
+                    true => pod.changing = true,
+                    false => pod.rules.push(rule),
+                }
             }
         }
         for (trie, name, include) in [
@@ -398,6 +389,75 @@ impl Mesh {
             }
         }
         Ok(out)
+    }
+
+    /// Register's switch to the new lists: the pod's leftover entries (looked for only when
+    /// `scan`: a registered pod, or a register or unregister of it stopped half-way) go,
+    /// the new generation's entries are written, then `cookie_map` names that generation,
+    /// then the previous generation's entries go. On an error, the new entries are removed
+    /// again and the pod keeps what it had.
+    #[allow(clippy::too_many_arguments)]
+    fn switch_lists(
+        &self,
+        lock: &PinLock,
+        netns: &Netns,
+        cookie: u64,
+        scan: bool,
+        gen: u16,
+        current: Option<u16>,
+        settings: &PodSettings,
+        netns_inode: u64,
+    ) -> Result<RawPodSettings> {
+        let stored = match scan {
+            true => self.list_entries(lock, Some(cookie))?.remove(&cookie),
+            false => None,
+        };
+        let stored = stored.unwrap_or_default();
+        // Entries of a generation not in force were left by a register stopped half-way:
+        // they go first, so that the new generation starts empty.
+        self.delete_entries(&stored.except(current));
+        let new = ListEntries::of(cookie, gen, &settings.lists());
+        if let Err(err) = self.write_entries(&new) {
+            self.delete_entries(&new);
+            return Err(err);
+        }
+        let (ip4, ip6) = match netns.addresses() {
+            Ok(addresses) => addresses,
+            Err(err) => {
+                self.delete_entries(&new);
+                return Err(err);
+            }
+        };
+        // Envoy's IPv6 inbound passthrough binds ::6, which istio-init puts on lo.
+        if settings.inbound_mode == InboundMode::Redirect && ip6.is_some() {
+            if let Err(err) = netns.add_loopback_address(INBOUND_PASSTHROUGH_6) {
+                self.delete_entries(&new);
+                return Err(err);
+            }
+        }
+        let raw = RawPodSettings {
+            netns_ino: netns_inode,
+            lists_gen: gen,
+            pod_ip4: ip4.map_or(0, |ip| u32::from_ne_bytes(ip.octets())),
+            pod_ip6: ip6.map_or([0; 4], |ip| abi::ip6_words(&ip)),
+            ..settings.to_raw()
+        };
+        // The switch: from here connections see the new settings and lists together.
+        if let Err(err) =
+            self.cookie_map
+                .update(&cookie.to_ne_bytes(), abi::bytes(&raw), MapFlags::ANY)
+        {
+            self.delete_entries(&new);
+            return Err(match is_map_full(&err) {
+                true => Error::PodMapFull { max: MAX_PODS },
+                false => Error::Bpf {
+                    context: "writing cookie_map".into(),
+                    cause: err,
+                },
+            });
+        }
+        self.delete_entries(&stored.only(current));
+        Ok(raw)
     }
 
     /// Writes every entry, stopping at the first failure.
@@ -440,6 +500,12 @@ impl Mesh {
             .raw_pod(netns_cookie)?
             .map(|raw| raw.addresses())
             .unwrap_or_default();
+        // Stopped from here on, the pod's entries outlive its registration: the marker
+        // tells the next register of this namespace to look for them.
+        let marker = RuleKey::lists_changing(netns_cookie);
+        self.pod_rules
+            .update(abi::bytes(&marker), &[1], MapFlags::ANY)
+            .map_err(|err| map_write_error(err, map::POD_RULES))?;
         let registered = match self.cookie_map.delete(&netns_cookie.to_ne_bytes()) {
             Ok(()) => true,
             Err(err) if err.kind() == libbpf_rs::ErrorKind::NotFound => false,
@@ -453,6 +519,7 @@ impl Mesh {
         {
             self.delete_entries(&entries);
         }
+        let _ = self.pod_rules.delete(abi::bytes(&marker));
         for (key, _) in mapio::entries(&self.inbound_ports, map::INBOUND_PORTS)? {
             if abi::from_bytes::<InboundKey>(&key).is_some_and(|k| k.netns_cookie == netns_cookie) {
                 let _ = self.inbound_ports.delete(&key);
@@ -511,6 +578,12 @@ impl Mesh {
         let registered = self.raw_pods()?;
         for (cookie, entries) in self.list_entries(&lock, None)? {
             self.delete_entries(&entries.except(registered.get(&cookie).map(|r| r.lists_gen)));
+            // What the stopped register or unregister left is gone now.
+            if entries.changing {
+                let _ = self
+                    .pod_rules
+                    .delete(abi::bytes(&RuleKey::lists_changing(cookie)));
+            }
         }
         let dead = |cookie: u64| !registered.contains_key(&cookie);
         for cookie in pins::pods_with_links(self.pin.path())? {
@@ -712,6 +785,8 @@ struct ListEntries {
     rules: Vec<RuleKey>,
     include: Vec<CidrKey>,
     exclude: Vec<CidrKey>,
+    /// The pod's [`RuleKey::lists_changing`] marker is there (never one of `rules`).
+    changing: bool,
 }
 
 impl ListEntries {
@@ -730,6 +805,7 @@ impl ListEntries {
                 .collect(),
             include: cidrs(&lists.include_cidrs),
             exclude: cidrs(&lists.exclude_cidrs),
+            changing: false,
         }
     }
 
@@ -758,6 +834,7 @@ impl ListEntries {
                 .filter(|k| keep(k.gen as u16))
                 .copied()
                 .collect(),
+            changing: false,
         }
     }
 

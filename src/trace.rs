@@ -321,6 +321,10 @@ impl fmt::Display for TraceEvent {
     }
 }
 
+/// How often a reader drains its ring without being woken (the programs wake it only for a
+/// batch): the longest a decision waits before [`Tracer::poll`] returns it.
+pub const TRACE_DRAIN: Duration = Duration::from_millis(50);
+
 /// A live `meshbpf trace` reader: a slot of its own, whose ring every program writes its
 /// decisions to while the reader lives. Dropping it frees the slot.
 pub struct Tracer {
@@ -334,18 +338,32 @@ pub struct Tracer {
 
 impl Tracer {
     /// The decisions taken since the last call, waiting up to `timeout` for the first.
+    ///
+    /// The programs wake a reader only when a batch waits in its ring (a wakeup per decision
+    /// cost more than the decision itself), so this also drains the ring every
+    /// [`TRACE_DRAIN`]: a decision shows up at most that much after it was taken.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<TraceEvent>> {
-        match self.ring.poll(timeout) {
-            Ok(()) => {}
-            // A signal (Ctrl-C) while waiting: the caller decides what to do.
-            Err(err) if err.kind() == libbpf_rs::ErrorKind::Interrupted => {}
-            Err(err) => return Err(err).context(|| "reading the trace ring".into()),
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let interrupted = match self.ring.poll(left.min(TRACE_DRAIN)) {
+                Ok(()) => false,
+                // A signal (Ctrl-C) while waiting: the caller decides what to do.
+                Err(err) if err.kind() == libbpf_rs::ErrorKind::Interrupted => true,
+                Err(err) => return Err(err).context(|| "reading the trace ring".into()),
+            };
+            self.ring
+                .consume()
+                .context(|| "reading the trace ring".into())?;
+            let mut events = self.events.borrow_mut();
+            let out: Vec<TraceEvent> = events
+                .drain(..)
+                .filter(|e| self.cookie.is_none_or(|c| c == e.netns_cookie))
+                .collect();
+            if !out.is_empty() || left.is_zero() || interrupted {
+                return Ok(out);
+            }
         }
-        let mut events = self.events.borrow_mut();
-        Ok(events
-            .drain(..)
-            .filter(|e| self.cookie.is_none_or(|c| c == e.netns_cookie))
-            .collect())
     }
 
     /// The slot this reader holds.

@@ -778,6 +778,86 @@ fn a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix() 
     assert_eq!(w.excluded_port("at the end"), 8081);
 }
 
+/// The bpf(2) calls `meshbpf ARGS` makes, counted with strace.
+fn bpf_calls(w: &TwoPorts, args: &[String]) -> usize {
+    let log = w.env.root.join("calls.strace");
+    sh(Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=bpf", "-o"])
+        .arg(&log)
+        .arg(cli())
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&w.env.pin_dir));
+    fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("bpf("))
+        .count()
+}
+
+/// `meshbpf ARGS` killed at its `k`th bpf(2) call.
+fn killed_at(w: &TwoPorts, args: &[String], k: usize, when: &str) {
+    let out = Command::new("strace")
+        .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
+        .arg(format!("inject=bpf:signal=KILL:when={k}"))
+        .arg(cli())
+        .args(args)
+        .arg("--pin-dir")
+        .arg(&w.env.pin_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{when}: not stopped");
+}
+
+/// A pod registered for the first time skips the pass over the list maps that a
+/// re-register makes (register's time must not grow with the pods registered): what a
+/// first register or an unregister stopped half-way left must still be found and removed,
+/// or the leftovers of the lists' first generation would apply to the next one.
+#[test]
+fn a_first_register_or_an_unregister_killed_at_any_point_leaves_nothing_the_next_register_applies()
+{
+    if !privileged() {
+        return;
+    }
+    let w = two_ports();
+    let netns = w.pod.netns.to_str().unwrap().to_string();
+    let unregister: Vec<String> = ["unregister", "--netns", &netns].map(String::from).to_vec();
+    let register = |port: &str| {
+        let args = w.register_excluding(port);
+        stdout_of(
+            &w.env
+                .meshbpf(&args.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+    };
+    let unregistered = || {
+        stdout_of(
+            &w.env
+                .meshbpf(&unregister.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+    };
+    let first_register = bpf_calls(&w, &w.register_excluding("8080"));
+    let unregister_calls = bpf_calls(&w, &unregister);
+    assert!(
+        first_register > 5 && unregister_calls > 3,
+        "{first_register} {unregister_calls}"
+    );
+    for k in 1..=first_register {
+        let when = format!("a first register killed at bpf #{k}, then a register");
+        killed_at(&w, &w.register_excluding("8080"), k, &when);
+        register("8081");
+        assert_eq!(w.excluded_port(&when), 8081, "{when}");
+        unregistered();
+    }
+    for k in 1..=unregister_calls {
+        let when = format!("an unregister killed at bpf #{k}, then a register");
+        register("8080");
+        killed_at(&w, &unregister, k, &when);
+        register("8081");
+        assert_eq!(w.excluded_port(&when), 8081, "{when}");
+        unregistered();
+    }
+}
+
 #[test]
 fn concurrent_registers_of_one_pod_leave_one_of_their_lists() {
     if !privileged() {

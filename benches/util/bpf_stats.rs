@@ -98,3 +98,134 @@ pub fn costs(
     out.sort_by(|a, b| b.ns_per_request.total_cmp(&a.ns_per_request));
     out
 }
+
+/// Programs that do nothing (`return 1`), attached beside an attachment's at the hooks a
+/// proxied request runs: what `bpf_stats` charges a program for running at all (its two clock
+/// reads and the call), the floor under every ns/call of the real programs. Detached when
+/// dropped.
+pub struct EmptyPrograms {
+    cgroup: std::fs::File,
+    attached: Vec<(
+        String,
+        std::os::fd::OwnedFd,
+        libbpf_rs::libbpf_sys::bpf_attach_type,
+    )>,
+}
+
+impl EmptyPrograms {
+    /// At `hooks` (the names `meshbpf status` uses) of `cgroup`, beside what is there.
+    pub fn attach(cgroup: &std::path::Path, hooks: &[&str]) -> EmptyPrograms {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let file = std::fs::File::open(cgroup).expect("opening the pod's cgroup");
+        // r0 = 1; exit
+        let insns = [
+            sys::bpf_insn {
+                code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
+                _bitfield_align_1: [],
+                _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+                off: 0,
+                imm: 1,
+            },
+            sys::bpf_insn {
+                code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
+                _bitfield_align_1: [],
+                _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+                off: 0,
+                imm: 0,
+            },
+        ];
+        let mut attached = Vec::new();
+        for hook in hooks {
+            let (prog_type, attach_type) = match *hook {
+                "sockops" => (sys::BPF_PROG_TYPE_SOCK_OPS, sys::BPF_CGROUP_SOCK_OPS),
+                "connect4" => (
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_CGROUP_INET4_CONNECT,
+                ),
+                "getpeername4" => (
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_CGROUP_INET4_GETPEERNAME,
+                ),
+                "getsockname4" => (
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    sys::BPF_CGROUP_INET4_GETSOCKNAME,
+                ),
+                "getsockopt" => (
+                    sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                    sys::BPF_CGROUP_GETSOCKOPT,
+                ),
+                "sock_release" => (
+                    sys::BPF_PROG_TYPE_CGROUP_SOCK,
+                    sys::BPF_CGROUP_INET_SOCK_RELEASE,
+                ),
+                other => panic!("no empty program for hook {other}"),
+            };
+            let mut opts = sys::bpf_prog_load_opts {
+                sz: std::mem::size_of::<sys::bpf_prog_load_opts>() as _,
+                expected_attach_type: attach_type,
+                ..Default::default()
+            };
+            let name = std::ffi::CString::new("empty").unwrap();
+            let license = std::ffi::CString::new("GPL").unwrap();
+            // SAFETY: the instructions, name and license outlive the call; opts is sized.
+            let fd = unsafe {
+                sys::bpf_prog_load(
+                    prog_type,
+                    name.as_ptr(),
+                    license.as_ptr(),
+                    insns.as_ptr(),
+                    insns.len() as _,
+                    &mut opts,
+                )
+            };
+            assert!(fd >= 0, "loading an empty {hook} program: errno {}", -fd);
+            // SAFETY: a new descriptor this process owns from here on.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            // SAFETY: both descriptors are open.
+            let rc = unsafe {
+                sys::bpf_prog_attach(
+                    fd.as_raw_fd(),
+                    file.as_raw_fd(),
+                    attach_type,
+                    sys::BPF_F_ALLOW_MULTI,
+                )
+            };
+            assert_eq!(rc, 0, "attaching an empty {hook} program");
+            attached.push((hook.to_string(), fd, attach_type));
+        }
+        EmptyPrograms {
+            cgroup: file,
+            attached,
+        }
+    }
+
+    /// (hook, program id) of each, as [`programs`] lists an attachment's.
+    pub fn programs(&self) -> Vec<(String, u32)> {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::AsRawFd;
+        self.attached
+            .iter()
+            .map(|(hook, fd, _)| {
+                let mut info = sys::bpf_prog_info::default();
+                let mut len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
+                // SAFETY: info is as large as len says.
+                let rc =
+                    unsafe { sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+                assert_eq!(rc, 0, "reading an empty program's id");
+                (hook.clone(), info.id)
+            })
+            .collect()
+    }
+}
+
+impl Drop for EmptyPrograms {
+    fn drop(&mut self) {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::AsRawFd;
+        for (_, fd, attach_type) in &self.attached {
+            // SAFETY: both descriptors are open.
+            unsafe { sys::bpf_prog_detach2(fd.as_raw_fd(), self.cgroup.as_raw_fd(), *attach_type) };
+        }
+    }
+}

@@ -20,6 +20,12 @@
  * bpf_get_netns_cookie here), so each registered pod gets its own copy with the cookie set
  * before load.
  */
+/*
+ * Loaded once per registered pod (the pod's cookie is a constant of its copy): the context
+ * is UAPI, at fixed offsets, so no CO-RE relocation is needed, and without one libbpf never
+ * parses the kernel's BTF for this object, which was most of `register`'s time.
+ */
+#define BPF_NO_PRESERVE_ACCESS_INDEX
 #define MESHBPF_DEFINE_MAPS
 #include "common.bpf.h"
 

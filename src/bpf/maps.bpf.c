@@ -13,6 +13,7 @@ const volatile struct {
 	enum pod_flag pod_flag;
 	enum sock_flag sock_flag;
 	enum rule_kind rule_kind;
+	enum rule_marker rule_marker;
 	enum cidr_key_bits cidr_key_bits;
 	enum meta_flag meta_flag;
 	enum listener_owner listener_owner;

@@ -120,6 +120,7 @@ enum sock_flag {
 	SOCK_F_DUAL_WILDCARD = 1 << 6,		/* its [::] bind was moved to [::1] */
 	SOCK_F_INTRA_NODE = 1 << 7,		/* a sidecar's end of an intra-node connection, in sock_hash */
 	SOCK_F_INTRA_NODE_PLAIN = 1 << 8,	/* ... whose first message took the normal stack: all do */
+	SOCK_F_SOCKMAP_WANTED = 1 << 9,		/* its origin was published in a pod with sockmap on */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
@@ -130,6 +131,16 @@ enum rule_kind {
 	RULE_OUTBOUND_EXCLUDE = 4,	/* value: a port (TCP and UDP) */
 	RULE_PROXY_UID = 5,		/* value: a uid */
 	RULE_PROXY_GID = 6,		/* value: a gid */
+};
+
+/*
+ * A pod_rules entry of this kind (value 0, generation 0) says a register or unregister of
+ * the pod is under way, or was stopped half-way: only then may the pod have list entries
+ * that its pod_settings do not account for, which only a pass over the whole maps finds.
+ * Written and read by the library alone; no program looks it up.
+ */
+enum rule_marker {
+	RULE_LISTS_CHANGING = 0xff,
 };
 
 struct rule_key {

@@ -16,7 +16,7 @@
 #include "common.bpf.h"
 
 static __always_inline void conn_key_from_ops(struct conn_key *key, struct bpf_sock_ops *skops,
-					      bool local_is_src)
+					      bool local_is_src, __u64 netns_cookie)
 {
 	__u16 local_port = bpf_htons((__u16)skops->local_port);
 	/* remote_port is the be16 port widened so that ntohl() yields the host-order port */
@@ -40,7 +40,7 @@ static __always_inline void conn_key_from_ops(struct conn_key *key, struct bpf_s
 	}
 	key->src_port = local_is_src ? local_port : remote_port;
 	key->dst_port = local_is_src ? remote_port : local_port;
-	key->netns_cookie = bpf_get_netns_cookie(skops);
+	key->netns_cookie = netns_cookie;
 	conn_key_normalize(key);
 }
 
@@ -80,21 +80,17 @@ static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
  * and never a connection that leaves the pod: that crosses the veth, where
  * network policy is enforced, and must keep doing so.
  */
-static __always_inline bool sockmap_wanted(struct bpf_sock_ops *skops)
+/* For a captured connection's end (on loopback) in a registered pod. */
+static __always_inline bool sockmap_wanted(const struct pod_settings *pod)
 {
-	struct pod_settings *pod;
-
-	if (!sockmap_enabled || !ops_is_loopback(skops))
-		return false;
-	pod = lookup_pod(bpf_get_netns_cookie(skops));
-	return pod && (pod->flags & POD_F_SOCKMAP);
+	return sockmap_enabled && (pod->flags & POD_F_SOCKMAP);
 }
 
-static __always_inline bool sockmap_add(struct bpf_sock_ops *skops)
+static __always_inline bool sockmap_add(struct bpf_sock_ops *skops, __u64 netns_cookie)
 {
 	struct conn_key key = {};
 
-	conn_key_from_ops(&key, skops, true);
+	conn_key_from_ops(&key, skops, true, netns_cookie);
 	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
 		count(CNT_SOCKMAP_ADD_FAILED);
 		return false;
@@ -104,10 +100,11 @@ static __always_inline bool sockmap_add(struct bpf_sock_ops *skops)
 }
 
 /* The application's end of a captured connection, now established; whether it entered
- * sock_hash. */
+ * sock_hash. Whether its pod wants that was noted when its origin was published. */
 static __always_inline bool accelerate_sender(struct bpf_sock_ops *skops, struct sock_state *state)
 {
-	if (!sockmap_wanted(skops) || !sockmap_add(skops))
+	if (!sockmap_enabled || !(state->flags & SOCK_F_SOCKMAP_WANTED) ||
+	    !sockmap_add(skops, bpf_get_netns_cookie(skops)))
 		return false;
 	state->flags |= SOCK_F_SOCKMAP_SENDER;
 	trace(TRACE_HOOK_SOCKOPS, TRACE_SOCKMAP_ADDED, bpf_get_netns_cookie(skops), IPPROTO_TCP,
@@ -132,7 +129,7 @@ static __always_inline bool sock_hash_remove(struct bpf_sock_ops *skops)
 {
 	struct conn_key key = {};
 
-	conn_key_from_ops(&key, skops, true);
+	conn_key_from_ops(&key, skops, true, bpf_get_netns_cookie(skops));
 	return bpf_map_delete_elem(&sock_hash, &key) == 0;
 }
 
@@ -141,10 +138,8 @@ static __always_inline bool sock_hash_remove(struct bpf_sock_ops *skops)
  * sock_hash, so that its reads from now on are plain TCP reads. Nothing was
  * ever redirected into it, so nothing is queued there to lose.
  */
-static __always_inline void sockmap_leave(struct bpf_sock_ops *skops)
+static __always_inline void sockmap_leave(struct bpf_sock_ops *skops, struct sock_state *state)
 {
-	struct sock_state *state = ops_state(skops);
-
 	if (!state || !(state->flags & (SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE)))
 		return;
 	state->flags &= ~(SOCK_F_SOCKMAP_SENDER | SOCK_F_SOCKMAP_LEAVE);
@@ -187,6 +182,7 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	struct conn_key key = {};
 	struct sock_state *state;
 	struct orig_dst dst;
+	__u64 cookie;
 
 	if (!sk)
 		return;
@@ -194,13 +190,14 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	if (!state || !state->dst.family)
 		return;
 	/* Only a connection to the pod's sidecar carries an original destination. */
-	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	cookie = bpf_get_netns_cookie(skops);
+	pod = lookup_pod(cookie);
 	if (!pod || !ops_is_loopback(skops) ||
 	    !is_sidecar_port(pod, (__u16)bpf_ntohl(skops->remote_port)))
 		return;
 	dst = state->dst;
 	orig_dst_normalize(&dst);
-	conn_key_from_ops(&key, skops, true);
+	conn_key_from_ops(&key, skops, true, cookie);
 	if (bpf_map_update_elem(&origin_dst_map, &key, &dst, BPF_ANY)) {
 		count(CNT_ORIGIN_UPDATE_FAILED);
 		return;
@@ -211,6 +208,10 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	/* Until established, its own close removes the entry: a connect that fails has no
 	 * sidecar end to do it. */
 	state->flags |= SOCK_F_ORIGIN_PENDING;
+	if (sockmap_wanted(pod))
+		state->flags |= SOCK_F_SOCKMAP_WANTED;
+	else
+		state->flags &= ~SOCK_F_SOCKMAP_WANTED;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -242,22 +243,24 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 {
 	struct pod_settings *pod;
 	struct conn_key key = {};
+	__u64 cookie;
 
 	/* Every accepted socket of the node passes here: what cannot be a sidecar's end of a
 	 * captured connection (on loopback, at a sidecar port, in a registered pod) leaves
 	 * before the connection key is built. */
 	if (!ops_is_loopback(skops))
 		return;
-	pod = lookup_pod(bpf_get_netns_cookie(skops));
+	cookie = bpf_get_netns_cookie(skops);
+	pod = lookup_pod(cookie);
 	if (!pod || !is_sidecar_port(pod, (__u16)skops->local_port))
 		return;
-	conn_key_from_ops(&key, skops, false);
+	conn_key_from_ops(&key, skops, false, cookie);
 	if (!bpf_map_lookup_elem(&origin_dst_map, &key))
 		return;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 	/* The target the application's sends are redirected into. */
-	if (sockmap_wanted(skops))
-		sockmap_add(skops);
+	if (sockmap_wanted(pod))
+		sockmap_add(skops, cookie);
 }
 
 /* Removes the connection's entry; `app_end`: skops is the application's end. */
@@ -265,7 +268,7 @@ static __always_inline void forget_origin(struct bpf_sock_ops *skops, bool app_e
 {
 	struct conn_key key = {};
 
-	conn_key_from_ops(&key, skops, app_end);
+	conn_key_from_ops(&key, skops, app_end, bpf_get_netns_cookie(skops));
 	if (!bpf_map_delete_elem(&origin_dst_map, &key))
 		count(CNT_ORIGIN_REMOVED);
 }
@@ -284,7 +287,7 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 old_
 		return;
 	}
 	if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE)
-		sockmap_leave(skops);
+		sockmap_leave(skops, state);
 	if (new_state == BPF_TCP_CLOSE)
 		forget_origin(skops, false);
 }
@@ -411,8 +414,7 @@ static __always_inline void intra_node_admit(struct bpf_sock_ops *skops, bool ac
 		count(CNT_STORAGE_FAILED);
 		return;
 	}
-	conn_key_from_ops(&key, skops, true);
-	key.netns_cookie = 0;
+	conn_key_from_ops(&key, skops, true, 0);
 	state->flags = (state->flags & ~(SOCK_F_INTRA_NODE_PLAIN | SOCK_F_SOCKMAP_REDIRECT)) |
 		       SOCK_F_INTRA_NODE;
 	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
