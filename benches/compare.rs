@@ -498,10 +498,17 @@ fn stream_run(pod: &Pod, dest: &str, w: &StreamWorkload, seconds: f64) -> String
         "--duration",
         &seconds.to_string(),
     ];
-    let out = stdout_of(&pod.run_for(Duration::from_secs(60), APP_UID, &helper("stream"), &args));
-    out.lines()
+    let out = pod.run_for(Duration::from_secs(60), APP_UID, &helper("stream"), &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stream {args:?} in pod {} failed:\n{text}{}",
+        pod.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
         .find(|l| l.starts_with("summary "))
-        .unwrap_or_else(|| panic!("no summary: {out}"))
+        .unwrap_or_else(|| panic!("no summary: {text}"))
         .to_string()
 }
 
