@@ -235,7 +235,6 @@ impl Mesh {
         let cookie = netns.cookie();
         let previous = self.raw_pod(cookie)?;
         let current = previous.map(|raw| raw.lists_gen);
-        let gen = current.map_or(0, |g| g.wrapping_add(1));
         // A pod seen for the first time has no list entries, unless a register or unregister
         // of it was stopped half-way, which left its marker: only then are the whole maps
         // read (one pass each) to find them. Otherwise register costs the same with 10 pods
@@ -249,16 +248,15 @@ impl Mesh {
         self.pod_rules
             .update(abi::bytes(&marker), &[1], MapFlags::ANY)
             .map_err(|err| map_write_error(err, map::POD_RULES))?;
-        let switched = self.switch_lists(
-            &lock,
-            &netns,
-            cookie,
-            previous.is_some() || stopped,
-            gen,
-            current,
-            settings,
-            netns_inode,
-        );
+        // (A failed scan returns here with the marker in place.)
+        let stored = match previous.is_some() || stopped {
+            true => self
+                .list_entries(&lock, Some(cookie))?
+                .remove(&cookie)
+                .unwrap_or_default(),
+            false => ListEntries::default(),
+        };
+        let switched = self.switch_lists(&netns, cookie, current, &stored, settings, netns_inode);
         // Every entry is of the generation in force now, or (an error) the new ones are gone
         // again: either way nothing is left for a scan to find.
         let _ = self.pod_rules.delete(abi::bytes(&marker));
@@ -391,28 +389,21 @@ impl Mesh {
         Ok(out)
     }
 
-    /// Register's switch to the new lists: the pod's leftover entries (looked for only when
-    /// `scan`: a registered pod, or a register or unregister of it stopped half-way) go,
-    /// the new generation's entries are written, then `cookie_map` names that generation,
-    /// then the previous generation's entries go. On an error, the new entries are removed
-    /// again and the pod keeps what it had.
-    #[allow(clippy::too_many_arguments)]
+    /// Register's switch from the lists of generation `current` (none for a pod seen for
+    /// the first time) to the next: the pod's `stored` entries of other generations
+    /// (leftovers of a stopped register) go, the new generation's entries are written, then
+    /// `cookie_map` names that generation, then the previous generation's entries go. On an
+    /// error, the new entries are removed again and the pod keeps what it had.
     fn switch_lists(
         &self,
-        lock: &PinLock,
         netns: &Netns,
         cookie: u64,
-        scan: bool,
-        gen: u16,
         current: Option<u16>,
+        stored: &ListEntries,
         settings: &PodSettings,
         netns_inode: u64,
     ) -> Result<RawPodSettings> {
-        let stored = match scan {
-            true => self.list_entries(lock, Some(cookie))?.remove(&cookie),
-            false => None,
-        };
-        let stored = stored.unwrap_or_default();
+        let gen = current.map_or(0, |g| g.wrapping_add(1));
         // Entries of a generation not in force were left by a register stopped half-way:
         // they go first, so that the new generation starts empty.
         self.delete_entries(&stored.except(current));

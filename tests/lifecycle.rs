@@ -729,40 +729,14 @@ fn a_register_killed_at_any_point_leaves_the_old_lists_or_the_new_never_a_mix() 
         ),
     );
     // How many bpf(2) calls one re-register makes.
-    let log = w.env.root.join("register.strace");
-    let mut args = vec![
-        "-f".to_string(),
-        "-qq".into(),
-        "-e".into(),
-        "trace=bpf".into(),
-        "-o".into(),
-    ];
-    args.push(log.to_str().unwrap().into());
-    args.push(cli().to_str().unwrap().into());
-    args.extend(w.register_excluding("8080"));
-    args.extend(["--pin-dir".into(), w.env.pin_dir.to_str().unwrap().into()]);
-    sh(Command::new("strace").args(&args));
-    let calls = fs::read_to_string(&log)
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("bpf("))
-        .count();
+    let calls = bpf_calls(&w, &w.register_excluding("8080"));
     assert!(calls > 5, "{calls}");
 
     let mut from = "8080";
     for k in 1..=calls {
         let to = if from == "8080" { "8081" } else { "8080" };
-        let out = Command::new("strace")
-            .args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=bpf", "-e"])
-            .arg(format!("inject=bpf:signal=KILL:when={k}"))
-            .arg(cli())
-            .args(w.register_excluding(to))
-            .arg("--pin-dir")
-            .arg(&w.env.pin_dir)
-            .output()
-            .unwrap();
         let when = format!("re-register {from}->{to} killed at bpf #{k}");
-        assert!(!out.status.success(), "{when}: not stopped");
+        killed_at(&w, &w.register_excluding(to), k, &when);
         let now = w.excluded_port(&when);
         from = if now == 8080 { "8080" } else { "8081" };
     }
