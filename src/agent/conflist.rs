@@ -15,6 +15,9 @@ use serde_json::{json, Value};
 use crate::cni::PLUGIN_TYPE;
 use crate::error::{Context, Error, Result};
 
+/// The key under which a `.conflist` that [`insert`] made of a `.conf` keeps that `.conf`.
+const WRAPPED_KEY: &str = "meshbpfWrappedConf";
+
 /// What [`insert`] found or did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Insertion {
@@ -107,7 +110,9 @@ pub fn insert(dir: &Path, entry: &Value) -> Result<Insertion> {
         .remove("cniVersion")
         .unwrap_or_else(|| json!("0.3.1"));
     let name = plugin.remove("name").unwrap_or(Value::Null);
-    let list = json!({"cniVersion": version, "name": name, "plugins": [plugin, entry]});
+    let mut list = json!({"cniVersion": version, "name": name, "plugins": [plugin, entry]});
+    // The .conf as it was, for `remove` to put back (runtimes ignore keys they do not know).
+    list[WRAPPED_KEY] = conf;
     let to = path.with_extension("conflist");
     write_atomically(&to, &list, &path)?;
     fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
@@ -115,7 +120,9 @@ pub fn insert(dir: &Path, entry: &Value) -> Result<Insertion> {
 }
 
 /// Takes every meshbpf-cni entry out of every network configuration of `dir`; returns the
-/// files it wrote. Files that are not JSON are left alone (they are not meshbpf's).
+/// files it wrote. A `.conflist` that [`insert`] made of a `.conf` becomes that `.conf`
+/// again, as it was, unless the primary has written a new `.conf` since (which then stays,
+/// and the wrap goes). Files that are not JSON are left alone (they are not meshbpf's).
 pub fn remove(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = Vec::new();
     for path in network_files(dir)? {
@@ -127,9 +134,23 @@ pub fn remove(dir: &Path) -> Result<Vec<PathBuf>> {
         };
         let before = plugins.len();
         plugins.retain(|p| !is_ours(p));
-        if plugins.len() != before {
-            write_atomically(&path, &conf, &path)?;
-            written.push(path);
+        let (ours, alone) = (plugins.len() != before, plugins.len() == 1);
+        let wrapped = conf.as_object_mut().and_then(|c| c.remove(WRAPPED_KEY));
+        match wrapped {
+            Some(original) if ours && alone && extension(&path) == "conflist" => {
+                let restored = path.with_extension("conf");
+                if !restored.exists() {
+                    write_atomically(&restored, &original, &path)?;
+                    written.push(restored);
+                }
+                fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+            }
+            // (A wrap that other plugins joined since stays a .conflist, no longer a wrap.)
+            _ if ours => {
+                write_atomically(&path, &conf, &path)?;
+                written.push(path);
+            }
+            _ => {}
         }
     }
     Ok(written)
@@ -258,12 +279,64 @@ mod tests {
         );
         assert!(!conf.exists());
         let list: Value = serde_json::from_str(&fs::read_to_string(&to).unwrap()).unwrap();
+        let original: Value = serde_json::from_str(
+            r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#,
+        )
+        .unwrap();
         assert_eq!(
             list,
             json!({"cniVersion":"0.4.0","name":"cbr0","plugins":[
-                {"type":"flannel","delegate":{"isDefaultGateway":true}}, entry()]})
+                {"type":"flannel","delegate":{"isDefaultGateway":true}}, entry()],
+                "meshbpfWrappedConf": original})
         );
-        assert_eq!(insert(&dir.0, &entry()).unwrap(), Insertion::Unchanged(to));
+        assert_eq!(
+            insert(&dir.0, &entry()).unwrap(),
+            Insertion::Unchanged(to.clone())
+        );
+        // Removing the entry puts the .conf back as it was, and the wrap goes.
+        assert_eq!(remove(&dir.0).unwrap(), vec![conf.clone()]);
+        assert!(!to.exists());
+        let back: Value = serde_json::from_str(&fs::read_to_string(&conf).unwrap()).unwrap();
+        assert_eq!(back, original);
+        assert_eq!(
+            serde_json::to_string(&back).unwrap(),
+            serde_json::to_string(&original).unwrap(),
+            "key order kept"
+        );
+    }
+
+    #[test]
+    fn a_wrap_is_not_put_back_over_a_new_conf_nor_when_plugins_were_added() {
+        let dir = Dir::new("rewrap");
+        let old = r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel"}"#;
+        let conf = dir.write("10-flannel.conf", old);
+        insert(&dir.0, &entry()).unwrap();
+        // The primary writes a new .conf meanwhile: it stays, the stale wrap goes.
+        let new = r#"{"cniVersion":"1.0.0","name":"cbr0","type":"flannel","mtu":1400}"#;
+        dir.write("10-flannel.conf", new);
+        assert!(remove(&dir.0).unwrap().is_empty());
+        assert_eq!(fs::read_to_string(&conf).unwrap(), new);
+        assert!(!dir.0.join("10-flannel.conflist").exists());
+
+        // Another tool chained its plugin into the wrap: a .conflist it stays.
+        let dir = Dir::new("added");
+        dir.write("10-flannel.conf", old);
+        insert(&dir.0, &entry()).unwrap();
+        let list_path = dir.0.join("10-flannel.conflist");
+        let mut list: Value =
+            serde_json::from_str(&fs::read_to_string(&list_path).unwrap()).unwrap();
+        list["plugins"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"type": "portmap"}));
+        fs::write(&list_path, list.to_string()).unwrap();
+        assert_eq!(remove(&dir.0).unwrap(), vec![list_path.clone()]);
+        let left: Value = serde_json::from_str(&fs::read_to_string(&list_path).unwrap()).unwrap();
+        assert_eq!(
+            left,
+            json!({"cniVersion":"0.4.0","name":"cbr0","plugins":[{"type":"flannel"},{"type":"portmap"}]})
+        );
+        assert!(!dir.0.join("10-flannel.conf").exists());
     }
 
     #[test]
