@@ -146,7 +146,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
 }
 
 #[test]
-fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite() {
+fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite_and_put_back_at_uninstall() {
     if !privileged() {
         return;
     }
@@ -181,6 +181,20 @@ fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     assert_eq!(entries, ["10-flannel.conflist"], "no temporary file left");
+
+    // Uninstall puts the primary's .conf back as it wrote it, and the wrap goes.
+    let (clean, log) = agent.stop(Signal::SIGTERM);
+    assert!(clean, "{log}");
+    let out = agent_command(&env, &dirs, "{}")
+        .arg("--uninstall")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!list.exists(), "the wrap stayed");
+    assert_eq!(
+        read_json(&conf),
+        serde_json::from_str::<Value>(flannel).unwrap()
+    );
 }
 
 /// One sample of a Prometheus text exposition.
