@@ -265,10 +265,8 @@ mod tests {
     #[test]
     fn a_conf_is_wrapped_into_a_conflist() {
         let dir = Dir::new("conf");
-        let conf = dir.write(
-            "10-flannel.conf",
-            r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#,
-        );
+        let flannel = r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#;
+        let conf = dir.write("10-flannel.conf", flannel);
         let to = dir.0.join("10-flannel.conflist");
         assert_eq!(
             insert(&dir.0, &entry()).unwrap(),
@@ -279,10 +277,7 @@ mod tests {
         );
         assert!(!conf.exists());
         let list: Value = serde_json::from_str(&fs::read_to_string(&to).unwrap()).unwrap();
-        let original: Value = serde_json::from_str(
-            r#"{"cniVersion":"0.4.0","name":"cbr0","type":"flannel","delegate":{"isDefaultGateway":true}}"#,
-        )
-        .unwrap();
+        let original: Value = serde_json::from_str(flannel).unwrap();
         assert_eq!(
             list,
             json!({"cniVersion":"0.4.0","name":"cbr0","plugins":[

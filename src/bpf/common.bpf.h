@@ -211,12 +211,11 @@ static __always_inline void count(enum counter reason)
 	count_n(reason, 1);
 }
 
-/* An event for every active reader; a full ring drops it, counted in trace_dropped. */
 /*
  * A reader is woken only once a batch waits in its ring: a wakeup is an interrupt (a
  * self-IPI, which a virtual machine pays as an exit) and cost more than the rest of the
  * event together, once per decision (measured: connect4 1.1 -> 9.9 us per call while a
- * trace read). A reader drains its ring every TRACE_DRAIN_MS anyway (trace.rs), so a lone
+ * trace read). A reader drains its ring every TRACE_DRAIN anyway (trace.rs), so a lone
  * decision is shown that much later, never lost.
  */
 #define TRACE_WAKEUP_BYTES (TRACE_RING_BYTES / 16)
@@ -230,6 +229,7 @@ static __always_inline long trace_output(void *ring, struct decision_event *ev)
 	return bpf_ringbuf_output(ring, ev, sizeof(*ev), flags);
 }
 
+/* An event for every active reader; a full ring drops it, counted in trace_dropped. */
 static __always_inline void trace_emit(struct decision_event *ev, __u32 slots)
 {
 	__u64 dropped = 0;

@@ -103,11 +103,15 @@ static __always_inline bool sockmap_add(struct bpf_sock_ops *skops, __u64 netns_
  * sock_hash. Whether its pod wants that was noted when its origin was published. */
 static __always_inline bool accelerate_sender(struct bpf_sock_ops *skops, struct sock_state *state)
 {
-	if (!sockmap_enabled || !(state->flags & SOCK_F_SOCKMAP_WANTED) ||
-	    !sockmap_add(skops, bpf_get_netns_cookie(skops)))
+	__u64 cookie;
+
+	if (!sockmap_enabled || !(state->flags & SOCK_F_SOCKMAP_WANTED))
+		return false;
+	cookie = bpf_get_netns_cookie(skops);
+	if (!sockmap_add(skops, cookie))
 		return false;
 	state->flags |= SOCK_F_SOCKMAP_SENDER;
-	trace(TRACE_HOOK_SOCKOPS, TRACE_SOCKMAP_ADDED, bpf_get_netns_cookie(skops), IPPROTO_TCP,
+	trace(TRACE_HOOK_SOCKOPS, TRACE_SOCKMAP_ADDED, cookie, IPPROTO_TCP,
 	      &state->dst, NULL, false);
 	/* STATE: to leave sock_hash when it shuts down writing (sockmap_leave). RTT: to leave it
 	 * after a small first message, at that message's ACK (sockmap_first_ack). */
