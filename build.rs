@@ -22,6 +22,9 @@ const MIN_CLANG: u32 = 16;
 const BPF_DIR: &str = "src/bpf";
 /// The program loaded once per registered pod rather than once per node.
 const PER_POD: &str = "lookup.bpf.c";
+/// The benchmark's own program (benches/util/bpf_stats.rs loads it), compiled here because a
+/// bench target has no build script of its own.
+const BENCH_PROBE: &str = "benches/util/storage_probe.bpf.c";
 /// The architectures with a committed `vmlinux/<arch>/vmlinux.h`, by Rust target name.
 const ARCHES: [(&str, &str); 2] = [("x86_64", "x86"), ("aarch64", "arm64")];
 
@@ -89,6 +92,14 @@ fn run() -> Result<(), String> {
             .map_err(|e| format!("{e} (for {other}, against vmlinux/{other}/vmlinux.h)"))?;
         }
     }
+
+    println!("cargo:rerun-if-changed={BENCH_PROBE}");
+    compile(
+        &clang,
+        Path::new(BENCH_PROBE),
+        &out_dir.join("storage_probe.bpf.o"),
+        arch,
+    )?;
 
     SkeletonBuilder::new()
         .obj(&linked)

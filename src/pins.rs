@@ -603,6 +603,7 @@ pub(crate) fn load<'obj>(
         rodata.sockmap_enabled = options.sockmap;
         rodata.syscall_args_readable = crate::probe::syscall_args_readable();
         rodata.mptcp_readable = crate::probe::mptcp_readable();
+        rodata.receivers_readable = crate::probe::receivers_readable();
     }
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();

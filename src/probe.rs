@@ -78,6 +78,14 @@ pub(crate) fn mptcp_readable() -> bool {
     helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_skc_to_mptcp_sock).unwrap_or(false)
 }
 
+/// Whether sk_msg programs may read kernel memory (`bpf_probe_read_kernel`: there since
+/// before 6.1 for CAP_PERFMON, gone under lockdown=confidentiality): where they may, a
+/// sockmap receiver that falls behind by its receive buffer sends its sender back to TCP
+/// (sockmap.bpf.c's flow control).
+pub(crate) fn receivers_readable() -> bool {
+    helper(ProgramType::SkMsg, sys::BPF_FUNC_probe_read_kernel).unwrap_or(false)
+}
+
 /// Whether the pods' sk_lookup program can load here (the program type: Linux 5.9).
 pub(crate) fn sk_lookup_usable() -> bool {
     prog_type(ProgramType::SkLookup).unwrap_or(false)
@@ -257,6 +265,14 @@ pub fn probe() -> Vec<Feature> {
                 helper(ProgramType::CgroupSockAddr, sys::BPF_FUNC_skc_to_mptcp_sock),
             ),
             "getpeername() of a captured MPTCP connection names the sidecar",
+        ),
+        optional(
+            probed(
+                "kernel memory from sk_msg (sockmap flow control)",
+                "5.5",
+                helper(ProgramType::SkMsg, sys::BPF_FUNC_probe_read_kernel),
+            ),
+            "a sockmap receiver that stops reading lets its sender queue without bound",
         ),
         optional(
             probed(

@@ -101,13 +101,14 @@ pub enum Reason {
     InboundRefused,
     SockmapLeftSmall,
     SockmapLeftShutdown,
+    SockmapLeftBehind,
     /// `explain` only: UDP to a port other than 53 is never looked at.
     SkipUdpNotDns,
     /// `explain` only: the pod is not registered.
     NotRegistered,
 }
 
-const REASONS: [(trace_reason, Reason); 22] = [
+const REASONS: [(trace_reason, Reason); 23] = [
     (trace_reason::TRACE_CAPTURED, Reason::Captured),
     (trace_reason::TRACE_CAPTURED_DNS, Reason::CapturedDns),
     (trace_reason::TRACE_TO_INBOUND, Reason::ToInbound),
@@ -154,6 +155,10 @@ const REASONS: [(trace_reason, Reason); 22] = [
         trace_reason::TRACE_SOCKMAP_LEFT_SHUTDOWN,
         Reason::SockmapLeftShutdown,
     ),
+    (
+        trace_reason::TRACE_SOCKMAP_LEFT_BEHIND,
+        Reason::SockmapLeftBehind,
+    ),
 ];
 
 impl Reason {
@@ -199,6 +204,9 @@ impl fmt::Display for Reason {
             Reason::InboundRefused => "inbound: refused, no sidecar listener",
             Reason::SockmapLeftSmall => "sockmap: left, first message below sockmap_min_bytes",
             Reason::SockmapLeftShutdown => "sockmap: left, the application shut down writing",
+            Reason::SockmapLeftBehind => {
+                "sockmap: the receiver held a receive buffer unread, TCP from now on"
+            }
             Reason::SkipUdpNotDns => "skipped: UDP to a port other than 53",
             Reason::NotRegistered => "skipped: the pod is not registered",
         })

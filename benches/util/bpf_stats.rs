@@ -229,3 +229,51 @@ impl Drop for EmptyPrograms {
         }
     }
 }
+
+/// `storage_probe.bpf.c`'s connect4 program, which only creates the connecting socket's
+/// storage, attached to a cgroup while alive.
+pub struct StorageProbe {
+    _link: libbpf_rs::Link,
+    _object: libbpf_rs::Object,
+    id: u32,
+}
+
+impl StorageProbe {
+    pub fn attach(cgroup: &std::path::Path) -> StorageProbe {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::{AsFd, AsRawFd};
+        static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/storage_probe.bpf.o"));
+        let object = libbpf_rs::ObjectBuilder::default()
+            .open_memory(OBJECT)
+            .and_then(|o| o.load())
+            .expect("loading the storage probe");
+        let file = std::fs::File::open(cgroup).expect("opening the pod's cgroup");
+        let (link, id) = {
+            let prog = object
+                .progs_mut()
+                .next()
+                .expect("the storage probe's program");
+            let link = prog
+                .attach_cgroup(file.as_raw_fd())
+                .expect("attaching the storage probe");
+            let mut info = sys::bpf_prog_info::default();
+            let mut len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
+            // SAFETY: info is as large as len says.
+            let rc = unsafe {
+                sys::bpf_prog_get_info_by_fd(prog.as_fd().as_raw_fd(), &mut info, &mut len)
+            };
+            assert_eq!(rc, 0, "reading the storage probe's id");
+            (link, info.id)
+        };
+        StorageProbe {
+            _link: link,
+            _object: object,
+            id,
+        }
+    }
+
+    /// (hook, program id), as [`programs`] lists an attachment's.
+    pub fn programs(&self) -> Vec<(String, u32)> {
+        vec![("connect4".to_string(), self.id)]
+    }
+}

@@ -121,6 +121,7 @@ enum sock_flag {
 	SOCK_F_INTRA_NODE = 1 << 7,		/* a sidecar's end of an intra-node connection, in sock_hash */
 	SOCK_F_INTRA_NODE_PLAIN = 1 << 8,	/* ... whose first message took the normal stack: all do */
 	SOCK_F_SOCKMAP_WANTED = 1 << 9,		/* its origin was published in a pod with sockmap on */
+	SOCK_F_SOCKMAP_BEHIND = 1 << 10,	/* its receiver fell behind: its sends take the normal stack */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
@@ -273,6 +274,7 @@ enum trace_reason {
 	TRACE_INBOUND_REFUSED = 20,	/* sk_lookup: no sidecar listener: refused */
 	TRACE_SOCKMAP_LEFT_SMALL = 21,	/* sk_msg: a small first message: leaves the fast path */
 	TRACE_SOCKMAP_LEFT_SHUTDOWN = 22, /* sockops: shut down writing: left the fast path */
+	TRACE_SOCKMAP_LEFT_BEHIND = 23,	/* sk_msg: the receiver fell behind: the normal stack from now on */
 };
 
 struct decision_event {
@@ -336,6 +338,7 @@ enum counter {
 	CNT_INTRA_NODE_MSG_REDIRECTED,
 	CNT_INTRA_NODE_BYTES_REDIRECTED,
 	CNT_INTRA_NODE_NO_PEER,
+	CNT_SOCKMAP_RECEIVER_BEHIND,	/* a sender went back to TCP: its receiver held a receive buffer unread */
 	CNT_MAX,
 };
 

@@ -22,8 +22,17 @@
  * there: a sidecar may send before its peer's end is established (the handshake's last ACK
  * still crossing the bridge), and then that direction stays on the normal stack for good.
  * Neither ever leaves sock_hash before it closes: its peer may be redirecting into it.
+ *
+ * The other way round is safe: once messages were redirected, the later ones may take the
+ * normal stack, behind them, for the receiver reads its sockmap queue before its TCP queue.
+ * Detach does that (draining), and so does flow control (receiver_behind).
  */
 #include "common.bpf.h"
+#include <bpf/bpf_core_read.h>
+
+/* Set before load when sk_msg programs may read kernel memory (bpf_probe_read_kernel).
+ * sk_rmem_alloc is the kernel's macro for sk_backlog.rmem_alloc. */
+const volatile bool receivers_readable = false;
 
 /*
  * `meshbpf detach` is under way: from now on messages take the normal stack,
@@ -73,6 +82,69 @@ static __always_inline void msg_key(struct conn_key *key, struct sk_msg_md *msg,
 	conn_key_normalize(key);
 }
 
+/*
+ * Flow control. A redirected message waits in its receiver's sockmap queue, which the
+ * kernel charges to the receiver (sk_rmem_alloc) but does not bound by a receive buffer as
+ * TCP does: a sender faster than its reader would queue without limit (measured: 256 MiB
+ * into a sidecar that read nothing, where TCP stops the sender after 5-7 MB), until the
+ * node's TCP memory runs short and writes fail with ENOMEM. So once the receiver holds more
+ * unread than TCP would ever let it (its receive buffer, or, unless SO_RCVBUF fixed that,
+ * the most autotuning grows it to: net.ipv4.tcp_rmem's maximum), or once the node's TCP
+ * memory is under pressure (where TCP makes a sender wait and a redirect fails with
+ * ENOMEM), the sender's later messages take the normal stack for good, behind the
+ * redirected ones and under TCP's flow control; the receiver's window counts its sockmap
+ * queue too. The message being redirected goes in any case: the queue stays within that
+ * bound plus one message.
+ *
+ * Which socket receives: bpf_msg_redirect_hash() has just put it into the kernel's sk_msg,
+ * which is this program's context (`sk_redir`). Its fields are read with
+ * bpf_probe_read_kernel, racing harmlessly with the receiver's reads; the common case (a
+ * receiver within its receive buffer) costs three reads.
+ */
+#define SOCK_RCVBUF_LOCK 2
+
+static __always_inline bool receiver_behind(struct sk_msg_md *msg, __u32 size)
+{
+	unsigned long *pressure = NULL, pressed = 0;
+	struct sock *receiver = NULL;
+	int queued = 0, room = 0, most = 0;
+	struct proto *prot = NULL;
+	struct net *net = NULL;
+
+	if (!receivers_readable)
+		return false;
+	if (bpf_probe_read_kernel(&receiver, sizeof(receiver),
+				  (void *)msg + bpf_core_field_offset(struct sk_msg, sk_redir)) ||
+	    !receiver)
+		return false;
+	if (bpf_core_read(&queued, sizeof(queued), &receiver->sk_backlog.rmem_alloc.counter) ||
+	    bpf_core_read(&room, sizeof(room), &receiver->sk_rcvbuf))
+		return false;
+	if ((__s64)queued + size <= room)
+		return false;
+	if (!(BPF_CORE_READ_BITFIELD_PROBED(receiver, sk_userlocks) & SOCK_RCVBUF_LOCK) &&
+	    !bpf_core_read(&net, sizeof(net), &receiver->__sk_common.skc_net.net) && net &&
+	    !bpf_core_read(&most, sizeof(most), &net->ipv4.sysctl_tcp_rmem[2]) && most > room)
+		room = most;
+	if ((__s64)queued + size > room)
+		return true;
+	return !bpf_core_read(&prot, sizeof(prot), &receiver->__sk_common.skc_prot) && prot &&
+	       !bpf_core_read(&pressure, sizeof(pressure), &prot->memory_pressure) && pressure &&
+	       !bpf_probe_read_kernel(&pressed, sizeof(pressed), pressure) && pressed;
+}
+
+/* After a redirect: if its receiver is behind, the sender's next messages take TCP. */
+static __always_inline void check_receiver(struct sk_msg_md *msg, struct sock_state *state,
+					   __u32 size, __u16 plain_flag)
+{
+	if (!receiver_behind(msg, size))
+		return;
+	state->flags |= plain_flag;
+	count(CNT_SOCKMAP_RECEIVER_BEHIND);
+	trace(TRACE_HOOK_SK_MSG, TRACE_SOCKMAP_LEFT_BEHIND, bpf_get_netns_cookie(msg), IPPROTO_TCP,
+	      &state->dst, NULL, false);
+}
+
 /* The connection's first message: accelerate it for good, or leave sock_hash for good. */
 static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, struct sock_state *state)
 {
@@ -90,9 +162,9 @@ static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, str
 }
 
 /*
- * A message of a sidecar's end of an intra-node connection. Once a message was redirected,
- * all are (until detach drains), so that the peer never reads bytes out of order; once one
- * took the normal stack, all do.
+ * A message of a sidecar's end of an intra-node connection. Once one took the normal
+ * stack, all do, so that the peer never reads bytes out of order; once a message was
+ * redirected, all are, until detach drains or the peer falls behind (receiver_behind).
  */
 static __always_inline int intra_node_send(struct sk_msg_md *msg, struct sock_state *state)
 {
@@ -121,6 +193,7 @@ static __always_inline int intra_node_send(struct sk_msg_md *msg, struct sock_st
 	state->flags |= SOCK_F_SOCKMAP_REDIRECT;
 	count(CNT_INTRA_NODE_MSG_REDIRECTED);
 	count_n(CNT_INTRA_NODE_BYTES_REDIRECTED, size);
+	check_receiver(msg, state, size, SOCK_F_INTRA_NODE_PLAIN);
 	return SK_PASS;
 }
 
@@ -136,7 +209,8 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	if (state && (state->flags & SOCK_F_INTRA_NODE))
 		return intra_node_send(msg, state);
 	/* The sidecar's end is in sock_hash as a target; its own sends take the normal path. */
-	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER))
+	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER) ||
+	    (state->flags & SOCK_F_SOCKMAP_BEHIND))
 		return SK_PASS;
 	if (!(state->flags & SOCK_F_SOCKMAP_REDIRECT) && !first_message_accelerates(msg, state))
 		return SK_PASS;
@@ -154,6 +228,7 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	}
 	count(CNT_SOCKMAP_MSG_REDIRECTED);
 	count_n(CNT_SOCKMAP_BYTES_REDIRECTED, size);
+	check_receiver(msg, state, size, SOCK_F_SOCKMAP_BEHIND);
 	return SK_PASS;
 }
 

@@ -792,3 +792,24 @@ pub fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
     }
     hex(&out)
 }
+
+/// `stream run` arguments of a stalled transfer (`--op stall`): 256 MiB, the server reading
+/// nothing for its first 3 s (scaled).
+pub fn stall_args() -> Vec<String> {
+    let stall = scaled(Duration::from_secs(3)).as_secs_f64();
+    ["--op", "stall", "--size", &(256u64 << 20).to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--duration".to_string(), format!("{stall:.1}")])
+        .collect()
+}
+
+/// What a stalled transfer's output says the stalled path took in before the client's
+/// writes would block (`queued=`).
+pub fn stalled_queue(output: &str) -> u64 {
+    output
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("queued="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no queued= in {output}"))
+}

@@ -20,6 +20,10 @@
 //!   that shut down writing).
 //! - abort: the server sends N/2 bytes and resets the connection; the client must see an
 //!   error or EOF promptly, never hang.
+//! - stall: the server reads nothing for `--duration`; meanwhile the client writes without
+//!   blocking until the kernel reports the path full (EAGAIN), as flow control does, or N
+//!   bytes went, then sends the rest blocking; the server checks all N and answers `ok N`.
+//!   Prints `queued=` what the stalled path took in.
 //!
 //! Three more ops measure instead of check (`--duration SECS`), each connection of
 //! `--parallel` on its own thread, and end with one `summary` line over all of them:
@@ -206,6 +210,12 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
                 out.write_all(&buf)?;
             }
         }
+        "stall" => {
+            let stall_ms = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            thread::sleep(Duration::from_millis(stall_ms));
+            let got = verify_reader(&mut reader.by_ref().take(size))?;
+            writeln!(out, "{}", got.verdict(size))?;
+        }
         "flood" => {
             let got = io::copy(&mut reader, &mut io::sink())?;
             writeln!(out, "ok {got}")?;
@@ -238,8 +248,13 @@ fn verify_reader(r: &mut impl Read) -> io::Result<Verifier> {
 }
 
 fn send_pattern_write(w: &mut impl Write, size: u64) -> io::Result<()> {
+    write_pattern(w, 0, size)
+}
+
+/// The pattern's bytes from offset `from` up to `size`.
+fn write_pattern(w: &mut impl Write, from: u64, size: u64) -> io::Result<()> {
     let mut buf = vec![0u8; CHUNK];
-    let mut at = 0;
+    let mut at = from;
     while at < size {
         let n = (size - at).min(CHUNK as u64) as usize;
         fill(&mut buf[..n], at);
@@ -390,7 +405,11 @@ fn run_one(o: &Opts) -> Result<String, String> {
         .set_write_timeout(Some(timeout()))
         .map_err(|e| e.to_string())?;
     let mut s = stream;
-    let header = format!("{} {}\n", o.op, o.size);
+    let header = if o.op == "stall" {
+        format!("{} {} {}\n", o.op, o.size, o.duration.as_millis())
+    } else {
+        format!("{} {}\n", o.op, o.size)
+    };
     if matches!(o.op.as_str(), "pingpong" | "flood") {
         // Measuring ops send the header with their first payload, in one write: what a
         // client's first message looks like, and what sockmap's first-message policy sees.
@@ -435,8 +454,47 @@ fn run_one(o: &Opts) -> Result<String, String> {
             ))
         }
         "abort" => check_abort(&s, o),
+        "stall" => {
+            let queued = write_until_full(&s, o.size)?;
+            write_pattern(&mut s, queued, o.size).map_err(|e| format!("write: {e}"))?;
+            let line = last_word(&s, "the verdict")?;
+            if line != want {
+                return Err(format!("server: {line}"));
+            }
+            Ok(format!("ok op=stall queued={queued} bytes={}", o.size))
+        }
         other => Err(format!("unknown op {other}")),
     }
+}
+
+/// Shuts down writing and reads the server's one-line answer (`what` it is), trimmed.
+fn last_word(s: &TcpStream, what: &str) -> Result<String, String> {
+    s.shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading {what}: {e}"))?;
+    Ok(line.trim().to_string())
+}
+
+/// Writes the pattern without blocking until the socket reports EAGAIN or `size` bytes
+/// went; returns how many did. Any other error fails (ENOMEM is one).
+fn write_until_full(s: &TcpStream, size: u64) -> Result<u64, String> {
+    s.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; CHUNK];
+    let mut at = 0;
+    while at < size {
+        let n = (size - at).min(CHUNK as u64) as usize;
+        fill(&mut buf[..n], at);
+        match (&*s).write(&buf[..n]) {
+            Ok(sent) => at += sent as u64,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) => return Err(format!("write at {at}: {err}")),
+        }
+    }
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    Ok(at)
 }
 
 fn measure(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String> {
@@ -452,15 +510,10 @@ fn measure(mut s: TcpStream, o: &Opts, header: &[u8]) -> Result<String, String> 
                 s.write_all(&chunk).map_err(|e| format!("write: {e}"))?;
                 sent += o.size;
             }
-            s.shutdown(Shutdown::Write)
-                .map_err(|e| format!("shutdown: {e}"))?;
-            let mut line = String::new();
-            BufReader::new(&s)
-                .read_line(&mut line)
-                .map_err(|e| format!("reading the count: {e}"))?;
+            let line = last_word(&s, "the count")?;
             let secs = start.elapsed().as_secs_f64();
-            if line.trim() != format!("ok {sent}") {
-                return Err(format!("sent {sent}, server: {}", line.trim()));
+            if line != format!("ok {sent}") {
+                return Err(format!("sent {sent}, server: {line}"));
             }
             FLOODED.fetch_add(sent, Ordering::Relaxed);
             Ok(format!(
