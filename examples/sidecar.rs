@@ -322,9 +322,13 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
                 wait_readable(&from);
                 continue;
             }
-            Err(_) => break,
+            Err(err) => {
+                say(format!("relay read error: {err}"));
+                break;
+            }
         };
-        if to.write_all(&buf[..n]).is_err() {
+        if let Err(err) = to.write_all(&buf[..n]) {
+            say(format!("relay write error: {err}"));
             break;
         }
     }

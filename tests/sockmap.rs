@@ -80,8 +80,9 @@ fn assert_stream(w: &World, args: &[&str]) -> String {
     let (ok, text) = stream(w, args);
     assert!(
         ok,
-        "stream {args:?} failed:\n{text}\nsidecar:\n{}",
-        w.sidecar.output()
+        "stream {args:?} failed:\n{text}\nsidecar:\n{}\nserver:\n{}",
+        w.sidecar.output(),
+        w.server.output()
     );
     text
 }
