@@ -145,16 +145,20 @@ static __always_inline void check_receiver(struct sk_msg_md *msg, struct sock_st
 	      &state->dst, NULL, false);
 }
 
-/* The connection's first message: accelerate it for good, or leave sock_hash for good. */
-static __always_inline bool first_message_accelerates(struct sk_msg_md *msg, struct sock_state *state)
+/* Out of sock_hash for good: sockops removes it at the ACK of this message (sockmap_first_ack). */
+static __always_inline void leave_for_good(struct sock_state *state)
+{
+	state->flags = (state->flags & ~SOCK_F_SOCKMAP_SENDER) | SOCK_F_SOCKMAP_LEAVE;
+}
+
+/* The connection's first message: large enough to gain from acceleration, or it leaves. */
+static __always_inline bool first_message_large(struct sk_msg_md *msg, struct sock_state *state)
 {
 	struct pod_settings *pod = lookup_pod(bpf_get_netns_cookie(msg));
 
-	if (pod && msg->size >= pod->sockmap_min_bytes) {
-		state->flags |= SOCK_F_SOCKMAP_REDIRECT;
+	if (pod && msg->size >= pod->sockmap_min_bytes)
 		return true;
-	}
-	state->flags = (state->flags & ~SOCK_F_SOCKMAP_SENDER) | SOCK_F_SOCKMAP_LEAVE;
+	leave_for_good(state);
 	count(CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG);
 	trace(TRACE_HOOK_SK_MSG, TRACE_SOCKMAP_LEFT_SMALL, bpf_get_netns_cookie(msg), IPPROTO_TCP,
 	      &state->dst, NULL, false);
@@ -204,6 +208,7 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	struct sock_state *state;
 	__u32 size = msg->size;
 	long verdict;
+	bool first;
 
 	state = msg->sk ? bpf_sk_storage_get(&sk_storage_map, msg->sk, 0, 0) : NULL;
 	if (state && (state->flags & SOCK_F_INTRA_NODE))
@@ -212,20 +217,34 @@ int handle__sk_msg(struct sk_msg_md *msg)
 	if (!state || !(state->flags & SOCK_F_SOCKMAP_SENDER) ||
 	    (state->flags & SOCK_F_SOCKMAP_BEHIND))
 		return SK_PASS;
-	if (!(state->flags & SOCK_F_SOCKMAP_REDIRECT) && !first_message_accelerates(msg, state))
+	first = !(state->flags & SOCK_F_SOCKMAP_REDIRECT);
+	if (first && !first_message_large(msg, state))
 		return SK_PASS;
-	if (draining())
+	/*
+	 * Only a first message that was redirected makes the connection redirect: one that took
+	 * the normal stack (detach draining, or the sidecar's end not in sock_hash yet, its
+	 * handshake's last ACK still unprocessed on a busy machine) would otherwise be read
+	 * after the redirected ones that follow it. Then the connection leaves for good.
+	 */
+	if (draining()) {
+		if (first)
+			leave_for_good(state);
 		return SK_PASS;
+	}
 
 	/* The peer's own end is our remote end: its key has src and dst swapped. */
 	msg_key(&peer, msg, false);
 
 	verdict = bpf_msg_redirect_hash(msg, &sock_hash, &peer, BPF_F_INGRESS);
 	if (verdict != SK_PASS) {
-		/* The peer left sock_hash (closing, or never entered): the normal path carries it. */
+		/* The peer left sock_hash (closing), or is not there yet: the normal path carries
+		 * it, behind what was redirected, which the peer reads first. */
 		count(CNT_SOCKMAP_MSG_NO_PEER);
+		if (first)
+			leave_for_good(state);
 		return SK_PASS;
 	}
+	state->flags |= SOCK_F_SOCKMAP_REDIRECT;
 	count(CNT_SOCKMAP_MSG_REDIRECTED);
 	count_n(CNT_SOCKMAP_BYTES_REDIRECTED, size);
 	check_receiver(msg, state, size, SOCK_F_SOCKMAP_BEHIND);

@@ -107,6 +107,10 @@ static __always_inline bool accelerate_sender(struct bpf_sock_ops *skops, struct
 
 	if (!sockmap_enabled || !(state->flags & SOCK_F_SOCKMAP_WANTED))
 		return false;
+	/* Its TCP Fast Open SYN carried data on the normal stack: the sidecar would read later,
+	 * redirected messages before it. */
+	if (skops->data_segs_out)
+		return false;
 	cookie = bpf_get_netns_cookie(skops);
 	if (!sockmap_add(skops, cookie))
 		return false;
