@@ -80,12 +80,6 @@ pub(crate) const STEPS: &[Step] = &[
         reads: &[abi::map::COOKIE_MAP],
         convert: v9_to_v10,
     },
-    Step {
-        from: 10,
-        rewrites: &[],
-        reads: &[],
-        convert: v10_to_v11,
-    },
 ];
 
 /// Layout 8: each pod's list entries carry the generation of its lists (`lists_gen`), so
@@ -173,16 +167,6 @@ fn v9_to_v10(snapshot: &mut Snapshot) -> Result<()> {
             .map(|(key, cookie)| (key, cookie.to_ne_bytes().to_vec()))
             .collect(),
     );
-    Ok(())
-}
-
-/// Layout 11: sockmap flow control. A socket's `sock_state` may carry
-/// `SOCK_F_SOCKMAP_BEHIND`: its receiver fell behind and its later sends take TCP, behind
-/// the redirected ones. An older build's sk_msg does not know the flag and would redirect
-/// again while TCP still holds earlier bytes, which the receiver would then read out of
-/// order; so an older build must not attach over this layout, which is what the new
-/// version gives. No map changes shape: nothing to convert.
-fn v10_to_v11(_snapshot: &mut Snapshot) -> Result<()> {
     Ok(())
 }
 

@@ -14,8 +14,8 @@ use common::*;
 
 /// The last commit of each earlier layout this build upgrades from: the previous one, and
 /// the one before (its migration chains two steps).
-const PREVIOUS: Layout = Layout(10, "afd11e0d7d58b94df5edde06c35c309c398de3c8");
-const TWO_BACK: Layout = Layout(9, "1ff9e3a6bb798999184c96dbfe3fed4ee73ab0af");
+const PREVIOUS: Layout = Layout(9, "1ff9e3a6bb798999184c96dbfe3fed4ee73ab0af");
+const TWO_BACK: Layout = Layout(8, "74767c7766c920e52d3bcef3ed30baa773567284");
 
 #[derive(Clone, Copy)]
 struct Layout(u32, &'static str);
@@ -458,9 +458,9 @@ fn the_previous_layout_upgrades_under_load_with_no_failed_or_escaped_connection(
 }
 
 /// How many times `syscall` is called by `attach` of this build over a fresh attachment of
-/// `from`'s.
-fn syscalls_of_an_upgrade(from: Layout, syscall: &str) -> usize {
-    let o = attached_by(from);
+/// the previous one.
+fn syscalls_of_an_upgrade(syscall: &str) -> usize {
+    let o = attached_by(PREVIOUS);
     let cgroup = o.env.cgroup.to_str().unwrap().to_string();
     let log = o.env.root.join("strace.log");
     let out = Command::new("strace")
@@ -490,11 +490,8 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
     if !privileged() {
         return;
     }
-    // From two layouts back, through both steps: the last one (10 -> 11) changes no map's
-    // shape and commits without a rename; the one before renames its new maps into place.
-    let from = TWO_BACK;
-    let bpf_calls = syscalls_of_an_upgrade(from, "bpf");
-    let renames = syscalls_of_an_upgrade(from, "rename");
+    let bpf_calls = syscalls_of_an_upgrade("bpf");
+    let renames = syscalls_of_an_upgrade("rename");
     assert!(
         bpf_calls > 20 && renames >= 1,
         "{bpf_calls} bpf, {renames} rename"
@@ -505,9 +502,9 @@ fn an_upgrade_killed_at_any_point_is_completed_by_the_next_attach() {
         .map(|i| ("bpf".to_string(), i * bpf_calls / 13))
         .collect();
     kills.extend((1..=renames).map(|k| ("rename".to_string(), k)));
-    let expected = registered_afresh(from);
+    let expected = registered_afresh(PREVIOUS);
     for (syscall, k) in kills {
-        let o = attached_by(from);
+        let o = attached_by(PREVIOUS);
         let cgroup = o.env.cgroup.to_str().unwrap().to_string();
         let when = format!("killed at {syscall} #{k}");
         let late = o.live_connection();

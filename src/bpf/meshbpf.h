@@ -5,17 +5,15 @@
  * Rust through the object's BTF (the skeleton generates a Rust type per enum; build.rs
  * derives the counter names). Nothing here is copied by hand into Rust.
  *
- * Changing the shape of a pinned map (its key, value or bounds), or giving a value a meaning
- * that an older build's programs would act against (a flag they would not honour), is a new
- * layout: bump MESHBPF_LAYOUT_VERSION and add the migration step from the previous one
- * (src/migrate.rs), so that `meshbpf attach` upgrades a node without a capture gap and an
- * older build refuses to attach over a newer one.
+ * Changing the shape of a pinned map (its key, value or bounds) is a new layout: bump
+ * MESHBPF_LAYOUT_VERSION and add the migration step from the previous one (src/migrate.rs),
+ * so that `meshbpf attach` upgrades a node without a capture gap.
  */
 #ifndef __MESHBPF_H
 #define __MESHBPF_H
 
 enum consts {
-	MESHBPF_LAYOUT_VERSION = 11,
+	MESHBPF_LAYOUT_VERSION = 10,
 
 	/* Map bounds (documented in the README). */
 	MAX_PODS = 16384,		/* cookie_map: registered network namespaces */
