@@ -558,6 +558,26 @@ impl BpfRun {
     }
 }
 
+/// One row: wrk through the pod's sidecar while bpf_stats counts `progs`.
+fn measured(
+    w: &World,
+    pod: &Pod,
+    wl: &http::Workload,
+    cfg: &Config,
+    mode: &'static str,
+    progs: &[(String, u32)],
+) -> BpfRun {
+    let before = bpf_stats::snapshot(progs);
+    let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
+    let after = bpf_stats::snapshot(progs);
+    BpfRun {
+        mode,
+        workload: wl.name.to_string(),
+        rps: r.rps(),
+        progs: bpf_stats::costs(progs, &before, &after, r.requests),
+    }
+}
+
 fn bpf_phase(w: &World, cfg: &Config) -> Vec<BpfRun> {
     let _sidecars = w.sidecars(true);
     let _stats = bpf_stats::StatsEnabled::new();
@@ -566,15 +586,7 @@ fn bpf_phase(w: &World, cfg: &Config) -> Vec<BpfRun> {
         for (mi, pod) in w.clients.iter().enumerate() {
             let Some(mesh) = w.meshes[mi] else { continue };
             let progs = bpf_stats::programs(mesh);
-            let before = bpf_stats::snapshot(&progs);
-            let r = w.stack.wrk(pod, &w.url, &wl, cfg.bpf_seconds);
-            let after = bpf_stats::snapshot(&progs);
-            out.push(BpfRun {
-                mode: MODES[mi],
-                workload: wl.name.to_string(),
-                rps: r.rps(),
-                progs: bpf_stats::costs(&progs, &before, &after, r.requests),
-            });
+            out.push(measured(w, pod, &wl, cfg, MODES[mi], &progs));
             if mi == 2 {
                 out.push(traced_run(w, mesh, pod, &wl, cfg, &progs));
                 out.push(floor_run(w, pod, &wl, cfg));
@@ -649,16 +661,7 @@ fn floor_run(w: &World, pod: &Pod, wl: &http::Workload, cfg: &Config) -> BpfRun 
         "getsockname4",
     ];
     let empty = bpf_stats::EmptyPrograms::attach(&pod.cgroup, &HOOKS);
-    let progs = empty.programs();
-    let before = bpf_stats::snapshot(&progs);
-    let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
-    let after = bpf_stats::snapshot(&progs);
-    BpfRun {
-        mode: FLOOR_MODE,
-        workload: wl.name.to_string(),
-        rps: r.rps(),
-        progs: bpf_stats::costs(&progs, &before, &after, r.requests),
-    }
+    measured(w, pod, wl, cfg, FLOOR_MODE, &empty.programs())
 }
 
 /// The bpf phase's row of programs that do nothing.
@@ -669,16 +672,7 @@ const FLOOR_MODE: &str = "programs that do nothing, at the same hooks (the floor
 /// connection costs on its own, a part of every meshbpf row no program change removes.
 fn storage_run(w: &World, pod: &Pod, wl: &http::Workload, cfg: &Config) -> BpfRun {
     let probe = bpf_stats::StorageProbe::attach(&pod.cgroup);
-    let progs = probe.programs();
-    let before = bpf_stats::snapshot(&progs);
-    let r = w.stack.wrk(pod, &w.url, wl, cfg.bpf_seconds);
-    let after = bpf_stats::snapshot(&progs);
-    BpfRun {
-        mode: STORAGE_MODE,
-        workload: wl.name.to_string(),
-        rps: r.rps(),
-        progs: bpf_stats::costs(&progs, &before, &after, r.requests),
-    }
+    measured(w, pod, wl, cfg, STORAGE_MODE, &probe.programs())
 }
 
 /// The bpf phase's row of the socket-storage allocation alone.
