@@ -202,21 +202,24 @@ impl EmptyPrograms {
 
     /// (hook, program id) of each, as [`programs`] lists an attachment's.
     pub fn programs(&self) -> Vec<(String, u32)> {
-        use libbpf_rs::libbpf_sys as sys;
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         self.attached
             .iter()
-            .map(|(hook, fd, _)| {
-                let mut info = sys::bpf_prog_info::default();
-                let mut len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
-                // SAFETY: info is as large as len says.
-                let rc =
-                    unsafe { sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
-                assert_eq!(rc, 0, "reading an empty program's id");
-                (hook.clone(), info.id)
-            })
+            .map(|(hook, fd, _)| (hook.clone(), prog_id(fd.as_fd())))
             .collect()
     }
+}
+
+/// The kernel's id of a loaded program.
+fn prog_id(fd: std::os::fd::BorrowedFd<'_>) -> u32 {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::AsRawFd;
+    let mut info = sys::bpf_prog_info::default();
+    let mut len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
+    // SAFETY: info is as large as len says.
+    let rc = unsafe { sys::bpf_prog_get_info_by_fd(fd.as_raw_fd(), &mut info, &mut len) };
+    assert_eq!(rc, 0, "reading a program's id");
+    info.id
 }
 
 impl Drop for EmptyPrograms {
@@ -240,7 +243,6 @@ pub struct StorageProbe {
 
 impl StorageProbe {
     pub fn attach(cgroup: &std::path::Path) -> StorageProbe {
-        use libbpf_rs::libbpf_sys as sys;
         use std::os::fd::{AsFd, AsRawFd};
         static OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/storage_probe.bpf.o"));
         let object = libbpf_rs::ObjectBuilder::default()
@@ -256,14 +258,7 @@ impl StorageProbe {
             let link = prog
                 .attach_cgroup(file.as_raw_fd())
                 .expect("attaching the storage probe");
-            let mut info = sys::bpf_prog_info::default();
-            let mut len = std::mem::size_of::<sys::bpf_prog_info>() as u32;
-            // SAFETY: info is as large as len says.
-            let rc = unsafe {
-                sys::bpf_prog_get_info_by_fd(prog.as_fd().as_raw_fd(), &mut info, &mut len)
-            };
-            assert_eq!(rc, 0, "reading the storage probe's id");
-            (link, info.id)
+            (link, prog_id(prog.as_fd()))
         };
         StorageProbe {
             _link: link,

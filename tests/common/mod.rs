@@ -797,11 +797,11 @@ pub fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
 /// nothing for its first 3 s (scaled).
 pub fn stall_args() -> Vec<String> {
     let stall = scaled(Duration::from_secs(3)).as_secs_f64();
-    ["--op", "stall", "--size", &(256u64 << 20).to_string()]
-        .iter()
-        .map(|s| s.to_string())
-        .chain(["--duration".to_string(), format!("{stall:.1}")])
-        .collect()
+    let size = (256u64 << 20).to_string();
+    let duration = format!("{stall:.1}");
+    ["--op", "stall", "--size", &size, "--duration", &duration]
+        .map(String::from)
+        .to_vec()
 }
 
 /// What a stalled transfer's output says the stalled path took in before the client's
