@@ -4,7 +4,8 @@
 set -euo pipefail
 
 # Build: clang-19 for the BPF programs; gcc, libc6-dev, make, pkg-config, libelf-dev and
-# zlib1g-dev for the vendored libbpf. Tests and demo: iproute2, bpftool, iptables,
+# zlib1g-dev for the vendored libbpf; git (tests/upgrade.rs builds the earlier map layouts
+# from this checkout's history). Tests and demo: iproute2, bpftool, iptables,
 # util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig), curl
 # (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach, a
 # register or an upgrade at each step), haproxy (an unmodified proxy as Istio's inbound
@@ -12,7 +13,7 @@ set -euo pipefail
 # with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
 # containers' root filesystem). The manifests' check (tests/deploy.rs): python3-venv for
 # PyPI's kubernetes-validate.
-MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev
+MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev git
     iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
     podman runc containernetworking-plugins busybox-static python3-venv)
 # kubernetes-validate (the Kubernetes schemas bundled: works offline) in a virtualenv of its

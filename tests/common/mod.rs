@@ -132,14 +132,17 @@ pub fn helper(name: &str) -> PathBuf {
 }
 
 /// A command that runs `program` through a descriptor opened now (as root) and executed as
-/// `/proc/self/fd/N`: a process that drops to a non-root uid can then run it even when the
-/// checkout sits below a directory only root may enter, such as /root.
+/// `/proc/self/fd/N`, from `/`: a process that drops to a non-root uid can then run it even
+/// when the checkout sits below a directory only root may enter, such as /root.
 #[track_caller]
 pub fn command_via_fd(program: &Path) -> Command {
     let exe = File::open(program).unwrap_or_else(|e| panic!("opening {}: {e}", program.display()));
     let fd = exe.as_raw_fd();
     let mut cmd = Command::new(format!("/proc/self/fd/{fd}"));
-    cmd.arg0(program);
+    // Nor may it enter the working directory it would inherit, the checkout: HAProxy then
+    // refuses to start ("Impossible to get back to initial directory"). It starts in `/`,
+    // as a container's process would.
+    cmd.arg0(program).current_dir("/");
     // SAFETY: one fcntl(2) on a descriptor the closure keeps open; async-signal-safe.
     unsafe {
         cmd.pre_exec(move || {
