@@ -343,6 +343,11 @@ fn dns_is_answered_by_envoys_dns_filter_on_15053_from_the_server_asked_as_behind
                 );
                 seen.push(got);
             }
+            // DNS over TCP goes to 15053 too, where pilot-agent would answer it: Envoy's DNS
+            // filter is UDP only, so nothing listens, and the query reaches neither the
+            // outbound listener nor the network.
+            let tcp = pod.connect(server, &[]);
+            assert!(!tcp.ok && tcp.stderr.contains("refused"), "{name}: {tcp:?}");
         }
         answers.push(seen);
     }

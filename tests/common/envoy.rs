@@ -261,15 +261,20 @@ impl Drop for Envoy {
     }
 }
 
-/// The nat rules istio-iptables installs for `-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT
-/// -i '*' -b '*'` (tests/redirect.rs explains them row by row), with its DNS capture
-/// (`--redirect-dns`, capture-all: UDP to port 53 from any uid but the proxy's to 15053),
-/// IPv4; the IPv6 set has ::6/128 and ::1/128 for 127.0.0.6/32 and 127.0.0.1/32.
+/// The rules istio-iptables installs for `-p 15001 -z 15006 -u 1337 -g 1337 -m REDIRECT
+/// -i '*' -b '*'` with DNS capture for every server (`--redirect-dns
+/// --capture-all-dns`), IPv4; the IPv6 set has ::6/128 and ::1/128 for 127.0.0.6/32 and
+/// 127.0.0.1/32. The shape of istio-iptables' own golden files
+/// (tools/istio-iptables/pkg/capture/testdata/dns-uid-gid.golden, there for one
+/// nameserver): TCP to port 53 is left out of the loopback rows and goes to 15053 with UDP,
+/// and the raw table puts the application's and the proxy's DNS in conntrack zones of their
+/// own. tests/redirect.rs explains the other rows.
 const ISTIO_IPTABLES: &str = "*nat
 :ISTIO_INBOUND - [0:0]
 :ISTIO_REDIRECT - [0:0]
 :ISTIO_IN_REDIRECT - [0:0]
 :ISTIO_OUTPUT - [0:0]
+:ISTIO_OUTPUT_DNS - [0:0]
 -A ISTIO_INBOUND -p tcp --dport 15008 -j RETURN
 -A ISTIO_REDIRECT -p tcp -j REDIRECT --to-ports 15001
 -A ISTIO_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
@@ -279,18 +284,32 @@ const ISTIO_IPTABLES: &str = "*nat
 -A ISTIO_INBOUND -p tcp --dport 15020 -j RETURN
 -A ISTIO_INBOUND -p tcp -j ISTIO_IN_REDIRECT
 -A OUTPUT -j ISTIO_OUTPUT
--A OUTPUT -p udp --dport 53 -m owner --uid-owner 1337 -j RETURN
--A OUTPUT -p udp --dport 53 -m owner --gid-owner 1337 -j RETURN
--A OUTPUT -p udp --dport 53 -j REDIRECT --to-ports 15053
 -A ISTIO_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
--A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp -m multiport ! --dports 53,15008 -m owner --uid-owner 1337 -j ISTIO_IN_REDIRECT
+-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -o lo ! -d 127.0.0.1/32 -p tcp ! --dport 15008 -m owner --gid-owner 1337 -j ISTIO_IN_REDIRECT
--A ISTIO_OUTPUT -o lo -m owner ! --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -o lo -p tcp ! --dport 53 -m owner ! --gid-owner 1337 -j RETURN
 -A ISTIO_OUTPUT -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT -j ISTIO_OUTPUT_DNS
+-A ISTIO_OUTPUT_DNS -p tcp --dport 53 -j REDIRECT --to-ports 15053
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --gid-owner 1337 -j RETURN
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j REDIRECT --to-port 15053
 -A ISTIO_OUTPUT -d 127.0.0.1/32 -j RETURN
 -A ISTIO_OUTPUT -j ISTIO_REDIRECT
+COMMIT
+*raw
+:ISTIO_OUTPUT_DNS - [0:0]
+:ISTIO_INBOUND - [0:0]
+-A OUTPUT -j ISTIO_OUTPUT_DNS
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --uid-owner 1337 -j CT --zone 1
+-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m owner --uid-owner 1337 -j CT --zone 2
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -m owner --gid-owner 1337 -j CT --zone 1
+-A ISTIO_OUTPUT_DNS -p udp --sport 15053 -m owner --gid-owner 1337 -j CT --zone 2
+-A PREROUTING -j ISTIO_INBOUND
+-A ISTIO_OUTPUT_DNS -p udp --dport 53 -j CT --zone 2
+-A ISTIO_INBOUND -p udp --sport 53 -j CT --zone 1
 COMMIT
 ";
 
