@@ -129,4 +129,12 @@ status=0
 unshare --mount --propagation private -- \
     bash "$work/enter.sh" "$root" "$rustup_home" "$cargo_bin" "$work/env" "$@" || status=$?
 echo "    $((SECONDS - start)) s"
+# The earlier layouts' binaries the upgrade tests built there (from this checkout's history,
+# against the same Debian 12 libraries): vm/run.sh runs the upgrade tests on other kernels
+# with them, as it does after a host run of scripts/test.sh.
+for bin in "$root"/root/meshbpf/target/previous-layout/*/target/debug/meshbpf; do
+    [ -f "$bin" ] || continue
+    rel=${bin#"$root"/root/meshbpf/}
+    [ -e "$repo/$rel" ] || install -D -m 0755 "$bin" "$repo/$rel"
+done
 exit "$status"
