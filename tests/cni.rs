@@ -681,7 +681,7 @@ fn exclude_interfaces_leaves_what_the_interface_reaches_uncaptured() {
     let far = env.pod("far");
     let server = env.pod("server");
     second_interface(&app, &far, "net1");
-    let _far = far.server(&["0.0.0.0:8080"]);
+    let _far = far.server(&["0.0.0.0:8080", "[2001:db8:1::2]:8081"]);
     let _server = server.server(&["0.0.0.0:8080"]);
     let log = env.root.join("cni.log");
     let annotations = json!({
@@ -713,11 +713,15 @@ fn exclude_interfaces_leaves_what_the_interface_reaches_uncaptured() {
 
     // Through net1, to its subnet and along its route: straight to the server, as behind
     // istio-iptables' `-o net1 -j RETURN`.
-    for dest in ["203.0.113.2:8080", "198.51.100.7:8080"] {
+    for (dest, saw) in [
+        ("203.0.113.2:8080", "203.0.113.1"),
+        ("198.51.100.7:8080", "203.0.113.1"),
+        ("[2001:db8:1::2]:8081", "[2001:db8:1::1]"),
+    ] {
         let probe = app.connect(dest, &["--message", "direct"]);
         assert_eq!(
             probe.get("reply"),
-            format!("from={dest} saw=203.0.113.1:{} msg=direct", port_of(&probe)),
+            format!("from={dest} saw={saw}:{} msg=direct", port_of(&probe)),
         );
     }
     assert!(
@@ -725,7 +729,7 @@ fn exclude_interfaces_leaves_what_the_interface_reaches_uncaptured() {
         "{}",
         sidecar.output()
     );
-    assert_eq!(counter(&mesh, "skip_excluded_cidr"), 2);
+    assert_eq!(counter(&mesh, "skip_excluded_cidr"), 3);
     // Through eth0: captured as before.
     let dest = server.addr(false, 8080);
     let probe = app.connect(&dest, &["--message", "captured"]);
