@@ -407,7 +407,6 @@ struct Routed {
 /// destinations a socket's connect reaches through them: what istio-iptables' `OUTPUT -o
 /// IFACE -j RETURN` leaves alone).
 fn routed_out_of(netns: &Netns, names: &[String]) -> std::io::Result<Routed> {
-    use nix::sys::socket::SockaddrLike;
     let fd = netns.file().try_clone()?;
     std::thread::scope(|scope| {
         scope
@@ -432,12 +431,9 @@ fn routed_out_of(netns: &Netns, names: &[String]) -> std::io::Result<Routed> {
                         (_, Some(v6)) if !is_link_local(v6.ip()) => IpAddr::V6(v6.ip()),
                         _ => continue,
                     };
-                    let bits = if addr.family() == Some(nix::sys::socket::AddressFamily::Inet) {
-                        32
-                    } else {
-                        128
-                    };
-                    routed.cidrs.extend(cidr(ip, bits));
+                    routed
+                        .cidrs
+                        .extend(cidr(ip, if ip.is_ipv4() { 32 } else { 128 }));
                 }
                 let mut routes = main_table_routes(nix::libc::AF_INET as u8)?;
                 routes.extend(main_table_routes(nix::libc::AF_INET6 as u8)?);
