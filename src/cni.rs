@@ -996,27 +996,21 @@ fn check(conf: &PluginConf, env: &Environment) -> Result<(), ErrorResult> {
     }
 }
 
-/// The fields where `found` differs from `expected`, one `field: found != expected` each.
+/// The fields where `found` differs from `expected`: `registered FIELD: VALUE; conf gives
+/// FIELD: VALUE` for each, lists and CIDRs as JSON shows them.
 fn settings_diff(found: &PodSettings, expected: &PodSettings) -> String {
-    let fields = |s: &PodSettings| -> Vec<String> {
-        format!("{s:#?}")
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.contains(':'))
-            .map(String::from)
-            .collect()
+    let fields = |s: &PodSettings| match serde_json::to_value(s) {
+        Ok(Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
     };
     let (found, expected) = (fields(found), fields(expected));
     found
         .iter()
-        .filter(|l| !expected.contains(l))
-        .map(|l| format!("registered {l}"))
-        .chain(
-            expected
-                .iter()
-                .filter(|l| !found.contains(l))
-                .map(|l| format!("conf gives {l}")),
-        )
+        .filter(|(field, value)| expected.get(*field) != Some(*value))
+        .map(|(field, value)| {
+            let wanted = expected.get(field).unwrap_or(&Value::Null);
+            format!("registered {field}: {value}; conf gives {field}: {wanted}")
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }

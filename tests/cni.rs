@@ -746,7 +746,26 @@ fn exclude_interfaces_leaves_what_the_interface_reaches_uncaptured() {
         logged.contains("excludeInterfaces net1: outbound to 198.51.100.0/24,"),
         "{logged}"
     );
-    cni("CHECK", &vars("ctr-app", &app), &conf(&env, extra)).assert_ok();
+    let check = || cni("CHECK", &vars("ctr-app", &app), &conf(&env, extra.clone()));
+    check().assert_ok();
+
+    // Decided at ADD: a route through net1 added since is not excluded, and CHECK says so.
+    sh(std::process::Command::new("ip").args([
+        "-n",
+        &app.name,
+        "route",
+        "add",
+        "2001:db8:2::/48",
+        "via",
+        "2001:db8:1::2",
+    ]));
+    let out = check();
+    assert_eq!(out.error_code(), 102, "{out:?}");
+    assert!(
+        out.message().contains("2001:db8:2::/48"),
+        "{}",
+        out.message()
+    );
 }
 
 #[test]
