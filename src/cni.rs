@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Display;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use serde_json::value::RawValue;
@@ -27,7 +28,8 @@ use crate::error::Error;
 use crate::mesh::{Mesh, DEFAULT_PIN_DIR};
 use crate::netns::Netns;
 use crate::options::PodOptions;
-use crate::presets::apply_istio_annotations;
+use crate::presets::{read_istio_annotations, IstioAnnotations};
+use crate::settings::Cidr;
 use crate::settings::PodSettings;
 
 /// The plugin's name: its binary and its conf entry's `type`.
@@ -215,9 +217,14 @@ impl PluginConf {
                 let Some(annotations) = value.get(ANNOTATIONS_CAPABILITY) else {
                     return Ok(());
                 };
-                let map = annotations
-                    .as_object()
-                    .ok_or_else(|| bad("pod annotations: give a JSON object"))?;
+                // containerd (1.6 at least) sends null for a pod without annotations.
+                let empty = serde_json::Map::new();
+                let map = match annotations {
+                    Value::Null => &empty,
+                    other => other
+                        .as_object()
+                        .ok_or_else(|| bad("pod annotations: give a JSON object or null"))?,
+                };
                 self.annotations = Some(
                     map.iter()
                         .map(|(k, v)| {
@@ -259,9 +266,9 @@ impl PluginConf {
     }
 
     /// Whether a pod is registered, and with which settings: skipped when its Kubernetes
-    /// namespace is excluded, or when the runtime delivered its annotations and they show no
-    /// injected sidecar; otherwise the conf's settings with the pod's
-    /// `traffic.sidecar.istio.io/*` annotations applied over them.
+    /// namespace is excluded, or when the runtime delivered its annotations (`null`: none)
+    /// and they show no injected sidecar; otherwise the conf's settings with the pod's
+    /// Istio annotations applied over them, read as istio-cni reads them.
     pub fn decide(&self, cni_args: Option<&str>) -> Result<Decision, ErrorResult> {
         if let Some(namespace) = cni_arg(cni_args, "K8S_POD_NAMESPACE") {
             if self.exclude_namespaces.iter().any(|n| n == namespace) {
@@ -275,7 +282,9 @@ impl PluginConf {
             .settings(None)
             .map_err(|err| ErrorResult::config(err.to_string()))?;
         let Some(annotations) = &self.annotations else {
-            return Ok(Decision::Register(settings));
+            return Ok(Decision::Register(Box::new(IstioAnnotations::from(
+                settings,
+            ))));
         };
         if !annotations.contains_key("sidecar.istio.io/status") {
             return Ok(Decision::Skip(
@@ -290,9 +299,9 @@ impl PluginConf {
                 "annotation sidecar.istio.io/inject is \"false\"".into(),
             ));
         }
-        apply_istio_annotations(settings, annotations)
-            .and_then(|s| s.validate().map(|()| s))
-            .map(Decision::Register)
+        read_istio_annotations(settings, annotations)
+            .and_then(|read| read.settings.validate().map(|()| read))
+            .map(|read| Decision::Register(Box::new(read)))
             .map_err(|err| ErrorResult::config(format!("pod annotations: {err}")))
     }
 }
@@ -302,8 +311,291 @@ impl PluginConf {
 pub enum Decision {
     /// Leave the pod alone, for this reason.
     Skip(String),
-    /// Register it with these settings.
-    Register(PodSettings),
+    /// Register it.
+    Register(Box<Registration>),
+}
+
+/// The settings of a pod the plugin registers, before its network namespace is looked at,
+/// and what its annotations named that only the namespace or the log can answer.
+pub type Registration = IstioAnnotations;
+
+/// The settings to register the pod in `netns` with: the [`Registration`]'s, with outbound to
+/// what its excluded interfaces reach not captured; and the lines to log, saying what was
+/// read and what was left alone.
+fn settings_in(
+    registration: &Registration,
+    netns: &Netns,
+) -> Result<(PodSettings, Vec<String>), ErrorResult> {
+    let mut settings = registration.settings.clone();
+    let mut notes = Vec::new();
+    let (unknown, others) = (&registration.unknown_traffic_keys, &registration.other_keys);
+    if !unknown.is_empty() {
+        notes.push(format!(
+            "ignored {} traffic annotation(s) neither istio-cni nor meshbpf reads: {}",
+            unknown.len(),
+            unknown.join(", ")
+        ));
+    }
+    if !others.is_empty() {
+        notes.push(format!(
+            "left alone {} annotation(s) that are not Istio's traffic settings: {}",
+            others.len(),
+            others.join(", ")
+        ));
+    }
+    if !registration.virtual_interfaces.is_empty() {
+        notes.push(format!(
+            "kubevirtInterfaces {}: the VM's traffic is forwarded through the pod, not \
+             made by its sockets, so it is not captured (istio-iptables redirects what \
+             arrives there to the sidecar as outbound); the pod's own connections are \
+             captured as usual",
+            registration.virtual_interfaces.join(",")
+        ));
+    }
+    if registration.exclude_interfaces.is_empty() {
+        return Ok((settings, notes));
+    }
+    let routed = routed_out_of(netns, &registration.exclude_interfaces).map_err(|err| {
+        ErrorResult::new(
+            code::FAILED,
+            format!(
+                "reading the routes of {} in {}",
+                registration.exclude_interfaces.join(","),
+                netns.path().display()
+            ),
+            err.to_string(),
+        )
+    })?;
+    if !routed.missing.is_empty() {
+        notes.push(format!(
+            "excludeInterfaces: {} not in the pod at ADD: nothing excluded for it",
+            routed.missing.join(",")
+        ));
+    }
+    if !routed.cidrs.is_empty() {
+        notes.push(format!(
+            "excludeInterfaces {}: outbound to {} is not captured",
+            registration.exclude_interfaces.join(","),
+            routed
+                .cidrs
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ));
+    }
+    settings.exclude_outbound_cidrs.extend(routed.cidrs);
+    settings.validate().map_err(|err| {
+        ErrorResult::config(format!(
+            "pod annotations: traffic.sidecar.istio.io/excludeInterfaces: {err}"
+        ))
+    })?;
+    Ok((settings, notes))
+}
+
+/// What a pod routes out of some of its interfaces.
+#[derive(Debug, Default)]
+struct Routed {
+    /// The destinations: the interfaces' own addresses, and every prefix the main routing
+    /// table sends out of them, less the longer prefixes it sends elsewhere.
+    cidrs: BTreeSet<Cidr>,
+    /// The names no interface of the pod has.
+    missing: Vec<String>,
+}
+
+/// What `netns` routes out of the interfaces `names`, as its main table says now (the
+/// destinations a socket's connect reaches through them: what istio-iptables' `OUTPUT -o
+/// IFACE -j RETURN` leaves alone).
+fn routed_out_of(netns: &Netns, names: &[String]) -> std::io::Result<Routed> {
+    let fd = netns.file().try_clone()?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(move || -> std::io::Result<Routed> {
+                nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)?;
+                let mut routed = Routed::default();
+                let mut indexes = BTreeSet::new();
+                for name in names {
+                    match nix::net::if_::if_nametoindex(name.as_str()) {
+                        Ok(index) => drop(indexes.insert(index)),
+                        Err(nix::errno::Errno::ENODEV) => routed.missing.push(name.clone()),
+                        Err(err) => return Err(err.into()),
+                    }
+                }
+                for ifa in nix::ifaddrs::getifaddrs()? {
+                    let Some(addr) = ifa.address.filter(|_| names.contains(&ifa.interface_name))
+                    else {
+                        continue;
+                    };
+                    let ip = match (addr.as_sockaddr_in(), addr.as_sockaddr_in6()) {
+                        (Some(v4), _) => IpAddr::V4(v4.ip()),
+                        (_, Some(v6)) if !is_link_local(v6.ip()) => IpAddr::V6(v6.ip()),
+                        _ => continue,
+                    };
+                    routed
+                        .cidrs
+                        .extend(cidr(ip, if ip.is_ipv4() { 32 } else { 128 }));
+                }
+                let mut routes = main_table_routes(nix::libc::AF_INET as u8)?;
+                routes.extend(main_table_routes(nix::libc::AF_INET6 as u8)?);
+                let (out, elsewhere): (Vec<_>, Vec<_>) = routes
+                    .into_iter()
+                    .partition(|(_, oif)| indexes.contains(oif));
+                let elsewhere: Vec<Cidr> = elsewhere.into_iter().map(|(c, _)| c).collect();
+                for (prefix, _) in out {
+                    routed.cidrs.extend(without(prefix, &elsewhere));
+                }
+                Ok(routed)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("route thread panicked")))
+    })
+}
+
+fn is_link_local(ip: std::net::Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// `ip`/`prefix` as a prefix (host bits cleared).
+fn cidr(ip: IpAddr, prefix: u8) -> Option<Cidr> {
+    format!("{ip}/{prefix}").parse().ok()
+}
+
+/// `prefix` less every prefix of `holes` inside it (a hole as long or longer): the longest
+/// match decides a route, so what a longer prefix sends elsewhere is not routed out here.
+fn without(prefix: Cidr, holes: &[Cidr]) -> Vec<Cidr> {
+    let inside: Vec<Cidr> = holes
+        .iter()
+        .copied()
+        .filter(|h| h.prefix() >= prefix.prefix() && prefix.contains(h.addr()))
+        .collect();
+    if inside.is_empty() {
+        return vec![prefix];
+    }
+    if inside.iter().any(|h| h.prefix() == prefix.prefix()) {
+        return Vec::new();
+    }
+    let bits = if prefix.addr().is_ipv4() { 32 } else { 128 };
+    let low = match prefix.addr() {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    };
+    let high = low | 1u128 << (bits - 1 - prefix.prefix());
+    [low, high]
+        .into_iter()
+        .filter_map(|half| {
+            let ip = match prefix.addr() {
+                IpAddr::V4(_) => IpAddr::V4(std::net::Ipv4Addr::from(half as u32)),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::from(half)),
+            };
+            cidr(ip, prefix.prefix() + 1)
+        })
+        .flat_map(|half| without(half, &inside))
+        .collect()
+}
+
+/// The unicast routes of the calling thread's network namespace's main table in `family`
+/// (AF_INET or AF_INET6), each with its output interface: one RTM_GETROUTE dump over
+/// rtnetlink (linux/rtnetlink.h). Multipath routes (no single RTA_OIF) are left out; IPv6
+/// link-local ones too (every interface has fe80::/64, and a connect to one names its
+/// interface).
+fn main_table_routes(family: u8) -> std::io::Result<Vec<(Cidr, u32)>> {
+    use nix::libc;
+    use nix::sys::socket::{recv, send, socket, MsgFlags, SockFlag, SockProtocol, SockType};
+    use std::os::fd::AsRawFd;
+    const RTM_GETROUTE: u16 = 26;
+    const RTM_NEWROUTE: u16 = 24;
+    const RTA_DST: u16 = 1;
+    const RTA_OIF: u16 = 4;
+    const RTA_TABLE: u16 = 15;
+    const RTN_UNICAST: u8 = 1;
+    const RT_TABLE_MAIN: u32 = 254;
+    // nlmsghdr (16) + rtmsg (12).
+    let mut msg = Vec::with_capacity(28);
+    msg.extend_from_slice(&28u32.to_ne_bytes());
+    msg.extend_from_slice(&RTM_GETROUTE.to_ne_bytes());
+    msg.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // sequence
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // the kernel
+    msg.extend_from_slice(&[family, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let sock = socket(
+        nix::sys::socket::AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkRoute,
+    )?;
+    send(sock.as_raw_fd(), &msg, MsgFlags::empty())?;
+    let u16_at = |b: &[u8], at: usize| b.get(at..at + 2).map(|w| u16::from_ne_bytes([w[0], w[1]]));
+    let u32_at = |b: &[u8], at: usize| {
+        b.get(at..at + 4)
+            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+    };
+    let mut routes = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = recv(sock.as_raw_fd(), &mut buf, MsgFlags::empty())?;
+        if n == 0 {
+            return Err(std::io::Error::other(
+                "rtnetlink closed before the dump ended",
+            ));
+        }
+        let mut at = 0;
+        while at + 16 <= n {
+            let (Some(len), Some(kind)) = (u32_at(&buf, at), u16_at(&buf, at + 4)) else {
+                break;
+            };
+            let len = len as usize;
+            if len < 16 || at + len > n {
+                return Err(std::io::Error::other("truncated rtnetlink message"));
+            }
+            let body = &buf[at + 16..at + len];
+            at += (len + 3) & !3;
+            match kind {
+                k if k == libc::NLMSG_DONE as u16 => return Ok(routes),
+                k if k == libc::NLMSG_ERROR as u16 => {
+                    let errno = u32_at(body, 0).map_or(0, |e| e as i32);
+                    return Err(std::io::Error::from_raw_os_error(-errno));
+                }
+                RTM_NEWROUTE if body.len() >= 12 && body[7] == RTN_UNICAST => {}
+                _ => continue,
+            }
+            let (dst_len, mut table) = (body[1], u32::from(body[4]));
+            let (mut dst, mut oif) = (None, None);
+            let mut a = 12;
+            while a + 4 <= body.len() {
+                let (Some(alen), Some(atype)) = (u16_at(body, a), u16_at(body, a + 2)) else {
+                    break;
+                };
+                let alen = alen as usize;
+                if alen < 4 || a + alen > body.len() {
+                    break;
+                }
+                let data = &body[a + 4..a + alen];
+                match atype {
+                    RTA_DST => dst = Some(data.to_vec()),
+                    RTA_OIF => oif = u32_at(data, 0),
+                    RTA_TABLE => table = u32_at(data, 0).unwrap_or(table),
+                    _ => {}
+                }
+                a += (alen + 3) & !3;
+            }
+            let ip = match (family as i32, dst.as_deref()) {
+                (libc::AF_INET, Some(&[a, b, c, d])) => IpAddr::from([a, b, c, d]),
+                (libc::AF_INET, None) => IpAddr::from([0u8; 4]),
+                (libc::AF_INET6, Some(d)) => match <[u8; 16]>::try_from(d) {
+                    Ok(octets) => IpAddr::from(octets),
+                    Err(_) => continue,
+                },
+                (libc::AF_INET6, None) => IpAddr::from([0u8; 16]),
+                _ => continue,
+            };
+            let link_local = matches!(ip, IpAddr::V6(v6) if is_link_local(v6));
+            if let (RT_TABLE_MAIN, false, Some(oif), Some(prefix)) =
+                (table, link_local, oif, cidr(ip, dst_len))
+            {
+                routes.push((prefix, oif));
+            }
+        }
+    }
 }
 
 /// The value of `key` in `CNI_ARGS` (`K1=V1;K2=V2`).
@@ -457,20 +749,21 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
             env.get("CNI_IFNAME").map_or("-", String::as_str)
         ),
     };
+    // Opened before the conf is checked, so that an error in the conf reaches the file too.
+    log.open_file(lenient_log_file(stdin).as_deref());
     let result = match command {
         "VERSION" => Ok(version(stdin)),
         // DEL is best effort: it reads the conf leniently, as a bad conf must not keep a
         // pod from ever being deleted.
         "DEL" => del(env, stdin, &mut log).map(|()| Vec::new()),
-        "ADD" | "CHECK" | "STATUS" | "GC" => PluginConf::parse(stdin).and_then(|conf| {
-            log.open_file(conf.log_file.as_deref());
-            match command {
+        "ADD" | "CHECK" | "STATUS" | "GC" => {
+            PluginConf::parse(stdin).and_then(|conf| match command {
                 "ADD" => add(&conf, env, &mut log),
                 "CHECK" => check(&conf, env).map(|()| Vec::new()),
                 "STATUS" => status(&conf).map(|()| Vec::new()),
                 _ => gc(&conf, &mut log).map(|()| Vec::new()),
-            }
-        }),
+            })
+        }
         _ => Err(ErrorResult::new(
             code::INVALID_ENVIRONMENT,
             format!("CNI_COMMAND {command:?} is not a CNI command"),
@@ -481,6 +774,14 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
         Ok(stdout) => Outcome { stdout, ok: true },
         Err(err) => failure(&mut log, version_of(stdin), err),
     }
+}
+
+/// The conf's `log_file` if the conf is a JSON object naming an absolute path there, whatever
+/// else is wrong with it.
+fn lenient_log_file(stdin: &[u8]) -> Option<PathBuf> {
+    let conf: Value = serde_json::from_slice(stdin).ok()?;
+    let path = Path::new(conf.get("log_file")?.as_str()?);
+    path.is_absolute().then(|| path.to_path_buf())
 }
 
 fn failure(log: &mut Log, cni_version: String, err: ErrorResult) -> Outcome {
@@ -566,14 +867,19 @@ fn prev_result(conf: &PluginConf) -> Result<&RawValue, ErrorResult> {
 fn add(conf: &PluginConf, env: &Environment, log: &mut Log) -> Result<Vec<u8>, ErrorResult> {
     let [container_id, ifname, netns] = attachment(env, true)?;
     let prev = prev_result(conf)?;
-    let settings = match conf.decide(env.get("CNI_ARGS").map(String::as_str))? {
+    let registration = match conf.decide(env.get("CNI_ARGS").map(String::as_str))? {
         Decision::Skip(why) => {
             log.line(format!("not registering {netns}: {why}"));
             return Ok(prev.get().as_bytes().to_vec());
         }
-        Decision::Register(settings) => settings,
+        Decision::Register(registration) => registration,
     };
     let mesh = Mesh::open(&conf.pin_dir).map_err(|e| mesh_error(e, &conf.pin_dir))?;
+    let ns = Netns::open(netns).map_err(|e| mesh_error(e, &conf.pin_dir))?;
+    let (settings, notes) = settings_in(&registration, &ns)?;
+    for note in notes {
+        log.line(note);
+    }
     let pod = mesh
         .register_netns(netns, &settings)
         .map_err(|e| mesh_error(e, &conf.pin_dir))?;
@@ -613,7 +919,6 @@ fn del(env: &Environment, stdin: &[u8], log: &mut Log) -> Result<(), ErrorResult
         ));
         Value::Null
     });
-    log.open_file(conf.get("log_file").and_then(Value::as_str).map(Path::new));
     let dir = |key: &str, default: &str| {
         PathBuf::from(conf.get(key).and_then(Value::as_str).unwrap_or(default))
     };
@@ -666,13 +971,15 @@ fn del(env: &Environment, stdin: &[u8], log: &mut Log) -> Result<(), ErrorResult
 fn check(conf: &PluginConf, env: &Environment) -> Result<(), ErrorResult> {
     let [_, _, netns] = attachment(env, true)?;
     prev_result(conf)?;
-    let Decision::Register(expected) = conf.decide(env.get("CNI_ARGS").map(String::as_str))? else {
+    let Decision::Register(registration) = conf.decide(env.get("CNI_ARGS").map(String::as_str))?
+    else {
         return Ok(());
     };
     let mesh = Mesh::open(&conf.pin_dir).map_err(|e| mesh_error(e, &conf.pin_dir))?;
-    let cookie = Netns::open(netns)
-        .map_err(|e| mesh_error(e, &conf.pin_dir))?
-        .cookie();
+    let ns = Netns::open(netns).map_err(|e| mesh_error(e, &conf.pin_dir))?;
+    // The excluded interfaces' routes as they are now: a route changed since ADD shows.
+    let (expected, _) = settings_in(&registration, &ns)?;
+    let cookie = ns.cookie();
     let pods = mesh.pods().map_err(|e| mesh_error(e, &conf.pin_dir))?;
     match pods.into_iter().find(|p| p.netns_cookie == cookie) {
         None => Err(ErrorResult::new(
@@ -689,27 +996,21 @@ fn check(conf: &PluginConf, env: &Environment) -> Result<(), ErrorResult> {
     }
 }
 
-/// The fields where `found` differs from `expected`, one `field: found != expected` each.
+/// The fields where `found` differs from `expected`: `registered FIELD: VALUE; conf gives
+/// FIELD: VALUE` for each, lists and CIDRs as JSON shows them.
 fn settings_diff(found: &PodSettings, expected: &PodSettings) -> String {
-    let fields = |s: &PodSettings| -> Vec<String> {
-        format!("{s:#?}")
-            .lines()
-            .map(str::trim)
-            .filter(|l| l.contains(':'))
-            .map(String::from)
-            .collect()
+    let fields = |s: &PodSettings| match serde_json::to_value(s) {
+        Ok(Value::Object(fields)) => fields,
+        _ => serde_json::Map::new(),
     };
     let (found, expected) = (fields(found), fields(expected));
     found
         .iter()
-        .filter(|l| !expected.contains(l))
-        .map(|l| format!("registered {l}"))
-        .chain(
-            expected
-                .iter()
-                .filter(|l| !found.contains(l))
-                .map(|l| format!("conf gives {l}")),
-        )
+        .filter(|(field, value)| expected.get(*field) != Some(*value))
+        .map(|(field, value)| {
+            let wanted = expected.get(field).unwrap_or(&Value::Null);
+            format!("registered {field}: {value}; conf gives {field}: {wanted}")
+        })
         .collect::<Vec<_>>()
         .join("; ")
 }
@@ -783,9 +1084,10 @@ mod tests {
         assert_eq!(conf.pin_dir, Path::new("/sys/fs/bpf/x"));
         assert_eq!(conf.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(conf.exclude_namespaces, ["kube-system"]);
-        let Decision::Register(s) = conf.decide(None).unwrap() else {
+        let Decision::Register(r) = conf.decide(None).unwrap() else {
             panic!("skipped")
         };
+        let s = r.settings;
         assert_eq!(s.proxy_uids, [2102].into());
         assert_eq!(s.exclude_outbound_ports, [3306, 5432].into());
         assert!(!s.capture_dns);
@@ -837,6 +1139,16 @@ mod tests {
             .decide(args)
         };
         assert!(matches!(with("{}", None), Ok(Decision::Skip(_))));
+        // containerd's way of saying "no annotations".
+        assert!(matches!(with("null", None), Ok(Decision::Skip(_))));
+        let Ok(Decision::Register(r)) = with(
+            r#"{"sidecar.istio.io/status":"{}","traffic.sidecar.istio.io/foo":"1","a/b":"c"}"#,
+            None,
+        ) else {
+            panic!("an unknown traffic annotation failed the pod")
+        };
+        assert_eq!(r.unknown_traffic_keys, ["traffic.sidecar.istio.io/foo"]);
+        assert_eq!(r.other_keys, ["a/b"]);
         assert!(matches!(
             with(
                 r#"{"sidecar.istio.io/status":"{}","sidecar.istio.io/inject":"False"}"#,
@@ -844,12 +1156,13 @@ mod tests {
             ),
             Ok(Decision::Skip(_))
         ));
-        let Ok(Decision::Register(s)) = with(
+        let Ok(Decision::Register(r)) = with(
             r#"{"sidecar.istio.io/status":"{}","traffic.sidecar.istio.io/excludeOutboundPorts":"3306"}"#,
             Some("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web"),
         ) else {
             panic!("not registered")
         };
+        let s = r.settings;
         assert_eq!(s.exclude_outbound_ports, [3306].into());
         let err = with(
             r#"{"sidecar.istio.io/status":"{}","traffic.sidecar.istio.io/includeOutboundIPRanges":"x"}"#,
@@ -902,6 +1215,35 @@ mod tests {
             );
             assert!(String::from_utf8_lossy(&log).contains("error 4"));
         }
+    }
+
+    #[test]
+    fn a_route_out_of_an_interface_loses_the_longer_prefixes_routed_elsewhere() {
+        let c = |t: &str| t.parse::<Cidr>().unwrap();
+        let text = |v: Vec<Cidr>| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        // A default route out of net1 while eth0 holds 192.0.2.0/24: everything but that.
+        let rest = without(c("0.0.0.0/0"), &[c("192.0.2.0/24"), c("2001:db8::/64")]);
+        assert_eq!(rest.len(), 24);
+        assert!(rest
+            .iter()
+            .all(|r| !r.contains("192.0.2.9".parse().unwrap())));
+        assert!(rest
+            .iter()
+            .any(|r| r.contains("192.0.3.1".parse().unwrap())));
+        assert!(rest.iter().any(|r| r.contains("10.1.2.3".parse().unwrap())));
+        assert_eq!(
+            text(without(c("2001:db8::/32"), &[c("2001:db8::/33")])),
+            ["2001:db8:8000::/33"]
+        );
+        // Shorter or unrelated routes elsewhere take nothing; the same prefix takes all.
+        assert_eq!(
+            text(without(
+                c("203.0.113.0/24"),
+                &[c("0.0.0.0/0"), c("198.51.100.0/24")]
+            )),
+            ["203.0.113.0/24"]
+        );
+        assert!(without(c("203.0.113.0/24"), &[c("203.0.113.0/24")]).is_empty());
     }
 
     #[test]

@@ -9,7 +9,7 @@ use clap::{Args, FromArgMatches};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
-use crate::presets::{apply_istio_annotations, MeshPreset};
+use crate::presets::{read_istio_annotations, MeshPreset};
 use crate::settings::{
     parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
 };
@@ -176,11 +176,22 @@ impl PodOptions {
     }
 
     /// The settings these options give: the mesh preset (istio unless `mesh` is given), then
-    /// the pod's Istio annotations if any, then each option given.
+    /// the pod's Istio annotations if any, then each option given. Annotations are read as
+    /// istio-cni reads them (unknown keys left alone), except `excludeInterfaces`, which only
+    /// the pod's network namespace can turn into settings: it is refused, naming the fix.
     pub fn settings(&self, annotations: Option<&BTreeMap<String, String>>) -> Result<PodSettings> {
         let mut s = self.mesh.unwrap_or(MeshPreset::Istio).settings();
         if let Some(annotations) = annotations {
-            s = apply_istio_annotations(s, annotations)?;
+            let read = read_istio_annotations(s, annotations)?;
+            if !read.exclude_interfaces.is_empty() {
+                return Err(Error::InvalidSetting(format!(
+                    "traffic.sidecar.istio.io/excludeInterfaces: {}: read from annotations \
+                     only by meshbpf-cni, which looks up what the interfaces reach in the \
+                     pod; here give --exclude-outbound-cidrs with their subnets and routes",
+                    read.exclude_interfaces.join(",")
+                )));
+            }
+            s = read.settings;
         }
         fn put<T: Clone>(setting: &mut T, option: &Option<T>) {
             if let Some(value) = option {
@@ -431,5 +442,31 @@ mod tests {
                 .exclude_outbound_ports,
             [3306].into()
         );
+    }
+
+    #[test]
+    fn annotations_outside_the_cni_plugin_refuse_only_what_needs_the_pod() {
+        let ann = |key: &str, value: &str| BTreeMap::from([(key.to_string(), value.to_string())]);
+        let o = PodOptions::default();
+        let err = o
+            .settings(Some(&ann(
+                "traffic.sidecar.istio.io/excludeInterfaces",
+                "net1",
+            )))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("net1") && err.contains("--exclude-outbound-cidrs"),
+            "{err}"
+        );
+        for (key, value) in [
+            ("traffic.sidecar.istio.io/foo", "1"),
+            ("traffic.sidecar.istio.io/kubevirtInterfaces", "k6t-eth0"),
+        ] {
+            assert_eq!(
+                o.settings(Some(&ann(key, value))).unwrap(),
+                PodSettings::default()
+            );
+        }
     }
 }

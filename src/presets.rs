@@ -122,25 +122,80 @@ pub fn parse_annotations(text: &str) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// Applies a pod's `traffic.sidecar.istio.io/*` annotations to `base`, with the meaning
-/// istio-iptables gives them: `includeOutboundIPRanges` (`-i`, `*` = all, empty = none),
-/// `excludeOutboundIPRanges` (`-x`), `includeOutboundPorts` (`-q`), `excludeOutboundPorts`
-/// (`-o`), `includeInboundPorts` (`-b`, `*` = all, empty = no inbound capture),
-/// `excludeInboundPorts` (`-d`, the mesh's own ports always added). Other annotations are
-/// not meshbpf's business and are ignored; an unknown `traffic.sidecar.istio.io/` key is
-/// refused rather than silently dropped.
-pub fn apply_istio_annotations(
+/// The keys istio-cni reads besides the `traffic.sidecar.istio.io/` ones, all of which
+/// meshbpf reads too (istio-cni `cni/pkg/plugin/sidecar_redirect.go`, `annotationRegistry`).
+const READ_KEYS: [&str; 4] = [
+    "sidecar.istio.io/status",
+    "sidecar.istio.io/inject",
+    "sidecar.istio.io/interceptionMode",
+    REROUTE_VIRTUAL_INTERFACES,
+];
+
+/// The current name of `traffic.sidecar.istio.io/kubevirtInterfaces`; istio-cni prefers it
+/// when both are given (KubeVirt sets both).
+const REROUTE_VIRTUAL_INTERFACES: &str = "istio.io/reroute-virtual-interfaces";
+
+/// A pod's annotations as istio-cni reads them: the settings they give, the interfaces they
+/// name (which only the pod's network namespace can turn into addresses), and the keys
+/// meshbpf leaves alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IstioAnnotations {
+    /// The settings, with the traffic annotations applied.
+    pub settings: PodSettings,
+    /// `traffic.sidecar.istio.io/excludeInterfaces`: nothing routed out of these is captured
+    /// (istio-iptables `-c`).
+    pub exclude_interfaces: Vec<String>,
+    /// `istio.io/reroute-virtual-interfaces`, else `traffic.sidecar.istio.io/kubevirtInterfaces`
+    /// (istio-iptables `-k`): a KubeVirt VM's bridge, whose forwarded traffic iptables
+    /// redirects to the sidecar as outbound.
+    pub virtual_interfaces: Vec<String>,
+    /// `traffic.sidecar.istio.io/` keys neither istio-cni nor meshbpf knows: ignored, as
+    /// istio-cni ignores them.
+    pub unknown_traffic_keys: Vec<String>,
+    /// Every other annotation: not read (neither Istio's traffic keys nor injection's).
+    pub other_keys: Vec<String>,
+}
+
+/// Settings without annotations.
+impl From<PodSettings> for IstioAnnotations {
+    fn from(settings: PodSettings) -> Self {
+        IstioAnnotations {
+            settings,
+            exclude_interfaces: Vec::new(),
+            virtual_interfaces: Vec::new(),
+            unknown_traffic_keys: Vec::new(),
+            other_keys: Vec::new(),
+        }
+    }
+}
+
+/// Reads a pod's annotations as istio-cni does (`NewRedirect`): a malformed value of a key it
+/// reads fails, as it fails the pod there; keys it does not read are never an error.
+/// Traffic annotations have istio-iptables' meaning: `includeOutboundIPRanges` (`-i`, `*` =
+/// all, empty = none), `excludeOutboundIPRanges` (`-x`), `includeOutboundPorts` (`-q`),
+/// `excludeOutboundPorts` (`-o`), `includeInboundPorts` (`-b`, `*` = all, empty = no inbound
+/// capture), `excludeInboundPorts` (`-d`, the mesh's own ports always added);
+/// `excludeInterfaces` and `kubevirtInterfaces` are returned as names.
+pub fn read_istio_annotations(
     base: PodSettings,
     annotations: &BTreeMap<String, String>,
-) -> Result<PodSettings> {
-    let mut s = base;
+) -> Result<IstioAnnotations> {
+    let mut read = IstioAnnotations::from(base);
+    let s = &mut read.settings;
     for (key, value) in annotations {
         if key == "sidecar.istio.io/interceptionMode" && value != "REDIRECT" {
+            // istio-cni takes TPROXY too, but the sidecar it configures then connects to the
+            // application from the client's address (original_src), which only TPROXY's
+            // policy routing brings back: with meshbpf such a pod's inbound would hang.
             return Err(Error::InvalidSetting(format!(
-                "{key}: {value:?}: meshbpf provides REDIRECT semantics only"
+                "{key}: {value:?}: meshbpf provides REDIRECT semantics only; remove the \
+                 annotation or set it to REDIRECT"
             )));
         }
         let Some(name) = key.strip_prefix(ANNOTATION_PREFIX) else {
+            if !READ_KEYS.contains(&key.as_str()) {
+                read.other_keys.push(key.clone());
+            }
             continue;
         };
         let named = |e: Error| Error::InvalidSetting(format!("{key}: {e}"));
@@ -168,19 +223,62 @@ pub fn apply_istio_annotations(
             "excludeInboundPorts" => {
                 s.exclude_inbound_ports = parse_port_list(value).map_err(named)?
             }
-            "excludeInterfaces" | "kubevirtInterfaces" => {
-                return Err(Error::InvalidSetting(format!(
-                    "{key}: interface-based rules have no meaning for socket hooks; remove it"
-                )))
+            "excludeInterfaces" => {
+                read.exclude_interfaces = parse_interface_names(value).map_err(named)?
             }
-            _ => {
-                return Err(Error::InvalidSetting(format!(
-                    "{key}: unknown traffic annotation"
-                )))
+            // Never validated by istio-cni: names that cannot be interfaces match nothing.
+            "kubevirtInterfaces" if !annotations.contains_key(REROUTE_VIRTUAL_INTERFACES) => {
+                read.virtual_interfaces = split_names(value)
             }
+            "kubevirtInterfaces" => {}
+            _ => read.unknown_traffic_keys.push(key.clone()),
         }
     }
-    Ok(s)
+    if let Some(value) = annotations.get(REROUTE_VIRTUAL_INTERFACES) {
+        read.virtual_interfaces = split_names(value);
+    }
+    Ok(read)
+}
+
+/// Applies a pod's `traffic.sidecar.istio.io/*` annotations to `base` as
+/// [`read_istio_annotations`] reads them; the interfaces they name and the keys left alone
+/// are dropped (a caller holding the pod's network namespace wants the former: see
+/// [`read_istio_annotations`]).
+pub fn apply_istio_annotations(
+    base: PodSettings,
+    annotations: &BTreeMap<String, String>,
+) -> Result<PodSettings> {
+    read_istio_annotations(base, annotations).map(|read| read.settings)
+}
+
+/// A comma-separated list of names, trimmed, empty ones left out.
+fn split_names(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// A comma-separated list of interface names, each one Linux could have: at most 15 bytes
+/// of letters, digits, `_`, `.` and `-`, not starting with `.` or `-` (istio-cni's
+/// `ValidateInterfaceNames`); empty entries are left out.
+fn parse_interface_names(text: &str) -> Result<Vec<String>> {
+    let names = split_names(text);
+    for name in &names {
+        let valid = name.len() <= 15
+            && !name.starts_with(['.', '-'])
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+        if !valid {
+            return Err(Error::InvalidSetting(format!(
+                "interface {name:?}: give interface names of at most 15 letters, digits, \
+                 '_', '.' or '-'"
+            )));
+        }
+    }
+    Ok(names)
 }
 
 #[cfg(test)]
@@ -257,7 +355,10 @@ mod tests {
                 r#"{"traffic.sidecar.istio.io/excludeOutboundIPRanges":"10.0.0.0/40"}"#,
                 "10.0.0.0/40",
             ),
-            (r#"{"traffic.sidecar.istio.io/bogus":"1"}"#, "bogus"),
+            (
+                r#"{"traffic.sidecar.istio.io/excludeInterfaces":"eth1,bad/name"}"#,
+                "bad/name",
+            ),
             (
                 r#"{"sidecar.istio.io/interceptionMode":"TPROXY"}"#,
                 "TPROXY",
@@ -269,5 +370,34 @@ mod tests {
             assert!(err.to_string().contains(named), "{err}");
         }
         assert!(parse_annotations("just text").is_err());
+    }
+
+    #[test]
+    #[cfg(feature = "cli")]
+    fn keys_istio_cni_accepts_are_read_or_left_alone_never_refused() {
+        let ann = parse_annotations(
+            r#"{"traffic.sidecar.istio.io/excludeInterfaces":"net1, net2,",
+                "traffic.sidecar.istio.io/kubevirtInterfaces":"k6t-eth0",
+                "traffic.sidecar.istio.io/foo":"bar",
+                "traffic.sidecar.istio.io/excludeOutboundPorts":"3306",
+                "sidecar.istio.io/status":"{}",
+                "prometheus.io/scrape":"true"}"#,
+        )
+        .unwrap();
+        let read = read_istio_annotations(PodSettings::default(), &ann).unwrap();
+        assert_eq!(read.exclude_interfaces, ["net1", "net2"]);
+        assert_eq!(read.virtual_interfaces, ["k6t-eth0"]);
+        assert_eq!(read.unknown_traffic_keys, ["traffic.sidecar.istio.io/foo"]);
+        assert_eq!(read.other_keys, ["prometheus.io/scrape"]);
+        assert_eq!(read.settings.exclude_outbound_ports, [3306].into());
+        // The current name wins over the deprecated one, as in istio-cni.
+        let both = parse_annotations(
+            r#"{"traffic.sidecar.istio.io/kubevirtInterfaces":"old",
+                "istio.io/reroute-virtual-interfaces":"new"}"#,
+        )
+        .unwrap();
+        let read = read_istio_annotations(PodSettings::default(), &both).unwrap();
+        assert_eq!(read.virtual_interfaces, ["new"]);
+        assert!(read.other_keys.is_empty() && read.unknown_traffic_keys.is_empty());
     }
 }

@@ -19,17 +19,14 @@ fn state_dir(env: &Env) -> PathBuf {
 
 /// The plugin's conf for this env, with `extra` keys, without `prevResult`.
 fn conf_without_prev(env: &Env, extra: Value) -> String {
-    let mut fields = json!({
+    let fields = json!({
         "cniVersion": "1.0.0",
         "name": "mbt-net",
         "type": "meshbpf-cni",
         "pin_dir": env.pin_dir,
         "state_dir": state_dir(env),
     });
-    if let (Some(fields), Value::Object(extra)) = (fields.as_object_mut(), extra) {
-        fields.extend(extra);
-    }
-    fields.to_string()
+    with_keys(fields, extra).to_string()
 }
 
 /// The plugin's conf for this env, with `extra` keys and [`PREV`] as `prevResult`.
@@ -301,7 +298,7 @@ fn pod_annotations_decide_who_is_registered_and_with_what() {
     }
     let mut env = Env::new();
     let mesh = env.attach();
-    let with = |annotations: Value| json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}});
+    let with = annotated;
     let injected = json!({
         "sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}",
         "traffic.sidecar.istio.io/excludeOutboundPorts": "3306",
@@ -529,4 +526,318 @@ fn stdout_carries_only_the_result_while_logs_go_to_stderr_and_the_log_file() {
     assert!(std::fs::read_to_string(&log)
         .unwrap()
         .contains("unregistered netns cookie"));
+}
+
+/// The `runtimeConfig` containerd and CRI-O send with a pod's annotations.
+fn annotated(annotations: Value) -> Value {
+    json!({"runtimeConfig": {"io.kubernetes.cri.pod-annotations": annotations}})
+}
+
+/// `extra` keys with `more` keys added.
+fn with_keys(mut extra: Value, more: Value) -> Value {
+    if let (Some(extra), Value::Object(more)) = (extra.as_object_mut(), more) {
+        extra.extend(more);
+    }
+    extra
+}
+
+#[test]
+fn null_pod_annotations_from_containerd_mean_none() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("app");
+    // What containerd 1.6's CRI plugin sends for a sandbox without annotations.
+    let out = add(&env, "ctr1", &pod, annotated(Value::Null));
+    out.assert_ok();
+    assert_eq!(out.stdout, PREV);
+    // No annotations: no sidecar.istio.io/status, so no injected sidecar to capture for.
+    assert!(mesh.pods().unwrap().is_empty());
+    assert!(out.stderr.contains("no sidecar injected"), "{}", out.stderr);
+    cni(
+        "CHECK",
+        &vars("ctr1", &pod),
+        &conf(&env, annotated(Value::Null)),
+    )
+    .assert_ok();
+    del(&env, "ctr1", &pod).assert_ok();
+}
+
+#[test]
+fn an_error_in_the_conf_reaches_the_log_file() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    env.attach();
+    let pod = env.pod("app");
+    let log = env.root.join("cni.log");
+    for (extra, code, named) in [
+        (json!({"outbound_prot": 15001}), 2, "outbound_prot"),
+        (
+            json!({"exclude_outbound_cidrs": "192.0.2.0/33"}),
+            7,
+            "192.0.2.0/33",
+        ),
+        (
+            annotated(json!({"sidecar.istio.io/status": "{}",
+                             "traffic.sidecar.istio.io/excludeOutboundPorts": "http"})),
+            7,
+            "\"http\"",
+        ),
+    ] {
+        let out = add(
+            &env,
+            "ctr1",
+            &pod,
+            with_keys(extra, json!({"log_file": log})),
+        );
+        assert_eq!(out.error_code(), code, "{out:?}");
+        let logged = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            logged
+                .lines()
+                .any(|l| l.contains(&format!("error {code}")) && l.contains(named)),
+            "{named} not in the log file:\n{logged}"
+        );
+    }
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+}
+
+#[test]
+fn an_unknown_traffic_annotation_is_logged_and_counted_not_refused() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let pod = env.pod("app");
+    let log = env.root.join("cni.log");
+    let annotations = json!({
+        "sidecar.istio.io/status": "{}",
+        "traffic.sidecar.istio.io/foo": "bar",
+        "traffic.sidecar.istio.io/excludeOutboundPorts": "3306",
+        "prometheus.io/scrape": "true",
+    });
+    let extra = with_keys(annotated(annotations), json!({"log_file": log}));
+    let out = add(&env, "ctr1", &pod, extra.clone());
+    out.assert_ok();
+    assert_eq!(out.stdout, PREV);
+    let pods = mesh.pods().unwrap();
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].settings.exclude_outbound_ports, [3306].into());
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(
+            "ignored 1 traffic annotation(s) neither istio-cni nor meshbpf reads: \
+             traffic.sidecar.istio.io/foo"
+        ),
+        "{logged}"
+    );
+    assert!(
+        logged.contains("left alone 1 annotation(s) that are not Istio's traffic settings: prometheus.io/scrape"),
+        "{logged}"
+    );
+    cni("CHECK", &vars("ctr1", &pod), &conf(&env, extra)).assert_ok();
+}
+
+/// Gives `pod` a second interface `ifname`: a veth to `far` with 203.0.113.1/24 and
+/// 2001:db8:1::1/64 (`far`'s end has .2 and ::2), and a route to 198.51.100.0/24 through it,
+/// to `far`, which holds 198.51.100.7 on lo.
+fn second_interface(pod: &Pod, far: &Pod, ifname: &str) {
+    let ip = |ns: &str, args: &str| {
+        let mut argv = vec!["-n", ns];
+        argv.extend(args.split(' '));
+        sh(std::process::Command::new("ip").args(&argv));
+    };
+    let (near, other) = (pod.name.as_str(), far.name.as_str());
+    ip(
+        near,
+        &format!("link add {ifname} type veth peer name peer0 netns {other}"),
+    );
+    ip(near, &format!("addr add 203.0.113.1/24 dev {ifname}"));
+    ip(
+        near,
+        &format!("addr add 2001:db8:1::1/64 dev {ifname} nodad"),
+    );
+    ip(near, &format!("link set {ifname} up"));
+    ip(near, "route add 198.51.100.0/24 via 203.0.113.2");
+    ip(other, "addr add 203.0.113.2/24 dev peer0");
+    ip(other, "addr add 2001:db8:1::2/64 dev peer0 nodad");
+    ip(other, "addr add 198.51.100.7/32 dev lo");
+    ip(other, "link set peer0 up");
+}
+
+#[test]
+fn exclude_interfaces_leaves_what_the_interface_reaches_uncaptured() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let app = env.pod("app");
+    let far = env.pod("far");
+    let server = env.pod("server");
+    second_interface(&app, &far, "net1");
+    let _far = far.server(&["0.0.0.0:8080", "[2001:db8:1::2]:8081"]);
+    let _server = server.server(&["0.0.0.0:8080"]);
+    let log = env.root.join("cni.log");
+    let annotations = json!({
+        "sidecar.istio.io/status": "{}",
+        "traffic.sidecar.istio.io/excludeInterfaces": "net1",
+    });
+    let extra = with_keys(annotated(annotations), json!({"log_file": log}));
+    add(&env, "ctr-app", &app, extra.clone()).assert_ok();
+    let pods = mesh.pods().unwrap();
+    assert_eq!(pods.len(), 1);
+    let excluded: Vec<String> = pods[0]
+        .settings
+        .exclude_outbound_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        excluded,
+        [
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+            "203.0.113.1/32",
+            "2001:db8:1::/64",
+            "2001:db8:1::1/128"
+        ],
+        "what net1 reaches: its addresses, its subnets, the route through it"
+    );
+    let sidecar = app.sidecar();
+
+    // Through net1, to its subnet and along its route: straight to the server, as behind
+    // istio-iptables' `-o net1 -j RETURN`.
+    for (dest, saw) in [
+        ("203.0.113.2:8080", "203.0.113.1"),
+        ("198.51.100.7:8080", "203.0.113.1"),
+        ("[2001:db8:1::2]:8081", "[2001:db8:1::1]"),
+    ] {
+        let probe = app.connect(dest, &["--message", "direct"]);
+        assert_eq!(
+            probe.get("reply"),
+            format!("from={dest} saw={saw}:{} msg=direct", port_of(&probe)),
+        );
+    }
+    assert!(
+        sidecar.lines("outbound ").is_empty(),
+        "{}",
+        sidecar.output()
+    );
+    assert_eq!(counter(&mesh, "skip_excluded_cidr"), 3);
+    // Through eth0: captured as before.
+    let dest = server.addr(false, 8080);
+    let probe = app.connect(&dest, &["--message", "captured"]);
+    assert!(probe.get("reply").contains("msg=captured"), "{probe:?}");
+    let events = sidecar.lines("outbound ");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains(&format!("original_dst={dest}")),
+        "{events:?}"
+    );
+
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("excludeInterfaces net1: outbound to 198.51.100.0/24,"),
+        "{logged}"
+    );
+    let check = || cni("CHECK", &vars("ctr-app", &app), &conf(&env, extra.clone()));
+    check().assert_ok();
+
+    // Decided at ADD: a route through net1 added since is not excluded, and CHECK says so.
+    sh(std::process::Command::new("ip").args([
+        "-n",
+        &app.name,
+        "route",
+        "add",
+        "2001:db8:2::/48",
+        "via",
+        "2001:db8:1::2",
+    ]));
+    let out = check();
+    assert_eq!(out.error_code(), 102, "{out:?}");
+    assert!(
+        out.message().contains("2001:db8:2::/48"),
+        "{}",
+        out.message()
+    );
+}
+
+#[test]
+fn exclude_interfaces_naming_an_interface_the_pod_lacks_excludes_nothing() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let app = env.pod("app");
+    let annotations = json!({
+        "sidecar.istio.io/status": "{}",
+        "traffic.sidecar.istio.io/excludeInterfaces": "net7",
+    });
+    let out = add(&env, "ctr-app", &app, annotated(annotations));
+    out.assert_ok();
+    assert!(
+        out.stderr.contains("net7 not in the pod at ADD"),
+        "{}",
+        out.stderr
+    );
+    let pods = mesh.pods().unwrap();
+    assert_eq!(pods[0].settings, meshbpf::PodSettings::default());
+}
+
+#[test]
+fn kubevirt_interfaces_start_the_pod_and_its_own_connections_stay_captured() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let app = env.pod("app");
+    let far = env.pod("far");
+    second_interface(&app, &far, "k6t-eth0");
+    let _far = far.server(&["0.0.0.0:8080"]);
+    let _app = app.server(&["0.0.0.0:8080"]);
+    // As KubeVirt's virt-controller annotates a VM's pod: both names.
+    let annotations = json!({
+        "sidecar.istio.io/status": "{}",
+        "traffic.sidecar.istio.io/kubevirtInterfaces": "k6t-eth0",
+        "istio.io/reroute-virtual-interfaces": "k6t-eth0",
+    });
+    let out = add(&env, "ctr-app", &app, annotated(annotations));
+    out.assert_ok();
+    assert!(
+        out.stderr
+            .contains("kubevirtInterfaces k6t-eth0: the VM's traffic is forwarded"),
+        "{}",
+        out.stderr
+    );
+    let pods = mesh.pods().unwrap();
+    assert_eq!(pods.len(), 1);
+    assert_eq!(pods[0].settings, meshbpf::PodSettings::default());
+    let sidecar = app.sidecar();
+
+    // The pod's own connection out of the VM bridge is captured, as istio-iptables' OUTPUT
+    // chain captures it (its -k rules are all PREROUTING).
+    let probe = app.connect("203.0.113.2:8080", &["--message", "to-vm"]);
+    assert!(probe.get("reply").contains("msg=to-vm"), "{probe:?}");
+    let events = sidecar.lines("outbound ");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains("original_dst=203.0.113.2:8080"),
+        "{events:?}"
+    );
+
+    // README, "Where it still differs": a connection arriving on the bridge to the pod's
+    // own sockets is captured inbound like any other (iptables: `-i k6t-eth0 -j RETURN`,
+    // then to the outbound listener); the stand-in has no inbound listener, so it is
+    // refused.
+    let probe = far.connect("203.0.113.1:8080", &["--message", "from-vm"]);
+    assert!(!probe.ok && probe.stderr.contains("refused"), "{probe:?}");
+    assert_eq!(counter(&mesh, "inbound_refused"), 1);
 }
