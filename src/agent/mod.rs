@@ -138,8 +138,11 @@ impl Stats {
     }
 }
 
+/// Logs a line to stderr. A log reader that went away is no reason for the agent to stop
+/// (`eprintln!` would panic on EPIPE): the line is lost, the agent goes on.
 fn say(message: impl std::fmt::Display) {
-    eprintln!("meshbpf agent: {message}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "meshbpf agent: {message}");
 }
 
 /// Runs the agent until `stop` is set; returns with every program still attached.
