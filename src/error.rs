@@ -247,6 +247,34 @@ pub enum Error {
         reason: String,
     },
 
+    /// A CNI network configuration is a symbolic link that cannot be followed.
+    #[error(
+        "{path} is a symbolic link to {target}, which {reason}; meshbpf edits the file a \
+         network configuration links to (the link stays): mount the directory it leads to into \
+         the agent as well, or make {path} a plain file"
+    )]
+    CniConfigLink {
+        /// The link.
+        path: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// What is wrong there.
+        reason: String,
+    },
+
+    /// The primary CNI plugin rewrote its file faster than meshbpf could edit it.
+    #[error(
+        "{path} was rewritten {rounds} times while meshbpf edited it, each time before meshbpf \
+         could finish; its newest version stays, and meshbpf tries again at its next change \
+         (is another tool rewriting it in a loop?)"
+    )]
+    CniConfigBusy {
+        /// The file.
+        path: PathBuf,
+        /// How many versions meshbpf tried.
+        rounds: usize,
+    },
+
     /// A libbpf operation failed.
     #[error("{context}: {cause}")]
     Bpf {

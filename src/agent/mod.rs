@@ -167,17 +167,11 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
         .context(|| "inotify_init".into())?;
     inotify
-        .add_watch(
-            &config.cni_conf_dir,
-            AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_MOVED_FROM
-                | AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE,
-        )
+        .add_watch(&config.cni_conf_dir, WATCHED)
         .context(|| format!("watching {}", config.cni_conf_dir.display()))?;
     let mut installer = Installer::default();
     installer.reconcile(config, &stats);
+    watch_linked_dirs(&inotify, config);
     if config.discover {
         register_running_pods(&mesh, &settings, &stats);
     }
@@ -197,6 +191,7 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
             while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
             installer.reconcile(config, &stats);
+            watch_linked_dirs(&inotify, config);
         }
         if Instant::now() >= next_gc {
             next_gc = Instant::now() + config.gc_interval;
@@ -219,6 +214,23 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     }
     say("stopping; the programs stay attached and pods stay registered");
     Ok(())
+}
+
+/// The changes to a directory that may change the primary network configuration.
+const WATCHED: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE);
+
+/// Watches the directories that network configurations which are symbolic links lead
+/// into: the primary CNI rewrites its file there (watching one twice is a no-op).
+fn watch_linked_dirs(inotify: &Inotify, config: &AgentConfig) {
+    for dir in conflist::linked_dirs(&config.cni_conf_dir) {
+        if let Err(err) = inotify.add_watch(&dir, WATCHED) {
+            say(format!("watching {}: {err}", dir.display()));
+        }
+    }
 }
 
 /// The settings the plugin's conf entry gives (for pods found running).

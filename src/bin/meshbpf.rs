@@ -498,7 +498,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::NotRegistered { .. }
             | Error::NotBindMode { .. }
             | Error::NoInboundListeners { .. }
-            | Error::CniConfig { .. },
+            | Error::CniConfig { .. }
+            | Error::CniConfigLink { .. },
         ) => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
