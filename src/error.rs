@@ -89,6 +89,25 @@ pub enum Error {
         why: String,
     },
 
+    /// Another user created the pin directory's name before meshbpf did.
+    #[error(
+        "pin directory {path} is {what} owned by uid {uid}, who made it before meshbpf did (a bpffs \
+         mounted by hand is mode 1777: any user may create entries in it); meshbpf will not \
+         use it. `meshbpf agent` takes the name back at start, moving that entry whole to \
+         {aside}; by hand: `mv {path} {aside}`, then attach again (or choose another \
+         --pin-dir). Mounting bpffs with `-o mode=0700` keeps other users out"
+    )]
+    PinDirTaken {
+        /// The pin directory given.
+        path: PathBuf,
+        /// What it is: a directory, a symbolic link ...
+        what: &'static str,
+        /// Who made it.
+        uid: u32,
+        /// Where to move it.
+        aside: PathBuf,
+    },
+
     /// The pin directory holds something meshbpf did not create.
     #[error(
         "{path} holds {found}: it is not a meshbpf attachment, so meshbpf will not touch it; \

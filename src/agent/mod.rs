@@ -148,6 +148,18 @@ fn say(message: impl std::fmt::Display) {
 /// Runs the agent until `stop` is set; returns with every program still attached.
 pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let settings = entry_settings(&config.plugin_entry)?;
+    // A pin directory another user made first (a bpffs mounted by hand is 1777) would stop
+    // every attach for good: take the name back, their entry kept whole beside it.
+    match crate::pins::reclaim(&config.pin_dir) {
+        Ok(Some(aside)) => say(format!(
+            "{} had been made by another user before meshbpf; moved it, as it was, to {}",
+            config.pin_dir.display(),
+            aside.display()
+        )),
+        Ok(None) => {}
+        // The attach below refuses the directory and says why.
+        Err(err) => say(format!("taking {} back: {err}", config.pin_dir.display())),
+    }
     let mesh = Mesh::attach_with(&config.cgroup, &config.pin_dir, &config.attach)?;
     say(format!(
         "attached to {} (pinned under {})",

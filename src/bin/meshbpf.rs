@@ -492,6 +492,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::CgroupNotV2 { .. }
             | Error::BpffsNotMounted { .. }
             | Error::PinDirUnsafe { .. }
+            | Error::PinDirTaken { .. }
             | Error::NotOurPinDir { .. }
             | Error::AttachedElsewhere { .. }
             | Error::InvalidSetting(_)
