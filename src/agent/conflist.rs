@@ -191,27 +191,48 @@ pub fn insert(dir: &Path, entry: &Value) -> Result<Insertion> {
             false => Insertion::Unchanged(path),
         });
     }
-    // A .conf: one plugin, with the network's name and version beside its own keys.
-    let link = fs::read_link(&path).ok();
+    // A .conf: wrapped into a .conflist of the same name, and taken away in one step (a
+    // rename); what was taken is checked: a newer .conf than the one wrapped (the primary
+    // wrote again) is wrapped in its turn.
     let to = path.with_extension("conflist");
+    let taken = tmp_path(&path, "taken");
+    let mut link = fs::read_link(&path).ok();
     let mut wrapped = read;
     for _ in 0..MAX_REBASES {
         let list = wrap(&path, &wrapped.text, entry, link.as_deref())?;
         write_atomically(&to, &list, wrapped.mode)?;
-        // Take the .conf away in one step, then look at what was taken: a newer .conf than
-        // the one wrapped (the primary wrote again) is wrapped in its turn.
-        let taken = tmp_path(&path, "taken");
         match fs::rename(&path, &taken) {
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => break,
+            // Gone already (another agent's round took it): the wrap is in place.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Insertion::Wrapped { from: path, to })
+            }
             other => other.context(|| format!("moving {} aside", path.display()))?,
         }
         let now = Version::read(&taken);
-        let _ = fs::remove_file(&taken);
         match now {
-            Ok(now) if !now.same(&wrapped) => wrapped = now,
-            _ => break,
+            Ok(now) if !now.same(&wrapped) => {
+                if let Err(err) = parse_json(&path, &now.text) {
+                    // Not one to wrap: it goes back as the primary wrote it (unless an even
+                    // newer one is there already), and the error says why.
+                    let back = renameat2(None, &taken, None, &path, RenameFlags::RENAME_NOREPLACE);
+                    if back.is_err() {
+                        let _ = fs::remove_file(&taken);
+                    }
+                    return Err(err);
+                }
+                link = fs::read_link(&taken).ok();
+                wrapped = now;
+                let _ = fs::remove_file(&taken);
+            }
+            _ => {
+                let _ = fs::remove_file(&taken);
+                return Ok(Insertion::Wrapped { from: path, to });
+            }
         }
     }
+    // Still the newest .conf seen, wrapped.
+    let list = wrap(&path, &wrapped.text, entry, link.as_deref())?;
+    write_atomically(&to, &list, wrapped.mode)?;
     Ok(Insertion::Wrapped { from: path, to })
 }
 
@@ -611,73 +632,115 @@ mod tests {
         )
     }
 
-    /// A primary CNI that writes `count` new revisions of `path`, each through a temporary
-    /// file renamed into place (as Calico, Cilium and kindnet do), 10-50 ms apart; returns
-    /// the last revision written.
-    fn primary_writer(path: PathBuf, first: u64, count: u64, seed: u64) -> u64 {
+    /// The primary CNI's revision `n` of a `.conf`.
+    fn conf_revision(n: u64) -> String {
+        format!(r#"{{"cniVersion":"1.0.0","name":"k8s","type":"ptp","revision":{n}}}"#)
+    }
+
+    /// A primary CNI that writes `count` new revisions (`text`) of `path`, each through a
+    /// temporary file renamed into place (as Calico, Cilium and kindnet do), 10-50 ms
+    /// apart; returns the last revision written.
+    fn primary_writer(path: PathBuf, text: fn(u64) -> String, first: u64, count: u64) -> u64 {
         let tmp = path.with_file_name(".primary.tmp");
-        let mut state = seed | 1;
+        let mut state = first | 1;
         for n in first..first + count {
             // xorshift: a spread of intervals without a dependency.
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             std::thread::sleep(std::time::Duration::from_millis(10 + state % 41));
-            fs::write(&tmp, revision(n)).unwrap();
+            fs::write(&tmp, text(n)).unwrap();
             fs::rename(&tmp, &path).unwrap();
         }
         first + count - 1
     }
 
-    #[test]
-    fn the_primary_s_newest_revision_survives_inserts_racing_its_rewrites() {
-        let dir = Dir::new("race");
-        let path = dir.write("10-k8s.conflist", &revision(0));
-        let (rounds, per_round) = (12, 12);
+    /// Rounds of the primary writing `name` (revisions `text`) while the agent inserts as
+    /// fast as it can, with an entry that changes every time (as when its ConfigMap
+    /// changes), so that every insert writes: one is under way whenever the primary
+    /// writes. After each round, a last insert (the watch's last look); then `conflist`
+    /// must hold the newest revision (wrapped, for a `.conf`) and the last entry. Returns
+    /// the rounds that did not end so.
+    fn race(
+        dir: &Dir,
+        name: &str,
+        text: fn(u64) -> String,
+        conflist: &str,
+        (rounds, per_round): (u64, u64),
+    ) -> Vec<String> {
+        let path = dir.write(name, &text(0));
+        let conflist = dir.0.join(conflist);
+        let mut generation = 0;
+        let mut entry_of = || {
+            generation += 1;
+            let mut e = entry();
+            e["generation"] = json!(generation);
+            e
+        };
         let mut lost = Vec::new();
         for round in 0..rounds {
             let first = 1 + round * per_round;
             let writer = {
                 let path = path.clone();
-                std::thread::spawn(move || primary_writer(path, first, per_round, first))
-            };
-            // The agent inserts again at every change it sees; here, as fast as it can, and
-            // with an entry that changes every time (as when its ConfigMap changes), so that
-            // every insert writes: one is under way whenever the primary writes.
-            let mut generation = 0;
-            let entry_of = |generation: &mut u64| {
-                *generation += 1;
-                let mut e = entry();
-                e["generation"] = json!(*generation);
-                e
+                std::thread::spawn(move || primary_writer(path, text, first, per_round))
             };
             while !writer.is_finished() {
-                insert(&dir.0, &entry_of(&mut generation)).unwrap();
+                insert(&dir.0, &entry_of()).unwrap();
             }
             let newest = writer.join().unwrap();
-            // The watch's last look, after the primary's last write.
-            let last = entry_of(&mut generation);
+            let last = entry_of();
             insert(&dir.0, &last).unwrap();
-            let conf: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
-            assert_eq!(conf["plugins"].as_array().unwrap().last(), Some(&last));
-            if conf["revision"] != newest {
-                lost.push(format!(
-                    "round {round}: revision {} of {newest}",
-                    conf["revision"]
-                ));
+            let conf: Value =
+                serde_json::from_str(&fs::read_to_string(&conflist).unwrap()).unwrap();
+            let revision = conf
+                .get(WRAPPED_KEY)
+                .unwrap_or(&conf)
+                .get("revision")
+                .cloned();
+            let entry_last = conf["plugins"].as_array().unwrap().last() == Some(&last);
+            if revision != Some(json!(newest)) || !entry_last {
+                lost.push(format!("round {round}: revision {revision:?} of {newest}"));
             }
         }
-        assert!(
-            lost.is_empty(),
-            "the primary's newest write was undone in {} of {rounds} rounds: {lost:?}",
-            lost.len()
-        );
         let names: Vec<String> = fs::read_dir(&dir.0)
             .unwrap()
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(names, ["10-k8s.conflist"], "no temporary file left");
+        assert_eq!(
+            names,
+            [conflist.file_name().unwrap().to_str().unwrap()],
+            "left"
+        );
+        lost
+    }
+
+    #[test]
+    fn the_primary_s_newest_revision_survives_inserts_racing_its_rewrites() {
+        let dir = Dir::new("race");
+        let lost = race(
+            &dir,
+            "10-k8s.conflist",
+            revision,
+            "10-k8s.conflist",
+            (24, 6),
+        );
+        assert!(lost.is_empty(), "the newest write was undone: {lost:?}");
+    }
+
+    #[test]
+    fn the_primary_s_newest_conf_is_the_one_wrapped_when_wraps_race_its_rewrites() {
+        let dir = Dir::new("race-conf");
+        // Short rounds, many: a .conf is lost only in the moment between its wrap and its
+        // removal.
+        let lost = race(
+            &dir,
+            "10-k8s.conf",
+            conf_revision,
+            "10-k8s.conflist",
+            (80, 2),
+        );
+        assert!(lost.is_empty(), "the newest .conf was lost: {lost:?}");
     }
 
     #[test]
