@@ -323,6 +323,66 @@ fn a_symlinked_primary_conflist_keeps_its_link_and_its_rewrites_where_it_leads_a
     );
 }
 
+/// A child process stopped (SIGTERM, then waited for) when dropped.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_agent_keeps_working_when_its_log_reader_has_gone() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    let primary = dirs.conf.join("10-kindnet.conflist");
+    fs::write(&primary, KINDNET).unwrap();
+    // A port free now, for the agent to serve on.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Its stdout and stderr: a pipe nobody reads any more (a log collector that died).
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let mut agent = Stopped(
+        agent_command(&env, &dirs, "{}")
+            .arg("--cgroup")
+            .arg(&env.cgroup)
+            .arg("--plugin-binary")
+            .arg(cni_plugin())
+            .args(["--listen", &addr.to_string()])
+            .args(WATCH_ONLY)
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .spawn()
+            .unwrap(),
+    );
+    let healthz = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    };
+    wait_until(
+        || healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        || format!("the agent never answered on {addr}"),
+    );
+    // It logs each change it makes: none of those lines stops it.
+    fs::write(&primary, KINDNET).unwrap();
+    wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+    assert!(healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+}
+
 /// One sample of a Prometheus text exposition.
 #[derive(Debug)]
 struct Sample {
