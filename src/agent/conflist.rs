@@ -341,6 +341,18 @@ fn replace(
             _ => return Ok(true),
         }
     }
+    // Given up: the primary's last version seen goes back in the place of the stale edit,
+    // as the primary wrote it (unless it wrote again meanwhile: that one stays).
+    if let Some(stale) = stale {
+        let tmp = tmp_path(path, "tmp");
+        write_new(&tmp, &base.text, base.mode)?;
+        if renameat2(None, &tmp, None, path, RenameFlags::RENAME_EXCHANGE).is_ok()
+            && Version::read(&tmp).is_ok_and(|displaced| !displaced.same(&stale))
+        {
+            let _ = renameat2(None, &tmp, None, path, RenameFlags::RENAME_EXCHANGE);
+        }
+        let _ = fs::remove_file(&tmp);
+    }
     Err(Error::CniConfigBusy {
         path: path.into(),
         rounds: MAX_REBASES,
@@ -741,6 +753,45 @@ mod tests {
             (80, 2),
         );
         assert!(lost.is_empty(), "the newest .conf was lost: {lost:?}");
+    }
+
+    #[test]
+    fn a_primary_rewriting_faster_than_any_edit_keeps_its_newest_version() {
+        let dir = Dir::new("busy");
+        let path = dir.write("10-k8s.conflist", &revision(0));
+        let mut busy = 0;
+        for round in 0..4u64 {
+            let first = 1 + round * 2000;
+            // No pause between two writes: every edit finds a newer version.
+            let writer = {
+                let (path, tmp) = (path.clone(), dir.0.join(".primary.tmp"));
+                std::thread::spawn(move || {
+                    for n in first..first + 2000 {
+                        fs::write(&tmp, revision(n)).unwrap();
+                        fs::rename(&tmp, &path).unwrap();
+                    }
+                    first + 1999
+                })
+            };
+            while !writer.is_finished() {
+                match insert(&dir.0, &entry()) {
+                    Err(Error::CniConfigBusy { .. }) => busy += 1,
+                    other => {
+                        other.unwrap();
+                    }
+                }
+            }
+            let newest = writer.join().unwrap();
+            // The primary's newest version is in place, with or without the entry, never
+            // an older one; the next insert completes it.
+            let conf: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(conf["revision"], newest, "round {round}, {busy} given up");
+            insert(&dir.0, &entry()).unwrap();
+            let conf: Value = serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+            assert_eq!(conf["revision"], newest);
+            assert_eq!(conf["plugins"].as_array().unwrap().last(), Some(&entry()));
+        }
+        eprintln!("{busy} inserts gave up");
     }
 
     #[test]
