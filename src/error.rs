@@ -89,6 +89,25 @@ pub enum Error {
         why: String,
     },
 
+    /// Another user created the pin directory's name before meshbpf did.
+    #[error(
+        "pin directory {path} is {what} owned by uid {uid}, who made it before meshbpf did (a bpffs \
+         mounted by hand is mode 1777: any user may create entries in it); meshbpf will not \
+         use it. `meshbpf agent` takes the name back at start, moving that entry whole to \
+         {aside}; by hand: `mv {path} {aside}`, then attach again (or choose another \
+         --pin-dir). Mounting bpffs with `-o mode=0700` keeps other users out"
+    )]
+    PinDirTaken {
+        /// The pin directory given.
+        path: PathBuf,
+        /// What it is: a directory, a symbolic link ...
+        what: &'static str,
+        /// Who made it.
+        uid: u32,
+        /// Where to move it.
+        aside: PathBuf,
+    },
+
     /// The pin directory holds something meshbpf did not create.
     #[error(
         "{path} holds {found}: it is not a meshbpf attachment, so meshbpf will not touch it; \
@@ -245,6 +264,34 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+
+    /// A CNI network configuration is a symbolic link that cannot be followed.
+    #[error(
+        "{path} is a symbolic link to {target}, which {reason}; meshbpf edits the file a \
+         network configuration links to (the link stays): mount the directory it leads to into \
+         the agent as well, or make {path} a plain file"
+    )]
+    CniConfigLink {
+        /// The link.
+        path: PathBuf,
+        /// Where it leads.
+        target: PathBuf,
+        /// What is wrong there.
+        reason: String,
+    },
+
+    /// The primary CNI plugin rewrote its file faster than meshbpf could edit it.
+    #[error(
+        "{path} was rewritten {rounds} times while meshbpf edited it, each time before meshbpf \
+         could finish; its newest version stays, and meshbpf tries again at its next change \
+         (is another tool rewriting it in a loop?)"
+    )]
+    CniConfigBusy {
+        /// The file.
+        path: PathBuf,
+        /// How many versions meshbpf tried.
+        rounds: usize,
     },
 
     /// A libbpf operation failed.

@@ -15,6 +15,14 @@
 //! attach), so concurrent
 //! `attach`, `register` and `detach` calls are serialised, and a killed process releases it.
 //!
+//! Taken names. Another user may also create the pin directory itself first (or a staging
+//! directory's name): meshbpf refuses to use it ([`Error::PinDirTaken`]), and creates its
+//! staging directories afresh, never into an existing one. [`reclaim`] (the agent runs it at
+//! start) takes the pin directory's name back: only an entry of a non-root user, in a
+//! sticky world-writable directory (the one way that user could have made it), is moved
+//! aside, whole, under a name saying whose it is, by one atomic exchange with a fresh
+//! directory of meshbpf's own; nothing of it is read, followed or deleted.
+//!
 //! Order. A program set is consistent when every hook that captures has the hooks that
 //! answer for it: a connection redirected by `connect4` needs `sockops` to publish its
 //! original destination and `getsockopt` to hand it to the proxy. Attach therefore goes
@@ -165,6 +173,15 @@ impl PinDir {
             path: parent.join(name),
             parent,
         };
+        if let Some(uid) = taken_by(&pin.path, &pin.parent) {
+            let link = fs::symlink_metadata(&pin.path).is_ok_and(|m| m.is_symlink());
+            return Err(Error::PinDirTaken {
+                what: if link { "a symbolic link" } else { "an entry" },
+                aside: aside_name(&pin.path, uid),
+                path: pin.path,
+                uid,
+            });
+        }
         if let Some(why) = not_ours(&pin.path)? {
             return Err(unsafe_dir(why));
         }
@@ -417,6 +434,124 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
         .context(|| format!("creating {}", dir.display()))
 }
 
+/// Creates a new directory of mode 0700 in `parent`, named `prefix`, this process's id and
+/// random digits: never one that exists already, which another user may have made first
+/// to have meshbpf fill a directory of theirs (a pid alone is easy to guess: an agent in a
+/// container is often pid 1).
+fn fresh_dir(parent: &Path, prefix: &str) -> Result<PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    let pid = std::process::id();
+    let mut last = None;
+    for _ in 0..16 {
+        // RandomState's keys come from the OS's random source (once per thread, then a
+        // different key for each call).
+        let random = std::collections::hash_map::RandomState::new()
+            .build_hasher()
+            .finish()
+            % 1_000_000_000;
+        let path = parent.join(format!("{prefix}{pid}{random:09}"));
+        match fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => return Ok(path),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => last = Some(err),
+            Err(err) => return Err(err).context(|| format!("creating {}", path.display())),
+        }
+    }
+    let err = last.unwrap_or_else(|| std::io::ErrorKind::AlreadyExists.into());
+    Err(err).context(|| {
+        format!(
+            "creating a directory {prefix}{pid}* in {} (16 names taken by others)",
+            parent.display()
+        )
+    })
+}
+
+/// The uid of the non-root user who made `path` in `parent`, a sticky world-writable
+/// directory (a bpffs mounted by hand: 1777), if that is what it is: the one case where
+/// the name was taken from meshbpf rather than given to it by root.
+fn taken_by(path: &Path, parent: &Path) -> Option<u32> {
+    let parent_md = fs::symlink_metadata(parent).ok()?;
+    let md = fs::symlink_metadata(path).ok()?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let open_to_all = parent_md.mode() & 0o1002 == 0o1002;
+    (open_to_all && md.uid() != 0 && md.uid() != euid).then_some(md.uid())
+}
+
+/// Where [`reclaim`] moves an entry that `uid` made at `path`: `<name>-from-uid-<uid>`
+/// beside it (bpffs allows no dot in a name).
+fn aside_name(path: &Path, uid: u32) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!("{name}-from-uid-{uid}"))
+}
+
+/// Takes the pin directory's name back from another user who made it first (see
+/// [`taken_by`]): their entry, whatever it is (a directory with content, a link, a file),
+/// is moved whole to `<name>-from-uid-<uid>` (or that name and a number) by one atomic
+/// exchange with a new empty directory of meshbpf's own, so the name is never free in
+/// between; nothing of theirs is read, followed or deleted. Returns where their entry
+/// went; none when the name was not taken (anything else wrong with the directory is for
+/// the attach to refuse, as before).
+pub(crate) fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Ok(None);
+    };
+    let parent = canonical_prefix(if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    })?;
+    let path = parent.join(name);
+    if crate::system::check_bpffs(&parent).is_err() || check_ancestors(&parent).is_err() {
+        return Ok(None);
+    }
+    // Serialised with every other meshbpf process that creates entries in `parent` first.
+    let dir = fs::File::open(&parent).context(|| format!("opening {}", parent.display()))?;
+    #[allow(deprecated)]
+    // nix 0.29's Flock wrapper takes the fd by value; this is simpler.
+    nix::fcntl::flock(dir.as_raw_fd(), nix::fcntl::FlockArg::LockExclusive)
+        .context(|| format!("locking {}", parent.display()))?;
+    let Some(uid) = taken_by(&path, &parent) else {
+        return Ok(None);
+    };
+    let prefix = format!("{}-reclaim-", name.to_string_lossy());
+    let ours = fresh_dir(&parent, &prefix)?;
+    let exchanged = nix::fcntl::renameat2(
+        None,
+        &ours,
+        None,
+        &path,
+        nix::fcntl::RenameFlags::RENAME_EXCHANGE,
+    );
+    if let Err(errno) = exchanged {
+        let _ = fs::remove_dir(&ours);
+        return Err(Error::Io {
+            context: format!("moving {} (uid {uid}'s) aside", path.display()),
+            cause: errno.into(),
+        });
+    }
+    // `ours` now names their entry: give it a name that says whose it is.
+    let aside = aside_name(&path, uid);
+    for n in 0..16 {
+        let to = match n {
+            0 => aside.clone(),
+            n => PathBuf::from(format!("{}-{n}", aside.display())),
+        };
+        let renamed = nix::fcntl::renameat2(
+            None,
+            &ours,
+            None,
+            &to,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => return Ok(Some(to)),
+            Err(nix::errno::Errno::EEXIST) => continue,
+            Err(_) => break,
+        }
+    }
+    // The telling names are all taken: theirs stays under the reclaim name.
+    Ok(Some(ours))
+}
+
 /// Attaches to the cgroup v2 directory `cgroup` under `pin`, or replaces the programs of
 /// the attachment already there in place. Holds the exclusive lock throughout.
 pub(crate) fn attach(
@@ -430,8 +565,13 @@ pub(crate) fn attach(
     pin.remove_stale_staging(&lock)?;
     match pin.state()? {
         PinState::Remnant => {
-            // A detach was interrupted after its last pin: finish it, then attach afresh.
-            remove_tree(pin.path())?;
+            // A detach was interrupted after its last pin (or `reclaim` left the directory
+            // empty): empty it, then attach afresh. The directory itself stays until the
+            // attachment is renamed over it, so that its name is never free for another
+            // user to take in between.
+            for sub in [PODS_DIR, LINKS_DIR, MAPS_DIR] {
+                remove_dir_if_there(&pin.path().join(sub))?;
+            }
             attach_fresh(
                 pin,
                 cgroup_dir,
@@ -672,9 +812,7 @@ fn attach_fresh(
     options: &AttachOptions,
 ) -> Result<()> {
     let mut staging = Staging {
-        path: pin
-            .parent
-            .join(format!("{}{}", pin.staging_prefix(), std::process::id())),
+        path: fresh_dir(&pin.parent, &pin.staging_prefix())?,
         keep: false,
     };
     for dir in [MAPS_DIR, LINKS_DIR] {

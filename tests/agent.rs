@@ -45,6 +45,24 @@ fn plugin_types(conf: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The names in `dir`.
+fn file_names(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Runs `meshbpf agent --uninstall` (the agent stopped) and requires it to succeed.
+fn uninstall(env: &Env, dirs: &CniDirs, plugin_conf: &str) {
+    let out = agent_command(env, dirs, plugin_conf)
+        .arg("--uninstall")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+}
+
 /// Waits until `path` is JSON whose plugins are `types`.
 fn wait_for_plugins(path: &Path, types: &[&str]) {
     wait_until(
@@ -130,11 +148,7 @@ fn the_agent_keeps_its_entry_in_the_primary_conflist_and_uninstall_removes_every
     drop(agent);
 
     // Uninstall: the entry leaves every file, the binary goes, every program is detached.
-    let out = agent_command(&env, &dirs, &plugin_conf.to_string())
-        .arg("--uninstall")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    uninstall(&env, &dirs, &plugin_conf.to_string());
     assert_eq!(plugin_types(&read_json(&primary)), ["ptp", "portmap"]);
     assert_eq!(
         read_json(&primary),
@@ -175,26 +189,198 @@ fn a_conf_primary_is_wrapped_into_a_conflist_again_after_each_rewrite_and_put_ba
         );
     }
     assert_eq!(agent.get("/healthz").0, 200);
-    let entries: Vec<String> = fs::read_dir(&dirs.conf)
-        .unwrap()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(entries, ["10-flannel.conflist"], "no temporary file left");
+    assert_eq!(
+        file_names(&dirs.conf),
+        ["10-flannel.conflist"],
+        "no temporary file left"
+    );
 
     // Uninstall puts the primary's .conf back as it wrote it, and the wrap goes.
     let (clean, log) = agent.stop(Signal::SIGTERM);
     assert!(clean, "{log}");
-    let out = agent_command(&env, &dirs, "{}")
-        .arg("--uninstall")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
+    uninstall(&env, &dirs, "{}");
     assert!(!list.exists(), "the wrap stayed");
     assert_eq!(
         read_json(&conf),
         serde_json::from_str::<Value>(flannel).unwrap()
     );
+}
+
+/// The primary CNI's revision `n` of its conflist (KINDNET, marked).
+fn kindnet_revision(n: u64) -> String {
+    let mut conf: Value = serde_json::from_str(KINDNET).unwrap();
+    conf["revision"] = json!(n);
+    serde_json::to_string_pretty(&conf).unwrap()
+}
+
+/// The primary CNI writing revisions `revisions` of `path`, each through a temporary file
+/// (in `tmp_dir`) renamed into place, 10-50 ms apart (a spread drawn from `seed`).
+fn rewrite_revisions(path: &Path, tmp_dir: &Path, revisions: std::ops::Range<u64>, seed: u64) {
+    let tmp = tmp_dir.join(".kindnet.tmp");
+    let mut state = seed | 1;
+    for n in revisions {
+        // xorshift: a spread of intervals without a dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        std::thread::sleep(std::time::Duration::from_millis(10 + state % 41));
+        fs::write(&tmp, kindnet_revision(n)).unwrap();
+        fs::rename(&tmp, path).unwrap();
+    }
+}
+
+/// The revision `path` holds, and whether it holds meshbpf-cni's entry last.
+fn revision_and_entry(path: &Path) -> (Option<u64>, bool) {
+    let conf: Value = fs::read_to_string(path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    let last = conf["plugins"]
+        .as_array()
+        .and_then(|p| p.last())
+        .map(|p| p["type"] == "meshbpf-cni");
+    (conf["revision"].as_u64(), last == Some(true))
+}
+
+#[test]
+fn the_primary_cni_s_newest_write_survives_the_agent_reinserting_while_it_rewrites() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    let primary = dirs.conf.join("10-kindnet.conflist");
+    fs::write(&primary, kindnet_revision(0)).unwrap();
+    let agent = Agent::start(&env, &dirs, "{}", WATCH_ONLY);
+    wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
+
+    let (rounds, per_round) = (24, 6);
+    let mut lost = Vec::new();
+    for round in 0..rounds {
+        let first = 1 + round * per_round;
+        let newest = first + per_round - 1;
+        rewrite_revisions(&primary, &dirs.conf, first..newest + 1, newest);
+        // The agent answers the last write within a few of its 50 ms rounds; an older
+        // revision with the entry is never rewritten again (the entry is there).
+        let deadline = std::time::Instant::now() + scaled(std::time::Duration::from_secs(3));
+        let mut seen = revision_and_entry(&primary);
+        while seen != (Some(newest), true) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            seen = revision_and_entry(&primary);
+        }
+        if seen != (Some(newest), true) {
+            lost.push(format!("round {round}: {seen:?}, newest {newest}"));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "the primary's newest revision was undone in {} of {rounds} rounds: {lost:?}\n{}",
+        lost.len(),
+        agent.log()
+    );
+    assert_eq!(agent.get("/healthz").0, 200, "{}", agent.log());
+}
+
+#[test]
+fn a_symlinked_primary_conflist_keeps_its_link_and_its_rewrites_where_it_leads_are_seen() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    // The administrator keeps the primary's file elsewhere and links it into the conf dir.
+    let kept = env.root.join("cni-kept");
+    fs::create_dir(&kept).unwrap();
+    let target = kept.join("kindnet.conflist");
+    fs::write(&target, kindnet_revision(1)).unwrap();
+    let link = dirs.conf.join("10-kindnet.conflist");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let agent = Agent::start(&env, &dirs, "{}", WATCH_ONLY);
+
+    wait_for_plugins(&link, &["ptp", "portmap", "meshbpf-cni"]);
+    assert_eq!(fs::read_link(&link).unwrap(), target);
+    // The primary rewrites its file where the link leads, by rename: seen there, the entry
+    // comes back, the link stays.
+    rewrite_revisions(&target, &kept, 2..3, 1);
+    wait_until(
+        || revision_and_entry(&link) == (Some(2), true),
+        || format!("{:?}\n{}", revision_and_entry(&link), agent.log()),
+    );
+    assert_eq!(fs::read_link(&link).unwrap(), target);
+    assert_eq!(
+        file_names(&kept),
+        ["kindnet.conflist"],
+        "no temporary file left"
+    );
+
+    let (clean, log) = agent.stop(Signal::SIGTERM);
+    assert!(clean, "{log}");
+    uninstall(&env, &dirs, "{}");
+    assert_eq!(fs::read_link(&link).unwrap(), target);
+    assert_eq!(
+        read_json(&target),
+        serde_json::from_str::<Value>(&kindnet_revision(2)).unwrap()
+    );
+}
+
+/// A child process stopped (SIGTERM, then waited for) when dropped.
+struct Stopped(std::process::Child);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn the_agent_keeps_working_when_its_log_reader_has_gone() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    let primary = dirs.conf.join("10-kindnet.conflist");
+    fs::write(&primary, KINDNET).unwrap();
+    // A port free now, for the agent to serve on.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    // Its stdout and stderr: a pipe nobody reads any more (a log collector that died).
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let mut agent = Stopped(
+        agent_command(&env, &dirs, "{}")
+            .arg("--cgroup")
+            .arg(&env.cgroup)
+            .arg("--plugin-binary")
+            .arg(cni_plugin())
+            .args(["--listen", &addr.to_string()])
+            .args(WATCH_ONLY)
+            .stdout(writer.try_clone().unwrap())
+            .stderr(writer)
+            .spawn()
+            .unwrap(),
+    );
+    let healthz = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(addr).ok()?;
+        write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    };
+    wait_until(
+        || healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
+        || format!("the agent never answered on {addr}"),
+    );
+    // It logs each change it makes: none of those lines stops it.
+    fs::write(&primary, KINDNET).unwrap();
+    wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+    assert!(healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")));
 }
 
 /// One sample of a Prometheus text exposition.

@@ -275,3 +275,59 @@ fn register_of_a_fifo_or_a_symlink_loop_is_refused_at_once() {
         );
     }
 }
+
+/// Runs `meshbpf ARGS --pin-dir PIN` (`check`: no pin dir) with stdout a pipe whose reader
+/// has gone, as `| head -1` leaves it once it has read its line, and with backtraces on.
+fn into_closed_pipe(env: &Env, args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let mut cmd = Command::new(cli());
+    cmd.args(args);
+    if args[0] != "check" {
+        cmd.arg("--pin-dir").arg(&env.pin_dir);
+    }
+    cmd.stdout(writer)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly_with_the_command_s_own_exit_code() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    stdout_of(&env.meshbpf(&["attach", "--cgroup", env.cgroup.to_str().unwrap()]));
+    let pod = env.pod("pod");
+    stdout_of(&env.meshbpf(&["register", "--netns", pod.netns.to_str().unwrap()]));
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["list"],
+        &["list", "--json"],
+        &["check"],
+        &["check", "--json"],
+        &["gc"],
+    ] {
+        // What the same command exits with when its output is read.
+        let read = if args[0] == "check" {
+            Command::new(cli()).args(args).output().unwrap()
+        } else {
+            env.meshbpf(args)
+        };
+        assert!(!read.stdout.is_empty(), "{args:?} printed nothing");
+        let out = into_closed_pipe(&env, args);
+        let err = stderr(&out);
+        assert!(
+            !err.contains("panicked") && !err.contains("backtrace") && !err.contains("Broken pipe"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(out.status.code(), read.status.code(), "{args:?}: {err}");
+        assert_eq!(err, stderr(&read), "{args:?}: only what it says anyway");
+    }
+    // The attachment is as it was: still one pod, every hook.
+    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    assert_eq!(mesh.pods().unwrap().len(), 1);
+    assert_eq!(env.attached_hooks().len(), ATTACH_TYPES.len());
+}

@@ -182,6 +182,9 @@ fn a_pin_dir_meshbpf_did_not_create_is_refused_and_left_alone() {
         .status
         .success());
     refused(&attach(&squatted), "owned by uid 1000");
+    // The refusal names the fix: the agent takes the name back, or `mv` it aside by hand.
+    refused(&attach(&squatted), "`meshbpf agent` takes the name back");
+    refused(&attach(&squatted), "squatted-from-uid-1000");
     assert_eq!(fs::metadata(&squatted).unwrap().uid(), APP_UID);
 
     // A symbolic link in place of the pin directory, even to a real attachment.
@@ -202,6 +205,154 @@ fn a_pin_dir_meshbpf_did_not_create_is_refused_and_left_alone() {
     for path in [&tool, &squatted, &alias] {
         assert!(fs::symlink_metadata(path).is_ok(), "{path:?} was removed");
     }
+}
+
+#[test]
+fn the_agent_takes_back_a_pin_dir_another_user_made_first_and_keeps_their_entry_whole() {
+    if !privileged() {
+        return;
+    }
+    use common::k8s::{Agent, CniDirs};
+    let env = Env::new();
+    let pin = env.pin_dir.to_str().unwrap().to_string();
+    // Another user made the pin directory first, put a directory and a link in it (bpffs
+    // holds no plain files), ...
+    assert!(as_user(&["mkdir", &pin]).status.success());
+    assert!(as_user(&["mkdir", &format!("{pin}/notes")])
+        .status
+        .success());
+    assert!(
+        as_user(&["ln", "-s", "/etc/hostname", &format!("{pin}/link")])
+            .status
+            .success()
+    );
+    let cgroup = env.cgroup.to_str().unwrap().to_string();
+    let out = env.meshbpf(&["attach", "--cgroup", &cgroup]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    assert!(env.attached_hooks().is_empty());
+
+    // The agent takes the name back at start and attaches.
+    let dirs = CniDirs::new(&env.root);
+    let agent = Agent::start(&env, &dirs, "{}", &["--no-discover"]);
+    let aside = env.bpffs.join("mesh-from-uid-1000");
+    assert!(
+        agent
+            .log()
+            .contains(&format!("moved it, as it was, to {}", aside.display())),
+        "{}",
+        agent.log()
+    );
+    let mut hooks = env.attached_hooks();
+    hooks.sort();
+    assert_eq!(hooks, ATTACH_TYPES, "{}", agent.log());
+    let md = fs::symlink_metadata(&env.pin_dir).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o700));
+    assert!(meshbpf::Mesh::open(&env.pin_dir).unwrap().pods().is_ok());
+    // Their entry is all there, theirs, with nothing followed or changed.
+    let md = fs::symlink_metadata(&aside).unwrap();
+    assert!(md.is_dir() && md.uid() == APP_UID);
+    assert_eq!(fs::metadata(aside.join("notes")).unwrap().uid(), APP_UID);
+    assert_eq!(
+        fs::read_link(aside.join("link")).unwrap(),
+        Path::new("/etc/hostname")
+    );
+    // Taken back once, it stays meshbpf's: a restart finds it in place, moves nothing.
+    drop(agent);
+    let agent = Agent::start(&env, &dirs, "{}", &["--no-discover"]);
+    assert!(!agent.log().contains("moved it"), "{}", agent.log());
+    stdout_of(&env.meshbpf(&["status"]));
+}
+
+#[test]
+fn a_staging_name_another_user_made_first_is_never_filled_nor_made_the_pin_dir() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    // An agent in a container is pid 1 in its pid namespace: its staging name is easy to
+    // guess, and another user makes it first.
+    let staging = format!("{}-staging-1", env.pin_dir.display());
+    assert!(as_user(&["mkdir", &staging]).status.success());
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--"])
+        .arg(cli())
+        .args(["attach", "--cgroup"])
+        .arg(&env.cgroup)
+        .arg("--pin-dir")
+        .arg(&env.pin_dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let md = fs::symlink_metadata(&env.pin_dir).unwrap();
+    assert_eq!((md.uid(), md.mode() & 0o7777), (0, 0o700));
+    let mut hooks = env.attached_hooks();
+    hooks.sort();
+    assert_eq!(hooks, ATTACH_TYPES);
+    let md = fs::symlink_metadata(&staging).unwrap();
+    assert_eq!(md.uid(), APP_UID);
+    assert_eq!(
+        fs::read_dir(&staging).unwrap().count(),
+        0,
+        "filled: {staging}"
+    );
+    stdout_of(&env.meshbpf(&["status"]));
+}
+
+#[test]
+fn the_agent_takes_back_a_pin_dir_name_another_user_made_a_link_and_never_follows_it() {
+    if !privileged() {
+        return;
+    }
+    use common::k8s::{Agent, CniDirs};
+    let env = Env::new();
+    // The other user's link leads to a directory of theirs: neither is touched but moved.
+    let theirs = env.bpffs.join("theirs");
+    assert!(as_user(&["mkdir", theirs.to_str().unwrap()])
+        .status
+        .success());
+    assert!(as_user(&[
+        "ln",
+        "-s",
+        theirs.to_str().unwrap(),
+        env.pin_dir.to_str().unwrap()
+    ])
+    .status
+    .success());
+    let dirs = CniDirs::new(&env.root);
+    let agent = Agent::start(&env, &dirs, "{}", &["--no-discover"]);
+    assert_eq!(
+        env.attached_hooks().len(),
+        ATTACH_TYPES.len(),
+        "{}",
+        agent.log()
+    );
+    let aside = env.bpffs.join("mesh-from-uid-1000");
+    assert_eq!(fs::read_link(&aside).unwrap(), theirs);
+    assert_eq!(fs::read_dir(&theirs).unwrap().count(), 0);
+    assert!(fs::symlink_metadata(&env.pin_dir).unwrap().is_dir());
+
+    // A directory root made (another tool's) is never taken: the agent refuses it.
+    drop(agent);
+    let tool = env.bpffs.join("tool");
+    fs::create_dir(&tool).unwrap();
+    fs::write(env.root.join("plugin.json"), "{}").unwrap();
+    let out = Command::new(cli())
+        .args(["agent", "--no-discover", "--listen", "none", "--cgroup"])
+        .arg(&env.cgroup)
+        .arg("--pin-dir")
+        .arg(&tool)
+        .arg("--cni-bin-dir")
+        .arg(&dirs.bin)
+        .arg("--cni-conf-dir")
+        .arg(&dirs.conf)
+        .arg("--plugin-conf")
+        .arg(env.root.join("plugin.json"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(stderr.contains("has mode 755"), "{stderr}");
+    assert!(fs::symlink_metadata(&tool).unwrap().is_dir());
 }
 
 /// The hooks that only make sense with the ones that answer for them.

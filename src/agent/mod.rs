@@ -138,13 +138,28 @@ impl Stats {
     }
 }
 
+/// Logs a line to stderr. A log reader that went away is no reason for the agent to stop
+/// (`eprintln!` would panic on EPIPE): the line is lost, the agent goes on.
 fn say(message: impl std::fmt::Display) {
-    eprintln!("meshbpf agent: {message}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "meshbpf agent: {message}");
 }
 
 /// Runs the agent until `stop` is set; returns with every program still attached.
 pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let settings = entry_settings(&config.plugin_entry)?;
+    // A pin directory another user made first (a bpffs mounted by hand is 1777) would stop
+    // every attach for good: take the name back, their entry kept whole beside it.
+    match crate::pins::reclaim(&config.pin_dir) {
+        Ok(Some(aside)) => say(format!(
+            "{} had been made by another user before meshbpf; moved it, as it was, to {}",
+            config.pin_dir.display(),
+            aside.display()
+        )),
+        Ok(None) => {}
+        // The attach below refuses the directory and says why.
+        Err(err) => say(format!("taking {} back: {err}", config.pin_dir.display())),
+    }
     let mesh = Mesh::attach_with(&config.cgroup, &config.pin_dir, &config.attach)?;
     say(format!(
         "attached to {} (pinned under {})",
@@ -164,17 +179,11 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)
         .context(|| "inotify_init".into())?;
     inotify
-        .add_watch(
-            &config.cni_conf_dir,
-            AddWatchFlags::IN_CLOSE_WRITE
-                | AddWatchFlags::IN_MOVED_TO
-                | AddWatchFlags::IN_MOVED_FROM
-                | AddWatchFlags::IN_CREATE
-                | AddWatchFlags::IN_DELETE,
-        )
+        .add_watch(&config.cni_conf_dir, WATCHED)
         .context(|| format!("watching {}", config.cni_conf_dir.display()))?;
     let mut installer = Installer::default();
     installer.reconcile(config, &stats);
+    watch_linked_dirs(&inotify, config);
     if config.discover {
         register_running_pods(&mesh, &settings, &stats);
     }
@@ -194,6 +203,7 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
             std::thread::sleep(Duration::from_millis(50));
             while inotify.read_events().is_ok_and(|e| !e.is_empty()) {}
             installer.reconcile(config, &stats);
+            watch_linked_dirs(&inotify, config);
         }
         if Instant::now() >= next_gc {
             next_gc = Instant::now() + config.gc_interval;
@@ -216,6 +226,23 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     }
     say("stopping; the programs stay attached and pods stay registered");
     Ok(())
+}
+
+/// The changes to a directory that may change the primary network configuration.
+const WATCHED: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
+    .union(AddWatchFlags::IN_MOVED_TO)
+    .union(AddWatchFlags::IN_MOVED_FROM)
+    .union(AddWatchFlags::IN_CREATE)
+    .union(AddWatchFlags::IN_DELETE);
+
+/// Watches the directories that network configurations which are symbolic links lead
+/// into: the primary CNI rewrites its file there (watching one twice is a no-op).
+fn watch_linked_dirs(inotify: &Inotify, config: &AgentConfig) {
+    for dir in conflist::linked_dirs(&config.cni_conf_dir) {
+        if let Err(err) = inotify.add_watch(&dir, WATCHED) {
+            say(format!("watching {}: {err}", dir.display()));
+        }
+    }
 }
 
 /// The settings the plugin's conf entry gives (for pods found running).

@@ -9,6 +9,64 @@ use clap::{Parser, Subcommand};
 use meshbpf::{Error, Mesh, PodSettings, RegisterOptions, DEFAULT_PIN_DIR};
 use serde::Serialize;
 
+/// Writes a line to stdout (`out!(no_newline ...)`: without the newline); a reader that went
+/// away (`meshbpf status | head -1`) silences the rest instead of failing the command.
+macro_rules! out {
+    (no_newline $($arg:tt)*) => {
+        stdout::write(format_args!($($arg)*), false)?
+    };
+    ($($arg:tt)*) => {
+        stdout::write(format_args!($($arg)*), true)?
+    };
+}
+
+/// Writes a line to stderr; a closed stderr is no reason to stop (nobody would see why).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+/// Standard output that a closed pipe ends quietly. Rust ignores SIGPIPE, so where `head`
+/// has read its lines and exited, a write fails with EPIPE, and `println!` would panic
+/// (exit 101, a backtrace). Here the first EPIPE silences every later write, and the
+/// command finishes as if its output had been read: the exit code is the command's own
+/// (0 when it succeeded), whether or not anyone read all of it.
+mod stdout {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use anyhow::Context;
+
+    /// Set once a write found the reader gone.
+    static CLOSED: AtomicBool = AtomicBool::new(false);
+
+    pub fn write(args: std::fmt::Arguments<'_>, newline: bool) -> anyhow::Result<()> {
+        if CLOSED.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut out = std::io::stdout().lock();
+        let written = out
+            .write_fmt(args)
+            .and_then(|()| {
+                if newline {
+                    out.write_all(b"\n")
+                } else {
+                    Ok(())
+                }
+            })
+            .and_then(|()| out.flush());
+        match written {
+            Err(err) if err.kind() == std::io::ErrorKind::BrokenPipe => {
+                CLOSED.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            other => other.context("writing to standard output"),
+        }
+    }
+}
+
 /// eBPF traffic capture for service-mesh sidecars, in place of iptables.
 #[derive(Parser)]
 #[command(version, about)]
@@ -199,12 +257,12 @@ fn print_sidecar_resource(args: &SidecarResourceArgs) -> anyhow::Result<()> {
         selector,
     )?;
     if resource.selector.is_empty() {
-        eprintln!(
+        note!(
             "meshbpf: no --selector: this Sidecar applies to every workload of its namespace \
              that has no Sidecar of its own"
         );
     }
-    print!("{resource}");
+    out!(no_newline "{resource}");
     Ok(())
 }
 
@@ -308,7 +366,7 @@ fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicB
     let flag = stop.clone();
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {
-            eprintln!("meshbpf: {signal}");
+            note!("meshbpf: {signal}");
         }
         flag.store(true, Ordering::SeqCst);
     });
@@ -415,7 +473,7 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("meshbpf: {err:#}");
+            note!("meshbpf: {err:#}");
             ExitCode::from(exit_code(&err))
         }
     }
@@ -434,13 +492,15 @@ fn exit_code(err: &anyhow::Error) -> u8 {
             | Error::CgroupNotV2 { .. }
             | Error::BpffsNotMounted { .. }
             | Error::PinDirUnsafe { .. }
+            | Error::PinDirTaken { .. }
             | Error::NotOurPinDir { .. }
             | Error::AttachedElsewhere { .. }
             | Error::InvalidSetting(_)
             | Error::NotRegistered { .. }
             | Error::NotBindMode { .. }
             | Error::NoInboundListeners { .. }
-            | Error::CniConfig { .. },
+            | Error::CniConfig { .. }
+            | Error::CniConfigLink { .. },
         ) => exit::BAD_INPUT,
         _ => exit::FAILURE,
     }
@@ -456,7 +516,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let options = meshbpf::AttachOptions::with_sockmap(!no_sockmap);
             let mesh = Mesh::attach_with(&cgroup, &pin.pin_dir, &options)?;
             let status = mesh.status().context("reading the attachment back")?;
-            println!(
+            out!(
                 "attached {} programs{} to {}, pinned under {}",
                 status.programs.len(),
                 if status.sockmap {
@@ -470,12 +530,12 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Detach { pin } => {
             if meshbpf::detach(&pin.pin_dir)? {
-                println!(
+                out!(
                     "detached; removed every pin under {}",
                     pin.pin_dir.display()
                 );
             } else {
-                println!("nothing attached under {}", pin.pin_dir.display());
+                out!("nothing attached under {}", pin.pin_dir.display());
             }
         }
         Command::Register {
@@ -493,7 +553,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                 &settings,
                 &RegisterOptions::with_host_netns(allow_host_netns),
             )?;
-            println!(
+            out!(
                 "registered {} (netns cookie {})",
                 netns.display(),
                 pod.netns_cookie
@@ -510,9 +570,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                 (None, None) => anyhow::bail!("give --netns PATH or --cookie N"),
             };
             if was {
-                println!("unregistered {what}");
+                out!("unregistered {what}");
             } else {
-                println!("{what} was not registered");
+                out!("{what} was not registered");
             }
         }
         Command::List { json, pin } => {
@@ -520,16 +580,18 @@ fn run(command: Command) -> anyhow::Result<()> {
             if json {
                 print_json(&pods)?;
             } else if pods.is_empty() {
-                println!("no pods registered");
+                out!("no pods registered");
             } else {
-                println!(
+                out!(
                     "{:>12}  {:>9}  {:>8}  INBOUND-LISTENERS",
-                    "NETNS-COOKIE", "PROXY-UID", "OUTBOUND"
+                    "NETNS-COOKIE",
+                    "PROXY-UID",
+                    "OUTBOUND"
                 );
                 for pod in &pods {
                     let listeners: Vec<String> =
                         pod.inbound_listeners.iter().map(u16::to_string).collect();
-                    println!(
+                    out!(
                         "{:>12}  {:>9}  {:>8}  {}",
                         pod.netns_cookie,
                         pod.settings.proxy_uids.first().copied().unwrap_or_default(),
@@ -548,26 +610,26 @@ fn run(command: Command) -> anyhow::Result<()> {
             if json {
                 print_json(&status)?;
             } else {
-                println!("attached to  {}", status.cgroup_path);
-                println!(
+                out!("attached to  {}", status.cgroup_path);
+                out!(
                     "pinned under {}  (map layout v{})",
                     status.pin_dir.display(),
                     status.layout_version
                 );
-                println!("programs:");
+                out!("programs:");
                 for p in &status.programs {
-                    println!("  {:<14} link {:<6} prog {}", p.hook, p.link_id, p.prog_id);
+                    out!("  {:<14} link {:<6} prog {}", p.hook, p.link_id, p.prog_id);
                 }
                 let sockmap = if status.sockmap {
                     "sk_msg on sock_hash"
                 } else {
                     "off (attach --no-sockmap)"
                 };
-                println!("  {:<14} {sockmap}", "sockmap");
-                println!("registered pods: {}", status.pods.len());
-                println!("counters:");
+                out!("  {:<14} {sockmap}", "sockmap");
+                out!("registered pods: {}", status.pods.len());
+                out!("counters:");
                 for (name, value) in &status.counters {
-                    println!("  {name:<22} {value}");
+                    out!("  {name:<22} {value}");
                 }
             }
         }
@@ -576,10 +638,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             if json {
                 print_json(&removed)?;
             } else if removed.is_empty() {
-                println!("every registered pod's network namespace still exists");
+                out!("every registered pod's network namespace still exists");
             } else {
                 for pod in &removed {
-                    println!(
+                    out!(
                         "removed netns cookie {} (its network namespace is gone)",
                         pod.netns_cookie
                     );
@@ -593,9 +655,9 @@ fn run(command: Command) -> anyhow::Result<()> {
             if json {
                 print_json(&features)?;
             } else {
-                println!("{:<52} {:<28} {:<5} HOW", "FEATURE", "MINIMUM KERNEL", "OK");
+                out!("{:<52} {:<28} {:<5} HOW", "FEATURE", "MINIMUM KERNEL", "OK");
                 for f in &features {
-                    println!(
+                    out!(
                         "{:<52} {:<28} {:<5} {}",
                         f.name,
                         f.min_kernel,
@@ -632,7 +694,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             let dropped_before = dropped()?;
             let mut tracer = mesh.trace(cookie)?;
-            eprintln!("meshbpf trace: reading slot {}; Ctrl-C ends", tracer.slot());
+            note!("meshbpf trace: reading slot {}; Ctrl-C ends", tracer.slot());
             let mut out = std::io::stdout().lock();
             'reading: while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for event in tracer.poll(std::time::Duration::from_millis(100))? {
@@ -652,7 +714,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             // Counted for every reader together: some may have been another reader's.
             let lost = dropped()?.saturating_sub(dropped_before);
             if lost > 0 {
-                eprintln!(
+                note!(
                     "meshbpf trace: {lost} decisions were dropped while this ran (a reader's ring \
                      was full: read faster, or narrow it with --netns)"
                 );
@@ -689,7 +751,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     to: explained.to,
                 })?;
             } else {
-                println!("{explained}");
+                out!("{explained}");
             }
         }
         Command::Origin {
@@ -708,7 +770,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     listener,
                     original_dst,
                 })?,
-                (false, Some(addr)) => println!("{addr}"),
+                (false, Some(addr)) => out!("{addr}"),
                 (false, None) => anyhow::bail!(
                     "no captured connection from {client} to {listener} in {}",
                     netns.display()
@@ -729,6 +791,6 @@ struct Origin {
 
 /// Prints `value` as one line of JSON.
 fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string(value)?);
+    out!("{}", serde_json::to_string(value)?);
     Ok(())
 }
