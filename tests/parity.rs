@@ -427,3 +427,91 @@ fn a_captured_connection_names_the_pod_and_the_destination_as_behind_iptables() 
         );
     }
 }
+
+/// An application that binds one of its pod's addresses before connecting (curl
+/// `--interface`, Go's `Dialer.LocalAddr`, JDBC `localAddress`): its captured connection
+/// reaches the sidecar from that address, not from loopback, and the sidecar must still be
+/// told the original destination; the application sees its bound address and the
+/// destination it asked for, as behind iptables REDIRECT. Every address the socket can
+/// have: the pod's registered IPv4 and IPv6 addresses (with port 0 and a fixed port), the
+/// IPv4 one on a dual-stack IPv6 socket (IPv4-mapped), and a second address of the pod's
+/// that `register` never saw. With sockmap acceleration on, so that such a connection is
+/// accelerated as one from loopback is.
+#[test]
+fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behind_iptables() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings {
+        sockmap: true,
+        sockmap_min_bytes: 1,
+        ..Default::default()
+    });
+    let reference = iptables_pod(&mut w._env, "iptables");
+    for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
+        // A second address on the pod's interface, added after `register`.
+        sh(std::process::Command::new("ip").args([
+            "-n",
+            &pod.name,
+            "addr",
+            "add",
+            "203.0.113.7/32",
+            "dev",
+            "eth0",
+        ]));
+        let sidecar = pod.sidecar();
+        let server4 = w.server.addr(false, 8080);
+        let server6 = w.server.addr(true, 8090);
+        let mapped_server = format!("[::ffff:{}]:8080", w.server.v4);
+        let cases = [
+            (pod.addr(false, 0), server4.clone(), server4.clone()),
+            (pod.addr(false, 41000), server4.clone(), server4.clone()),
+            (pod.addr(true, 0), server6.clone(), server6.clone()),
+            (pod.addr(true, 41001), server6.clone(), server6.clone()),
+            (
+                format!("[::ffff:{}]:0", pod.v4),
+                mapped_server.clone(),
+                server4.clone(),
+            ),
+            (
+                "203.0.113.7:0".to_string(),
+                server4.clone(),
+                server4.clone(),
+            ),
+        ];
+        for (i, (src, dest, told)) in cases.iter().enumerate() {
+            let probe = pod.connect(dest, &["--bind", src]);
+            assert!(probe.ok, "{name}: from {src} to {dest}: {probe:?}");
+            assert!(
+                probe.get("reply").starts_with(&format!("from={told}")),
+                "{name}: from {src} to {dest}: {probe:?}"
+            );
+            assert_eq!(probe.get("peer"), *dest, "{name}: from {src}: getpeername");
+            let (src_ip, src_port) = src.rsplit_once(':').unwrap();
+            let sockname = probe.get("sockname");
+            assert!(
+                sockname.starts_with(&format!("{src_ip}:")),
+                "{name}: from {src}: getsockname {probe:?}"
+            );
+            if src_port != "0" {
+                assert!(
+                    sockname.ends_with(&format!(":{src_port}")),
+                    "{name}: {probe:?}"
+                );
+            }
+            let events = sidecar.lines("outbound ");
+            assert_eq!(events.len(), i + 1, "{name}: {}", sidecar.output());
+            assert!(
+                events[i].contains(&format!("original_dst={told} upstream=connected")),
+                "{name}: from {src} to {dest}: {events:?}"
+            );
+        }
+    }
+    // Each of the six connections' first message went socket to socket.
+    assert!(
+        counter(&w.mesh, "sockmap_msg_redirected") >= 6,
+        "{}",
+        counter(&w.mesh, "sockmap_msg_redirected")
+    );
+    no_entry_outlives_its_connection(&w);
+}
