@@ -348,7 +348,7 @@ fn tcp_fast_open_connections_get_their_original_destination_every_time() {
 }
 
 #[test]
-fn mptcp_connections_are_captured_and_report_where_they_connected() {
+fn mptcp_connections_are_captured_and_name_both_ends_as_behind_iptables() {
     if !privileged() {
         return;
     }
@@ -361,6 +361,14 @@ fn mptcp_connections_are_captured_and_report_where_they_connected() {
             let probe = pod.connect(&dest, &["--mptcp"]);
             assert!(probe.ok, "{name}: {probe:?}");
             assert_eq!(probe.get("peer"), dest, "{name}: getpeername");
+            // getsockname() of the MPTCP socket names the pod, as plain TCP's does.
+            let own = pod.addr(v6, 0);
+            assert!(
+                probe
+                    .get("sockname")
+                    .starts_with(own.strip_suffix('0').unwrap_or(&own)),
+                "{name}: getsockname: {probe:?}"
+            );
             assert!(
                 probe.get("reply").starts_with(&format!("from={dest}")),
                 "{name}"
