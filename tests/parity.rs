@@ -523,3 +523,63 @@ fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behi
     );
     no_entry_outlives_its_connection(&w);
 }
+
+/// An application bound to its pod's IPv6 link-local address is bound to that interface (the
+/// address's scope), and lo is not it: its captured connect fails at once with ENETUNREACH,
+/// never escaping the sidecar. Behind ip6tables REDIRECT the same connect() had not returned
+/// after 20 s (measured: the harness's timeout), so the reference side is not run here.
+#[test]
+fn an_application_bound_to_its_link_local_address_is_refused_at_once_never_let_through() {
+    if !privileged() {
+        return;
+    }
+    let w = world(&PodSettings::default());
+    let sidecar = w.client.sidecar();
+    let out = sh(std::process::Command::new("ip").args([
+        "-n",
+        &w.client.name,
+        "-6",
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]));
+    // `2: eth0    inet6 fe80::.../64 scope link ...`: the interface index and the address.
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let index = text
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let link_local = text
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(link_local.starts_with("fe80:"), "{text}");
+    let src = format!("[{link_local}%{index}]:0");
+    let dest = w.server.addr(true, 8090);
+    // The link-local address may still be tentative (duplicate address detection).
+    let mut probe = w.client.connect(&dest, &["--bind", &src]);
+    for _ in 0..50 {
+        if !probe.stderr.contains("Cannot assign requested address") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        probe = w.client.connect(&dest, &["--bind", &src]);
+    }
+    assert!(!probe.ok, "{probe:?}");
+    assert!(probe.stderr.contains("ENETUNREACH"), "{probe:?}");
+    assert!(
+        sidecar.lines("outbound ").is_empty(),
+        "{}",
+        sidecar.output()
+    );
+    // It was captured, so it never went to the server directly.
+    assert_eq!(counter(&w.mesh, "connect_redirected"), 1);
+}
