@@ -457,16 +457,12 @@ fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behi
     });
     let reference = iptables_pod(&mut w._env, "iptables");
     for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
-        // A second address on the pod's interface, added after `register`.
-        sh(std::process::Command::new("ip").args([
-            "-n",
-            &pod.name,
-            "addr",
-            "add",
-            "203.0.113.7/32",
-            "dev",
-            "eth0",
-        ]));
+        // A second address of each family on the pod's interface, added after `register`.
+        for second in ["203.0.113.7/32", "2001:db8:1::7/128"] {
+            sh(std::process::Command::new("ip").args([
+                "-n", &pod.name, "addr", "add", second, "dev", "eth0", "nodad",
+            ]));
+        }
         let sidecar = pod.sidecar();
         let server4 = w.server.addr(false, 8080);
         let server6 = w.server.addr(true, 8090);
@@ -485,6 +481,11 @@ fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behi
                 "203.0.113.7:0".to_string(),
                 server4.clone(),
                 server4.clone(),
+            ),
+            (
+                "[2001:db8:1::7]:0".to_string(),
+                server6.clone(),
+                server6.clone(),
             ),
         ];
         for (i, (src, dest, told)) in cases.iter().enumerate() {
@@ -515,9 +516,9 @@ fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behi
             );
         }
     }
-    // Each of the six connections' first message went socket to socket.
+    // Each of the seven connections' first message went socket to socket.
     assert!(
-        counter(&w.mesh, "sockmap_msg_redirected") >= 6,
+        counter(&w.mesh, "sockmap_msg_redirected") >= 7,
         "{}",
         counter(&w.mesh, "sockmap_msg_redirected")
     );
