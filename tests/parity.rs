@@ -514,6 +514,18 @@ fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behi
                 events[i].contains(&format!("original_dst={told} upstream=connected")),
                 "{name}: from {src} to {dest}: {events:?}"
             );
+            // The sidecar sees the connection come from the address the application bound
+            // (an IPv4-mapped one as the IPv4 address it is, on its IPv4 listener).
+            let from = sockname.replace("[::ffff:", "").replace("]:", ":");
+            let from = if src.starts_with("[::ffff:") {
+                from
+            } else {
+                sockname.clone()
+            };
+            assert!(
+                events[i].starts_with(&format!("outbound peer={from} ")),
+                "{name}: from {src}: {events:?}"
+            );
         }
     }
     // Each of the seven connections' first message went socket to socket.
