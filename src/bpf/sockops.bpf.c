@@ -48,9 +48,9 @@ static __always_inline void conn_key_from_ops(struct conn_key *key, struct bpf_s
 const volatile bool sockmap_enabled = true;
 
 /*
- * The socket's local (`local`) or remote end is a loopback address. Each end is read in a
- * helper of its own: the family's two branches merged, clang addresses the fields through
- * a computed ctx pointer, which the verifier refuses.
+ * Whether the socket's local (remote) end is a loopback address: 127.0.0.0/8, ::1, or
+ * IPv4-mapped 127.0.0.0/8. The ends are asked apart: a captured application socket may have
+ * any local address, its sidecar's end any remote one (publish_origin).
  */
 static __always_inline bool ops_local_is_loopback(struct bpf_sock_ops *skops)
 {
@@ -223,7 +223,8 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	 * where connect4/6 sent it. From any local address: an application that bound one of
 	 * its pod's addresses (curl --interface, Go's Dialer.LocalAddr) keeps it as its source,
 	 * and the connection still goes over lo (the route to 127.0.0.1 / ::1 is lo's whatever
-	 * the source), as it does behind iptables' REDIRECT, which changes only the destination.
+	 * the source, for a socket not bound to an interface), as it does behind iptables'
+	 * REDIRECT, which changes only the destination.
 	 */
 	cookie = bpf_get_netns_cookie(skops);
 	pod = lookup_pod(cookie);
