@@ -348,7 +348,7 @@ fn tcp_fast_open_connections_get_their_original_destination_every_time() {
 }
 
 #[test]
-fn mptcp_connections_are_captured_and_report_where_they_connected() {
+fn mptcp_connections_are_captured_and_name_both_ends_as_behind_iptables() {
     if !privileged() {
         return;
     }
@@ -361,6 +361,14 @@ fn mptcp_connections_are_captured_and_report_where_they_connected() {
             let probe = pod.connect(&dest, &["--mptcp"]);
             assert!(probe.ok, "{name}: {probe:?}");
             assert_eq!(probe.get("peer"), dest, "{name}: getpeername");
+            // getsockname() of the MPTCP socket names the pod, as plain TCP's does.
+            let own = pod.addr(v6, 0);
+            assert!(
+                probe
+                    .get("sockname")
+                    .starts_with(own.strip_suffix('0').unwrap_or(&own)),
+                "{name}: getsockname: {probe:?}"
+            );
             assert!(
                 probe.get("reply").starts_with(&format!("from={dest}")),
                 "{name}"
@@ -426,4 +434,165 @@ fn a_captured_connection_names_the_pod_and_the_destination_as_behind_iptables() 
             sidecar.output()
         );
     }
+}
+
+/// An application that binds one of its pod's addresses before connecting (curl
+/// `--interface`, Go's `Dialer.LocalAddr`, JDBC `localAddress`): its captured connection
+/// reaches the sidecar from that address, not from loopback, and the sidecar must still be
+/// told the original destination; the application sees its bound address and the
+/// destination it asked for, as behind iptables REDIRECT. Every address the socket can
+/// have: the pod's registered IPv4 and IPv6 addresses (with port 0 and a fixed port), the
+/// IPv4 one on a dual-stack IPv6 socket (IPv4-mapped), and a second address of the pod's
+/// that `register` never saw. With sockmap acceleration on, so that such a connection is
+/// accelerated as one from loopback is.
+#[test]
+fn an_application_bound_to_its_pod_address_gets_its_original_destination_as_behind_iptables() {
+    if !privileged() {
+        return;
+    }
+    let mut w = world(&PodSettings {
+        sockmap: true,
+        sockmap_min_bytes: 1,
+        ..Default::default()
+    });
+    let reference = iptables_pod(&mut w._env, "iptables");
+    for (pod, name) in [(&w.client, "meshbpf"), (&reference, "iptables")] {
+        // A second address of each family on the pod's interface, added after `register`.
+        for second in ["203.0.113.7/32", "2001:db8:1::7/128"] {
+            sh(std::process::Command::new("ip").args([
+                "-n", &pod.name, "addr", "add", second, "dev", "eth0", "nodad",
+            ]));
+        }
+        let sidecar = pod.sidecar();
+        let server4 = w.server.addr(false, 8080);
+        let server6 = w.server.addr(true, 8090);
+        let mapped_server = format!("[::ffff:{}]:8080", w.server.v4);
+        let cases = [
+            (pod.addr(false, 0), server4.clone(), server4.clone()),
+            (pod.addr(false, 41000), server4.clone(), server4.clone()),
+            (pod.addr(true, 0), server6.clone(), server6.clone()),
+            (pod.addr(true, 41001), server6.clone(), server6.clone()),
+            (
+                format!("[::ffff:{}]:0", pod.v4),
+                mapped_server.clone(),
+                server4.clone(),
+            ),
+            (
+                "203.0.113.7:0".to_string(),
+                server4.clone(),
+                server4.clone(),
+            ),
+            (
+                "[2001:db8:1::7]:0".to_string(),
+                server6.clone(),
+                server6.clone(),
+            ),
+        ];
+        for (i, (src, dest, told)) in cases.iter().enumerate() {
+            let probe = pod.connect(dest, &["--bind", src]);
+            assert!(probe.ok, "{name}: from {src} to {dest}: {probe:?}");
+            assert!(
+                probe.get("reply").starts_with(&format!("from={told}")),
+                "{name}: from {src} to {dest}: {probe:?}"
+            );
+            assert_eq!(probe.get("peer"), *dest, "{name}: from {src}: getpeername");
+            let (src_ip, src_port) = src.rsplit_once(':').unwrap();
+            let sockname = probe.get("sockname");
+            assert!(
+                sockname.starts_with(&format!("{src_ip}:")),
+                "{name}: from {src}: getsockname {probe:?}"
+            );
+            if src_port != "0" {
+                assert!(
+                    sockname.ends_with(&format!(":{src_port}")),
+                    "{name}: {probe:?}"
+                );
+            }
+            let events = sidecar.lines("outbound ");
+            assert_eq!(events.len(), i + 1, "{name}: {}", sidecar.output());
+            assert!(
+                events[i].contains(&format!("original_dst={told} upstream=connected")),
+                "{name}: from {src} to {dest}: {events:?}"
+            );
+            // The sidecar sees the connection come from the address the application bound
+            // (an IPv4-mapped one as the IPv4 address it is, on its IPv4 listener).
+            let from = sockname.replace("[::ffff:", "").replace("]:", ":");
+            let from = if src.starts_with("[::ffff:") {
+                from
+            } else {
+                sockname.clone()
+            };
+            assert!(
+                events[i].starts_with(&format!("outbound peer={from} ")),
+                "{name}: from {src}: {events:?}"
+            );
+        }
+    }
+    // Each of the seven connections' first message went socket to socket.
+    assert!(
+        counter(&w.mesh, "sockmap_msg_redirected") >= 7,
+        "{}",
+        counter(&w.mesh, "sockmap_msg_redirected")
+    );
+    no_entry_outlives_its_connection(&w);
+}
+
+/// An application bound to its pod's IPv6 link-local address is bound to that interface (the
+/// address's scope), and lo is not it: its captured connect fails at once with ENETUNREACH,
+/// never escaping the sidecar. Behind ip6tables REDIRECT the same connect() had not returned
+/// after 20 s (measured: the harness's timeout), so the reference side is not run here.
+#[test]
+fn an_application_bound_to_its_link_local_address_is_refused_at_once_never_let_through() {
+    if !privileged() {
+        return;
+    }
+    let w = world(&PodSettings::default());
+    let sidecar = w.client.sidecar();
+    let out = sh(std::process::Command::new("ip").args([
+        "-n",
+        &w.client.name,
+        "-6",
+        "-o",
+        "addr",
+        "show",
+        "dev",
+        "eth0",
+        "scope",
+        "link",
+    ]));
+    // `2: eth0    inet6 fe80::.../64 scope link ...`: the interface index and the address.
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let index = text
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let link_local = text
+        .split_whitespace()
+        .nth(3)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(link_local.starts_with("fe80:"), "{text}");
+    let src = format!("[{link_local}%{index}]:0");
+    let dest = w.server.addr(true, 8090);
+    // The link-local address may still be tentative (duplicate address detection).
+    let mut probe = w.client.connect(&dest, &["--bind", &src]);
+    for _ in 0..50 {
+        if !probe.stderr.contains("Cannot assign requested address") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        probe = w.client.connect(&dest, &["--bind", &src]);
+    }
+    assert!(!probe.ok, "{probe:?}");
+    assert!(probe.stderr.contains("ENETUNREACH"), "{probe:?}");
+    assert!(
+        sidecar.lines("outbound ").is_empty(),
+        "{}",
+        sidecar.output()
+    );
+    // It was captured, so it never went to the server directly.
+    assert_eq!(counter(&w.mesh, "connect_redirected"), 1);
 }

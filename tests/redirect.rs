@@ -520,3 +520,112 @@ fn an_ipv6_pod_gets_its_passthrough_address_and_without_cap_net_admin_is_refused
     stdout_of(&env.meshbpf(&["register", "--netns", other_ns, "--inbound-mode", "bind"]));
     assert!(!lo_has_6(&other));
 }
+
+/// The uids (real, effective, saved, filesystem) of the process listening on `port` in `pod`
+/// (`ss -p` in its netns, then /proc/PID/status).
+fn listener_uids(pod: &Pod, port: u16) -> String {
+    let out = sh(Command::new("ip").args([
+        "netns",
+        "exec",
+        &pod.name,
+        "ss",
+        "-Hltnp",
+        "sport",
+        "=",
+        &format!(":{port}"),
+    ]));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(pid) = text
+        .split("pid=")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+    else {
+        return format!("nobody listens: {text}");
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|u| u.split_whitespace().collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// A sidecar that binds as root and then drops to the proxy uid (HAProxy's `uid`/`gid`
+/// directives: bind(), listen(), then setgid(), setuid(), as strace shows) serves inbound in
+/// redirect mode, as behind istio-iptables, whose REDIRECT sends to whoever listens on 15006.
+#[test]
+fn an_inbound_proxy_that_binds_as_root_and_drops_to_the_proxy_uid_serves_inbound() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let config = ENVOY_LIKE.replace("global\n", "global\n    uid 1337\n    gid 1337\n");
+    let cfg = write_file(&w.env, "envoy-like-root.cfg", &config);
+    for (pod, name) in [(&w.meshed, "meshbpf"), (&w.iptables, "istio-iptables")] {
+        let _app = pod.server(&["0.0.0.0:8080", "[::]:8081"]);
+        let sidecar = pod.spawn(
+            0,
+            Path::new("/usr/sbin/haproxy"),
+            &["-db", "-f", cfg.to_str().unwrap()],
+        );
+        wait_until(
+            || listener_uids(pod, 15006) == "1337 1337 1337 1337",
+            || {
+                format!(
+                    "{name}: haproxy did not drop to uid 1337: {}",
+                    sidecar.output()
+                )
+            },
+        );
+        let mut via_sidecar = vec![(pod.addr(false, 8080), "127.0.0.6")];
+        // IPv6 as in an_unmodified_proxy_on_15006_serves_inbound_as_behind_istio_iptables:
+        // behind ip6tables HAProxy loops to itself.
+        if pod.name == w.meshed.name {
+            via_sidecar.push((pod.addr(true, 8081), "::6"));
+        }
+        for (dest, seen) in &via_sidecar {
+            assert_eq!(
+                seen_by_app(&w.client, dest),
+                *seen,
+                "{name}: {dest}: {}",
+                sidecar.output()
+            );
+        }
+    }
+}
+
+/// What identifies the sidecar's inbound listener: a socket bound by the proxy uid (or gid),
+/// or by root. An application's uid listening on the inbound port never gets the pod's
+/// inbound connections (behind istio-iptables it would: REDIRECT knows no owner); with no
+/// sidecar listening, they are refused.
+#[test]
+fn an_application_uid_listening_on_the_inbound_port_never_takes_inbound() {
+    if !privileged() {
+        return;
+    }
+    let w = world();
+    let mesh = meshbpf::Mesh::open(&w.env.pin_dir).unwrap();
+    let _app = w.meshed.server(&["0.0.0.0:8080", "[::]:8081"]);
+    let squatter = w.meshed.spawn(
+        APP_UID,
+        &helper("netprobe"),
+        &["serve", "--tag", "squatter", "[::]:15006"],
+    );
+    squatter.wait_for("listening=");
+    // It is there, dual-stack: the pod's own call to it on loopback reaches it.
+    assert_eq!(
+        reached(&w.meshed, APP_UID, "127.0.0.1:15006", None),
+        "squatter"
+    );
+    let refused = counter(&mesh, "inbound_refused");
+    for v6 in [false, true] {
+        let dest = w.meshed.addr(v6, if v6 { 8081 } else { 8080 });
+        assert_eq!(seen_by_app(&w.client, &dest), "refused", "{dest}");
+        let direct = reached(&w.client, APP_UID, &w.meshed.addr(v6, 15006), None);
+        assert!(
+            direct.starts_with("failed:") && direct.contains("refused"),
+            "v6 {v6}: {direct}"
+        );
+    }
+    assert_eq!(counter(&mesh, "inbound_refused") - refused, 4);
+}

@@ -76,7 +76,8 @@ static __always_inline int keep_bind(struct bpf_sock_addr *ctx)
 }
 
 /*
- * The sidecar's bind. In a pod with inbound capture its sockets bound to a port are marked:
+ * The sidecar's bind (or root's of the inbound port, root_binds_inbound_port). In a pod with
+ * inbound capture its sockets bound to a port are marked:
  * if one listens, sockops adds it to `listeners`, where the pod's sk_lookup program hands
  * it the pod's inbound connections (and no application socket gets them).
  */
@@ -96,6 +97,24 @@ static __always_inline int proxy_bind(struct bpf_sock_addr *ctx, const struct po
 		return SOCK_ALLOW;
 	count(CNT_BIND_PROXY_PRIVILEGED);
 	return BIND_ALLOW_NO_CAP_NET_BIND_SERVICE;
+}
+
+/*
+ * Redirect mode: root binding the inbound port binds the sidecar's inbound listener. A proxy
+ * that binds as root and then drops to the proxy uid (HAProxy's `uid`/`gid`: socket(),
+ * bind(), listen(), then setgid(), setuid(), measured with strace on HAProxy 2.6) is root at
+ * bind and at listen, and its socket stays root's (sk_uid is fixed at socket()), so nothing
+ * the kernel keeps about it says "proxy" before its first accept. Root may, for a process
+ * that may setuid() to the proxy uid gains nothing it could not have by binding as that uid;
+ * an application's uid never may (istio-iptables' REDIRECT hands 15006 to any owner).
+ */
+static __always_inline bool root_binds_inbound_port(struct bpf_sock_addr *ctx,
+						    const struct pod_settings *pod)
+{
+	return (pod->flags & (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT)) ==
+		       (POD_F_CAPTURE_INBOUND | POD_F_INBOUND_REDIRECT) &&
+	       ctx->protocol == IPPROTO_TCP && bpf_ntohs(ctx->user_port) == pod->inbound_port &&
+	       (__u32)bpf_get_current_uid_gid() == 0;
 }
 
 /* Whether the IPv6 socket being bound takes IPv6 only (IPV6_V6ONLY); unknown counts as yes. */
@@ -123,7 +142,7 @@ static __always_inline int bind_verdict(struct bpf_sock_addr *ctx, bool wildcard
 
 	if (!pod)
 		return SOCK_ALLOW;
-	if (is_proxy(pod, cookie))
+	if (is_proxy(pod, cookie) || root_binds_inbound_port(ctx, pod))
 		return proxy_bind(ctx, pod);
 	if (!wildcard || !capture_bind(ctx, pod, cookie))
 		return keep_bind(ctx);

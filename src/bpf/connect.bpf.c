@@ -375,7 +375,14 @@ static __always_inline struct pod_settings *captured_pod(struct bpf_sock_addr *c
 	struct bpf_sock *sk = ctx->sk;
 	struct pod_settings *pod;
 
-	if (!state || !state->dst.family || sk->protocol != IPPROTO_TCP)
+	/*
+	 * The application's socket: TCP, or MPTCP, whose getsockname() is this hook's on the
+	 * MPTCP socket itself (inet_getname() / inet6_getname() on the msk), which holds its own
+	 * copy of the original destination (mptcp_parent_keeps) and the first subflow's
+	 * addresses (mptcp_copy_inaddrs() at connect): the sidecar's port, a loopback source.
+	 */
+	if (!state || !state->dst.family ||
+	    (sk->protocol != IPPROTO_TCP && sk->protocol != IPPROTO_MPTCP))
 		return NULL;
 	/* To a loopback address (the sidecar's own calls sent to its inbound listener), the
 	 * connection leaves from loopback behind iptables too. */

@@ -33,17 +33,24 @@
 const volatile __u64 pod_cookie = 0;
 
 /*
- * A connection the pod makes to itself: from a loopback address (Envoy's passthrough
- * 127.0.0.6 / ::6 among them) or from one of the pod's own addresses. Not the ingress
- * interface: a connection to the pod's own address arrives over lo but reports the
- * interface that address is on.
+ * A connection the pod makes to itself: to a loopback address, from a loopback address
+ * (Envoy's passthrough 127.0.0.6 / ::6 among them) or from one of the pod's own addresses.
+ * Not the ingress interface: a connection to the pod's own address arrives over lo but
+ * reports the interface that address is on. A loopback destination comes from the pod
+ * whatever the source: the kernel drops 127.0.0.0/8 and ::1 arriving on any other
+ * interface (ip_route_input_slow()'s martian destination, ipv6_rcv()); an application
+ * bound to an address of its pod that `register` never saw (a second one on eth0), whose
+ * connect4/6 sent it to the sidecar's outbound listener, comes from there.
  */
 static __always_inline bool from_the_pod(struct bpf_sk_lookup *ctx, const struct pod_settings *pod)
 {
 	if (ctx->family == AF_INET)
-		return is_loopback4(ctx->remote_ip4) ||
+		return is_loopback4(ctx->local_ip4) || is_loopback4(ctx->remote_ip4) ||
 		       (pod->pod_ip4 && ctx->remote_ip4 == pod->pod_ip4);
 	/* Word by word in the condition: see IP6_GET. */
+	if (ctx->local_ip6[0] == 0 && ctx->local_ip6[1] == 0 && ctx->local_ip6[2] == 0 &&
+	    ctx->local_ip6[3] == LOOPBACK6_LAST)
+		return true;
 	if (ctx->remote_ip6[0] == 0 && ctx->remote_ip6[1] == 0 && ctx->remote_ip6[2] == 0 &&
 	    (ctx->remote_ip6[3] == LOOPBACK6_LAST || ctx->remote_ip6[3] == PASSTHROUGH6_LAST))
 		return true;

@@ -47,19 +47,40 @@ static __always_inline void conn_key_from_ops(struct conn_key *key, struct bpf_s
 /* Set before load by `meshbpf attach --no-sockmap` (false): no socket enters sock_hash. */
 const volatile bool sockmap_enabled = true;
 
-static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
+/*
+ * Whether the socket's local (remote) end is a loopback address: 127.0.0.0/8, ::1, or
+ * IPv4-mapped 127.0.0.0/8. The ends are asked apart: a captured application socket may have
+ * any local address, its sidecar's end any remote one (publish_origin).
+ */
+static __always_inline bool ops_local_is_loopback(struct bpf_sock_ops *skops)
 {
 	if (skops->family == AF_INET)
-		return is_loopback4(skops->local_ip4) && is_loopback4(skops->remote_ip4);
+		return is_loopback4(skops->local_ip4);
 	if (skops->family == AF_INET6) {
 		__u32 local[4] = { skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
 				   skops->local_ip6[3] };
+
+		return is_loopback6(local);
+	}
+	return false;
+}
+
+static __always_inline bool ops_remote_is_loopback(struct bpf_sock_ops *skops)
+{
+	if (skops->family == AF_INET)
+		return is_loopback4(skops->remote_ip4);
+	if (skops->family == AF_INET6) {
 		__u32 remote[4] = { skops->remote_ip6[0], skops->remote_ip6[1],
 				    skops->remote_ip6[2], skops->remote_ip6[3] };
 
-		return is_loopback6(local) && is_loopback6(remote);
+		return is_loopback6(remote);
 	}
 	return false;
+}
+
+static __always_inline bool ops_is_loopback(struct bpf_sock_ops *skops)
+{
+	return ops_local_is_loopback(skops) && ops_remote_is_loopback(skops);
 }
 
 /*
@@ -197,10 +218,17 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	state = bpf_sk_storage_get(&sk_storage_map, sk, 0, 0);
 	if (!state || !state->dst.family)
 		return;
-	/* Only a connection to the pod's sidecar carries an original destination. */
+	/*
+	 * Only a connection to the pod's sidecar carries an original destination: to loopback,
+	 * where connect4/6 sent it. From any local address: an application that bound one of
+	 * its pod's addresses (curl --interface, Go's Dialer.LocalAddr) keeps it as its source,
+	 * and the connection still goes over lo (the route to 127.0.0.1 / ::1 is lo's whatever
+	 * the source, for a socket not bound to an interface), as it does behind iptables'
+	 * REDIRECT, which changes only the destination.
+	 */
 	cookie = bpf_get_netns_cookie(skops);
 	pod = lookup_pod(cookie);
-	if (!pod || !ops_is_loopback(skops) ||
+	if (!pod || !ops_remote_is_loopback(skops) ||
 	    !is_sidecar_port(pod, (__u16)bpf_ntohl(skops->remote_port)))
 		return;
 	dst = state->dst;
@@ -255,8 +283,9 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 
 	/* Every accepted socket of the node passes here: what cannot be a sidecar's end of a
 	 * captured connection (on loopback, at a sidecar port, in a registered pod) leaves
-	 * before the connection key is built. */
-	if (!ops_is_loopback(skops))
+	 * before the connection key is built. Its peer, the application, may have any of its
+	 * pod's addresses (publish_origin). */
+	if (!ops_local_is_loopback(skops))
 		return;
 	cookie = bpf_get_netns_cookie(skops);
 	pod = lookup_pod(cookie);
