@@ -68,13 +68,21 @@ fn captured_through_sidecar(v6: bool) {
         local.starts_with(if v6 { "[::1]:" } else { "127.0.0.1:" }),
         "local={local}"
     );
+    // The sidecar sees it come from the pod's address, with the application's port, as the
+    // application's getsockname() names it and as behind iptables REDIRECT.
+    let sockname = probe.get("sockname");
+    let (named, real): (std::net::SocketAddr, std::net::SocketAddr) =
+        (sockname.parse().unwrap(), local.parse().unwrap());
+    assert_eq!((named.ip(), named.port()), (w.client.ip(v6), real.port()));
     assert!(
-        events[0].contains(&format!("peer={local} ")),
+        events[0].contains(&format!("peer={sockname} ")),
         "sidecar saw another peer: {events:?}"
     );
     assert_eq!(counter(&w.mesh, "connect_redirected"), 1);
     assert_eq!(counter(&w.mesh, "getsockopt_answered"), 1);
     assert_eq!(counter(&w.mesh, "getpeername_restored"), 1);
+    // Named at the sidecar's accept() and at its getpeername() (peer_addr()).
+    assert_eq!(counter(&w.mesh, "proxy_peer_restored"), 2);
 }
 
 fn fmt_ip(ip: std::net::IpAddr) -> String {

@@ -422,6 +422,36 @@ static __always_inline void orig_dst_normalize(struct orig_dst *dst)
 }
 
 /*
+ * The original destination of the captured TCP connection whose proxy end is `sk` (the
+ * sidecar's accepted socket), as sockops published it from the application's end.
+ */
+static __always_inline struct orig_dst *accepted_origin(struct bpf_sock *sk, __u64 netns_cookie)
+{
+	struct conn_key key = {};
+
+	/* The accepted socket's peer is the application: it is the key's source. */
+	key.family = sk->family;
+	key.src_port = sk->dst_port;
+	key.dst_port = bpf_htons((__u16)sk->src_port);
+	if (sk->family == AF_INET) {
+		key.src_addr[0] = sk->dst_ip4;
+		key.dst_addr[0] = sk->src_ip4;
+	} else {
+		key.src_addr[0] = sk->dst_ip6[0];
+		key.src_addr[1] = sk->dst_ip6[1];
+		key.src_addr[2] = sk->dst_ip6[2];
+		key.src_addr[3] = sk->dst_ip6[3];
+		key.dst_addr[0] = sk->src_ip6[0];
+		key.dst_addr[1] = sk->src_ip6[1];
+		key.dst_addr[2] = sk->src_ip6[2];
+		key.dst_addr[3] = sk->src_ip6[3];
+	}
+	key.netns_cookie = netns_cookie;
+	conn_key_normalize(&key);
+	return bpf_map_lookup_elem(&origin_dst_map, &key);
+}
+
+/*
  * Puts the original destination kept on ctx's socket back into ctx's address
  * (getpeername, a DNS reply's source), when the socket has one of ctx's
  * family; returns whether it did.

@@ -345,11 +345,62 @@ static __always_inline bool peer_is_sidecar(struct bpf_sock_addr *ctx, bool loop
 	return pod && is_sidecar_port(pod, bpf_ntohs(ctx->user_port));
 }
 
+/*
+ * Names the pod's own address in ctx's IPv6 address, IPv4-mapped when `mapped` (a dual-stack
+ * socket's IPv4 connection); false, leaving it, when the pod has no address of that family.
+ */
+static __always_inline bool name_pod_addr6(struct bpf_sock_addr *ctx, const struct pod_settings *pod,
+					   bool mapped)
+{
+	if (mapped) {
+		if (!pod->pod_ip4)
+			return false;
+		ctx->user_ip6[3] = pod->pod_ip4;
+		return true;
+	}
+	if (!IP6_IS_SET(pod->pod_ip6))
+		return false;
+	ctx->user_ip6[0] = pod->pod_ip6[0];
+	ctx->user_ip6[1] = pod->pod_ip6[1];
+	ctx->user_ip6[2] = pod->pod_ip6[2];
+	ctx->user_ip6[3] = pod->pod_ip6[3];
+	return true;
+}
+
+/*
+ * The sidecar's end of a captured connection (accepted on its outbound or DNS port from an
+ * application's socket on loopback): its peer is named as that socket names itself, the
+ * pod's address with the application's port. Behind iptables REDIRECT the connection
+ * really comes from the pod's address, and Envoy takes accept()'s peer (accept runs this
+ * hook) as the downstream remote address: access logs, source-address RBAC, the
+ * x-forwarded-for it adds. An application bound to a pod address needs nothing: its peer
+ * is that address already. Returns the pod, or NULL to leave the peer alone.
+ */
+static __always_inline struct pod_settings *proxy_end_of_capture(struct bpf_sock_addr *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	__u64 cookie = bpf_get_netns_cookie(ctx);
+	struct pod_settings *pod = lookup_pod(cookie);
+	__u16 port = (__u16)sk->src_port;
+
+	if (!pod || sk->protocol != IPPROTO_TCP ||
+	    (port != pod->outbound_port && port != pod->dns_port))
+		return NULL;
+	return accepted_origin(sk, cookie) ? pod : NULL;
+}
+
 SEC("cgroup/getpeername4")
 int handle__getpeername4(struct bpf_sock_addr *ctx)
 {
-	if (peer_is_sidecar(ctx, is_loopback4(ctx->user_ip4)) && restore_orig_dst4(ctx))
+	bool loopback = is_loopback4(ctx->user_ip4);
+	struct pod_settings *pod;
+
+	if (peer_is_sidecar(ctx, loopback) && restore_orig_dst4(ctx)) {
 		count(CNT_GETPEERNAME_RESTORED);
+	} else if (loopback && (pod = proxy_end_of_capture(ctx)) && pod->pod_ip4) {
+		ctx->user_ip4 = pod->pod_ip4;
+		count(CNT_PROXY_PEER_RESTORED);
+	}
 	return SOCK_ALLOW;
 }
 
@@ -357,12 +408,18 @@ SEC("cgroup/getpeername6")
 int handle__getpeername6(struct bpf_sock_addr *ctx)
 {
 	__u32 peer[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2], ctx->user_ip6[3] };
+	bool loopback = is_loopback6(peer);
+	struct pod_settings *pod;
 
-	if (peer_is_sidecar(ctx, is_loopback6(peer)) && restore_orig_dst6(ctx))
+	if (peer_is_sidecar(ctx, loopback) && restore_orig_dst6(ctx)) {
 		count(CNT_GETPEERNAME_RESTORED);
+		return SOCK_ALLOW;
+	}
+	if (loopback && (pod = proxy_end_of_capture(ctx)) &&
+	    name_pod_addr6(ctx, pod, is_v4_mapped(peer)))
+		count(CNT_PROXY_PEER_RESTORED);
 	return SOCK_ALLOW;
 }
-
 
 /*
  * getsockname() of a captured socket names the pod's own address, as behind iptables
@@ -417,21 +474,8 @@ int handle__getsockname6(struct bpf_sock_addr *ctx)
 	if (!is_loopback6(local))
 		return SOCK_ALLOW;
 	pod = captured_pod(ctx);
-	if (!pod)
-		return SOCK_ALLOW;
-	if (is_v4_mapped(local)) {
-		if (!pod->pod_ip4)
-			return SOCK_ALLOW;
-		ctx->user_ip6[3] = pod->pod_ip4;
-	} else {
-		if (!IP6_IS_SET(pod->pod_ip6))
-			return SOCK_ALLOW;
-		ctx->user_ip6[0] = pod->pod_ip6[0];
-		ctx->user_ip6[1] = pod->pod_ip6[1];
-		ctx->user_ip6[2] = pod->pod_ip6[2];
-		ctx->user_ip6[3] = pod->pod_ip6[3];
-	}
-	count(CNT_GETSOCKNAME_RESTORED);
+	if (pod && name_pod_addr6(ctx, pod, is_v4_mapped(local)))
+		count(CNT_GETSOCKNAME_RESTORED);
 	return SOCK_ALLOW;
 }
 

@@ -92,33 +92,6 @@ static __always_inline int pass(struct bpf_sockopt *ctx)
 	return SOCK_ALLOW;
 }
 
-/* The original destination of the captured TCP connection whose proxy end is `sk`. */
-static __always_inline struct orig_dst *tcp_origin(struct bpf_sockopt *ctx, struct bpf_sock *sk)
-{
-	struct conn_key key = {};
-
-	/* The accepted socket's peer is the application: it is the key's source. */
-	key.family = sk->family;
-	key.src_port = sk->dst_port;
-	key.dst_port = bpf_htons((__u16)sk->src_port);
-	if (sk->family == AF_INET) {
-		key.src_addr[0] = sk->dst_ip4;
-		key.dst_addr[0] = sk->src_ip4;
-	} else {
-		key.src_addr[0] = sk->dst_ip6[0];
-		key.src_addr[1] = sk->dst_ip6[1];
-		key.src_addr[2] = sk->dst_ip6[2];
-		key.src_addr[3] = sk->dst_ip6[3];
-		key.dst_addr[0] = sk->src_ip6[0];
-		key.dst_addr[1] = sk->src_ip6[1];
-		key.dst_addr[2] = sk->src_ip6[2];
-		key.dst_addr[3] = sk->src_ip6[3];
-	}
-	key.netns_cookie = bpf_get_netns_cookie(ctx);
-	conn_key_normalize(&key);
-	return bpf_map_lookup_elem(&origin_dst_map, &key);
-}
-
 /*
  * Redirect mode: a connection the pod's sk_lookup program handed to the sidecar's inbound
  * listener keeps its original destination as its local address (pod_ip:PORT), which is
@@ -183,7 +156,7 @@ int handle__getsockopt(struct bpf_sockopt *ctx)
 		return pass(ctx);
 
 	if (sk->protocol == IPPROTO_TCP) {
-		dst = tcp_origin(ctx, sk);
+		dst = accepted_origin(sk, bpf_get_netns_cookie(ctx));
 		if (!dst && redirected_inbound(ctx, sk, &inbound))
 			dst = &inbound;
 	} else if (sk->protocol == IPPROTO_UDP)

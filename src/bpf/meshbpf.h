@@ -339,6 +339,7 @@ enum counter {
 	CNT_INTRA_NODE_BYTES_REDIRECTED,
 	CNT_INTRA_NODE_NO_PEER,
 	CNT_SOCKMAP_RECEIVER_BEHIND,	/* a sender went back to TCP: its receiver held a receive buffer unread */
+	CNT_PROXY_PEER_RESTORED,	/* the sidecar's accept/getpeername named the application's pod address */
 	CNT_MAX,
 };
 
