@@ -1,0 +1,526 @@
+//! A real containerd (Debian's, with its CRI plugin) as a test's private container runtime,
+//! driven through the Kubernetes CRI (`runtime.v1`) over gRPC as the kubelet drives it.
+//!
+//! Everything it keeps lives under the test's directory: its config (`version = 2`), root,
+//! state, gRPC socket, CNI conf and plugin directories, IPAM state, and the sandbox image,
+//! which the test builds from busybox-static and imports (nothing is pulled). containerd's
+//! shims use `/run/containerd/s` and libcni caches results in `/var/lib/cni` whatever the
+//! config says, so containerd runs in a mount namespace of its own with tmpfs over `/run`
+//! and `/var/lib` (the network namespaces it makes under `/var/run/netns` are then only
+//! visible there: the test reaches a pod's through its sandbox process), and in a network
+//! namespace of its own (the node's), where the CNI bridge plugin makes its bridge. The
+//! sandboxes' cgroups (cgroupfs, this machine's v1 hierarchies) go under a parent named
+//! after the test. Dropping the guard removes every sandbox through the CRI, ends
+//! containerd by pid, then ends whatever it left (its shims, found by the socket address in
+//! their command line; processes in its sandbox cgroups), and removes those cgroups and the
+//! node's netns: also when the test fails.
+//!
+//! Only tests/containerd.rs includes this file (`#[path]`), so the other test binaries do
+//! not compile the gRPC client.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
+    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StopPodSandboxRequest,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::common::{scaled, sh, skip, wait_until, Env};
+
+/// The image containerd runs as every sandbox's pause container (`sandbox_image`).
+pub const SANDBOX_IMAGE: &str = "meshbpf.test/pause:1";
+
+/// Whether containerd, ctr, runc, the CNI plugins and busybox-static are here. Without them
+/// the test skips, except under CI, where it fails.
+pub fn containerd_available() -> bool {
+    let ok = ["containerd", "ctr", "runc", "unshare", "tar"]
+        .iter()
+        .all(|tool| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        && Path::new("/usr/lib/cni/bridge").exists()
+        && Path::new("/bin/busybox").exists();
+    if !ok && std::env::var_os("CI").is_some() {
+        panic!("containerd, runc, containernetworking-plugins or busybox-static is missing, and CI is set: run scripts/deps.sh");
+    }
+    if !ok {
+        skip("needs containerd, runc, containernetworking-plugins and busybox-static (scripts/deps.sh installs them)");
+    }
+    ok
+}
+
+/// A pod sandbox as the CRI reports it.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    /// The pause process, which holds the pod's network namespace.
+    pub pid: u32,
+    /// The pod's IP address the CNI result gave.
+    pub ip: std::net::Ipv4Addr,
+    /// The network namespace path containerd handed the CNI plugins (`CNI_NETNS`), as seen
+    /// in containerd's mount namespace.
+    pub netns_path: String,
+}
+
+impl Sandbox {
+    /// The pod's network namespace, reachable from the test.
+    pub fn netns(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/ns/net", self.pid))
+    }
+}
+
+/// containerd running for one test; cleaned up when dropped.
+pub struct Containerd {
+    pub dir: PathBuf,
+    /// The network namespace containerd runs in (`ip netns` name).
+    pub node_netns: String,
+    /// The cgroupfs parent of every sandbox's cgroups.
+    pub cgroup_parent: String,
+    socket: PathBuf,
+    process: Option<Child>,
+    pid: u32,
+    runtime: tokio::runtime::Runtime,
+    client: Option<RuntimeServiceClient<Channel>>,
+}
+
+impl Containerd {
+    /// Starts containerd for `env` with `conflist` as its only CNI network, imports the
+    /// sandbox image and connects a CRI client.
+    #[track_caller]
+    pub fn start(env: &Env, conflist: &Value) -> Containerd {
+        let dir = env.root.join("containerd");
+        let cni_bin = dir.join("cni-bin");
+        let conf_dir = dir.join("net.d");
+        for d in [&cni_bin, &conf_dir, &dir.join("image")] {
+            fs::create_dir_all(d).unwrap();
+        }
+        for plugin in ["bridge", "host-local", "loopback"] {
+            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(plugin), cni_bin.join(plugin))
+                .unwrap();
+        }
+        std::os::unix::fs::symlink(crate::common::k8s::cni_plugin(), cni_bin.join("meshbpf-cni"))
+            .unwrap();
+        fs::write(conf_dir.join("10-mesh.conflist"), conflist.to_string()).unwrap();
+        let image = sandbox_image(&dir.join("image"));
+        let socket = dir.join("containerd.sock");
+        let cgroup_parent = format!("/meshbpf-test-{}-cri", env.id);
+        let d = dir.display();
+        fs::write(
+            dir.join("config.toml"),
+            format!(
+                r#"version = 2
+root = "{d}/root"
+state = "{d}/state"
+# Snapshotters that cannot work here (no btrfs, zfs, aufs or device mapper) stay quiet.
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "{d}/containerd.sock"
+[ttrpc]
+  address = "{d}/containerd.sock.ttrpc"
+# Its default, /opt/containerd, is the host's.
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d}/opt"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{SANDBOX_IMAGE}"
+  systemd_cgroup = false
+  # Without it runc fails: "nsexec: failed to update /proc/self/oom_score_adj".
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+    SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{d}/cni-bin"
+    conf_dir = "{d}/net.d"
+"#
+            ),
+        )
+        .unwrap();
+
+        let node_netns = format!("mbt-{}-node", env.id);
+        sh(Command::new("ip").args(["netns", "add", &node_netns]));
+        let mut guard = Containerd {
+            node_netns,
+            cgroup_parent,
+            socket,
+            process: None,
+            pid: 0,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime"),
+            client: None,
+            dir,
+        };
+        sh(Command::new("ip").args(["-n", &guard.node_netns, "link", "set", "lo", "up"]));
+        guard.spawn();
+        guard.ctr(&[
+            "images",
+            "import",
+            "--snapshotter",
+            "native",
+            image.to_str().unwrap(),
+        ]);
+        let endpoint = Endpoint::from_shared(format!("unix://{}", guard.socket.display()))
+            .expect("endpoint")
+            .timeout(scaled(Duration::from_secs(60)));
+        guard.client = Some(
+            guard
+                .runtime
+                .block_on(endpoint.connect())
+                .map(RuntimeServiceClient::new)
+                .expect("connect to containerd's CRI socket"),
+        );
+        guard
+    }
+
+    /// Starts containerd in the node's netns and a mount namespace of its own, and waits
+    /// for its socket.
+    #[track_caller]
+    fn spawn(&mut self) {
+        let netns = File::open(format!("/run/netns/{}", self.node_netns)).expect("node netns");
+        let log = File::create(self.dir.join("containerd.log")).unwrap();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+            .arg(
+                "mount -t tmpfs -o mode=755 meshbpf-test /run && \
+                 mount -t tmpfs -o mode=755 meshbpf-test /var/lib && \
+                 exec containerd --config \"$1\"",
+            )
+            .arg("sh")
+            .arg(self.dir.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log));
+        let fd = netns.as_raw_fd();
+        // SAFETY: one setns(2) on a descriptor the closure keeps open; async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let _keep = &netns;
+                if nix::libc::setns(fd, nix::libc::CLONE_NEWNET) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start containerd");
+        // unshare and sh exec: the child's pid is containerd's.
+        self.pid = child.id();
+        self.process = Some(child);
+        let (socket, log) = (self.socket.clone(), self.dir.join("containerd.log"));
+        wait_until(
+            || socket.exists() || !self.running(),
+            || {
+                format!(
+                    "containerd never served; log:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            },
+        );
+        assert!(self.running(), "containerd exited; log:\n{}", self.log());
+    }
+
+    /// containerd's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether the containerd process is still running.
+    pub fn running(&mut self) -> bool {
+        self.process
+            .as_mut()
+            .is_some_and(|p| p.try_wait().ok().flatten().is_none())
+    }
+
+    /// containerd's log.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr` against this containerd, in the CRI's namespace; must succeed.
+    #[track_caller]
+    pub fn ctr(&self, args: &[&str]) -> String {
+        let out = sh(Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io"])
+            .args(args));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn client(&self) -> RuntimeServiceClient<Channel> {
+        self.client.clone().expect("CRI client")
+    }
+
+    /// RunPodSandbox for pod `name` of Kubernetes namespace `namespace` with `annotations`;
+    /// the sandbox id, or the error containerd answered.
+    pub fn run_pod(
+        &self,
+        name: &str,
+        namespace: &str,
+        annotations: &[(&str, &str)],
+    ) -> Result<String, tonic::Status> {
+        let config = PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}"),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            annotations: annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+            linux: Some(LinuxPodSandboxConfig {
+                cgroup_parent: self.cgroup_parent.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let request = RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        };
+        let mut client = self.client();
+        self.runtime
+            .block_on(client.run_pod_sandbox(request))
+            .map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    /// PodSandboxStatus (verbose): the sandbox's pause process, IP and netns path.
+    #[track_caller]
+    pub fn sandbox(&self, id: &str) -> Sandbox {
+        let mut client = self.client();
+        let response = self
+            .runtime
+            .block_on(client.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.into(),
+                verbose: true,
+            }))
+            .expect("PodSandboxStatus")
+            .into_inner();
+        let info: Value = serde_json::from_str(
+            response
+                .info
+                .get("info")
+                .expect("verbose status has info"),
+        )
+        .expect("info is JSON");
+        let netns_path = info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .and_then(|all| all.iter().find(|ns| ns["type"] == "network"))
+            .and_then(|ns| ns["path"].as_str())
+            .unwrap_or_else(|| panic!("no network namespace in {info}"))
+            .to_string();
+        let ip = response
+            .status
+            .and_then(|s| s.network)
+            .map(|n| n.ip)
+            .unwrap_or_default();
+        Sandbox {
+            id: id.into(),
+            pid: info["pid"].as_u64().expect("pid") as u32,
+            ip: ip.parse().unwrap_or_else(|_| panic!("pod IP {ip:?}")),
+            netns_path,
+        }
+    }
+
+    /// StopPodSandbox (tears the pod's network down: CNI DEL).
+    pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut client = self.client();
+        self.runtime
+            .block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }))
+            .map(drop)
+    }
+
+    /// RemovePodSandbox.
+    pub fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut client = self.client();
+        self.runtime
+            .block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.into(),
+            }))
+            .map(drop)
+    }
+
+    /// ListPodSandbox: every sandbox's id.
+    pub fn pods(&self) -> Result<Vec<String>, tonic::Status> {
+        let mut client = self.client();
+        self.runtime
+            .block_on(client.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
+            .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
+    }
+
+    /// Processes containerd left: its shims (their command line names its socket) and
+    /// whatever runs in the sandboxes' cgroups.
+    pub fn leftover_processes(&self) -> Vec<u32> {
+        let address = self.socket.to_string_lossy().into_owned();
+        let mut pids: Vec<u32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|pid: &u32| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&address))
+            })
+            .collect();
+        for cgroup in self.leftover_cgroups() {
+            let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            pids.extend(procs.lines().filter_map(|l| l.parse::<u32>().ok()));
+        }
+        pids.sort();
+        pids.dedup();
+        pids
+    }
+
+    /// The sandboxes' cgroups still present in this machine's cgroup hierarchies, deepest
+    /// first.
+    pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let relative = self.cgroup_parent.trim_start_matches('/');
+        for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            collect_dirs(&hierarchy.path().join(relative), &mut found);
+        }
+        found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        found
+    }
+
+    /// Removes every sandbox, ends containerd and what it left, and removes the sandboxes'
+    /// cgroups and the node's netns. Safe to call again.
+    pub fn shut_down(&mut self) {
+        if self.client.is_some() && self.running() {
+            for id in self.pods().unwrap_or_default() {
+                let _ = self.stop_pod(&id);
+                let _ = self.remove_pod(&id);
+            }
+        }
+        self.client = None;
+        if let Some(mut child) = self.process.take() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Shims and pause processes of sandboxes the CRI could not remove.
+        for _ in 0..50 {
+            let left = self.leftover_processes();
+            if left.is_empty() {
+                break;
+            }
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for cgroup in self.leftover_cgroups() {
+            let _ = fs::remove_dir(&cgroup);
+        }
+        if Path::new("/run/netns").join(&self.node_netns).exists() {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.node_netns])
+                .status();
+        }
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// `dir` and every directory below it, if it exists.
+fn collect_dirs(dir: &Path, found: &mut Vec<PathBuf>) {
+    if !dir.is_dir() {
+        return;
+    }
+    found.push(dir.to_path_buf());
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            collect_dirs(&entry.path(), found);
+        }
+    }
+}
+
+/// Builds the sandbox image in `dir` as a docker-archive tar (what `ctr images import`
+/// reads): one layer holding busybox-static, whose entrypoint sleeps; returns its path.
+fn sandbox_image(dir: &Path) -> PathBuf {
+    let rootfs = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
+        fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
+    for applet in ["sh", "sleep"] {
+        std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
+    }
+    let layer = dir.join("layer.tar");
+    sh(Command::new("tar")
+        .arg("--create")
+        .arg("--file")
+        .arg(&layer)
+        .arg("--directory")
+        .arg(&rootfs)
+        .arg("."));
+    let digest = sh(Command::new("sha256sum").arg(&layer));
+    let digest = String::from_utf8_lossy(&digest.stdout);
+    let digest = digest.split_whitespace().next().expect("sha256sum output");
+    let config = serde_json::json!({
+        "architecture": goarch(),
+        "os": "linux",
+        "config": {"Entrypoint": ["/bin/sleep", "86400"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{digest}")]},
+    });
+    fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let manifest = serde_json::json!([{
+        "Config": "config.json",
+        "RepoTags": [SANDBOX_IMAGE],
+        "Layers": ["layer.tar"],
+    }]);
+    fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
+    let image = dir.join("image.tar");
+    sh(Command::new("tar")
+        .arg("--create")
+        .arg("--file")
+        .arg(&image)
+        .arg("--directory")
+        .arg(dir)
+        .args(["manifest.json", "config.json", "layer.tar"]));
+    image
+}
+
+/// This machine's architecture as OCI images name it.
+fn goarch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no OCI architecture name for {other}"),
+    }
+}

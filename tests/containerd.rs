@@ -1,0 +1,301 @@
+//! A real containerd drives meshbpf through the Kubernetes CRI, as the kubelet does:
+//! RunPodSandbox, StopPodSandbox and RemovePodSandbox over gRPC to Debian's containerd 1.6
+//! and its CRI plugin, whose CNI conflist chains `bridge` + `host-local` + `meshbpf-cni`
+//! with the pod-annotations capability declared (tests/common/containerd.rs has the
+//! runtime's setup and cleanup).
+//!
+//! containerd puts the sandboxes' processes in this machine's cgroup v1 hierarchies, not in
+//! the cgroup2 test cgroup meshbpf attaches to, so capture is shown the way tests/podman.rs
+//! shows it: the test runs the sidecar stand-in and the application's probe inside a
+//! sandbox's network namespace from a cgroup under the attached one.
+
+mod common;
+#[path = "common/containerd.rs"]
+mod cri;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use common::k8s::*;
+use common::*;
+use cri::{containerd_available, Containerd, Sandbox};
+use serde_json::{json, Value};
+
+/// The CNI network's name, its bridge and subnet (in containerd's own netns).
+const NETWORK: &str = "meshbpf-cri";
+const SUBNET: &str = "198.51.100.0/24";
+
+/// What an injected pod's annotations look like (the injector adds `sidecar.istio.io/status`).
+const INJECTED: (&str, &str) = ("sidecar.istio.io/status", "{\"containers\":[\"istio-proxy\"]}");
+
+/// The conflist containerd loads: bridge and host-local, then meshbpf-cni with this test's
+/// pins, state and log, and the capability under which containerd passes pod annotations.
+fn conflist(env: &Env) -> Value {
+    json!({
+        "cniVersion": "1.0.0",
+        "name": NETWORK,
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "cri0",
+                "isGateway": false,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "dataDir": env.root.join("ipam"),
+                    "ranges": [[{"subnet": SUBNET}]],
+                },
+            },
+            {
+                "type": "meshbpf-cni",
+                "pin_dir": env.pin_dir,
+                "state_dir": state_dir(env),
+                "log_file": log_file(env),
+                // The servers here have no sidecar: this test is about the outbound side.
+                "no_inbound": true,
+                "capabilities": {"io.kubernetes.cri.pod-annotations": true},
+            },
+        ],
+    })
+}
+
+fn state_dir(env: &Env) -> PathBuf {
+    env.root.join("cni-state")
+}
+
+fn log_file(env: &Env) -> PathBuf {
+    env.root.join("cni.log")
+}
+
+fn plugin_log(env: &Env) -> String {
+    fs::read_to_string(log_file(env)).unwrap_or_default()
+}
+
+/// The state file meshbpf-cni keeps for a sandbox's eth0 while it is registered.
+fn state_file(env: &Env, sandbox: &str) -> PathBuf {
+    state_dir(env).join(NETWORK).join(format!("{sandbox}.eth0"))
+}
+
+/// RunPodSandbox, which must succeed; the sandbox as the CRI reports it.
+#[track_caller]
+fn run(ctrd: &Containerd, env: &Env, name: &str, ns: &str, annotations: &[(&str, &str)]) -> Sandbox {
+    let id = ctrd.run_pod(name, ns, annotations).unwrap_or_else(|status| {
+        panic!(
+            "RunPodSandbox {name}: {status}\nmeshbpf-cni log:\n{}",
+            plugin_log(env)
+        )
+    });
+    ctrd.sandbox(&id)
+}
+
+/// `meshbpf list --json`, by netns cookie.
+fn listed(env: &Env) -> Vec<(u64, Value)> {
+    let list: Value = serde_json::from_str(&stdout_of(&env.meshbpf(&["list", "--json"]))).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["netns_cookie"].as_u64().unwrap(), p.clone()))
+        .collect()
+}
+
+/// Whatever containerd may have left on the host once shut down: its process, shims and
+/// sandbox processes, cgroups, network namespaces and mounts.
+#[track_caller]
+fn assert_nothing_left(ctrd: &mut Containerd, host_had: &[bool]) {
+    ctrd.shut_down();
+    assert!(!ctrd.running());
+    assert!(
+        !Path::new(&format!("/proc/{}", ctrd.pid())).exists(),
+        "containerd (pid {}) still runs",
+        ctrd.pid()
+    );
+    assert_eq!(ctrd.leftover_processes(), Vec::<u32>::new());
+    assert_eq!(ctrd.leftover_cgroups(), Vec::<PathBuf>::new());
+    assert!(!Path::new("/run/netns").join(&ctrd.node_netns).exists());
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let dir = ctrd.dir.to_string_lossy();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&*dir)),
+        "mounts left under {dir}:\n{mounts}"
+    );
+    // The directories containerd uses whatever its config says were its own, never the
+    // host's.
+    assert_eq!(host_paths(), host_had);
+}
+
+/// Whether the host has /run/containerd and /var/lib/cni.
+fn host_paths() -> Vec<bool> {
+    ["/run/containerd", "/var/lib/cni"]
+        .iter()
+        .map(|p| Path::new(p).exists())
+        .collect()
+}
+
+#[test]
+fn a_sandbox_without_annotations_starts_and_is_registered() {
+    if !privileged() || !containerd_available() {
+        return;
+    }
+    let env = Env::new();
+    let _mesh = env.attach();
+    let host_had = host_paths();
+    let mut ctrd = Containerd::start(&env, &conflist(&env));
+    // containerd passes `"io.kubernetes.cri.pod-annotations": null` for a sandbox that has
+    // none (a bare CRI client; the kubelet always adds a few): that means no annotations,
+    // so the conf's settings apply.
+    let pod = run(&ctrd, &env, "bare", "default", &[]);
+    assert_eq!(registered_cookies(&env.pin_dir), [cookie(&pod.netns())]);
+    ctrd.stop_pod(&pod.id).unwrap();
+    ctrd.remove_pod(&pod.id).unwrap();
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+    assert_nothing_left(&mut ctrd, &host_had);
+}
+
+#[test]
+fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
+    if !privileged() || !containerd_available() {
+        return;
+    }
+    let mut env = Env::new();
+    let mesh = env.attach();
+    let host_had = host_paths();
+    let mut ctrd = Containerd::start(&env, &conflist(&env));
+
+    // Four pods: one without annotations (the conf's settings), one injected with a port
+    // excluded by annotation, one whose annotations show no injected sidecar, and one
+    // injected but in kube-system, which the plugin leaves alone by default.
+    let app = run(&ctrd, &env, "app", "shop", &[]);
+    let web = run(
+        &ctrd,
+        &env,
+        "web",
+        "shop",
+        &[
+            INJECTED,
+            ("traffic.sidecar.istio.io/excludeOutboundPorts", "9090"),
+        ],
+    );
+    let plain = run(&ctrd, &env, "plain", "shop", &[("prometheus.io/scrape", "true")]);
+    let system = run(&ctrd, &env, "dns", "kube-system", &[INJECTED]);
+
+    // The netns containerd handed the plugins (CNI_NETNS, in its own mount namespace) is
+    // the sandbox's.
+    let app_cookie = cookie(&app.netns());
+    let in_containerd = format!(
+        "/proc/{}/root/{}",
+        ctrd.pid(),
+        app.netns_path.trim_start_matches("/var").trim_start_matches('/')
+    );
+    assert_eq!(cookie(Path::new(&in_containerd)), app_cookie, "{in_containerd}");
+
+    // Registration: the pods the plugin should put in the mesh, and only those, with the
+    // annotated pod's exclusion.
+    let web_cookie = cookie(&web.netns());
+    let mut expected = vec![app_cookie, web_cookie];
+    expected.sort();
+    assert_eq!(registered_cookies(&env.pin_dir), expected);
+    let listed = listed(&env);
+    let settings = |c: u64| &listed.iter().find(|(cookie, _)| *cookie == c).unwrap().1;
+    assert_eq!(settings(web_cookie)["exclude_outbound_ports"], json!([9090]));
+    assert_eq!(settings(app_cookie)["exclude_outbound_ports"], json!([]));
+    let logged = plugin_log(&env);
+    for pod in [&app, &web] {
+        assert!(
+            logged.contains(&format!("ADD container={} ifname=eth0: registered", pod.id)),
+            "{logged}"
+        );
+        assert!(state_file(&env, &pod.id).exists());
+    }
+    for pod in [&plain, &system] {
+        assert!(!state_file(&env, &pod.id).exists());
+    }
+
+    // Capture: each mesh pod's application reaches the server in `plain` through its
+    // sidecar, except on the port its annotation excludes.
+    let server_pod = env.adopt("plain", plain.netns(), plain.ip);
+    let _server = server_pod.server(&["0.0.0.0:8080", "0.0.0.0:9090"]);
+    let app_pod = env.adopt("app", app.netns(), app.ip);
+    let web_pod = env.adopt("web", web.netns(), web.ip);
+    let (app_sidecar, web_sidecar) = (app_pod.sidecar(), web_pod.sidecar());
+    let to = |port: u16| format!("{}:{port}", plain.ip);
+    for (pod, sidecar) in [(&app_pod, &app_sidecar), (&web_pod, &web_sidecar)] {
+        let probe = pod.connect(&to(8080), &["--message", "captured"]);
+        assert!(probe.get("reply").contains("msg=captured"), "{probe:?}");
+        let events = sidecar.lines("outbound ");
+        assert_eq!(events.len(), 1, "{events:?}\n{}", sidecar.output());
+        assert!(
+            events[0].contains(&format!("original_dst={}", to(8080))),
+            "{events:?}"
+        );
+    }
+    let probe = app_pod.connect(&to(9090), &["--message", "captured"]);
+    assert!(probe.get("reply").contains("msg=captured"), "{probe:?}");
+    assert_eq!(app_sidecar.lines("outbound ").len(), 2);
+    // The excluded port goes straight to the server, which sees the pod's own address.
+    let probe = web_pod.connect(&to(9090), &["--message", "excluded"]);
+    assert!(
+        probe
+            .get("reply")
+            .starts_with(&format!("from={} saw={}:", to(9090), web.ip)),
+        "{probe:?}"
+    );
+    assert_eq!(web_sidecar.lines("outbound ").len(), 1);
+    assert_eq!(counter(&mesh, "connect_redirected"), 3);
+    assert_eq!(counter(&mesh, "getsockopt_answered"), 3);
+
+    // StopPodSandbox runs CNI DEL: the pod leaves the mesh and its state goes; the sidecar
+    // still holding the netns changes nothing. RemovePodSandbox then forgets the sandbox.
+    drop(app_sidecar);
+    ctrd.stop_pod(&app.id).unwrap();
+    assert_eq!(registered_cookies(&env.pin_dir), [web_cookie]);
+    assert!(!state_file(&env, &app.id).exists());
+    assert!(
+        plugin_log(&env).contains(&format!(
+            "DEL container={} ifname=eth0: unregistered netns cookie {app_cookie}",
+            app.id
+        )),
+        "{}",
+        plugin_log(&env)
+    );
+    assert!(
+        !Path::new(&in_containerd).exists(),
+        "containerd kept the stopped pod's netns"
+    );
+    ctrd.remove_pod(&app.id).unwrap();
+    assert!(!ctrd.pods().unwrap().contains(&app.id));
+    for pod in [&web, &plain, &system] {
+        ctrd.stop_pod(&pod.id).unwrap();
+        ctrd.remove_pod(&pod.id).unwrap();
+    }
+    assert!(ctrd.pods().unwrap().is_empty());
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+    assert!(fs::read_dir(state_dir(&env).join(NETWORK))
+        .unwrap()
+        .next()
+        .is_none());
+    drop((web_sidecar, _server));
+    assert_nothing_left(&mut ctrd, &host_had);
+}
+
+#[test]
+fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
+    if !privileged() || !containerd_available() {
+        return;
+    }
+    let env = Env::new();
+    let _mesh = env.attach();
+    let host_had = host_paths();
+    let mut ctrd = Containerd::start(&env, &conflist(&env));
+    let pods: Vec<Sandbox> = ["one", "two"]
+        .iter()
+        .map(|name| run(&ctrd, &env, name, "default", &[INJECTED]))
+        .collect();
+    // What a panicking test leaves to the guard: running sandboxes, registered pods.
+    assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
+    assert!(pods.iter().all(|p| Path::new(&format!("/proc/{}", p.pid)).exists()));
+    assert!(!ctrd.leftover_cgroups().is_empty());
+    assert_nothing_left(&mut ctrd, &host_had);
+    assert!(pods.iter().all(|p| !Path::new(&format!("/proc/{}", p.pid)).exists()));
+    // The guard removed the sandboxes through the CRI: the plugin's DEL ran.
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+}
