@@ -26,7 +26,10 @@ const NETWORK: &str = "meshbpf-cri";
 const SUBNET: &str = "198.51.100.0/24";
 
 /// What an injected pod's annotations look like (the injector adds `sidecar.istio.io/status`).
-const INJECTED: (&str, &str) = ("sidecar.istio.io/status", "{\"containers\":[\"istio-proxy\"]}");
+const INJECTED: (&str, &str) = (
+    "sidecar.istio.io/status",
+    "{\"containers\":[\"istio-proxy\"]}",
+);
 
 /// The conflist containerd loads: bridge and host-local, then meshbpf-cni with this test's
 /// pins, state and log, and the capability under which containerd passes pod annotations.
@@ -78,13 +81,21 @@ fn state_file(env: &Env, sandbox: &str) -> PathBuf {
 
 /// RunPodSandbox, which must succeed; the sandbox as the CRI reports it.
 #[track_caller]
-fn run(ctrd: &Containerd, env: &Env, name: &str, ns: &str, annotations: &[(&str, &str)]) -> Sandbox {
-    let id = ctrd.run_pod(name, ns, annotations).unwrap_or_else(|status| {
-        panic!(
-            "RunPodSandbox {name}: {status}\nmeshbpf-cni log:\n{}",
-            plugin_log(env)
-        )
-    });
+fn run(
+    ctrd: &Containerd,
+    env: &Env,
+    name: &str,
+    ns: &str,
+    annotations: &[(&str, &str)],
+) -> Sandbox {
+    let id = ctrd
+        .run_pod(name, ns, annotations)
+        .unwrap_or_else(|status| {
+            panic!(
+                "RunPodSandbox {name}: {status}\nmeshbpf-cni log:\n{}",
+                plugin_log(env)
+            )
+        });
     ctrd.sandbox(&id)
 }
 
@@ -175,7 +186,13 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
             ("traffic.sidecar.istio.io/excludeOutboundPorts", "9090"),
         ],
     );
-    let plain = run(&ctrd, &env, "plain", "shop", &[("prometheus.io/scrape", "true")]);
+    let plain = run(
+        &ctrd,
+        &env,
+        "plain",
+        "shop",
+        &[("prometheus.io/scrape", "true")],
+    );
     let system = run(&ctrd, &env, "dns", "kube-system", &[INJECTED]);
 
     // The netns containerd handed the plugins (CNI_NETNS, in its own mount namespace) is
@@ -184,9 +201,15 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     let in_containerd = format!(
         "/proc/{}/root/{}",
         ctrd.pid(),
-        app.netns_path.trim_start_matches("/var").trim_start_matches('/')
+        app.netns_path
+            .trim_start_matches("/var")
+            .trim_start_matches('/')
     );
-    assert_eq!(cookie(Path::new(&in_containerd)), app_cookie, "{in_containerd}");
+    assert_eq!(
+        cookie(Path::new(&in_containerd)),
+        app_cookie,
+        "{in_containerd}"
+    );
 
     // Registration: the pods the plugin should put in the mesh, and only those, with the
     // annotated pod's exclusion.
@@ -196,7 +219,10 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     assert_eq!(registered_cookies(&env.pin_dir), expected);
     let listed = listed(&env);
     let settings = |c: u64| &listed.iter().find(|(cookie, _)| *cookie == c).unwrap().1;
-    assert_eq!(settings(web_cookie)["exclude_outbound_ports"], json!([9090]));
+    assert_eq!(
+        settings(web_cookie)["exclude_outbound_ports"],
+        json!([9090])
+    );
     assert_eq!(settings(app_cookie)["exclude_outbound_ports"], json!([]));
     let logged = plugin_log(&env);
     for pod in [&app, &web] {
@@ -292,10 +318,14 @@ fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
         .collect();
     // What a panicking test leaves to the guard: running sandboxes, registered pods.
     assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
-    assert!(pods.iter().all(|p| Path::new(&format!("/proc/{}", p.pid)).exists()));
+    assert!(pods
+        .iter()
+        .all(|p| Path::new(&format!("/proc/{}", p.pid)).exists()));
     assert!(!ctrd.leftover_cgroups().is_empty());
     assert_nothing_left(&mut ctrd, &host_had);
-    assert!(pods.iter().all(|p| !Path::new(&format!("/proc/{}", p.pid)).exists()));
+    assert!(pods
+        .iter()
+        .all(|p| !Path::new(&format!("/proc/{}", p.pid)).exists()));
     // The guard removed the sandboxes through the CRI: the plugin's DEL ran.
     assert!(registered_cookies(&env.pin_dir).is_empty());
 }

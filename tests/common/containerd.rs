@@ -29,8 +29,7 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StopPodSandboxRequest,
+    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -111,11 +110,17 @@ impl Containerd {
             fs::create_dir_all(d).unwrap();
         }
         for plugin in ["bridge", "host-local", "loopback"] {
-            std::os::unix::fs::symlink(Path::new("/usr/lib/cni").join(plugin), cni_bin.join(plugin))
-                .unwrap();
-        }
-        std::os::unix::fs::symlink(crate::common::k8s::cni_plugin(), cni_bin.join("meshbpf-cni"))
+            std::os::unix::fs::symlink(
+                Path::new("/usr/lib/cni").join(plugin),
+                cni_bin.join(plugin),
+            )
             .unwrap();
+        }
+        std::os::unix::fs::symlink(
+            crate::common::k8s::cni_plugin(),
+            cni_bin.join("meshbpf-cni"),
+        )
+        .unwrap();
         fs::write(conf_dir.join("10-mesh.conflist"), conflist.to_string()).unwrap();
         let image = sandbox_image(&dir.join("image"));
         let socket = dir.join("containerd.sock");
@@ -320,13 +325,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             }))
             .expect("PodSandboxStatus")
             .into_inner();
-        let info: Value = serde_json::from_str(
-            response
-                .info
-                .get("info")
-                .expect("verbose status has info"),
-        )
-        .expect("info is JSON");
+        let info: Value =
+            serde_json::from_str(response.info.get("info").expect("verbose status has info"))
+                .expect("info is JSON");
         let netns_path = info["runtimeSpec"]["linux"]["namespaces"]
             .as_array()
             .and_then(|all| all.iter().find(|ns| ns["type"] == "network"))
@@ -402,7 +403,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let relative = self.cgroup_parent.trim_start_matches('/');
-        for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for hierarchy in fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             collect_dirs(&hierarchy.path().join(relative), &mut found);
         }
         found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
