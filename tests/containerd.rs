@@ -4,10 +4,11 @@
 //! with the pod-annotations capability declared (tests/common/containerd.rs has the
 //! runtime's setup and cleanup).
 //!
-//! containerd puts the sandboxes' processes in this machine's cgroup v1 hierarchies, not in
-//! the cgroup2 test cgroup meshbpf attaches to, so capture is shown the way tests/podman.rs
-//! shows it: the test runs the sidecar stand-in and the application's probe inside a
-//! sandbox's network namespace from a cgroup under the attached one.
+//! runc (cgroupfs driver) puts a sandbox's and its containers' processes in this machine's
+//! cgroup v1 hierarchies and, at the same path, in the unified (cgroup2) one; the sandboxes'
+//! cgroup parent is below the test cgroup meshbpf attaches to, so the containers' own
+//! connections are captured, as on a node where meshbpf attaches to the pods' cgroups. The
+//! sidecar stand-in runs in a pod's network namespace from the test, as the proxy uid.
 
 mod common;
 #[path = "common/containerd.rs"]
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use common::k8s::*;
 use common::*;
-use cri::{containerd_available, Containerd, Sandbox};
+use cri::{containerd_available, host_dirs, Containerd, Sandbox};
 use serde_json::{json, Value};
 
 /// The CNI network's name, its bridge and subnet (in containerd's own netns).
@@ -82,7 +83,7 @@ fn state_file(env: &Env, sandbox: &str) -> PathBuf {
 /// RunPodSandbox, which must succeed; the sandbox as the CRI reports it.
 #[track_caller]
 fn run(
-    ctrd: &Containerd,
+    ctrd: &mut Containerd,
     env: &Env,
     name: &str,
     ns: &str,
@@ -112,7 +113,7 @@ fn listed(env: &Env) -> Vec<(u64, Value)> {
 /// Whatever containerd may have left on the host once shut down: its process, shims and
 /// sandbox processes, cgroups, network namespaces and mounts.
 #[track_caller]
-fn assert_nothing_left(ctrd: &mut Containerd, host_had: &[bool]) {
+fn assert_nothing_left(ctrd: &mut Containerd) {
     ctrd.shut_down();
     assert!(!ctrd.running());
     assert!(
@@ -131,15 +132,7 @@ fn assert_nothing_left(ctrd: &mut Containerd, host_had: &[bool]) {
     );
     // The directories containerd uses whatever its config says were its own, never the
     // host's.
-    assert_eq!(host_paths(), host_had);
-}
-
-/// Whether the host has /run/containerd and /var/lib/cni.
-fn host_paths() -> Vec<bool> {
-    ["/run/containerd", "/var/lib/cni"]
-        .iter()
-        .map(|p| Path::new(p).exists())
-        .collect()
+    assert_eq!(host_dirs(), ctrd.host_dirs_before);
 }
 
 #[test]
@@ -149,17 +142,16 @@ fn a_sandbox_without_annotations_starts_and_is_registered() {
     }
     let env = Env::new();
     let _mesh = env.attach();
-    let host_had = host_paths();
     let mut ctrd = Containerd::start(&env, &conflist(&env));
     // containerd passes `"io.kubernetes.cri.pod-annotations": null` for a sandbox that has
     // none (a bare CRI client; the kubelet always adds a few): that means no annotations,
     // so the conf's settings apply.
-    let pod = run(&ctrd, &env, "bare", "default", &[]);
+    let pod = run(&mut ctrd, &env, "bare", "default", &[]);
     assert_eq!(registered_cookies(&env.pin_dir), [cookie(&pod.netns())]);
     ctrd.stop_pod(&pod.id).unwrap();
     ctrd.remove_pod(&pod.id).unwrap();
     assert!(registered_cookies(&env.pin_dir).is_empty());
-    assert_nothing_left(&mut ctrd, &host_had);
+    assert_nothing_left(&mut ctrd);
 }
 
 #[test]
@@ -169,15 +161,14 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     }
     let mut env = Env::new();
     let mesh = env.attach();
-    let host_had = host_paths();
     let mut ctrd = Containerd::start(&env, &conflist(&env));
 
     // Four pods: one without annotations (the conf's settings), one injected with a port
     // excluded by annotation, one whose annotations show no injected sidecar, and one
     // injected but in kube-system, which the plugin leaves alone by default.
-    let app = run(&ctrd, &env, "app", "shop", &[]);
+    let app = run(&mut ctrd, &env, "app", "shop", &[]);
     let web = run(
-        &ctrd,
+        &mut ctrd,
         &env,
         "web",
         "shop",
@@ -187,13 +178,13 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         ],
     );
     let plain = run(
-        &ctrd,
+        &mut ctrd,
         &env,
         "plain",
         "shop",
         &[("prometheus.io/scrape", "true")],
     );
-    let system = run(&ctrd, &env, "dns", "kube-system", &[INJECTED]);
+    let system = run(&mut ctrd, &env, "dns", "kube-system", &[INJECTED]);
 
     // The netns containerd handed the plugins (CNI_NETNS, in its own mount namespace) is
     // the sandbox's.
@@ -236,42 +227,59 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         assert!(!state_file(&env, &pod.id).exists());
     }
 
-    // Capture: each mesh pod's application reaches the server in `plain` through its
-    // sidecar, except on the port its annotation excludes.
+    // Capture: a container in each mesh pod fetches from the server in `plain` through
+    // its pod's sidecar, except on the port the annotation excludes. runc put the
+    // containers' processes in cgroups below the attached one; the sidecar stand-in runs in
+    // the pod's netns from the test (uid 1337, as istio-proxy).
     let server_pod = env.adopt("plain", plain.netns(), plain.ip);
-    let _server = server_pod.server(&["0.0.0.0:8080", "0.0.0.0:9090"]);
-    let app_pod = env.adopt("app", app.netns(), app.ip);
-    let web_pod = env.adopt("web", web.netns(), web.ip);
-    let (app_sidecar, web_sidecar) = (app_pod.sidecar(), web_pod.sidecar());
-    let to = |port: u16| format!("{}:{port}", plain.ip);
-    for (pod, sidecar) in [(&app_pod, &app_sidecar), (&web_pod, &web_sidecar)] {
-        let probe = pod.connect(&to(8080), &["--message", "captured"]);
-        assert!(probe.get("reply").contains("msg=captured"), "{probe:?}");
-        let events = sidecar.lines("outbound ");
-        assert_eq!(events.len(), 1, "{events:?}\n{}", sidecar.output());
-        assert!(
-            events[0].contains(&format!("original_dst={}", to(8080))),
-            "{events:?}"
-        );
-    }
-    let probe = app_pod.connect(&to(9090), &["--message", "captured"]);
-    assert!(probe.get("reply").contains("msg=captured"), "{probe:?}");
-    assert_eq!(app_sidecar.lines("outbound ").len(), 2);
-    // The excluded port goes straight to the server, which sees the pod's own address.
-    let probe = web_pod.connect(&to(9090), &["--message", "excluded"]);
-    assert!(
-        probe
-            .get("reply")
-            .starts_with(&format!("from={} saw={}:", to(9090), web.ip)),
-        "{probe:?}"
+    let server = server_pod.spawn(
+        APP_UID,
+        &helper("netprobe"),
+        &["http", "0.0.0.0:8080", "0.0.0.0:9090"],
     );
-    assert_eq!(web_sidecar.lines("outbound ").len(), 1);
+    wait_until(|| server.lines("listening=").len() == 2, || server.output());
+    let app_sidecar = env.adopt("app", app.netns(), app.ip).sidecar();
+    let web_sidecar = env.adopt("web", web.netns(), web.ip).sidecar();
+    let to = |port: u16| format!("{}:{port}", plain.ip);
+    let fetch = format!(
+        "wget -q -O - http://{}/ && wget -q -O - http://{}/",
+        to(8080),
+        to(9090)
+    );
+    for (pod, sidecar, captured) in [
+        (&app, &app_sidecar, &[8080, 9090][..]),
+        (&web, &web_sidecar, &[8080][..]),
+    ] {
+        let (code, out) = ctrd.run_container(&pod.id, "fetch", &["/bin/sh", "-c", &fetch]);
+        assert_eq!(code, 0, "{out}");
+        // Whether through the sidecar or not, the server sees the pod's address.
+        let served: Vec<&str> = out.lines().collect();
+        assert_eq!(served.len(), 2, "{out}");
+        for (line, port) in served.iter().zip([8080, 9090]) {
+            assert!(
+                line.starts_with(&format!("served by {} to {}:", to(port), pod.ip)),
+                "{out}"
+            );
+        }
+        let events = sidecar.lines("outbound ");
+        assert_eq!(
+            events.len(),
+            captured.len(),
+            "{events:?}\n{}",
+            sidecar.output()
+        );
+        for (event, port) in events.iter().zip(captured) {
+            assert!(
+                event.contains(&format!("original_dst={} upstream=connected", to(*port))),
+                "{events:?}"
+            );
+        }
+    }
     assert_eq!(counter(&mesh, "connect_redirected"), 3);
     assert_eq!(counter(&mesh, "getsockopt_answered"), 3);
 
-    // StopPodSandbox runs CNI DEL: the pod leaves the mesh and its state goes; the sidecar
-    // still holding the netns changes nothing. RemovePodSandbox then forgets the sandbox.
-    drop(app_sidecar);
+    // StopPodSandbox runs CNI DEL: the pod leaves the mesh and its state goes, though the
+    // sidecar still holds its netns. RemovePodSandbox then forgets the sandbox.
     ctrd.stop_pod(&app.id).unwrap();
     assert_eq!(registered_cookies(&env.pin_dir), [web_cookie]);
     assert!(!state_file(&env, &app.id).exists());
@@ -299,8 +307,8 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         .unwrap()
         .next()
         .is_none());
-    drop((web_sidecar, _server));
-    assert_nothing_left(&mut ctrd, &host_had);
+    drop((app_sidecar, web_sidecar, server));
+    assert_nothing_left(&mut ctrd);
 }
 
 #[test]
@@ -310,11 +318,10 @@ fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
     }
     let env = Env::new();
     let _mesh = env.attach();
-    let host_had = host_paths();
     let mut ctrd = Containerd::start(&env, &conflist(&env));
     let pods: Vec<Sandbox> = ["one", "two"]
         .iter()
-        .map(|name| run(&ctrd, &env, name, "default", &[INJECTED]))
+        .map(|name| run(&mut ctrd, &env, name, "default", &[INJECTED]))
         .collect();
     // What a panicking test leaves to the guard: running sandboxes, registered pods.
     assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
@@ -322,7 +329,7 @@ fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
         .iter()
         .all(|p| Path::new(&format!("/proc/{}", p.pid)).exists()));
     assert!(!ctrd.leftover_cgroups().is_empty());
-    assert_nothing_left(&mut ctrd, &host_had);
+    assert_nothing_left(&mut ctrd);
     assert!(pods
         .iter()
         .all(|p| !Path::new(&format!("/proc/{}", p.pid)).exists()));

@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::future::Future;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -28,8 +29,10 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    LinuxPodSandboxConfig, ListPodSandboxRequest, PodSandboxConfig, PodSandboxMetadata,
-    PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest, StopPodSandboxRequest,
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ImageSpec, LinuxPodSandboxConfig, ListPodSandboxRequest,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -64,6 +67,15 @@ pub fn containerd_available() -> bool {
     ok
 }
 
+/// What containerd uses whatever its config says: its shims' sockets, libcni's cache.
+pub const HOST_DIRS: [&str; 2] = ["/run/containerd", "/var/lib/cni"];
+
+/// Which of [`HOST_DIRS`] the host has (seen from the test, outside containerd's mount
+/// namespace).
+pub fn host_dirs() -> Vec<bool> {
+    HOST_DIRS.iter().map(|p| Path::new(p).exists()).collect()
+}
+
 /// A pod sandbox as the CRI reports it.
 #[derive(Debug)]
 pub struct Sandbox {
@@ -91,11 +103,15 @@ pub struct Containerd {
     pub node_netns: String,
     /// The cgroupfs parent of every sandbox's cgroups.
     pub cgroup_parent: String,
+    /// Which of [`HOST_DIRS`] the host had before containerd started.
+    pub host_dirs_before: Vec<bool>,
     socket: PathBuf,
     process: Option<Child>,
     pid: u32,
     runtime: tokio::runtime::Runtime,
     client: Option<RuntimeServiceClient<Channel>>,
+    /// Each sandbox's config, which CreateContainer repeats.
+    configs: HashMap<String, PodSandboxConfig>,
 }
 
 impl Containerd {
@@ -109,22 +125,26 @@ impl Containerd {
         for d in [&cni_bin, &conf_dir, &dir.join("image")] {
             fs::create_dir_all(d).unwrap();
         }
-        for plugin in ["bridge", "host-local", "loopback"] {
-            std::os::unix::fs::symlink(
-                Path::new("/usr/lib/cni").join(plugin),
-                cni_bin.join(plugin),
-            )
-            .unwrap();
+        let plugins = ["bridge", "host-local", "loopback"]
+            .map(|name| (name, Path::new("/usr/lib/cni").join(name)));
+        for (name, binary) in plugins
+            .into_iter()
+            .chain([("meshbpf-cni", crate::common::k8s::cni_plugin())])
+        {
+            std::os::unix::fs::symlink(binary, cni_bin.join(name)).unwrap();
         }
-        std::os::unix::fs::symlink(
-            crate::common::k8s::cni_plugin(),
-            cni_bin.join("meshbpf-cni"),
-        )
-        .unwrap();
         fs::write(conf_dir.join("10-mesh.conflist"), conflist.to_string()).unwrap();
         let image = sandbox_image(&dir.join("image"));
         let socket = dir.join("containerd.sock");
-        let cgroup_parent = format!("/meshbpf-test-{}-cri", env.id);
+        // runc (cgroupfs driver) makes each sandbox's and container's cgroups at the same
+        // path in every hierarchy, the unified one (cgroup2) included: below the attached
+        // test cgroup, meshbpf sees their sockets.
+        let attached = env
+            .cgroup
+            .file_name()
+            .expect("test cgroup")
+            .to_string_lossy();
+        let cgroup_parent = format!("/{attached}/cri");
         let d = dir.display();
         fs::write(
             dir.join("config.toml"),
@@ -165,6 +185,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         let node_netns = format!("mbt-{}-node", env.id);
         sh(Command::new("ip").args(["netns", "add", &node_netns]));
         let mut guard = Containerd {
+            host_dirs_before: host_dirs(),
             node_netns,
             cgroup_parent,
             socket,
@@ -175,6 +196,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 .build()
                 .expect("tokio runtime"),
             client: None,
+            configs: HashMap::new(),
             dir,
         };
         sh(Command::new("ip").args(["-n", &guard.node_netns, "link", "set", "lo", "up"]));
@@ -277,10 +299,18 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.client.clone().expect("CRI client")
     }
 
+    /// Runs one CRI call to completion: its response, or the error containerd answered.
+    fn call<T>(
+        &self,
+        rpc: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        self.runtime.block_on(rpc).map(tonic::Response::into_inner)
+    }
+
     /// RunPodSandbox for pod `name` of Kubernetes namespace `namespace` with `annotations`;
     /// the sandbox id, or the error containerd answered.
     pub fn run_pod(
-        &self,
+        &mut self,
         name: &str,
         namespace: &str,
         annotations: &[(&str, &str)],
@@ -293,6 +323,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 attempt: 0,
             }),
             hostname: name.into(),
+            log_directory: self.dir.join("logs").join(name).to_string_lossy().into(),
             annotations: annotations
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -304,13 +335,78 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             ..Default::default()
         };
         let request = RunPodSandboxRequest {
-            config: Some(config),
+            config: Some(config.clone()),
             runtime_handler: String::new(),
         };
         let mut client = self.client();
-        self.runtime
-            .block_on(client.run_pod_sandbox(request))
-            .map(|r| r.into_inner().pod_sandbox_id)
+        let id = self.call(client.run_pod_sandbox(request))?.pod_sandbox_id;
+        self.configs.insert(id.clone(), config);
+        Ok(id)
+    }
+
+    /// Runs `command` in a container `name` of sandbox `sandbox` (the sandbox image, as
+    /// root) until it exits: its exit code and its stdout.
+    #[track_caller]
+    pub fn run_container(&self, sandbox: &str, name: &str, command: &[&str]) -> (i32, String) {
+        let mut client = self.client();
+        let log_path = format!("{name}.log");
+        let request = CreateContainerRequest {
+            pod_sandbox_id: sandbox.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: SANDBOX_IMAGE.into(),
+                    ..Default::default()
+                }),
+                command: command.iter().map(|c| c.to_string()).collect(),
+                log_path: log_path.clone(),
+                ..Default::default()
+            }),
+            sandbox_config: self.configs.get(sandbox).cloned(),
+        };
+        let id = self
+            .call(client.create_container(request))
+            .unwrap_or_else(|status| panic!("CreateContainer {name}: {status}"))
+            .container_id;
+        self.call(client.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .unwrap_or_else(|status| panic!("StartContainer {name}: {status}"));
+        let mut exit_code = None;
+        wait_until(
+            || {
+                let status = self
+                    .call(client.container_status(ContainerStatusRequest {
+                        container_id: id.clone(),
+                        verbose: false,
+                    }))
+                    .ok()
+                    .and_then(|r| r.status);
+                exit_code = status
+                    .filter(|s| s.state == ContainerState::ContainerExited as i32)
+                    .map(|s| s.exit_code);
+                exit_code.is_some()
+            },
+            || format!("container {name} never exited"),
+        );
+        let log = self.configs.get(sandbox).map_or_else(PathBuf::new, |c| {
+            Path::new(&c.log_directory).join(&log_path)
+        });
+        // The CRI log format: `TIMESTAMP STREAM TAG TEXT` per line.
+        let stdout = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| {
+                let mut fields = l.splitn(4, ' ');
+                let stream = fields.nth(1)?;
+                let text = fields.nth(1)?;
+                (stream == "stdout").then(|| format!("{text}\n"))
+            })
+            .collect();
+        (exit_code.unwrap_or(-1), stdout)
     }
 
     /// PodSandboxStatus (verbose): the sandbox's pause process, IP and netns path.
@@ -318,13 +414,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     pub fn sandbox(&self, id: &str) -> Sandbox {
         let mut client = self.client();
         let response = self
-            .runtime
-            .block_on(client.pod_sandbox_status(PodSandboxStatusRequest {
+            .call(client.pod_sandbox_status(PodSandboxStatusRequest {
                 pod_sandbox_id: id.into(),
                 verbose: true,
             }))
-            .expect("PodSandboxStatus")
-            .into_inner();
+            .expect("PodSandboxStatus");
         let info: Value =
             serde_json::from_str(response.info.get("info").expect("verbose status has info"))
                 .expect("info is JSON");
@@ -350,29 +444,26 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// StopPodSandbox (tears the pod's network down: CNI DEL).
     pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
         let mut client = self.client();
-        self.runtime
-            .block_on(client.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            }))
-            .map(drop)
+        self.call(client.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        }))
+        .map(drop)
     }
 
     /// RemovePodSandbox.
     pub fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
         let mut client = self.client();
-        self.runtime
-            .block_on(client.remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: id.into(),
-            }))
-            .map(drop)
+        self.call(client.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: id.into(),
+        }))
+        .map(drop)
     }
 
     /// ListPodSandbox: every sandbox's id.
     pub fn pods(&self) -> Result<Vec<String>, tonic::Status> {
         let mut client = self.client();
-        self.runtime
-            .block_on(client.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
-            .map(|r| r.into_inner().items.into_iter().map(|p| p.id).collect())
+        self.call(client.list_pod_sandbox(ListPodSandboxRequest { filter: None }))
+            .map(|r| r.items.into_iter().map(|p| p.id).collect())
     }
 
     /// Processes containerd left: its shims (their command line names its socket) and
@@ -476,14 +567,15 @@ fn collect_dirs(dir: &Path, found: &mut Vec<PathBuf>) {
 }
 
 /// Builds the sandbox image in `dir` as a docker-archive tar (what `ctr images import`
-/// reads): one layer holding busybox-static, whose entrypoint sleeps; returns its path.
+/// reads): one layer holding busybox-static (sh, sleep, wget), whose entrypoint sleeps;
+/// returns its path. The pods' containers run it too, with a command of their own.
 fn sandbox_image(dir: &Path) -> PathBuf {
     let rootfs = dir.join("rootfs");
     for d in ["bin", "proc", "sys", "dev", "etc", "tmp"] {
         fs::create_dir_all(rootfs.join(d)).unwrap();
     }
     fs::copy("/bin/busybox", rootfs.join("bin/busybox")).unwrap();
-    for applet in ["sh", "sleep"] {
+    for applet in ["sh", "sleep", "wget"] {
         std::os::unix::fs::symlink("busybox", rootfs.join("bin").join(applet)).unwrap();
     }
     let layer = dir.join("layer.tar");
