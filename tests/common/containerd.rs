@@ -490,16 +490,20 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     }
 
     /// The sandboxes' cgroups still present in this machine's cgroup hierarchies, deepest
-    /// first.
+    /// first: below /sys/fs/cgroup itself (a cgroup2-only machine) or one of the
+    /// hierarchies mounted there (cgroup v1, and cgroup2 as `unified` beside it).
     pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let relative = self.cgroup_parent.trim_start_matches('/');
-        for hierarchy in fs::read_dir("/sys/fs/cgroup")
+        let root = PathBuf::from("/sys/fs/cgroup");
+        let hierarchies = fs::read_dir(&root)
             .into_iter()
             .flatten()
             .flatten()
-        {
-            collect_dirs(&hierarchy.path().join(relative), &mut found);
+            .map(|e| e.path())
+            .filter(|p| p.join("cgroup.procs").exists());
+        for hierarchy in hierarchies.chain([root.clone()]) {
+            collect_dirs(&hierarchy.join(relative), &mut found);
         }
         found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         found
