@@ -489,21 +489,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         pids
     }
 
-    /// The sandboxes' cgroups still present in this machine's cgroup hierarchies, deepest
-    /// first: below /sys/fs/cgroup itself (a cgroup2-only machine) or one of the
-    /// hierarchies mounted there (cgroup v1, and cgroup2 as `unified` beside it).
+    /// The cgroups runc made for the sandboxes still present in this machine's cgroup
+    /// hierarchies, deepest first. In a cgroup v1 hierarchy runc made the whole parent
+    /// path, the test cgroup's name included; in the cgroup2 one that is the test cgroup
+    /// meshbpf attaches to, which [`Env`] owns, and only what is below it is runc's.
     pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let relative = self.cgroup_parent.trim_start_matches('/');
-        let root = PathBuf::from("/sys/fs/cgroup");
-        let hierarchies = fs::read_dir(&root)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| p.join("cgroup.procs").exists());
-        for hierarchy in hierarchies.chain([root.clone()]) {
-            collect_dirs(&hierarchy.join(relative), &mut found);
+        let top = relative.split('/').next().unwrap_or(relative);
+        for (hierarchy, cgroup2) in cgroup_hierarchies() {
+            collect_dirs(
+                &hierarchy.join(if cgroup2 { relative } else { top }),
+                &mut found,
+            );
         }
         found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
         found
@@ -555,6 +553,22 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         self.shut_down();
     }
+}
+
+/// The cgroup hierarchies mounted under /sys/fs/cgroup (v1 controllers and a cgroup2
+/// beside them, or a cgroup2 at /sys/fs/cgroup itself), each with whether it is cgroup2.
+fn cgroup_hierarchies() -> Vec<(PathBuf, bool)> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (mount, source) = line.split_once(" - ")?;
+            let point = mount.split(' ').nth(4)?;
+            let fstype = source.split(' ').next()?;
+            (point.starts_with("/sys/fs/cgroup") && fstype.starts_with("cgroup"))
+                .then(|| (PathBuf::from(point), fstype == "cgroup2"))
+        })
+        .collect()
 }
 
 /// `dir` and every directory below it, if it exists.
