@@ -111,7 +111,8 @@ fn listed(env: &Env) -> Vec<(u64, Value)> {
 }
 
 /// Whatever containerd may have left on the host once shut down: its process, shims and
-/// sandbox processes, cgroups, network namespaces and mounts.
+/// sandbox processes, cgroups, network namespaces and mounts (its mount namespace, with
+/// every process in it ended, is gone).
 #[track_caller]
 fn assert_nothing_left(ctrd: &mut Containerd) {
     ctrd.shut_down();
@@ -124,6 +125,11 @@ fn assert_nothing_left(ctrd: &mut Containerd) {
     assert_eq!(ctrd.leftover_processes(), Vec::<u32>::new());
     assert_eq!(ctrd.leftover_cgroups(), Vec::<PathBuf>::new());
     assert!(!Path::new("/run/netns").join(&ctrd.node_netns).exists());
+    assert_ne!(
+        fs::read_link("/proc/self/ns/mnt").unwrap(),
+        ctrd.mount_ns,
+        "containerd ran in the test's mount namespace"
+    );
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let dir = ctrd.dir.to_string_lossy();
     assert!(
@@ -201,6 +207,8 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         app_cookie,
         "{in_containerd}"
     );
+    // It exists only there: the host's /run/netns never saw it.
+    assert!(!Path::new(&app.netns_path).exists(), "{}", app.netns_path);
 
     // Registration: the pods the plugin should put in the mesh, and only those, with the
     // annotated pod's exclusion.
@@ -223,6 +231,22 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         );
         assert!(state_file(&env, &pod.id).exists());
     }
+    // containerd passed the pod's Kubernetes namespace (K8S_POD_NAMESPACE in CNI_ARGS).
+    assert!(
+        logged.contains(&format!(
+            "ADD container={} ifname=eth0: not registering {}: namespace kube-system is in \
+             exclude_namespaces",
+            system.id, system.netns_path
+        )),
+        "{logged}"
+    );
+    assert!(
+        logged.contains(&format!(
+            "ADD container={} ifname=eth0: not registering {}:",
+            plain.id, plain.netns_path
+        )),
+        "{logged}"
+    );
     for pod in [&plain, &system] {
         assert!(!state_file(&env, &pod.id).exists());
     }
@@ -309,6 +333,9 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         .is_none());
     drop((app_sidecar, web_sidecar, server));
     assert_nothing_left(&mut ctrd);
+    for pod in [&app, &web, &plain, &system] {
+        assert!(!Path::new(&format!("/proc/{}", pod.pid)).exists());
+    }
 }
 
 #[test]

@@ -108,6 +108,9 @@ pub struct Containerd {
     socket: PathBuf,
     process: Option<Child>,
     pid: u32,
+    /// containerd's mount namespace (`mnt:[INODE]`): where its tmpfs over /run and
+    /// /var/lib and the pods' netns mounts live, gone once no process is left in it.
+    pub mount_ns: PathBuf,
     runtime: tokio::runtime::Runtime,
     client: Option<RuntimeServiceClient<Channel>>,
     /// Each sandbox's config, which CreateContainer repeats.
@@ -191,6 +194,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             socket,
             process: None,
             pid: 0,
+            mount_ns: PathBuf::new(),
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -265,6 +269,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
         );
         assert!(self.running(), "containerd exited; log:\n{}", self.log());
+        self.mount_ns = fs::read_link(format!("/proc/{}/ns/mnt", self.pid)).expect("mount ns");
     }
 
     /// containerd's pid.
@@ -466,8 +471,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .map(|r| r.items.into_iter().map(|p| p.id).collect())
     }
 
-    /// Processes containerd left: its shims (their command line names its socket) and
-    /// whatever runs in the sandboxes' cgroups.
+    /// Processes containerd left: its shims (their command line names its socket, and they
+    /// run in its mount namespace) and whatever runs in the sandboxes' cgroups.
     pub fn leftover_processes(&self) -> Vec<u32> {
         let address = self.socket.to_string_lossy().into_owned();
         let mut pids: Vec<u32> = fs::read_dir("/proc")
@@ -478,6 +483,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .filter(|pid: &u32| {
                 fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&address))
+                    || fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                        .is_ok_and(|ns| ns == self.mount_ns)
             })
             .collect();
         for cgroup in self.leftover_cgroups() {
