@@ -363,3 +363,38 @@ fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
     // The guard removed the sandboxes through the CRI: the plugin's DEL ran.
     assert!(registered_cookies(&env.pin_dir).is_empty());
 }
+
+#[test]
+fn a_sandbox_with_a_malformed_annotation_fails_naming_it_and_nothing_stays_registered() {
+    if !privileged() || !containerd_available() {
+        return;
+    }
+    let env = Env::new();
+    let _mesh = env.attach();
+    let mut ctrd = Containerd::start(&env, &conflist(&env));
+    // istio-cni fails such a pod too (its NewRedirect returns the annotation's validation
+    // error): the kubelet shows the reason and retries.
+    let err = ctrd
+        .run_pod(
+            "broken",
+            "shop",
+            &[
+                INJECTED,
+                ("traffic.sidecar.istio.io/excludeOutboundPorts", "http"),
+            ],
+        )
+        .expect_err("RunPodSandbox with excludeOutboundPorts: http");
+    let message = err.message();
+    assert!(
+        message.contains("plugin type=\"meshbpf-cni\" failed (add)")
+            && message.contains("traffic.sidecar.istio.io/excludeOutboundPorts")
+            && message.contains("\"http\""),
+        "{message}"
+    );
+    // containerd removed the failed sandbox and its network; nothing was registered.
+    assert!(ctrd.pods().unwrap().is_empty());
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+    let states = fs::read_dir(state_dir(&env).join(NETWORK));
+    assert!(states.map_or(true, |mut d| d.next().is_none()));
+    assert_nothing_left(&mut ctrd);
+}
