@@ -8,12 +8,15 @@
 //! config says, so containerd runs in a mount namespace of its own with tmpfs over `/run`
 //! and `/var/lib` (the network namespaces it makes under `/var/run/netns` are then only
 //! visible there: the test reaches a pod's through its sandbox process), and in a network
-//! namespace of its own (the node's), where the CNI bridge plugin makes its bridge. The
-//! sandboxes' cgroups (cgroupfs, this machine's v1 hierarchies) go under a parent named
-//! after the test. Dropping the guard removes every sandbox through the CRI, ends
-//! containerd by pid, then ends whatever it left (its shims, found by the socket address in
-//! their command line; processes in its sandbox cgroups), and removes those cgroups and the
-//! node's netns: also when the test fails.
+//! namespace of its own (the node's), where the CNI bridge plugin makes its bridge. runc
+//! (cgroupfs driver) makes each sandbox's and container's cgroup at the same path in every
+//! hierarchy, this machine's v1 controllers and the cgroup2 one alike; the sandboxes' cgroup
+//! parent is below the test cgroup meshbpf attaches to, so their sockets are the programs'
+//! to see. Dropping the guard removes every sandbox through the CRI, ends containerd by
+//! pid, then ends whatever it left (its shims: their command line names its socket and
+//! they share its mount namespace; processes in the sandboxes' cgroups), and removes those
+//! cgroups and the node's netns: also when the test fails. With no process left in it,
+//! containerd's mount namespace, its tmpfs and the pods' netns mounts are gone too.
 //!
 //! Only tests/containerd.rs includes this file (`#[path]`), so the other test binaries do
 //! not compile the gRPC client.
