@@ -93,8 +93,9 @@ fn run(
         .run_pod(name, ns, annotations)
         .unwrap_or_else(|status| {
             panic!(
-                "RunPodSandbox {name}: {status}\nmeshbpf-cni log:\n{}",
-                plugin_log(env)
+                "RunPodSandbox {name}: {status}\nmeshbpf-cni log:\n{}\ncontainerd's log:\n{}",
+                plugin_log(env),
+                ctrd.log()
             )
         });
     ctrd.sandbox(&id)
@@ -116,9 +117,8 @@ fn listed(env: &Env) -> Vec<(u64, Value)> {
 #[track_caller]
 fn assert_nothing_left(ctrd: &mut Containerd) {
     ctrd.shut_down();
-    assert!(!ctrd.running());
     assert!(
-        !Path::new(&format!("/proc/{}", ctrd.pid())).exists(),
+        !ctrd.running(),
         "containerd (pid {}) still runs",
         ctrd.pid()
     );
@@ -126,8 +126,8 @@ fn assert_nothing_left(ctrd: &mut Containerd) {
     assert_eq!(ctrd.leftover_cgroups(), Vec::<PathBuf>::new());
     assert!(!Path::new("/run/netns").join(&ctrd.node_netns).exists());
     assert_ne!(
-        fs::read_link("/proc/self/ns/mnt").unwrap(),
-        ctrd.mount_ns,
+        Some(fs::read_link("/proc/self/ns/mnt").unwrap().as_path()),
+        ctrd.mount_ns(),
         "containerd ran in the test's mount namespace"
     );
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -334,7 +334,7 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     drop((app_sidecar, web_sidecar, server));
     assert_nothing_left(&mut ctrd);
     for pod in [&app, &web, &plain, &system] {
-        assert!(!Path::new(&format!("/proc/{}", pod.pid)).exists());
+        assert!(!pod.running(), "{pod:?}");
     }
 }
 
@@ -352,14 +352,10 @@ fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
         .collect();
     // What a panicking test leaves to the guard: running sandboxes, registered pods.
     assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
-    assert!(pods
-        .iter()
-        .all(|p| Path::new(&format!("/proc/{}", p.pid)).exists()));
+    assert!(pods.iter().all(Sandbox::running));
     assert!(!ctrd.leftover_cgroups().is_empty());
     assert_nothing_left(&mut ctrd);
-    assert!(pods
-        .iter()
-        .all(|p| !Path::new(&format!("/proc/{}", p.pid)).exists()));
+    assert!(!pods.iter().any(Sandbox::running));
     // The guard removed the sandboxes through the CRI: the plugin's DEL ran.
     assert!(registered_cookies(&env.pin_dir).is_empty());
 }

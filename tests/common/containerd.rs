@@ -85,6 +85,9 @@ pub struct Sandbox {
     pub id: String,
     /// The pause process, which holds the pod's network namespace.
     pub pid: u32,
+    /// When it started (`/proc/PID/stat`), which tells it from a later process that got its
+    /// pid.
+    start_time: Option<u64>,
     /// The pod's IP address the CNI result gave.
     pub ip: std::net::Ipv4Addr,
     /// The network namespace path containerd handed the CNI plugins (`CNI_NETNS`), as seen
@@ -97,6 +100,19 @@ impl Sandbox {
     pub fn netns(&self) -> PathBuf {
         PathBuf::from(format!("/proc/{}/ns/net", self.pid))
     }
+
+    /// Whether its pause process still runs.
+    pub fn running(&self) -> bool {
+        start_time(self.pid).is_some() && start_time(self.pid) == self.start_time
+    }
+}
+
+/// A process's start time in clock ticks after boot (`/proc/PID/stat` field 22), if it runs.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command, which may hold spaces, in parentheses: state is field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// containerd running for one test; cleaned up when dropped.
@@ -111,9 +127,12 @@ pub struct Containerd {
     socket: PathBuf,
     process: Option<Child>,
     pid: u32,
-    /// containerd's mount namespace (`mnt:[INODE]`): where its tmpfs over /run and
-    /// /var/lib and the pods' netns mounts live, gone once no process is left in it.
-    pub mount_ns: PathBuf,
+    /// containerd's mount namespace, where its tmpfs over /run and /var/lib and the pods'
+    /// netns mounts live, held open until the guard is dropped: nsfs inode numbers are
+    /// reused at once, so a process of another test's containerd may otherwise show the
+    /// same `mnt:[INODE]` once this one is gone (its last process ended, it is freed when
+    /// this is closed).
+    mount_ns: Option<(File, PathBuf)>,
     runtime: tokio::runtime::Runtime,
     client: Option<RuntimeServiceClient<Channel>>,
     /// Each sandbox's config, which CreateContainer repeats.
@@ -197,7 +216,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             socket,
             process: None,
             pid: 0,
-            mount_ns: PathBuf::new(),
+            mount_ns: None,
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -272,12 +291,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
         );
         assert!(self.running(), "containerd exited; log:\n{}", self.log());
-        self.mount_ns = fs::read_link(format!("/proc/{}/ns/mnt", self.pid)).expect("mount ns");
+        let ns = format!("/proc/{}/ns/mnt", self.pid);
+        self.mount_ns = Some((
+            File::open(&ns).expect("containerd's mount ns"),
+            fs::read_link(&ns).expect("containerd's mount ns"),
+        ));
     }
 
     /// containerd's pid.
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// containerd's mount namespace (`mnt:[INODE]`), while the guard holds it.
+    pub fn mount_ns(&self) -> Option<&Path> {
+        self.mount_ns.as_ref().map(|(_, id)| id.as_path())
     }
 
     /// Whether the containerd process is still running.
@@ -382,7 +410,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         self.call(client.start_container(StartContainerRequest {
             container_id: id.clone(),
         }))
-        .unwrap_or_else(|status| panic!("StartContainer {name}: {status}"));
+        .unwrap_or_else(|status| {
+            panic!(
+                "StartContainer {name}: {status}\ncontainerd's log:\n{}",
+                self.log()
+            )
+        });
         let mut exit_code = None;
         wait_until(
             || {
@@ -441,9 +474,11 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .and_then(|s| s.network)
             .map(|n| n.ip)
             .unwrap_or_default();
+        let pid = info["pid"].as_u64().expect("pid") as u32;
         Sandbox {
             id: id.into(),
-            pid: info["pid"].as_u64().expect("pid") as u32,
+            pid,
+            start_time: start_time(pid),
             ip: ip.parse().unwrap_or_else(|_| panic!("pod IP {ip:?}")),
             netns_path,
         }
@@ -487,7 +522,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 fs::read(format!("/proc/{pid}/cmdline"))
                     .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&address))
                     || fs::read_link(format!("/proc/{pid}/ns/mnt"))
-                        .is_ok_and(|ns| ns == self.mount_ns)
+                        .is_ok_and(|ns| Some(&ns) == self.mount_ns.as_ref().map(|(_, id)| id))
             })
             .collect();
         for cgroup in self.leftover_cgroups() {
