@@ -207,11 +207,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         )
         .unwrap();
 
-        let node_netns = format!("mbt-{}-node", env.id);
-        sh(Command::new("ip").args(["netns", "add", &node_netns]));
         let mut guard = Containerd {
             host_dirs_before: host_dirs(),
-            node_netns,
+            node_netns: format!("mbt-{}-node", env.id),
             cgroup_parent,
             socket,
             process: None,
@@ -225,6 +223,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             configs: HashMap::new(),
             dir,
         };
+        // Made once the guard exists, which deletes it.
+        sh(Command::new("ip").args(["netns", "add", &guard.node_netns]));
         sh(Command::new("ip").args(["-n", &guard.node_netns, "link", "set", "lo", "up"]));
         guard.spawn();
         guard.ctr(&[
