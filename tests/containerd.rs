@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use common::k8s::*;
 use common::*;
-use cri::{containerd_available, host_dirs, Containerd, Sandbox};
+use cri::{containerd_available, host_dirs, Containerd, Footprint, Sandbox};
 use serde_json::{json, Value};
 
 /// The CNI network's name, its bridge and subnet (in containerd's own netns).
@@ -111,34 +111,36 @@ fn listed(env: &Env) -> Vec<(u64, Value)> {
         .collect()
 }
 
-/// Whatever containerd may have left on the host once shut down: its process, shims and
-/// sandbox processes, cgroups, network namespaces and mounts (its mount namespace, with
-/// every process in it ended, is gone).
+/// Shuts containerd down as the guard does when dropped, then finds nothing it left.
 #[track_caller]
-fn assert_nothing_left(ctrd: &mut Containerd) {
+fn shut_down_leaving_nothing(ctrd: &mut Containerd) {
     ctrd.shut_down();
     assert!(
         !ctrd.running(),
         "containerd (pid {}) still runs",
         ctrd.pid()
     );
-    assert_eq!(ctrd.leftover_processes(), Vec::<u32>::new());
-    assert_eq!(ctrd.leftover_cgroups(), Vec::<PathBuf>::new());
-    assert!(!Path::new("/run/netns").join(&ctrd.node_netns).exists());
+    assert_nothing_left(&ctrd.footprint());
+}
+
+/// Nothing a containerd made is left on the host: its process, shims and sandbox
+/// processes, cgroups, network namespaces and mounts (no process is left in its mount
+/// namespace, which goes with the footprint's last handle on it).
+#[track_caller]
+fn assert_nothing_left(footprint: &Footprint) {
+    assert!(!footprint.containerd_running());
+    assert_eq!(footprint.processes(), Vec::<u32>::new());
+    assert_eq!(footprint.cgroups(), Vec::<PathBuf>::new());
+    assert!(!footprint.node_netns_exists());
     assert_ne!(
         Some(fs::read_link("/proc/self/ns/mnt").unwrap().as_path()),
-        ctrd.mount_ns(),
+        footprint.mount_ns(),
         "containerd ran in the test's mount namespace"
     );
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let dir = ctrd.dir.to_string_lossy();
-    assert!(
-        !mounts.lines().any(|l| l.contains(&*dir)),
-        "mounts left under {dir}:\n{mounts}"
-    );
+    assert_eq!(footprint.mounts(), Vec::<String>::new());
     // The directories containerd uses whatever its config says were its own, never the
     // host's.
-    assert_eq!(host_dirs(), ctrd.host_dirs_before);
+    assert_eq!(host_dirs(), footprint.host_dirs_before);
 }
 
 #[test]
@@ -157,7 +159,7 @@ fn a_sandbox_without_annotations_starts_and_is_registered() {
     ctrd.stop_pod(&pod.id).unwrap();
     ctrd.remove_pod(&pod.id).unwrap();
     assert!(registered_cookies(&env.pin_dir).is_empty());
-    assert_nothing_left(&mut ctrd);
+    shut_down_leaving_nothing(&mut ctrd);
 }
 
 #[test]
@@ -332,32 +334,40 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
         .next()
         .is_none());
     drop((app_sidecar, web_sidecar, server));
-    assert_nothing_left(&mut ctrd);
+    shut_down_leaving_nothing(&mut ctrd);
     for pod in [&app, &web, &plain, &system] {
         assert!(!pod.running(), "{pod:?}");
     }
 }
 
 #[test]
-fn the_guard_removes_running_sandboxes_and_everything_containerd_made() {
+fn a_test_that_fails_with_sandboxes_running_leaves_nothing_behind() {
     if !privileged() || !containerd_available() {
         return;
     }
     let env = Env::new();
     let _mesh = env.attach();
-    let mut ctrd = Containerd::start(&env, &conflist(&env));
-    let pods: Vec<Sandbox> = ["one", "two"]
-        .iter()
-        .map(|name| run(&mut ctrd, &env, name, "default", &[INJECTED]))
-        .collect();
-    // What a panicking test leaves to the guard: running sandboxes, registered pods.
-    assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
-    assert!(pods.iter().all(Sandbox::running));
-    assert!(!ctrd.leftover_cgroups().is_empty());
-    assert_nothing_left(&mut ctrd);
+    let mut seen = None;
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut ctrd = Containerd::start(&env, &conflist(&env));
+        let pods: Vec<Sandbox> = ["one", "two"]
+            .iter()
+            .map(|name| run(&mut ctrd, &env, name, "default", &[INJECTED]))
+            .collect();
+        assert_eq!(registered_cookies(&env.pin_dir).len(), 2);
+        assert!(pods.iter().all(Sandbox::running));
+        let footprint = ctrd.footprint();
+        assert!(!footprint.cgroups().is_empty());
+        seen = Some((footprint, pods));
+        panic!("a failing assertion with two sandboxes running");
+    }));
+    assert!(failed.is_err());
+    let (footprint, pods) = seen.expect("the sandboxes ran");
+    // The guard's Drop removed the sandboxes through the CRI (the plugin's DEL ran), then
+    // ended containerd and everything it made.
     assert!(!pods.iter().any(Sandbox::running));
-    // The guard removed the sandboxes through the CRI: the plugin's DEL ran.
     assert!(registered_cookies(&env.pin_dir).is_empty());
+    assert_nothing_left(&footprint);
 }
 
 #[test]
@@ -392,5 +402,5 @@ fn a_sandbox_with_a_malformed_annotation_fails_naming_it_and_nothing_stays_regis
     assert!(registered_cookies(&env.pin_dir).is_empty());
     let states = fs::read_dir(state_dir(&env).join(NETWORK));
     assert!(states.map_or(true, |mut d| d.next().is_none()));
-    assert_nothing_left(&mut ctrd);
+    shut_down_leaving_nothing(&mut ctrd);
 }

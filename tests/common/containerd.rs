@@ -115,24 +115,121 @@ fn start_time(pid: u32) -> Option<u64> {
     rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// containerd running for one test; cleaned up when dropped.
-pub struct Containerd {
+/// What one containerd may leave on the host, and what finds it: its process, its shims
+/// (their command line names its socket, and they share its mount namespace), the
+/// sandboxes' cgroups, the node's netns, mounts under its directory.
+pub struct Footprint {
+    /// containerd's pid and start time.
+    pid: u32,
+    start_time: Option<u64>,
     pub dir: PathBuf,
+    socket: PathBuf,
     /// The network namespace containerd runs in (`ip netns` name).
     pub node_netns: String,
     /// The cgroupfs parent of every sandbox's cgroups.
     pub cgroup_parent: String,
     /// Which of [`HOST_DIRS`] the host had before containerd started.
     pub host_dirs_before: Vec<bool>,
-    socket: PathBuf,
-    process: Option<Child>,
-    pid: u32,
     /// containerd's mount namespace, where its tmpfs over /run and /var/lib and the pods'
-    /// netns mounts live, held open until the guard is dropped: nsfs inode numbers are
-    /// reused at once, so a process of another test's containerd may otherwise show the
-    /// same `mnt:[INODE]` once this one is gone (its last process ended, it is freed when
-    /// this is closed).
+    /// netns mounts live, held open while this lives: nsfs inode numbers are reused at
+    /// once, so once it is freed a process of another test's containerd may show the same
+    /// `mnt:[INODE]` (a guard that looked for it by number killed a parallel test's
+    /// `runc init`).
     mount_ns: Option<(File, PathBuf)>,
+}
+
+impl Footprint {
+    /// Whether containerd still runs.
+    pub fn containerd_running(&self) -> bool {
+        start_time(self.pid).is_some() && start_time(self.pid) == self.start_time
+    }
+
+    /// containerd's mount namespace (`mnt:[INODE]`).
+    pub fn mount_ns(&self) -> Option<&Path> {
+        self.mount_ns.as_ref().map(|(_, id)| id.as_path())
+    }
+
+    /// Processes containerd left: its shims and whatever runs in the sandboxes' cgroups.
+    pub fn processes(&self) -> Vec<u32> {
+        let address = self.socket.to_string_lossy().into_owned();
+        let mut pids: Vec<u32> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .filter(|pid: &u32| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&address))
+                    || fs::read_link(format!("/proc/{pid}/ns/mnt"))
+                        .is_ok_and(|ns| Some(ns.as_path()) == self.mount_ns())
+            })
+            .collect();
+        for cgroup in self.cgroups() {
+            let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+            pids.extend(procs.lines().filter_map(|l| l.parse::<u32>().ok()));
+        }
+        pids.sort();
+        pids.dedup();
+        pids
+    }
+
+    /// The cgroups runc made for the sandboxes still present in this machine's cgroup
+    /// hierarchies, deepest first. In a cgroup v1 hierarchy runc made the whole parent
+    /// path, the test cgroup's name included; in the cgroup2 one that is the test cgroup
+    /// meshbpf attaches to, which [`Env`] owns, and only what is below it is runc's.
+    pub fn cgroups(&self) -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let relative = self.cgroup_parent.trim_start_matches('/');
+        let top = relative.split('/').next().unwrap_or(relative);
+        for (hierarchy, cgroup2) in cgroup_hierarchies() {
+            collect_dirs(
+                &hierarchy.join(if cgroup2 { relative } else { top }),
+                &mut found,
+            );
+        }
+        found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+        found
+    }
+
+    /// Whether the node's netns is still there.
+    pub fn node_netns_exists(&self) -> bool {
+        Path::new("/run/netns").join(&self.node_netns).exists()
+    }
+
+    /// The test's mounts under containerd's directory (`/proc/self/mountinfo` lines).
+    pub fn mounts(&self) -> Vec<String> {
+        let dir = self.dir.to_string_lossy().into_owned();
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// A second handle on the same footprint, which keeps the mount namespace open too.
+    fn try_clone(&self) -> Footprint {
+        Footprint {
+            pid: self.pid,
+            start_time: self.start_time,
+            dir: self.dir.clone(),
+            socket: self.socket.clone(),
+            node_netns: self.node_netns.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            host_dirs_before: self.host_dirs_before.clone(),
+            mount_ns: self
+                .mount_ns
+                .as_ref()
+                .map(|(file, id)| (file.try_clone().expect("mount ns descriptor"), id.clone())),
+        }
+    }
+}
+
+/// containerd running for one test; cleaned up when dropped.
+pub struct Containerd {
+    pub dir: PathBuf,
+    footprint: Footprint,
+    process: Option<Child>,
     runtime: tokio::runtime::Runtime,
     client: Option<RuntimeServiceClient<Channel>>,
     /// Each sandbox's config, which CreateContainer repeats.
@@ -208,13 +305,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         .unwrap();
 
         let mut guard = Containerd {
-            host_dirs_before: host_dirs(),
-            node_netns: format!("mbt-{}-node", env.id),
-            cgroup_parent,
-            socket,
+            footprint: Footprint {
+                pid: 0,
+                start_time: None,
+                dir: dir.clone(),
+                socket,
+                node_netns: format!("mbt-{}-node", env.id),
+                cgroup_parent,
+                host_dirs_before: host_dirs(),
+                mount_ns: None,
+            },
             process: None,
-            pid: 0,
-            mount_ns: None,
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -224,8 +325,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             dir,
         };
         // Made once the guard exists, which deletes it.
-        sh(Command::new("ip").args(["netns", "add", &guard.node_netns]));
-        sh(Command::new("ip").args(["-n", &guard.node_netns, "link", "set", "lo", "up"]));
+        sh(Command::new("ip").args(["netns", "add", &guard.footprint.node_netns]));
+        sh(Command::new("ip").args(["-n", &guard.footprint.node_netns, "link", "set", "lo", "up"]));
         guard.spawn();
         guard.ctr(&[
             "images",
@@ -234,9 +335,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             "native",
             image.to_str().unwrap(),
         ]);
-        let endpoint = Endpoint::from_shared(format!("unix://{}", guard.socket.display()))
-            .expect("endpoint")
-            .timeout(scaled(Duration::from_secs(60)));
+        let endpoint =
+            Endpoint::from_shared(format!("unix://{}", guard.footprint.socket.display()))
+                .expect("endpoint")
+                .timeout(scaled(Duration::from_secs(60)));
         guard.client = Some(
             guard
                 .runtime
@@ -251,7 +353,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     /// for its socket.
     #[track_caller]
     fn spawn(&mut self) {
-        let netns = File::open(format!("/run/netns/{}", self.node_netns)).expect("node netns");
+        let netns =
+            File::open(format!("/run/netns/{}", self.footprint.node_netns)).expect("node netns");
         let log = File::create(self.dir.join("containerd.log")).unwrap();
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
@@ -278,9 +381,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
         let child = cmd.spawn().expect("start containerd");
         // unshare and sh exec: the child's pid is containerd's.
-        self.pid = child.id();
+        self.footprint.pid = child.id();
+        self.footprint.start_time = start_time(child.id());
         self.process = Some(child);
-        let (socket, log) = (self.socket.clone(), self.dir.join("containerd.log"));
+        let (socket, log) = (
+            self.footprint.socket.clone(),
+            self.dir.join("containerd.log"),
+        );
         wait_until(
             || socket.exists() || !self.running(),
             || {
@@ -291,8 +398,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             },
         );
         assert!(self.running(), "containerd exited; log:\n{}", self.log());
-        let ns = format!("/proc/{}/ns/mnt", self.pid);
-        self.mount_ns = Some((
+        let ns = format!("/proc/{}/ns/mnt", self.footprint.pid);
+        self.footprint.mount_ns = Some((
             File::open(&ns).expect("containerd's mount ns"),
             fs::read_link(&ns).expect("containerd's mount ns"),
         ));
@@ -300,12 +407,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 
     /// containerd's pid.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.footprint.pid
     }
 
-    /// containerd's mount namespace (`mnt:[INODE]`), while the guard holds it.
-    pub fn mount_ns(&self) -> Option<&Path> {
-        self.mount_ns.as_ref().map(|(_, id)| id.as_path())
+    /// What this containerd may leave behind, to look for after the guard is gone.
+    pub fn footprint(&self) -> Footprint {
+        self.footprint.try_clone()
     }
 
     /// Whether the containerd process is still running.
@@ -325,7 +432,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
     pub fn ctr(&self, args: &[&str]) -> String {
         let out = sh(Command::new("ctr")
             .arg("--address")
-            .arg(&self.socket)
+            .arg(&self.footprint.socket)
             .args(["--namespace", "k8s.io"])
             .args(args));
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -365,7 +472,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect::<HashMap<_, _>>(),
             linux: Some(LinuxPodSandboxConfig {
-                cgroup_parent: self.cgroup_parent.clone(),
+                cgroup_parent: self.footprint.cgroup_parent.clone(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -509,49 +616,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             .map(|r| r.items.into_iter().map(|p| p.id).collect())
     }
 
-    /// Processes containerd left: its shims (their command line names its socket, and they
-    /// run in its mount namespace) and whatever runs in the sandboxes' cgroups.
-    pub fn leftover_processes(&self) -> Vec<u32> {
-        let address = self.socket.to_string_lossy().into_owned();
-        let mut pids: Vec<u32> = fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .filter(|pid: &u32| {
-                fs::read(format!("/proc/{pid}/cmdline"))
-                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&address))
-                    || fs::read_link(format!("/proc/{pid}/ns/mnt"))
-                        .is_ok_and(|ns| Some(&ns) == self.mount_ns.as_ref().map(|(_, id)| id))
-            })
-            .collect();
-        for cgroup in self.leftover_cgroups() {
-            let procs = fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
-            pids.extend(procs.lines().filter_map(|l| l.parse::<u32>().ok()));
-        }
-        pids.sort();
-        pids.dedup();
-        pids
-    }
-
-    /// The cgroups runc made for the sandboxes still present in this machine's cgroup
-    /// hierarchies, deepest first. In a cgroup v1 hierarchy runc made the whole parent
-    /// path, the test cgroup's name included; in the cgroup2 one that is the test cgroup
-    /// meshbpf attaches to, which [`Env`] owns, and only what is below it is runc's.
-    pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let relative = self.cgroup_parent.trim_start_matches('/');
-        let top = relative.split('/').next().unwrap_or(relative);
-        for (hierarchy, cgroup2) in cgroup_hierarchies() {
-            collect_dirs(
-                &hierarchy.join(if cgroup2 { relative } else { top }),
-                &mut found,
-            );
-        }
-        found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-        found
-    }
-
     /// Removes every sandbox, ends containerd and what it left, and removes the sandboxes'
     /// cgroups and the node's netns. Safe to call again.
     pub fn shut_down(&mut self) {
@@ -574,7 +638,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         }
         // Shims and pause processes of sandboxes the CRI could not remove.
         for _ in 0..50 {
-            let left = self.leftover_processes();
+            let left = self.footprint.processes();
             if left.is_empty() {
                 break;
             }
@@ -583,12 +647,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        for cgroup in self.leftover_cgroups() {
+        for cgroup in self.footprint.cgroups() {
             let _ = fs::remove_dir(&cgroup);
         }
-        if Path::new("/run/netns").join(&self.node_netns).exists() {
+        if self.footprint.node_netns_exists() {
             let _ = Command::new("ip")
-                .args(["netns", "del", &self.node_netns])
+                .args(["netns", "del", &self.footprint.node_netns])
                 .status();
         }
     }
