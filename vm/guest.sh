@@ -53,6 +53,7 @@ declare -A skipped_binaries=(
     [cni]="the CNI plugin's protocol (ADD/DEL/CHECK/GC) around register: 4 minutes of userspace under emulation"
     [agent]="the node agent's conflist and HTTP work around attach and register: 3 minutes under emulation"
     [podman]="a real container runtime around the CNI plugin: userspace, minutes under emulation"
+    [containerd]="a real containerd driven through the CRI around the CNI plugin: userspace like podman, and the guest mounts no cgroup2 beside its v1 controllers for runc to put the containers in"
     [intranode]="64 MiB transfers between two pods' sidecars, over 15 minutes under emulation (sk_msg and sockops run here in the sockmap tests)"
     [lifecycle]="attach, register and detach under load and killed at many moments: the order is userspace's, and emulation stretches it past CI's hour"
 )
