@@ -144,7 +144,7 @@ fn assert_nothing_left(footprint: &Footprint) {
 }
 
 #[test]
-fn a_sandbox_without_annotations_starts_and_is_registered() {
+fn a_sandbox_without_annotations_starts_as_a_pod_with_no_sidecar_injected() {
     if !privileged() || !containerd_available() {
         return;
     }
@@ -152,13 +152,21 @@ fn a_sandbox_without_annotations_starts_and_is_registered() {
     let _mesh = env.attach();
     let mut ctrd = Containerd::start(&env, &conflist(&env));
     // containerd passes `"io.kubernetes.cri.pod-annotations": null` for a sandbox that has
-    // none (a bare CRI client; the kubelet always adds a few): that means no annotations,
-    // so the conf's settings apply.
+    // none (a bare CRI client; the kubelet always adds a few). That means no annotations:
+    // RunPodSandbox succeeds (it failed with the plugin's code 7), and, as for `{}`, no
+    // injected sidecar, so the pod is left out of the mesh as istio-cni leaves it.
     let pod = run(&mut ctrd, &env, "bare", "default", &[]);
-    assert_eq!(registered_cookies(&env.pin_dir), [cookie(&pod.netns())]);
+    assert!(registered_cookies(&env.pin_dir).is_empty());
+    let logged = plugin_log(&env);
+    assert!(
+        logged.contains(&format!(
+            "ADD container={} ifname=eth0: not registering {}: no sidecar injected",
+            pod.id, pod.netns_path
+        )),
+        "{logged}"
+    );
     ctrd.stop_pod(&pod.id).unwrap();
     ctrd.remove_pod(&pod.id).unwrap();
-    assert!(registered_cookies(&env.pin_dir).is_empty());
     shut_down_leaving_nothing(&mut ctrd);
 }
 
@@ -171,10 +179,10 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     let mesh = env.attach();
     let mut ctrd = Containerd::start(&env, &conflist(&env));
 
-    // Four pods: one without annotations (the conf's settings), one injected with a port
-    // excluded by annotation, one whose annotations show no injected sidecar, and one
-    // injected but in kube-system, which the plugin leaves alone by default.
-    let app = run(&mut ctrd, &env, "app", "shop", &[]);
+    // Four pods: one injected (the conf's settings), one injected with a port excluded by
+    // annotation, one whose annotations show no injected sidecar, and one injected but in
+    // kube-system, which the plugin leaves alone by default.
+    let app = run(&mut ctrd, &env, "app", "shop", &[INJECTED]);
     let web = run(
         &mut ctrd,
         &env,
