@@ -104,6 +104,16 @@ impl ErrorResult {
             format!("meshbpf-cni takes: {}", keys.join(", ")),
         )
     }
+
+    /// A pod annotation meshbpf and istio-cni both refuse: the conf is fine, the pod is not.
+    fn annotation(msg: impl Into<String>) -> Self {
+        ErrorResult::new(
+            code::INVALID_CONFIG,
+            msg,
+            "the pod's annotation is wrong, not the plugin's conf (istio-cni refuses it too): \
+             correct or remove it on the pod",
+        )
+    }
 }
 
 /// What one invocation prints on stdout, and whether it succeeded (exit status 0).
@@ -302,7 +312,7 @@ impl PluginConf {
         read_istio_annotations(settings, annotations)
             .and_then(|read| read.settings.validate().map(|()| read))
             .map(|read| Decision::Register(Box::new(read)))
-            .map_err(|err| ErrorResult::config(format!("pod annotations: {err}")))
+            .map_err(|err| ErrorResult::annotation(format!("pod annotations: {err}")))
     }
 }
 
@@ -386,7 +396,7 @@ fn settings_in(
     }
     settings.exclude_outbound_cidrs.extend(routed.cidrs);
     settings.validate().map_err(|err| {
-        ErrorResult::config(format!(
+        ErrorResult::annotation(format!(
             "pod annotations: traffic.sidecar.istio.io/excludeInterfaces: {err}"
         ))
     })?;

@@ -574,18 +574,27 @@ fn an_error_in_the_conf_reaches_the_log_file() {
     env.attach();
     let pod = env.pod("app");
     let log = env.root.join("cni.log");
-    for (extra, code, named) in [
-        (json!({"outbound_prot": 15001}), 2, "outbound_prot"),
+    // Each error's details name where the fix goes: the conf's keys, or the pod.
+    let conf_fix = "meshbpf-cni takes: pin_dir,";
+    for (extra, code, named, fix) in [
+        (
+            json!({"outbound_prot": 15001}),
+            2,
+            "outbound_prot",
+            conf_fix,
+        ),
         (
             json!({"exclude_outbound_cidrs": "192.0.2.0/33"}),
             7,
             "192.0.2.0/33",
+            conf_fix,
         ),
         (
             annotated(json!({"sidecar.istio.io/status": "{}",
                              "traffic.sidecar.istio.io/excludeOutboundPorts": "http"})),
             7,
             "\"http\"",
+            "the pod's annotation is wrong, not the plugin's conf",
         ),
     ] {
         let out = add(
@@ -595,6 +604,7 @@ fn an_error_in_the_conf_reaches_the_log_file() {
             with_keys(extra, json!({"log_file": log})),
         );
         assert_eq!(out.error_code(), code, "{out:?}");
+        assert!(out.message().contains(fix), "{}", out.message());
         let logged = std::fs::read_to_string(&log).unwrap_or_default();
         assert!(
             logged
