@@ -95,7 +95,10 @@ fn cli_reference_is_the_binarys_own_help() {
     let expected = cli_reference();
     let path = root().join(CLI_MD);
     if std::env::var_os("MESHBPF_BLESS").is_some_and(|v| v == "1") {
-        fs::write(&path, &expected).unwrap_or_else(|e| panic!("writing {CLI_MD}: {e}"));
+        // Through a rename: the other tests of this binary read the file meanwhile.
+        let tmp = path.with_extension("md.new");
+        fs::write(&tmp, &expected).unwrap_or_else(|e| panic!("writing {CLI_MD}: {e}"));
+        fs::rename(&tmp, &path).unwrap_or_else(|e| panic!("writing {CLI_MD}: {e}"));
         return;
     }
     let committed = fs::read_to_string(&path).unwrap_or_default();
