@@ -12,6 +12,21 @@ fi
 # build.rs also compiles the BPF programs against the other architecture's vmlinux.h.
 cargo build --quiet
 
+# The book (docs/): mdBook from crates.io, installed once into target/tools (4.5 minutes to
+# build on this project's 2-vCPU machines; nothing when it is there), built into target/book.
+# tests/docs.rs (run by `cargo test` below) builds it again, checks every link and anchor of
+# its pages and of the README, and that docs/src/cli.md is the binary's own --help.
+mdbook_version=0.5.4
+mdbook="$PWD/target/tools/bin/mdbook"
+if [ "$("$mdbook" --version 2>/dev/null)" != "mdbook v$mdbook_version" ]; then
+    start=$SECONDS
+    cargo install mdbook --locked --version "$mdbook_version" --no-default-features \
+        --features search --root target/tools
+    echo "==> mdbook $mdbook_version installed in $((SECONDS - start)) s"
+fi
+"$mdbook" build docs
+export MESHBPF_MDBOOK="$mdbook"
+
 # Unit, end-to-end and doc tests; `cargo test` also builds examples/ and the test-support
 # workloads, which the end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
 cargo test "$@"
