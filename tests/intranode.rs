@@ -32,7 +32,7 @@ struct World {
     mesh: Mesh,
     client: Pod,
     server: Pod,
-    _client_sidecar: Proc,
+    client_sidecar: Proc,
     server_sidecar: Proc,
     app: Proc,
 }
@@ -50,7 +50,7 @@ fn world_with(options: &AttachOptions, client: &PodSettings, server: &PodSetting
     World {
         env,
         mesh,
-        _client_sidecar: client_sidecar,
+        client_sidecar,
         server_sidecar,
         app,
         client: client_pod,
@@ -163,13 +163,15 @@ fn sidecar_to_sidecar_streams_are_byte_exact_both_ways_with_every_method() {
 
 /// What `stream --op stall` reports from the client pod's application: the bytes it wrote,
 /// without blocking, before the path was full, while the server pod's application read
-/// nothing; every TCP socket of both pods has its buffers pinned ([`pin_tcp_buffers`]).
+/// nothing; every TCP socket of both pods has its buffers pinned ([`pin_tcp_buffers`]), and
+/// the client's sidecar starts relaying late ([`RELAY_LATE`]).
 fn queued_while_stalled(w: &World) -> u64 {
     pin_tcp_buffers(&w.client);
     pin_tcp_buffers(&w.server);
     let args = stall_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    stalled_queue(&w.stream(false, &args))
+    let out = with_paused(&w.client_sidecar, RELAY_LATE, || w.stream(false, &args));
+    stalled_queue(&out)
 }
 
 /// A sidecar that stops reading (its application stalls) holds the other pod's sidecar,
@@ -508,7 +510,7 @@ fn detach_and_agent_restart_mid_transfer_lose_nothing() {
         mesh,
         client,
         server,
-        _client_sidecar,
+        client_sidecar: _client_sidecar,
         server_sidecar: _server_sidecar,
         app: _app,
     } = world();
@@ -573,7 +575,7 @@ fn detach_while_a_slow_reader_s_sidecar_holds_redirected_bytes_loses_none_of_the
         mesh,
         client,
         server,
-        _client_sidecar,
+        client_sidecar: _client_sidecar,
         server_sidecar: _server_sidecar,
         app: _app,
     } = world();

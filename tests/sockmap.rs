@@ -103,13 +103,16 @@ fn every_send_and_receive_method_keeps_every_byte() {
 
 /// What `stream --op stall` reports: the bytes the application wrote, without blocking,
 /// before the path was full, while the server read nothing; every TCP socket of both pods
-/// has its buffers pinned ([`pin_tcp_buffers`]).
+/// has its buffers pinned ([`pin_tcp_buffers`]), and the sidecar starts relaying late
+/// ([`RELAY_LATE`]).
 fn queued_while_stalled(w: &World) -> u64 {
     pin_tcp_buffers(&w.app);
     pin_tcp_buffers(&w.server_pod);
     let args = stall_args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    stalled_queue(&assert_stream(w, &args))
+    stalled_queue(&with_paused(&w.sidecar, RELAY_LATE, || {
+        assert_stream(w, &args)
+    }))
 }
 
 /// A sidecar that stops reading (here because its upstream stalls) holds the application

@@ -841,6 +841,29 @@ pub fn stall_args() -> Vec<String> {
         .to_vec()
 }
 
+/// How long the flow-control tests keep the relay the application writes into (its
+/// sidecar) stopped as a transfer starts: the application fills its own socket and the
+/// relay's before the relay reads a byte. The first run of a fresh clone did that by itself
+/// (cold caches, a loaded machine) and the count stopped at that first EAGAIN (1.26 MB where
+/// the path held 6-10 MB); `stream --op stall` must count on (it waits 1 s for a full path).
+pub const RELAY_LATE: Duration = Duration::from_millis(500);
+
+/// Runs `f` with `proc` stopped (SIGSTOP) for the first `pause` of it, as if the scheduler
+/// had left it off-CPU that long, as a busy machine or a cold first run does.
+pub fn with_paused<T>(proc: &Proc, pause: Duration, f: impl FnOnce() -> T) -> T {
+    let pid = nix::unistd::Pid::from_raw(proc.child.id() as i32);
+    let signal = |s| nix::sys::signal::kill(pid, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::scope(|scope| {
+        // Resumed by this thread even if `f` fails: the scope waits for it.
+        scope.spawn(|| {
+            std::thread::sleep(pause);
+            signal(nix::sys::signal::Signal::SIGCONT);
+        });
+        f()
+    })
+}
+
 /// What a stalled transfer's output says the stalled path took in before the client's
 /// writes would block (`queued=`).
 pub fn stalled_queue(output: &str) -> u64 {
