@@ -797,15 +797,75 @@ pub fn sockaddr_hex(addr: std::net::SocketAddr) -> String {
     hex(&out)
 }
 
+/// Every TCP socket's receive and send buffer in a pod set up by [`pin_tcp_buffers`], in
+/// bytes of kernel memory (payload plus per-packet overhead).
+pub const PINNED_BUFFER: u64 = 1 << 20;
+
+/// The largest packet a socket takes past its buffer (the kernel checks the buffer before it
+/// takes a packet, not after: a sender fills one more 64 KiB GSO packet, a receiver queues
+/// one), and the most one write on the flow-control tests' paths carries (the stream
+/// client's and the sidecar stand-in's 64 KiB writes; a stand-in also holds one such read
+/// between its two connections).
+pub const PACKET: u64 = 64 << 10;
+
+/// Pins every TCP socket's buffers in `pod`'s own netns to [`PINNED_BUFFER`]:
+/// net.ipv4.tcp_rmem and tcp_wmem min = default = max, receive-buffer autotuning off. What
+/// TCP lets a path hold is then a fixed quantity, not what autotuning grew each buffer to by
+/// the time the path filled (that depends on the timing of the transfer, hence on the
+/// machine's load).
+pub fn pin_tcp_buffers(pod: &Pod) {
+    let buf = PINNED_BUFFER;
+    stdout_of(&pod.run(
+        0,
+        Path::new("/sbin/sysctl"),
+        &[
+            "-qw",
+            &format!("net.ipv4.tcp_rmem={buf} {buf} {buf}"),
+            &format!("net.ipv4.tcp_wmem={buf} {buf} {buf}"),
+            "net.ipv4.tcp_moderate_rcvbuf=0",
+        ],
+    ));
+}
+
+/// The most payload TCP lets a writer queue into a chain of `connections` TCP connections
+/// whose last reader reads nothing, every socket on it pinned by [`pin_tcp_buffers`]: each
+/// connection's sending socket holds at most its send buffer and its receiving socket its
+/// receive buffer, each one [`PACKET`] past it at most, and each relay between two
+/// connections one read of [`PACKET`].
+pub fn tcp_chain_holds(connections: u64) -> u64 {
+    connections * 2 * (PINNED_BUFFER + PACKET) + (connections - 1) * PACKET
+}
+
 /// `stream run` arguments of a stalled transfer (`--op stall`): 256 MiB, the server reading
-/// nothing for its first 3 s (scaled).
+/// nothing until the client found the path full.
 pub fn stall_args() -> Vec<String> {
-    let stall = scaled(Duration::from_secs(3)).as_secs_f64();
     let size = (256u64 << 20).to_string();
-    let duration = format!("{stall:.1}");
-    ["--op", "stall", "--size", &size, "--duration", &duration]
+    ["--op", "stall", "--size", &size]
         .map(String::from)
         .to_vec()
+}
+
+/// How long the flow-control tests keep the relay the application writes into (its
+/// sidecar) stopped as a transfer starts: the application fills its own socket and the
+/// relay's before the relay reads a byte. The first run of a fresh clone did that by itself
+/// (cold caches, a loaded machine) and the count stopped at that first EAGAIN (1.26 MB where
+/// the path held 6-10 MB); `stream --op stall` must count on (it waits 1 s for a full path).
+pub const RELAY_LATE: Duration = Duration::from_millis(500);
+
+/// Runs `f` with `proc` stopped (SIGSTOP) for the first `pause` of it, as if the scheduler
+/// had left it off-CPU that long, as a busy machine or a cold first run does.
+pub fn with_paused<T>(proc: &Proc, pause: Duration, f: impl FnOnce() -> T) -> T {
+    let pid = nix::unistd::Pid::from_raw(proc.child.id() as i32);
+    let signal = |s| nix::sys::signal::kill(pid, s).unwrap_or_else(|e| panic!("{s}: {e}"));
+    signal(nix::sys::signal::Signal::SIGSTOP);
+    std::thread::scope(|scope| {
+        // Resumed by this thread even if `f` fails: the scope waits for it.
+        scope.spawn(|| {
+            std::thread::sleep(pause);
+            signal(nix::sys::signal::Signal::SIGCONT);
+        });
+        f()
+    })
 }
 
 /// What a stalled transfer's output says the stalled path took in before the client's

@@ -20,10 +20,15 @@
 //!   that shut down writing).
 //! - abort: the server sends N/2 bytes and resets the connection; the client must see an
 //!   error or EOF promptly, never hang.
-//! - stall: the server reads nothing for `--duration`; meanwhile the client writes without
-//!   blocking until the kernel reports the path full (EAGAIN), as flow control does, or N
-//!   bytes went, then sends the rest blocking; the server checks all N and answers `ok N`.
-//!   Prints `queued=` what the stalled path took in.
+//! - stall: the server reads nothing until the client releases it; meanwhile the client
+//!   writes without blocking until the path is full (a write fails with EAGAIN and the
+//!   socket stays unwritable for a settling second: every relay on the way has moved what
+//!   it could), or N bytes went. Then it releases the server (a second connection, header
+//!   `release TOKEN`) and sends the rest blocking; the server checks all N and answers
+//!   `ok N`. Prints `queued=` what the stalled path took in. On a busy machine the figure
+//!   is still what the path holds: a transient EAGAIN (the application outran a relay that
+//!   was off-CPU) does not end the count, and the server cannot start reading while the
+//!   client is still counting (it used to stall for a fixed time).
 //!
 //! Three more ops measure instead of check (`--duration SECS`), each connection of
 //! `--parallel` on its own thread, and end with one `summary` line over all of them:
@@ -37,11 +42,12 @@
 //! or reordered byte is caught where it happens. `run` prints `ok op=... bytes=...` per
 //! connection, or `fail ...` and exits 1.
 
+use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -62,16 +68,34 @@ static SAMPLES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 static CONNECT_SAMPLES: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 /// Bytes flooded, over all threads.
 static FLOODED: AtomicU64 = AtomicU64::new(0);
-/// A stall guard, not a speed goal: 30 s, stretched by `MESHBPF_TEST_TIMEOUT_SCALE` as the
-/// harness's own guards are (vm/run.sh's emulated guest sets it; a busy emulated 2-core guest
-/// has taken longer than 30 s to move a megabyte through the stand-in).
-fn timeout() -> Duration {
-    let scale = std::env::var("MESHBPF_TEST_TIMEOUT_SCALE")
+/// Tokens of stalled connections their clients released (`release TOKEN`), until the
+/// stalled connection's thread takes its own; RELEASE wakes those threads.
+static RELEASED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+static RELEASE: Condvar = Condvar::new();
+/// Numbers the stall tokens of this client's connections.
+static STALLS: AtomicU64 = AtomicU64::new(0);
+
+/// `MESHBPF_TEST_TIMEOUT_SCALE`, which stretches the harness's own guards (vm/run.sh's
+/// emulated guest sets it).
+fn scale() -> u32 {
+    std::env::var("MESHBPF_TEST_TIMEOUT_SCALE")
         .ok()
         .and_then(|s| s.parse::<u32>().ok())
         .filter(|&s| s >= 1)
-        .unwrap_or(1);
-    Duration::from_secs(30) * scale
+        .unwrap_or(1)
+}
+
+/// A stall guard, not a speed goal: 30 s, scaled (a busy emulated 2-core guest has taken
+/// longer than 30 s to move a megabyte through the stand-in).
+fn timeout() -> Duration {
+    Duration::from_secs(30) * scale()
+}
+
+/// How long a socket that said EAGAIN must stay unwritable before `stall` takes the path
+/// for full: 1 s, scaled. A relay on the way (a sidecar) that is runnable is scheduled well
+/// within that even on a busy machine; if one was not, the count only comes out lower.
+fn settle() -> Duration {
+    Duration::from_secs(1) * scale()
 }
 
 fn main() {
@@ -165,14 +189,9 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
     let mut reader = BufReader::with_capacity(CHUNK, stream.try_clone()?);
     let mut header = String::new();
     reader.read_line(&mut header)?;
-    let mut words = header.split_whitespace();
-    let (op, size) = (
-        words.next().unwrap_or(""),
-        words
-            .next()
-            .and_then(|s| s.parse::<u64>().ok())
-            .unwrap_or(0),
-    );
+    let words: Vec<&str> = header.split_whitespace().collect();
+    let word = |i: usize| words.get(i).copied().unwrap_or("");
+    let (op, size) = (word(0), word(1).parse::<u64>().unwrap_or(0));
     let mut out = stream;
     match op {
         "upload" => {
@@ -211,10 +230,16 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
             }
         }
         "stall" => {
-            let stall_ms = words.next().and_then(|s| s.parse().ok()).unwrap_or(0);
-            thread::sleep(Duration::from_millis(stall_ms));
+            wait_for_release(word(2))?;
             let got = verify_reader(&mut reader.by_ref().take(size))?;
             writeln!(out, "{}", got.verdict(size))?;
+        }
+        "release" => {
+            let mut released = RELEASED.lock().unwrap_or_else(|e| e.into_inner());
+            released.insert(word(1).to_string());
+            RELEASE.notify_all();
+            drop(released);
+            writeln!(out, "released")?;
         }
         "flood" => {
             let got = io::copy(&mut reader, &mut io::sink())?;
@@ -233,6 +258,23 @@ fn serve_one(stream: TcpStream) -> io::Result<()> {
         other => return Err(io::Error::other(format!("unknown op {other:?}"))),
     }
     out.shutdown(Shutdown::Write)
+}
+
+/// Blocks a stalled connection's thread until its client released `token` (which it may
+/// have done already), or fails after the guard.
+fn wait_for_release(token: &str) -> io::Result<()> {
+    let released = RELEASED.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut released, waited) = RELEASE
+        .wait_timeout_while(released, timeout(), |r| !r.contains(token))
+        .unwrap_or_else(|e| e.into_inner());
+    if waited.timed_out() {
+        return Err(io::Error::other(format!(
+            "stall {token:?}: the client did not release it within {:?}",
+            timeout()
+        )));
+    }
+    released.remove(token);
+    Ok(())
 }
 
 fn verify_reader(r: &mut impl Read) -> io::Result<Verifier> {
@@ -405,8 +447,13 @@ fn run_one(o: &Opts) -> Result<String, String> {
         .set_write_timeout(Some(timeout()))
         .map_err(|e| e.to_string())?;
     let mut s = stream;
+    let token = format!(
+        "{}-{}",
+        std::process::id(),
+        STALLS.fetch_add(1, Ordering::Relaxed)
+    );
     let header = if o.op == "stall" {
-        format!("{} {} {}\n", o.op, o.size, o.duration.as_millis())
+        format!("{} {} {token}\n", o.op, o.size)
     } else {
         format!("{} {}\n", o.op, o.size)
     };
@@ -456,6 +503,7 @@ fn run_one(o: &Opts) -> Result<String, String> {
         "abort" => check_abort(&s, o),
         "stall" => {
             let queued = write_until_full(&s, o.size)?;
+            release(o, &token)?;
             write_pattern(&mut s, queued, o.size).map_err(|e| format!("write: {e}"))?;
             let line = last_word(&s, "the verdict")?;
             if line != want {
@@ -478,8 +526,24 @@ fn last_word(s: &TcpStream, what: &str) -> Result<String, String> {
     Ok(line.trim().to_string())
 }
 
-/// Writes the pattern without blocking until the socket reports EAGAIN or `size` bytes
-/// went; returns how many did. Any other error fails (ENOMEM is one).
+/// Lets the server of a stalled connection start reading: a second connection to the same
+/// destination says `release TOKEN` and waits for the server's `released`.
+fn release(o: &Opts, token: &str) -> Result<(), String> {
+    let mut s = TcpStream::connect_timeout(&o.dest, timeout())
+        .map_err(|e| format!("connect to release the server: {e}"))?;
+    s.set_read_timeout(Some(timeout()))
+        .map_err(|e| e.to_string())?;
+    s.write_all(format!("release {token}\n").as_bytes())
+        .map_err(|e| format!("release: {e}"))?;
+    match last_word(&s, "the release")?.as_str() {
+        "released" => Ok(()),
+        other => Err(format!("release: the server answered {other:?}")),
+    }
+}
+
+/// Writes the pattern without blocking until the path is full (EAGAIN, and the socket
+/// stays unwritable for [`settle`]) or `size` bytes went; returns how many did. Any other
+/// error fails (ENOMEM is one).
 fn write_until_full(s: &TcpStream, size: u64) -> Result<u64, String> {
     s.set_nonblocking(true).map_err(|e| e.to_string())?;
     let mut buf = vec![0u8; CHUNK];
@@ -489,7 +553,11 @@ fn write_until_full(s: &TcpStream, size: u64) -> Result<u64, String> {
         fill(&mut buf[..n], at);
         match (&*s).write(&buf[..n]) {
             Ok(sent) => at += sent as u64,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                if !ready_within(s, EpollFlags::EPOLLOUT, settle())? {
+                    break;
+                }
+            }
             Err(err) => return Err(format!("write at {at}: {err}")),
         }
     }
@@ -796,13 +864,18 @@ fn set_nonblocking(s: &TcpStream, on: bool) -> Result<(), String> {
 
 /// Waits (bounded) until `fd` is ready for `events`.
 fn wait_ready(fd: impl AsFd, events: EpollFlags) -> Result<(), String> {
-    let epoll = check(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC), "epoll_create1")?;
-    let events = events | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
-    check(epoll.add(fd, EpollEvent::new(events, 0)), "epoll_ctl")?;
-    let timeout = EpollTimeout::try_from(timeout()).map_err(|e| e.to_string())?;
-    let mut ready = [EpollEvent::empty()];
-    if check(epoll.wait(&mut ready, timeout), "epoll_wait")? == 0 {
+    if !ready_within(fd, events, timeout())? {
         return Err("epoll_wait timed out: the stream stalled".into());
     }
     Ok(())
+}
+
+/// Whether `fd` turns ready for `events` (or an error or hang-up) within `wait`.
+fn ready_within(fd: impl AsFd, events: EpollFlags, wait: Duration) -> Result<bool, String> {
+    let epoll = check(Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC), "epoll_create1")?;
+    let events = events | EpollFlags::EPOLLRDHUP | EpollFlags::EPOLLHUP | EpollFlags::EPOLLERR;
+    check(epoll.add(fd, EpollEvent::new(events, 0)), "epoll_ctl")?;
+    let wait = EpollTimeout::try_from(wait).map_err(|e| e.to_string())?;
+    let mut ready = [EpollEvent::empty()];
+    Ok(check(epoll.wait(&mut ready, wait), "epoll_wait")? > 0)
 }
