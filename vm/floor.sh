@@ -27,6 +27,7 @@ expected=(
     "netns cookie in sk_msg|5.15"
     "bind skipping CAP_NET_BIND_SERVICE (return 3)|5.12"
     "SO_NETNS_COOKIE|5.14"
+    "netns cookie in getsockopt hooks|5.15"
 )
 
 failures=0
@@ -39,6 +40,13 @@ result() { # NAME SECONDS [WHY...]: one summary line
         echo "FAILED  floor-$name (${secs}s): $*" >> "$out/summary.txt"
         { echo "== floor-$name FAILED:"; printf '   %s\n' "$@"; } >> "$log"
     fi
+}
+# Adds each line of what the command given prints to `why` (no process substitution: the
+# guest has no /dev/fd, which only a booted system's udev makes).
+why_from() {
+    local line
+    "$@" > "$work/why.tmp"
+    while IFS= read -r line; do why+=("$line"); done < "$work/why.tmp"
 }
 # Names each expected feature missing in FILE (as "NAME ... Linux VERSION" with the table's
 # or the error's wording); prints what it does not find.
@@ -86,7 +94,7 @@ rc=$?
 { echo "== meshbpf check: exit $rc"; cat "$work/check.out" "$work/check.err"; } >> "$log"
 why=()
 [ $rc -eq 5 ] || why+=("exit $rc, not 5 (the kernel lacks features)")
-while read -r line; do why+=("$line"); done < <(unnamed "$work/check.out" table)
+why_from unnamed "$work/check.out" table
 result check $(($(date +%s) - start)) "${why[@]}"
 
 # attach
@@ -96,8 +104,8 @@ rc=$?
 { echo "== meshbpf attach: exit $rc"; cat "$work/attach.out" "$work/attach.err"; } >> "$log"
 why=()
 [ $rc -eq 5 ] || why+=("exit $rc, not 5 (the kernel lacks features)")
-while read -r line; do why+=("$line"); done < <(unnamed "$work/attach.err" error)
-while read -r line; do why+=("$line"); done < <(leftovers)
+why_from unnamed "$work/attach.err" error
+why_from leftovers
 result attach $(($(date +%s) - start)) "${why[@]}"
 
 # agent
@@ -122,12 +130,12 @@ done
 if [ "$code" != 503 ]; then
     why+=("/healthz answered HTTP ${code:-nothing} (the agent exited or never served), not 503")
 else
-    while read -r line; do why+=("/healthz: $line"); done < <(unnamed "$work/healthz" error)
+    why_from unnamed "$work/healthz" error
 fi
 [ -e "$work/cni/bin/meshbpf-cni" ] && why+=("the agent installed meshbpf-cni though nothing is attached")
 [ "$(cat "$work/cni/net.d/10-pods.conflist")" = "$primary" ] ||
     why+=("the agent changed the primary conflist though nothing is attached")
-while read -r line; do why+=("$line"); done < <(leftovers)
+why_from leftovers
 kill -TERM "$agent_pid" 2>/dev/null
 for _ in $(seq 60); do kill -0 "$agent_pid" 2>/dev/null || break; sleep 0.5; done
 if kill -0 "$agent_pid" 2>/dev/null; then
