@@ -37,7 +37,7 @@ result() { # NAME SECONDS [WHY...]: one summary line
         echo "ok      floor-$name (${secs}s): refused on Linux $kver as expected" >> "$out/summary.txt"
     else
         failures=$((failures + 1))
-        echo "FAILED  floor-$name (${secs}s): $*" >> "$out/summary.txt"
+        (IFS=";"; echo "FAILED  floor-$name (${secs}s): $*") >> "$out/summary.txt"
         { echo "== floor-$name FAILED:"; printf '   %s\n' "$@"; } >> "$log"
     fi
 }
