@@ -179,4 +179,5 @@ for log in "$results"/*.log; do
     echo "==> $(basename "$log" .log): the failures"
     sed -n '/^failures:$/,/^test result:/p' "$log" | tail -150
 done
+echo "==> vm/run.sh $kernel: $SECONDS s in all (kernel fetch, build and boot included)"
 ! grep -q FAILED "$results/summary.txt"
