@@ -155,8 +155,9 @@ impl Mesh {
     ) -> Result<Mesh> {
         let (cgroup, pin_dir) = (cgroup.as_ref(), pin_dir.as_ref());
         system::require(Privilege::Bpf, "attach BPF programs")?;
-        system::check_kernel()?;
+        // Every missing feature by name first (the version check alone names one).
         crate::probe::require_features()?;
+        system::check_kernel()?;
         let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
         let pin = PinDir::new(pin_dir)?;
         pins::attach(&pin, cgroup, &cgroup_dir, cgroup_id, options)?;

@@ -1,9 +1,12 @@
 #!/bin/bash
 # Runs inside the VM that vm/run.sh boots: the host's root read-only over 9p, the checkout
 # at its own path (shared on its own, so /tmp and /run checkouts work too), the guest
-# kernel's own modules, and every test binary; results go to the `results` share.
+# kernel's own modules (vm/run.sh's target/vm/<KERNEL>/, named on the kernel command line),
+# and every test binary; results go to the `results` share. Below meshbpf's floor (5.15)
+# it runs vm/floor.sh instead: meshbpf must refuse there.
 set -u
 repo=$meshbpf_repo
+vmdir=$repo/target/vm/$meshbpf_kernel
 kver=$(uname -r)
 # Emulation runs some 10 to 30 times slower: the harness's hang guards stretch with it.
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin CI=1 MESHBPF_TEST_TIMEOUT_SCALE=4
@@ -16,7 +19,7 @@ echo "$kver" > $out/kernel
 # extracted package.
 cat > /run/modprobe <<EOF
 #!/bin/sh
-exec /usr/sbin/modprobe -d "$repo/target/vm/kernel" "\$@"
+exec /usr/sbin/modprobe -d "$vmdir/kernel" "\$@"
 EOF
 chmod 755 /run/modprobe
 echo /run/modprobe > /proc/sys/kernel/modprobe
@@ -28,9 +31,21 @@ ip link set lo up
 mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 shm /dev/shm
 [ -d /var/lib/cni ] && mount -t tmpfs -o mode=700 cni /var/lib/cni
 mount -t tmpfs -o mode=755 cgroup /sys/fs/cgroup
+# (6.12 lists cpuset and memory there but Debian builds it without their v1 interface.)
 for c in $(awk '!/^#/ && $4 == 1 { print $1 }' /proc/cgroups); do
-    mkdir -p /sys/fs/cgroup/$c && mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c
+    mkdir -p /sys/fs/cgroup/$c
+    mount -t cgroup -o $c cgroup /sys/fs/cgroup/$c 2>/dev/null || rmdir /sys/fs/cgroup/$c
 done
+
+# Below the floor: no test binary, the refusal instead (check, attach, agent).
+if [ "$(printf '%s\n' "$kver" 5.15 | sort -V | head -1)" != 5.15 ]; then
+    : > $out/summary.txt
+    echo "not run (all test binaries): Linux $kver is below meshbpf's 5.15 floor; vm/floor.sh checks the refusal instead" > $out/skipped.txt
+    bash "$repo/vm/floor.sh" "$repo/target/debug/meshbpf" $out
+    touch $out/done
+    sync
+    poweroff -f
+fi
 
 # Not run here, each with the reason the summary gives. Emulation runs the suite some 10 to
 # 30 times slower than the host: what is left out would not fit CI's 90 minutes, cannot
@@ -83,7 +98,7 @@ while read -r exe; do
     else
         echo "FAILED  $name (${secs}s, exit $rc): ${line:-no result line}" >> $out/summary.txt
     fi
-done < "$repo/target/vm/tests.list"
+done < "$vmdir/tests.list"
 touch $out/done
 sync
 poweroff -f

@@ -160,7 +160,11 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
         // The attach below refuses the directory and says why.
         Err(err) => say(format!("taking {} back: {err}", config.pin_dir.display())),
     }
-    let mesh = Mesh::attach_with(&config.cgroup, &config.pin_dir, &config.attach)?;
+    let mesh = match Mesh::attach_with(&config.cgroup, &config.pin_dir, &config.attach) {
+        Ok(mesh) => mesh,
+        Err(err @ Error::MissingKernelFeature { .. }) => return refuse(config, stop, err),
+        Err(err) => return Err(err),
+    };
     say(format!(
         "attached to {} (pinned under {})",
         config.cgroup.display(),
@@ -226,6 +230,26 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     }
     say("stopping; the programs stay attached and pods stay registered");
     Ok(())
+}
+
+/// A kernel that lacks what meshbpf needs stays so until the node boots another: instead of
+/// exiting (a restart loop, its reason only in old logs), the agent answers /healthz 503 with
+/// the missing features, installs no plugin and touches no conflist (pods start as without
+/// meshbpf, as before istio-cni's agent is ready), and exits with the refusal when stopped.
+fn refuse(config: &AgentConfig, stop: &AtomicBool, err: Error) -> Result<()> {
+    say(format!("not attaching; the node stays not ready: {err}"));
+    if let Some(addr) = config.listen {
+        let listener =
+            TcpListener::bind(addr).context(|| format!("listening on {addr} for /healthz"))?;
+        let stats = Arc::new(Stats::default());
+        stats.set_problem("kernel", Some(err.to_string()));
+        http::serve(listener, &config.pin_dir, stats);
+        say(format!("serving /healthz (not ready) on {addr}"));
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(err)
 }
 
 /// The changes to a directory that may change the primary network configuration.

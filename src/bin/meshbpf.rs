@@ -670,8 +670,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                     );
                 }
             }
-            meshbpf::check_kernel()?;
             meshbpf::probe_required()?;
+            meshbpf::check_kernel()?;
         }
         Command::Trace {
             netns,
