@@ -10,6 +10,10 @@ cd "$(dirname "$0")/.."
 for k in "$@"; do
     case $k in 6.1 | 6.12 | 5.10) ;; *) echo ".ci/kernels.sh: unknown kernel '$k'; choose 6.1, 6.12 or 5.10" >&2; exit 2 ;; esac
 done
+# What vm/run.sh installs, before the build below needs it (a new machine has no clang).
+. scripts/deps.sh
+meshbpf_require_root
+meshbpf_install_deps "${MESHBPF_VM_PACKAGES[@]}"
 mkdir -p target/vm
 # The test binaries are built once before the guests start (each vm/run.sh builds again,
 # finding nothing to do), so the guests do not wait on cargo's lock in turn.

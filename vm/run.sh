@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 meshbpf_require_root
-meshbpf_install_deps qemu-system-x86 busybox-static kmod cpio
+meshbpf_install_deps "${MESHBPF_VM_PACKAGES[@]}"
 repo=$PWD
 kernel=${MESHBPF_VM_KERNEL:-6.1}
 case ${1:-} in 6.1 | 6.12 | 5.10) kernel=$1; shift ;; esac
