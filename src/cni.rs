@@ -24,12 +24,12 @@ use std::path::{Path, PathBuf};
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
+use crate::cidr::Cidr;
 use crate::error::Error;
 use crate::mesh::{Mesh, DEFAULT_PIN_DIR};
 use crate::netns::Netns;
 use crate::options::PodOptions;
 use crate::presets::{read_istio_annotations, IstioAnnotations};
-use crate::settings::Cidr;
 use crate::settings::PodSettings;
 
 /// The plugin's name: its binary and its conf entry's `type`.

@@ -28,6 +28,8 @@
 mod abi;
 #[cfg(feature = "cli")]
 pub mod agent;
+mod attach;
+mod cidr;
 #[cfg(feature = "cli")]
 pub mod cni;
 mod error;
@@ -49,6 +51,7 @@ mod system;
 mod trace;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+pub use cidr::Cidr;
 pub use error::{Error, Result};
 pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
@@ -63,7 +66,7 @@ pub use presets::parse_annotations;
 pub use presets::{apply_istio_annotations, MeshPreset};
 pub use probe::{probe, require_features as probe_required, Feature};
 pub use settings::{
-    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
+    parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
     Selection, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
     DEFAULT_SOCKMAP_MIN_BYTES, MAX_ENTRIES_PER_LIST, MESH_INBOUND_EXCLUDES,
 };

@@ -159,7 +159,7 @@ impl Mesh {
         crate::probe::require_features()?;
         let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
         let pin = PinDir::new(pin_dir)?;
-        pins::attach(&pin, cgroup, &cgroup_dir, cgroup_id, options)?;
+        crate::attach::attach(&pin, cgroup, &cgroup_dir, cgroup_id, options)?;
         Mesh::open(pin_dir)
     }
 
@@ -783,7 +783,7 @@ struct ListEntries {
 impl ListEntries {
     /// The entries that hold `lists` of the pod with `netns_cookie`, in generation `gen`.
     fn of(netns_cookie: u64, gen: u16, lists: &Lists) -> Self {
-        let cidrs = |set: &BTreeSet<crate::settings::Cidr>| {
+        let cidrs = |set: &BTreeSet<crate::cidr::Cidr>| {
             set.iter()
                 .map(|c| CidrKey::new(netns_cookie, gen, c))
                 .collect()

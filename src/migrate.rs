@@ -110,10 +110,8 @@ fn v7_to_v8(snapshot: &mut Snapshot) -> Result<()> {
     Ok(())
 }
 
-/// The oldest layout this build upgrades from.
-pub(crate) fn oldest_upgradable() -> u32 {
-    STEPS.first().map_or(LAYOUT_VERSION, |s| s.from)
-}
+// abi's constant, which error messages quote, is the first step's layout.
+const _: () = assert!(!STEPS.is_empty() && STEPS[0].from == abi::OLDEST_UPGRADABLE_LAYOUT);
 
 /// Layout 9: a pod's `cookie_map` value also holds its own addresses (`pod_ip4`,
 /// `pod_ip6`, read at register; zero — unknown — for pods registered before, until they
@@ -172,12 +170,13 @@ fn v9_to_v10(snapshot: &mut Snapshot) -> Result<()> {
 
 /// The steps from layout `from` to this build's, or why there are none.
 fn steps_from(pin_dir: &Path, from: u32) -> Result<&'static [Step]> {
-    let oldest = oldest_upgradable();
+    let oldest = abi::OLDEST_UPGRADABLE_LAYOUT;
     if from > LAYOUT_VERSION || from < oldest {
         return Err(Error::LayoutMismatch {
             pin_dir: pin_dir.into(),
             found: from.to_string(),
             expected: LAYOUT_VERSION,
+            oldest_upgradable: crate::abi::OLDEST_UPGRADABLE_LAYOUT,
         });
     }
     if from == LAYOUT_VERSION {
@@ -475,7 +474,7 @@ mod tests {
 
     #[test]
     fn layout_7_cidr_keys_become_generation_0_keys_of_layout_8() {
-        let cidr: crate::settings::Cidr = "192.0.2.0/24".parse().unwrap();
+        let cidr: crate::cidr::Cidr = "192.0.2.0/24".parse().unwrap();
         let (addr, plen) = cidr.as_v6();
         let cookie = 0x1234_5678_9abc_def0;
         let mut snapshot = Snapshot::new();

@@ -1,5 +1,6 @@
-//! The pin directory: where an attachment's links and maps live in bpffs, and its
-//! lifecycle — attach through a staging directory, replace in place, drain, detach.
+//! The pin directory's primitives: where an attachment's links and maps live in bpffs, its
+//! lock, loading the programs, its meta map, its links, and its removal (drain, detach).
+//! Which of fresh attach, replace in place or upgrade to run is [`crate::attach`]'s choice.
 //!
 //! Layout, under the pin directory (default `/sys/fs/bpf/meshbpf`): `maps/<map>` for every
 //! map and `links/<hook>` for every program's link. `maps/meta_map` is written last at
@@ -193,6 +194,11 @@ impl PinDir {
         &self.path
     }
 
+    /// The directory holding it (and its staging directories).
+    pub(crate) fn parent(&self) -> &Path {
+        &self.parent
+    }
+
     /// Takes the lock serialising changes to this pin directory: `exclusive` for writers
     /// (attach, detach, register), shared for readers. Creates missing parents (0700) when
     /// `exclusive`.
@@ -266,7 +272,7 @@ impl PinDir {
         }
     }
 
-    fn staging_prefix(&self) -> String {
+    pub(crate) fn staging_prefix(&self) -> String {
         let name = self.path.file_name().unwrap_or_default().to_string_lossy();
         format!("{name}{STAGING_INFIX}")
     }
@@ -274,7 +280,7 @@ impl PinDir {
     /// Removes the staging directories of attaches that did not finish (their process died:
     /// a live one would hold the lock the caller holds now). Entries of that name that
     /// meshbpf did not create are left alone. Returns whether any was removed.
-    fn remove_stale_staging(&self, _lock: &PinLock) -> Result<bool> {
+    pub(crate) fn remove_stale_staging(&self, _lock: &PinLock) -> Result<bool> {
         let prefix = self.staging_prefix();
         let mut removed = false;
         for name in dir_names(&self.parent)? {
@@ -438,7 +444,7 @@ pub(crate) fn private_dir(dir: &Path) -> Result<()> {
 /// random digits: never one that exists already, which another user may have made first
 /// to have meshbpf fill a directory of theirs (a pid alone is easy to guess: an agent in a
 /// container is often pid 1).
-fn fresh_dir(parent: &Path, prefix: &str) -> Result<PathBuf> {
+pub(crate) fn fresh_dir(parent: &Path, prefix: &str) -> Result<PathBuf> {
     use std::hash::{BuildHasher, Hasher};
     let pid = std::process::id();
     let mut last = None;
@@ -552,56 +558,6 @@ pub(crate) fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
     Ok(Some(ours))
 }
 
-/// Attaches to the cgroup v2 directory `cgroup` under `pin`, or replaces the programs of
-/// the attachment already there in place. Holds the exclusive lock throughout.
-pub(crate) fn attach(
-    pin: &PinDir,
-    cgroup: &Path,
-    cgroup_dir: &fs::File,
-    cgroup_id: u64,
-    options: &AttachOptions,
-) -> Result<()> {
-    let lock = pin.lock(true)?;
-    pin.remove_stale_staging(&lock)?;
-    match pin.state()? {
-        PinState::Remnant => {
-            // A detach was interrupted after its last pin (or `reclaim` left the directory
-            // empty): empty it, then attach afresh. The directory itself stays until the
-            // attachment is renamed over it, so that its name is never free for another
-            // user to take in between.
-            for sub in [PODS_DIR, LINKS_DIR, MAPS_DIR] {
-                remove_dir_if_there(&pin.path().join(sub))?;
-            }
-            attach_fresh(
-                pin,
-                cgroup_dir,
-                &new_meta(cgroup, cgroup_id, options),
-                options,
-            )
-        }
-        PinState::Absent => attach_fresh(
-            pin,
-            cgroup_dir,
-            &new_meta(cgroup, cgroup_id, options),
-            options,
-        ),
-        PinState::Attached => {
-            let existing = read_meta_of_any_layout(pin.path())?;
-            if existing.cgroup_id != cgroup_id {
-                return Err(Error::AttachedElsewhere {
-                    pin_dir: pin.path().into(),
-                    attached: meta_cgroup_path(&existing),
-                });
-            }
-            if existing.layout_version != LAYOUT_VERSION {
-                return crate::migrate::upgrade(pin.path(), cgroup_dir, &existing, options);
-            }
-            crate::migrate::remove_staging(pin.path())?;
-            replace_in_place(pin.path(), cgroup_dir, &existing, options)
-        }
-    }
-}
-
 /// Detaches every program (capture first, answers last) and removes every pin under
 /// `pin`, also when the attachment cannot be opened (another layout, a half-finished
 /// attach); refuses a directory meshbpf did not create. Returns whether anything was there.
@@ -651,7 +607,7 @@ pub(crate) fn meta_flags(options: &AttachOptions) -> u32 {
     }
 }
 
-fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
+pub(crate) fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -> MeshMeta {
     let mut meta = MeshMeta {
         layout_version: LAYOUT_VERSION,
         flags: meta_flags(options),
@@ -692,12 +648,13 @@ pub(crate) fn open_meta(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
             pin_dir: pin_dir.into(),
             found: meta.layout_version.to_string(),
             expected: LAYOUT_VERSION,
+            oldest_upgradable: crate::abi::OLDEST_UPGRADABLE_LAYOUT,
         });
     }
     Ok((map, meta))
 }
 
-fn read_meta_of_any_layout(pin_dir: &Path) -> Result<MeshMeta> {
+pub(crate) fn read_meta_of_any_layout(pin_dir: &Path) -> Result<MeshMeta> {
     open_meta_of_any_layout(pin_dir).map(|(_, meta)| meta)
 }
 
@@ -720,6 +677,7 @@ fn open_meta_of_any_layout(pin_dir: &Path) -> Result<(MapHandle, MeshMeta)> {
             pin_dir: pin_dir.into(),
             found: format!("unknown ({} bytes of meta)", value.map_or(0, |v| v.len())),
             expected: LAYOUT_VERSION,
+            oldest_upgradable: crate::abi::OLDEST_UPGRADABLE_LAYOUT,
         }),
     }
 }
@@ -771,7 +729,7 @@ fn load_skel<'obj, T: OpenSkel<'obj>>(open: T, what: &str) -> Result<T::Output> 
 }
 
 /// Opens the skeleton with every map pinned (or reused) under `maps_dir`, and loads it.
-fn load_in<'obj>(
+pub(crate) fn load_in<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     maps_dir: &Path,
     options: &AttachOptions,
@@ -787,50 +745,6 @@ pub(crate) fn skel_map(skel: &MeshbpfSkel<'_>, name: &str) -> Result<MapHandle> 
         .find(|m| m.name() == name)
         .ok_or_else(|| Error::MigrationFailed(format!("the new object has no map {name}")))?;
     MapHandle::try_from(&map).context(|| format!("opening {name}"))
-}
-
-/// A staging directory that is removed, with every link in it detached, unless kept.
-struct Staging {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = remove_tree(&self.path);
-        }
-    }
-}
-
-/// Attaches into a fresh staging directory next to the pin directory, then renames it into
-/// place, so that the pin directory appears complete or not at all.
-fn attach_fresh(
-    pin: &PinDir,
-    cgroup: &fs::File,
-    meta: &MeshMeta,
-    options: &AttachOptions,
-) -> Result<()> {
-    let mut staging = Staging {
-        path: fresh_dir(&pin.parent, &pin.staging_prefix())?,
-        keep: false,
-    };
-    for dir in [MAPS_DIR, LINKS_DIR] {
-        private_dir(&staging.path.join(dir))?;
-    }
-
-    let mut open_object = MaybeUninit::uninit();
-    let skel = load_in(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
-    // On an early return the new links are dropped, which detaches them, and `staging`
-    // unpins whatever was pinned already.
-    attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
-    // meta_map last: it marks the directory complete.
-    write_meta(&skel, meta)?;
-
-    fs::rename(&staging.path, pin.path())
-        .context(|| format!("moving the attachment to {}", pin.path().display()))?;
-    staging.keep = true;
-    Ok(())
 }
 
 pub(crate) fn write_meta(skel: &MeshbpfSkel<'_>, meta: &MeshMeta) -> Result<()> {
@@ -915,24 +829,6 @@ fn live_link_unless(
         return Ok(None);
     }
     Ok(Some(link))
-}
-
-/// Replaces each program of an existing attachment through its pinned link, keeping the
-/// pinned maps; attaches and pins any program whose link is missing.
-fn replace_in_place(
-    pin_dir: &Path,
-    cgroup: &fs::File,
-    meta: &MeshMeta,
-    options: &AttachOptions,
-) -> Result<()> {
-    let mut open_object = MaybeUninit::uninit();
-    // A pinned map of another shape than this build's is a layout mismatch (loadlog).
-    let skel = load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options)?;
-    attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
-    update_pod_programs(pin_dir, &skel)?;
-    let mut meta = *meta;
-    meta.flags = meta_flags(options);
-    write_meta(&skel, &meta)
 }
 
 /// The pinned sk_lookup link of the pod with `netns_cookie`.
@@ -1061,7 +957,7 @@ pub(crate) fn update_pod_programs(pin_dir: &Path, maps_of: &MeshbpfSkel<'_>) -> 
 /// Detaches every link pinned under `dir` (capture first, answers last), then removes
 /// every pin and directory, with the meta map last. `dir` must be one meshbpf created
 /// (checked by the caller): nothing below it follows a symbolic link of someone else's.
-fn remove_tree(dir: &Path) -> Result<()> {
+pub(crate) fn remove_tree(dir: &Path) -> Result<()> {
     // The pods' sk_lookup links capture inbound: they go first.
     let pods = dir.join(PODS_DIR);
     for name in dir_names(&pods)? {
@@ -1095,7 +991,7 @@ fn remove_tree(dir: &Path) -> Result<()> {
     remove_dir_if_there(dir)
 }
 
-fn remove_dir_if_there(dir: &Path) -> Result<()> {
+pub(crate) fn remove_dir_if_there(dir: &Path) -> Result<()> {
     match fs::remove_dir(dir) {
         Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(err).context(|| {
             format!(

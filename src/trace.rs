@@ -13,14 +13,12 @@ use std::time::Duration;
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle, RingBuffer, RingBufferBuilder};
 
-use crate::abi::{self, map, OrigDst};
+use crate::abi::{self, map, OrigDst, RawEvent};
 use crate::error::{Context, Error, Result};
 use crate::mesh::Mesh;
 use crate::pins::MAPS_DIR;
 use crate::settings::{InboundMode, PodSettings, Selection};
 use crate::skel::types::{consts, trace_hook, trace_reason};
-
-pub(crate) use crate::skel::types::decision_event as RawEvent;
 
 /// How many `trace` readers can run at once.
 pub const TRACE_SLOTS: u32 = consts::TRACE_SLOTS.0;
