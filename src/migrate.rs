@@ -492,8 +492,8 @@ mod tests {
 
     #[test]
     fn layout_8_pods_keep_every_setting_and_have_no_addresses_yet() {
-        let settings = crate::settings::PodSettings {
-            inbound_mode: crate::settings::InboundMode::Bind,
+        let settings = crate::pod::settings::PodSettings {
+            inbound_mode: crate::pod::settings::InboundMode::Bind,
             sockmap_min_bytes: 7,
             ..Default::default()
         };
@@ -515,7 +515,7 @@ mod tests {
         assert!(got.addresses().is_empty());
         let lists = settings.lists();
         assert_eq!(
-            crate::settings::PodSettings::from_parts(&got, &lists),
+            crate::pod::settings::PodSettings::from_parts(&got, &lists),
             settings
         );
     }
@@ -525,7 +525,7 @@ mod tests {
         let pod = |ip4: &str, ip6: &str| abi::RawPodSettings {
             pod_ip4: u32::from_ne_bytes(ip4.parse::<std::net::Ipv4Addr>().unwrap().octets()),
             pod_ip6: abi::ip6_words(&ip6.parse().unwrap()),
-            ..crate::settings::PodSettings::default().to_raw()
+            ..crate::pod::settings::PodSettings::default().to_raw()
         };
         let entry = |cookie: u64, raw: &abi::RawPodSettings| {
             (cookie.to_ne_bytes().to_vec(), abi::bytes(raw).to_vec())

@@ -10,8 +10,8 @@ use serde_json::Value;
 
 use crate::cidr::Cidr;
 use crate::error::{Error, Result};
-use crate::presets::{read_istio_annotations, MeshPreset};
-use crate::settings::{
+use crate::pod::presets::{read_istio_annotations, MeshPreset};
+use crate::pod::settings::{
     parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
 };
 
