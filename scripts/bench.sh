@@ -23,4 +23,5 @@ stats=$(cat /proc/sys/kernel/bpf_stats_enabled)
 trap 'echo "$stats" > /proc/sys/kernel/bpf_stats_enabled' EXIT
 # The sidecar stand-in (examples/) and the workloads (test-support/) the benchmarks run.
 cargo build --release --bins --examples --quiet
-cargo bench --quiet --bench "$bench" -- "$@"
+# Feature `bench`: the benchmarks require it (build.rs compiles their probe program then).
+cargo bench --quiet --features bench --bench "$bench" -- "$@"

@@ -5,6 +5,8 @@
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 
+/// One decision the programs report to `meshbpf trace` (`struct decision_event`).
+pub(crate) use crate::skel::types::decision_event as RawEvent;
 pub(crate) use crate::skel::types::pod_settings as RawPodSettings;
 pub(crate) use crate::skel::types::{
     cidr_key as CidrKey, conn_key as ConnKey, inbound_key as InboundKey, mesh_meta as MeshMeta,
@@ -24,6 +26,10 @@ pub(crate) use generated::{RULE_KINDS, TRACE_HOOKS, TRACE_REASONS};
 
 /// The map layout this build reads and writes (`MESHBPF_LAYOUT_VERSION` in meshbpf.h).
 pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;
+/// The oldest layout this build upgrades from in place (the first of `migrate`'s steps, which
+/// asserts it at compile time). Older attachments must be detached or upgraded by an
+/// intermediate release.
+pub(crate) const OLDEST_UPGRADABLE_LAYOUT: u32 = 7;
 /// How many pods one node can register (`MAX_PODS` in meshbpf.h).
 pub const MAX_PODS: u32 = consts::MAX_PODS.0;
 /// `NO_GID` in meshbpf.h: a pod without a proxy gid.
@@ -89,7 +95,7 @@ const _: () = assert!(size_of::<MeshMeta>() == 16 + 256);
 const _: () = assert!(size_of::<RuleKey>() == 16);
 const _: () = assert!(size_of::<CidrKey>() == 32);
 const _: () = assert!(size_of::<InboundKey>() == 16);
-const _: () = assert!(size_of::<crate::trace::RawEvent>() == 96);
+const _: () = assert!(size_of::<RawEvent>() == 96);
 const _: () = assert!(size_of::<PodAddrKey>() == 16);
 
 // SAFETY: these are `#[repr(C)]` structs of integers (and byte arrays) generated from the BPF
@@ -108,7 +114,8 @@ unsafe impl plain::Plain for CidrKey {}
 // SAFETY: as above.
 unsafe impl plain::Plain for InboundKey {}
 // SAFETY: as above.
-unsafe impl plain::Plain for crate::trace::RawEvent {}
+unsafe impl plain::Plain for RawEvent {}
+// SAFETY: as above.
 unsafe impl plain::Plain for PodAddrKey {}
 
 impl PodAddrKey {
@@ -156,7 +163,7 @@ const CIDR_KEY_PREFIX_BITS: u32 = cidr_key_bits::CIDR_KEY_PREFIX_BITS.0;
 
 impl CidrKey {
     /// The trie key of one prefix of one pod.
-    pub(crate) fn new(netns_cookie: u64, gen: u16, cidr: &crate::settings::Cidr) -> Self {
+    pub(crate) fn new(netns_cookie: u64, gen: u16, cidr: &crate::cidr::Cidr) -> Self {
         let (octets, plen) = cidr.as_v6();
         let mut addr = [0u32; 4];
         for (i, w) in addr.iter_mut().enumerate() {
@@ -179,13 +186,13 @@ impl CidrKey {
         u64::from(self.netns_cookie[0]) | (u64::from(self.netns_cookie[1]) << 32)
     }
 
-    pub(crate) fn cidr(&self) -> Option<crate::settings::Cidr> {
+    pub(crate) fn cidr(&self) -> Option<crate::cidr::Cidr> {
         let mut octets = [0u8; 16];
         for (i, w) in self.addr.iter().enumerate() {
             octets[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
         }
         let plen = self.prefixlen.checked_sub(CIDR_KEY_PREFIX_BITS)?;
-        crate::settings::Cidr::from_v6(octets, u8::try_from(plen).ok()?)
+        crate::cidr::Cidr::from_v6(octets, u8::try_from(plen).ok()?)
     }
 }
 

@@ -190,7 +190,7 @@ pub enum Error {
     /// The pinned maps were written by a build this one cannot read or upgrade.
     #[error(
         "{pin_dir} holds map layout {found}, this build uses layout {expected}: {}",
-        layout_advice(found, *expected, pin_dir)
+        layout_advice(found, *expected, *oldest_upgradable, pin_dir)
     )]
     LayoutMismatch {
         /// The pin directory.
@@ -199,6 +199,8 @@ pub enum Error {
         found: String,
         /// The layout this build uses.
         expected: u32,
+        /// The oldest layout this build upgrades from in place.
+        oldest_upgradable: u32,
     },
 
     /// Upgrading the pinned maps to this build's layout failed.
@@ -314,9 +316,8 @@ pub enum Error {
 }
 
 /// What to do about a layout this build does not use, by how it compares.
-fn layout_advice(found: &str, expected: u32, pin_dir: &std::path::Path) -> String {
+fn layout_advice(found: &str, expected: u32, oldest: u32, pin_dir: &std::path::Path) -> String {
     let pin = pin_dir.display();
-    let oldest = crate::migrate::oldest_upgradable();
     match found.parse::<u32>() {
         Ok(found) if found < expected && found >= oldest => "run `meshbpf attach` with this \
             build to upgrade it (it keeps every registration and live connection), or use the \

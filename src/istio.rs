@@ -19,7 +19,7 @@ use std::path::Path;
 use crate::error::{Error, Result};
 use crate::mesh::{Mesh, Pod};
 use crate::netns::Netns;
-use crate::settings::InboundMode;
+use crate::pod::settings::InboundMode;
 
 /// `metadata.name` of the resource unless another is given.
 pub const DEFAULT_SIDECAR_NAME: &str = "meshbpf-bind";
@@ -264,7 +264,7 @@ fn scalar(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::settings::PodSettings;
+    use crate::pod::settings::PodSettings;
 
     fn pod(mode: InboundMode, listeners: &[u16]) -> Pod {
         Pod {

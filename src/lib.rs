@@ -28,6 +28,8 @@
 mod abi;
 #[cfg(feature = "cli")]
 pub mod agent;
+mod attach;
+mod cidr;
 #[cfg(feature = "cli")]
 pub mod cni;
 mod error;
@@ -37,36 +39,34 @@ mod mapio;
 mod mesh;
 mod migrate;
 mod netns;
-#[cfg(feature = "cli")]
-mod options;
 mod origin;
 mod pins;
-mod presets;
+mod pod;
 mod probe;
-mod settings;
 mod skel;
 mod system;
 mod trace;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+pub use cidr::Cidr;
 pub use error::{Error, Result};
 pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
-#[cfg(feature = "cli")]
-pub use options::PodOptions;
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::AttachOptions;
 #[cfg(feature = "cli")]
-pub use presets::parse_annotations;
-pub use presets::{apply_istio_annotations, MeshPreset};
-pub use probe::{probe, require_features as probe_required, Feature};
-pub use settings::{
-    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
+pub use pod::options::PodOptions;
+#[cfg(feature = "cli")]
+pub use pod::presets::parse_annotations;
+pub use pod::presets::{apply_istio_annotations, MeshPreset};
+pub use pod::settings::{
+    parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
     Selection, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,
     DEFAULT_SOCKMAP_MIN_BYTES, MAX_ENTRIES_PER_LIST, MESH_INBOUND_EXCLUDES,
 };
+pub use probe::{probe, require_features as probe_required, Feature};
 pub use system::{check_kernel, mounts_of_type, MIN_KERNEL};
 pub use trace::{
     explain, Explanation, Hook, Protocol, Query, Reason, TraceEvent, Tracer, TRACE_DRAIN,

@@ -152,6 +152,7 @@ pub(crate) fn load_error(what: &str, error: libbpf_rs::Error, log: &str) -> Erro
                 pin_dir,
                 found: format!("of another shape (its {name} differs from this build's)"),
                 expected: crate::abi::LAYOUT_VERSION,
+                oldest_upgradable: crate::abi::OLDEST_UPGRADABLE_LAYOUT,
             }
         }
         Cause::Other { lines } if error.kind() == libbpf_rs::ErrorKind::PermissionDenied => {

@@ -110,10 +110,8 @@ fn v7_to_v8(snapshot: &mut Snapshot) -> Result<()> {
     Ok(())
 }
 
-/// The oldest layout this build upgrades from.
-pub(crate) fn oldest_upgradable() -> u32 {
-    STEPS.first().map_or(LAYOUT_VERSION, |s| s.from)
-}
+// abi's constant, which error messages quote, is the first step's layout.
+const _: () = assert!(!STEPS.is_empty() && STEPS[0].from == abi::OLDEST_UPGRADABLE_LAYOUT);
 
 /// Layout 9: a pod's `cookie_map` value also holds its own addresses (`pod_ip4`,
 /// `pod_ip6`, read at register; zero — unknown — for pods registered before, until they
@@ -172,12 +170,13 @@ fn v9_to_v10(snapshot: &mut Snapshot) -> Result<()> {
 
 /// The steps from layout `from` to this build's, or why there are none.
 fn steps_from(pin_dir: &Path, from: u32) -> Result<&'static [Step]> {
-    let oldest = oldest_upgradable();
+    let oldest = abi::OLDEST_UPGRADABLE_LAYOUT;
     if from > LAYOUT_VERSION || from < oldest {
         return Err(Error::LayoutMismatch {
             pin_dir: pin_dir.into(),
             found: from.to_string(),
             expected: LAYOUT_VERSION,
+            oldest_upgradable: crate::abi::OLDEST_UPGRADABLE_LAYOUT,
         });
     }
     if from == LAYOUT_VERSION {
@@ -475,7 +474,7 @@ mod tests {
 
     #[test]
     fn layout_7_cidr_keys_become_generation_0_keys_of_layout_8() {
-        let cidr: crate::settings::Cidr = "192.0.2.0/24".parse().unwrap();
+        let cidr: crate::cidr::Cidr = "192.0.2.0/24".parse().unwrap();
         let (addr, plen) = cidr.as_v6();
         let cookie = 0x1234_5678_9abc_def0;
         let mut snapshot = Snapshot::new();
@@ -493,8 +492,8 @@ mod tests {
 
     #[test]
     fn layout_8_pods_keep_every_setting_and_have_no_addresses_yet() {
-        let settings = crate::settings::PodSettings {
-            inbound_mode: crate::settings::InboundMode::Bind,
+        let settings = crate::pod::settings::PodSettings {
+            inbound_mode: crate::pod::settings::InboundMode::Bind,
             sockmap_min_bytes: 7,
             ..Default::default()
         };
@@ -516,7 +515,7 @@ mod tests {
         assert!(got.addresses().is_empty());
         let lists = settings.lists();
         assert_eq!(
-            crate::settings::PodSettings::from_parts(&got, &lists),
+            crate::pod::settings::PodSettings::from_parts(&got, &lists),
             settings
         );
     }
@@ -526,7 +525,7 @@ mod tests {
         let pod = |ip4: &str, ip6: &str| abi::RawPodSettings {
             pod_ip4: u32::from_ne_bytes(ip4.parse::<std::net::Ipv4Addr>().unwrap().octets()),
             pod_ip6: abi::ip6_words(&ip6.parse().unwrap()),
-            ..crate::settings::PodSettings::default().to_raw()
+            ..crate::pod::settings::PodSettings::default().to_raw()
         };
         let entry = |cookie: u64, raw: &abi::RawPodSettings| {
             (cookie.to_ne_bytes().to_vec(), abi::bytes(raw).to_vec())

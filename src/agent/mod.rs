@@ -30,7 +30,7 @@ use crate::error::{Context, Error, Result};
 use crate::mesh::{Mesh, DEFAULT_PIN_DIR};
 use crate::netns::Netns;
 use crate::pins::AttachOptions;
-use crate::settings::PodSettings;
+use crate::pod::settings::PodSettings;
 use conflist::Insertion;
 
 /// The agent's address for `/healthz` and `/metrics` unless told otherwise.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use crate::error::{Error, Result};
-use crate::settings::{
+use crate::pod::settings::{
     parse_cidr_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports, Selection,
 };
 

@@ -8,10 +8,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use clap::{Args, FromArgMatches};
 use serde_json::Value;
 
+use crate::cidr::Cidr;
 use crate::error::{Error, Result};
-use crate::presets::{read_istio_annotations, MeshPreset};
-use crate::settings::{
-    parse_cidr_list, parse_id_list, parse_port_list, Cidr, Cidrs, InboundMode, PodSettings, Ports,
+use crate::pod::presets::{read_istio_annotations, MeshPreset};
+use crate::pod::settings::{
+    parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
 };
 
 /// One pod's settings as options: a mesh preset, then each option given, overriding it.

@@ -1,0 +1,123 @@
+//! Attaching: the one place that decides whether a pin directory gets a fresh attachment,
+//! this build's programs in place of the ones there (same layout), or an upgrade of an older
+//! layout ([`crate::migrate`]). `pins` provides the primitives it combines.
+
+use std::fs;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+
+use crate::abi::{MeshMeta, LAYOUT_VERSION};
+use crate::error::{Context, Error, Result};
+use crate::pins::{self, AttachOptions, PinDir, PinState, LINKS_DIR, MAPS_DIR, PODS_DIR};
+
+/// Attaches to the cgroup v2 directory `cgroup` under `pin`, or replaces the programs of
+/// the attachment already there in place. Holds the exclusive lock throughout.
+pub(crate) fn attach(
+    pin: &PinDir,
+    cgroup: &Path,
+    cgroup_dir: &fs::File,
+    cgroup_id: u64,
+    options: &AttachOptions,
+) -> Result<()> {
+    let lock = pin.lock(true)?;
+    pin.remove_stale_staging(&lock)?;
+    match pin.state()? {
+        PinState::Remnant => {
+            // A detach was interrupted after its last pin (or `reclaim` left the directory
+            // empty): empty it, then attach afresh. The directory itself stays until the
+            // attachment is renamed over it, so that its name is never free for another
+            // user to take in between.
+            for sub in [PODS_DIR, LINKS_DIR, MAPS_DIR] {
+                pins::remove_dir_if_there(&pin.path().join(sub))?;
+            }
+            attach_fresh(
+                pin,
+                cgroup_dir,
+                &pins::new_meta(cgroup, cgroup_id, options),
+                options,
+            )
+        }
+        PinState::Absent => attach_fresh(
+            pin,
+            cgroup_dir,
+            &pins::new_meta(cgroup, cgroup_id, options),
+            options,
+        ),
+        PinState::Attached => {
+            let existing = pins::read_meta_of_any_layout(pin.path())?;
+            if existing.cgroup_id != cgroup_id {
+                return Err(Error::AttachedElsewhere {
+                    pin_dir: pin.path().into(),
+                    attached: pins::meta_cgroup_path(&existing),
+                });
+            }
+            if existing.layout_version != LAYOUT_VERSION {
+                return crate::migrate::upgrade(pin.path(), cgroup_dir, &existing, options);
+            }
+            crate::migrate::remove_staging(pin.path())?;
+            replace_in_place(pin.path(), cgroup_dir, &existing, options)
+        }
+    }
+}
+
+/// A staging directory that is removed, with every link in it detached, unless kept.
+struct Staging {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = pins::remove_tree(&self.path);
+        }
+    }
+}
+
+/// Attaches into a fresh staging directory next to the pin directory, then renames it into
+/// place, so that the pin directory appears complete or not at all.
+fn attach_fresh(
+    pin: &PinDir,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<()> {
+    let mut staging = Staging {
+        path: pins::fresh_dir(pin.parent(), &pin.staging_prefix())?,
+        keep: false,
+    };
+    for dir in [MAPS_DIR, LINKS_DIR] {
+        pins::private_dir(&staging.path.join(dir))?;
+    }
+
+    let mut open_object = MaybeUninit::uninit();
+    let skel = pins::load_in(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
+    // On an early return the new links are dropped, which detaches them, and `staging`
+    // unpins whatever was pinned already.
+    pins::attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
+    // meta_map last: it marks the directory complete.
+    pins::write_meta(&skel, meta)?;
+
+    fs::rename(&staging.path, pin.path())
+        .context(|| format!("moving the attachment to {}", pin.path().display()))?;
+    staging.keep = true;
+    Ok(())
+}
+
+/// Replaces each program of an existing attachment through its pinned link, keeping the
+/// pinned maps; attaches and pins any program whose link is missing.
+fn replace_in_place(
+    pin_dir: &Path,
+    cgroup: &fs::File,
+    meta: &MeshMeta,
+    options: &AttachOptions,
+) -> Result<()> {
+    let mut open_object = MaybeUninit::uninit();
+    // A pinned map of another shape than this build's is a layout mismatch (loadlog).
+    let skel = pins::load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options)?;
+    pins::attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    pins::update_pod_programs(pin_dir, &skel)?;
+    let mut meta = *meta;
+    meta.flags = pins::meta_flags(options);
+    pins::write_meta(&skel, &meta)
+}
