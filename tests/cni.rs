@@ -843,7 +843,7 @@ fn kubevirt_interfaces_start_the_pod_and_its_own_connections_stay_captured() {
         "{events:?}"
     );
 
-    // README, "Where it still differs": a connection arriving on the bridge to the pod's
+    // The book, "Where it differs from iptables": a connection arriving on the bridge to the pod's
     // own sockets is captured inbound like any other (iptables: `-i k6t-eth0 -j RETURN`,
     // then to the outbound listener); the stand-in has no inbound listener, so it is
     // refused.

@@ -15,7 +15,7 @@
 enum consts {
 	MESHBPF_LAYOUT_VERSION = 10,
 
-	/* Map bounds (documented in the README). */
+	/* Map bounds (documented in the book: docs/src/maps.md). */
 	MAX_PODS = 16384,		/* cookie_map: registered network namespaces */
 	MAX_TRACKED_CONNS = 262144,	/* origin_dst_map: captured live connections */
 	MAX_POD_RULES = 262144,		/* pod_rules: per-pod port and id lists, all pods together */

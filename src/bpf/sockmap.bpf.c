@@ -6,7 +6,7 @@
  * BPF_F_INGRESS), skipping the loopback TCP/IP stack. sockops.bpf.c decides
  * which sockets enter sock_hash and explains why only this direction.
  *
- * Which connections: measured on 6.18 (README), redirecting per message
+ * Which connections: measured on 6.18 (docs/src/acceleration.md), redirecting per message
  * loses badly against loopback TCP for streams of small writes (TCP batches
  * them; sk_msg pays per message) and wins for large ones; merely staying in
  * sock_hash without redirecting costs too. A connection's path cannot change

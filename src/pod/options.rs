@@ -80,7 +80,7 @@ pub struct PodOptions {
     pub sockmap_min_bytes: Option<u32>,
     /// Accelerate connections between this pod's sidecar and the sidecars of other pods of
     /// the node registered with it too, socket to socket: their bytes then bypass the pods'
-    /// interfaces, NetworkPolicy and any tc/netfilter processing (README: intra-node).
+    /// interfaces, NetworkPolicy and any tc/netfilter processing (the book's "Intra-node acceleration").
     #[arg(long)]
     pub intra_node: bool,
 }

@@ -208,7 +208,7 @@ pub struct PodSettings {
     /// Intra-node acceleration: a TCP connection between this pod's sidecar and the sidecar
     /// of another pod of the node that opted in too goes socket to socket, both ways,
     /// skipping the pods' interfaces (and so NetworkPolicy, netfilter and tc for its bytes
-    /// once established). Off by default (README: when not to turn it on).
+    /// once established). Off by default (the book's "Sockmap fast path").
     pub intra_node: bool,
 }
 
