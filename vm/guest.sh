@@ -13,6 +13,9 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin CI=1 ME
 mkdir -p /tmp/results && mount -t 9p -o trans=virtio,version=9p2000.L results /tmp/results
 out=/tmp/results
 echo "$kver" > $out/kernel
+# MESHBPF_VM_TESTS on the host (vm/run.sh): only the tests whose name contains it.
+meshbpf_tests=${meshbpf_tests:-}
+[ -n "$meshbpf_tests" ] && echo "only tests whose name contains $meshbpf_tests" > $out/filter
 
 # The host root has no modules for this kernel: point the kernel's module loader (what
 # iptables-nft, veth, bridge, MPTCP... need, loaded on demand as on the host) at the
@@ -89,7 +92,7 @@ while read -r exe; do
     start=$(date +%s)
     # RUSTC_BOOTSTRAP only lets libtest print each test's time (--report-time).
     RUSTC_BOOTSTRAP=1 "$exe" --test-threads=2 -Z unstable-options --report-time \
-        "${skip_args[@]}" > "$out/$name.log" 2>&1
+        "${skip_args[@]}" ${meshbpf_tests:+"$meshbpf_tests"} > "$out/$name.log" 2>&1
     rc=$?
     secs=$(( $(date +%s) - start ))
     line=$(grep -E '^test result:' "$out/$name.log" | tail -1)

@@ -4,6 +4,9 @@
 # same path (so a checkout under /tmp or /run, which the guest mounts tmpfs over, works too),
 # and runs the very test binaries built here inside it. Run as root:
 #   vm/run.sh [KERNEL] [TEST-BINARY-FILTER]        (or MESHBPF_VM_KERNEL=KERNEL vm/run.sh ...)
+# MESHBPF_VM_TESTS=NAME runs only the tests whose name contains NAME in each binary (libtest's
+# filter, handed to the guest on the kernel command line), e.g.
+#   MESHBPF_VM_TESTS=bound_to_its_pod_address vm/run.sh 6.1 /parity-
 # KERNEL is one of
 #   6.1   Debian 12's own linux-image-amd64 (the default)
 #   6.12  bookworm-backports' linux-image-amd64
@@ -34,6 +37,11 @@ esac
 case $repo in *[[:space:]]*)
     echo "vm/run.sh: the checkout's path ($repo) has a space; move it to one without" >&2
     exit 1 ;;
+esac
+tests=${MESHBPF_VM_TESTS:-}
+case $tests in *[!A-Za-z0-9_:]*)
+    echo "vm/run.sh: MESHBPF_VM_TESTS='$tests' is not a test-name filter (letters, digits, _ and :: only)" >&2
+    exit 2 ;;
 esac
 vm=$repo/target/vm/$kernel
 results=$vm/results
@@ -153,7 +161,7 @@ echo "==> booting Linux $kver ($accel); the suite runs inside"
 timeout 3600 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
     -nographic -no-reboot -nic none \
     -kernel "$vm/kernel/boot/vmlinuz-$kver" -initrd "$vm/initramfs.cpio.gz" \
-    -append "console=ttyS0 panic=-1 quiet meshbpf_repo=$repo meshbpf_kernel=$kernel" \
+    -append "console=ttyS0 panic=-1 quiet meshbpf_repo=$repo meshbpf_kernel=$kernel${tests:+ meshbpf_tests=$tests}" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=passthrough,readonly=on,multidevs=remap \
     -virtfs local,path="$repo",mount_tag=repo,security_model=passthrough,readonly=on,multidevs=remap \
     -virtfs local,path="$results",mount_tag=results,security_model=passthrough \
@@ -166,6 +174,7 @@ if [ ! -f "$results/done" ]; then
     exit 1
 fi
 grep -hE '^test .* \.\.\. (ok|FAILED)( <[0-9.]+s>)?$' "$results"/*.log 2>/dev/null | sort > "$results/per-test.txt" || true
+cat "$results/filter" 2>/dev/null || true
 cat "$results/summary.txt"
 cat "$results/skipped.txt" 2>/dev/null || true
 # A failure's own words, so a CI log that shows only this script's output still says why.

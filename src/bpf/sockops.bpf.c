@@ -325,7 +325,17 @@ static __always_inline void state_changed(struct bpf_sock_ops *skops, __u32 old_
 	}
 	if (new_state == BPF_TCP_FIN_WAIT1 || new_state == BPF_TCP_CLOSE)
 		sockmap_leave(skops, state);
-	if (new_state == BPF_TCP_CLOSE)
+	/*
+	 * The sidecar's end is done with the entry once it reaches CLOSE, or LAST_ACK: the
+	 * application's FIN came in and the sidecar sent its own (it closed or shut down
+	 * writing after the end of the stream); what is left is the kernel waiting for the
+	 * last ACK. That ACK may never come before 6.18 (measured on 6.1.0-57 and 6.12.95):
+	 * an application bound to its pod's IPv6 address that closed first is a TIME-WAIT
+	 * socket by then, whose ACK to [::1] (tcp_v6_send_response(), the reply of a socket
+	 * no longer full) goes unanswered, so the sidecar's end retransmits its FIN in
+	 * LAST_ACK for minutes (tcp_retries2) and only then reaches CLOSE.
+	 */
+	if (new_state == BPF_TCP_CLOSE || new_state == BPF_TCP_LAST_ACK)
 		forget_origin(skops, false);
 }
 
