@@ -51,6 +51,15 @@ impl CniCall {
         format!("{} / {}", text("msg"), text("details"))
     }
 
+    /// Fails the test unless the call failed with `code` and a message or details naming
+    /// `text`.
+    #[track_caller]
+    pub fn assert_error(&self, code: u64, text: &str) {
+        assert_eq!(self.error_code(), code, "{self:?}");
+        let message = self.message();
+        assert!(message.contains(text), "{message}");
+    }
+
     /// Fails the test unless the call succeeded.
     #[track_caller]
     pub fn assert_ok(&self) -> &Self {
