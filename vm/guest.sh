@@ -67,6 +67,8 @@ declare -A skipped=(
 # intranode over 15 min with a test timing out).
 declare -A skipped_binaries=(
     [deploy]="the manifests against Kubernetes' schemas (Python): no kernel involved"
+    [docs]="the book's links and its CLI page against --help (mdbook, which scripts/test.sh installs on the host only): no kernel involved"
+    [layers]="the source tree's module graph: no kernel involved"
     [istio]="the Sidecar resource and the injection values, generated in userspace: no kernel involved"
     [cni]="the CNI plugin's protocol (ADD/DEL/CHECK/GC) around register: 4 minutes of userspace under emulation"
     [agent]="the node agent's conflist and HTTP work around attach and register: 3 minutes under emulation"
