@@ -558,7 +558,8 @@ fn the_agent_unregisters_pods_whose_netns_is_gone_and_keeps_the_live_ones() {
             .collect()
     };
     // The map changes first, then the agent logs and counts it: wait for all three.
-    let gc_logged = format!("gc: unregistered netns cookie {gone_cookie}");
+    let gc_logged =
+        format!("gc: unregistered a pod whose netns is gone netns_cookie={gone_cookie}");
     let gc_counted = || {
         value(
             &parse_metrics(&agent.get("/metrics").1),
