@@ -211,8 +211,8 @@ enum Command {
         pin: PinDirArg,
     },
     /// Run the node agent (the DaemonSet's process): attach, install the CNI plugin, keep it
-    /// in the primary network configuration, gc, serve /healthz and /metrics. Stopping it
-    /// never detaches.
+    /// in the primary network configuration, gc, serve /livez, /healthz and /metrics.
+    /// Stopping it never detaches.
     Agent(AgentArgs),
     /// Probe the running kernel for every feature meshbpf uses.
     Check {
@@ -347,7 +347,9 @@ struct AgentArgs {
     /// The meshbpf-cni binary to install (default: the one beside this program).
     #[arg(long, value_name = "PATH")]
     plugin_binary: Option<PathBuf>,
-    /// Where to serve /healthz and /metrics ("none": not served).
+    /// Where to serve /livez (alive), /healthz (ready) and /metrics, unauthenticated: the
+    /// node's IP for a Prometheus off the node (every pod on the node can read them then),
+    /// or "none": not served.
     #[arg(long, default_value = meshbpf::agent::DEFAULT_LISTEN)]
     listen: String,
     /// Seconds between two gc runs (pods whose network namespace is gone).
@@ -382,7 +384,8 @@ impl AgentArgs {
             "none" => None,
             addr => Some(addr.parse().map_err(|_| {
                 Error::InvalidSetting(format!(
-                    "--listen {addr:?}: give ADDRESS:PORT, such as 0.0.0.0:9190, or none"
+                    "--listen {addr:?}: give ADDRESS:PORT, such as 127.0.0.1:9190 or the \
+                     node's IP and a port, or none"
                 ))
             })?),
         };
