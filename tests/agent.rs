@@ -521,6 +521,51 @@ impl SlowClient {
 }
 
 #[test]
+fn a_client_that_sends_its_request_head_too_slowly_is_closed_after_five_seconds() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let log = fs::File::create(env.root.join("agent.log")).unwrap();
+    let (_agent, addr) = agent_on_free_port(&env, &dirs, WATCH_ONLY, log);
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let started = Instant::now();
+    // One byte a second, never the end of the head.
+    let answer = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        let byte = SLOW_REQUEST[started.elapsed().as_secs() as usize % SLOW_REQUEST.len()];
+        if stream.write_all(&[byte]).is_err() {
+            break String::new();
+        }
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            Ok(n) => break String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break String::new(),
+        }
+    };
+    let closed_after = started.elapsed();
+    // Closed (hyper answers nothing, or 408) once its 5 s for the head are over.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(4500),
+        "closed after {closed_after:?}"
+    );
+}
+
+#[test]
 fn a_thousand_slow_clients_keep_the_agent_s_threads_and_memory_bounded_and_its_probes_prompt() {
     if !privileged() {
         return;
