@@ -503,10 +503,10 @@ fn stdout_carries_only_the_result_while_logs_go_to_stderr_and_the_log_file() {
     let out = add(&env, "ctr1", &pod, json!({"log_file": log}));
     assert_eq!(out.stdout, PREV);
     assert!(out.stderr.contains("registered"), "{}", out.stderr);
-    // Each line names its level, the pod's netns and the container ID, in both places.
+    // Each line names its level, the container ID and the pod's netns, in both places.
     let logged = std::fs::read_to_string(&log).unwrap();
     let added = format!(
-        " INFO meshbpf-cni ADD netns={} container=ctr1 ifname=eth0: registered",
+        " INFO meshbpf-cni ADD container=ctr1 netns={} ifname=eth0: registered",
         pod.netns.display()
     );
     assert!(logged.contains(&added), "{logged}");
@@ -518,7 +518,7 @@ fn stdout_carries_only_the_result_while_logs_go_to_stderr_and_the_log_file() {
     );
     assert_eq!(out.stdout, "");
     let deleted = format!(
-        " INFO meshbpf-cni DEL netns={} container=ctr1 ifname=eth0: unregistered netns cookie",
+        " INFO meshbpf-cni DEL container=ctr1 netns={} ifname=eth0: unregistered netns cookie",
         pod.netns.display()
     );
     let logged = std::fs::read_to_string(&log).unwrap();

@@ -12,7 +12,7 @@
 //!
 //! Stdout carries only the result or the error JSON; logs go to stderr and, if the conf
 //! names one, a log file: each line has the time, its level and the invocation's command,
-//! netns, container ID and interface, as `[`Log`]` writes it. Different containers are handled in parallel safely: every pod's
+//! container ID, netns and interface, as [`Log`] writes it. Different containers are handled in parallel safely: every pod's
 //! map entries and state file are its own.
 
 mod commands;
@@ -130,7 +130,7 @@ pub struct Outcome {
 }
 
 /// Log lines, to stderr (or whatever the caller gives) and to the conf's `log_file`, in the
-/// agent's text format: `TIME LEVEL meshbpf-cni COMMAND netns=… container=… ifname=…:
+/// agent's text format: `TIME LEVEL meshbpf-cni COMMAND container=… netns=… ifname=…:
 /// MESSAGE`. A line is written whole with one `write`: parallel invocations appending to
 /// one `log_file` never interleave within a line.
 pub(super) struct Log<'a> {
@@ -207,11 +207,11 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
         out: log,
         file: None,
         prefix: format!(
-            "{PLUGIN_TYPE} {command} netns={} container={} ifname={}",
-            env.get("CNI_NETNS")
+            "{PLUGIN_TYPE} {command} container={} netns={} ifname={}",
+            env.get("CNI_CONTAINERID")
                 .filter(|v| !v.is_empty())
                 .map_or("-", String::as_str),
-            env.get("CNI_CONTAINERID")
+            env.get("CNI_NETNS")
                 .filter(|v| !v.is_empty())
                 .map_or("-", String::as_str),
             env.get("CNI_IFNAME")

@@ -211,7 +211,7 @@ fn log_times_are_utc_rfc3339_with_microseconds() {
 }
 
 #[test]
-fn every_log_line_names_its_level_command_netns_container_and_interface() {
+fn every_log_line_names_its_level_command_container_netns_and_interface() {
     let env: Environment = [
         ("CNI_COMMAND", "ADD"),
         ("CNI_CONTAINERID", "c0ffee"),
@@ -234,7 +234,7 @@ fn every_log_line_names_its_level_command_netns_container_and_interface() {
     assert!(time.len() == 27 && time.ends_with('Z'), "{line}");
     assert!(
         rest.starts_with(
-            "ERROR meshbpf-cni ADD netns=/var/run/netns/cni-1234 container=c0ffee ifname=eth0: \
+            "ERROR meshbpf-cni ADD container=c0ffee netns=/var/run/netns/cni-1234 ifname=eth0: \
              error 7: no prevResult"
         ),
         "{line}"
