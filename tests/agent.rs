@@ -374,16 +374,13 @@ fn agent_on_free_port(
     (agent, addr)
 }
 
-/// GET `path` from `addr` on a connection of its own: the status code and the body; none if
-/// the agent did not answer within a second (the kubelet's default probe timeout).
+/// GET `path` from `addr` on a connection of its own, read to its end: the status code and
+/// the body; none if the agent did not answer, and close, within a second (the kubelet's
+/// default probe timeout).
 fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;

@@ -5,8 +5,8 @@
 //! small tasks, not threads. At most [`MAX_CONNECTIONS`] are open: the one accepted after
 //! them closes the oldest (a probe or a scrape is answered in milliseconds, so the oldest is
 //! one that is slow to send its request), and a kubelet probe is never queued behind them.
-//! A request's headers must arrive within [`HEADER_TIMEOUT`], and no connection lasts longer
-//! than [`CONNECTION_LIFETIME`]. `/metrics`, which walks every map, is rendered by one worker
+//! A request's headers must arrive within [`HEADER_TIMEOUT`], a connection serves one request,
+//! and none lasts longer than [`CONNECTION_LIFETIME`]. `/metrics`, which walks every map, is rendered by one worker
 //! thread started with the endpoint; `/livez` touches nothing but the socket.
 //!
 //! Both threads start with the endpoint, whose start fails if they cannot: no thread is
@@ -40,7 +40,7 @@ pub const MAX_CONNECTIONS: usize = 128;
 /// How long a client has to send a request's headers (kubelet and Prometheus send them at
 /// once).
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a connection may stay open, keep-alive included.
+/// How long a connection may stay open (a client slow to read a large `/metrics`).
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 /// The largest request head read (hyper's minimum): the endpoint takes no request body.
 const MAX_BUF: usize = 8192;
@@ -136,10 +136,14 @@ async fn connection(stream: TcpStream, shared: Arc<Shared>) {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(respond(&request, &shared).await) }
     });
+    // One request per connection (`Connection: close`), as before hyper: probes and scrapes
+    // come seconds apart, a connection kept idle between them would only hold a slot, and a
+    // client that reads to the end of the stream gets it at once.
     let served = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(MAX_BUF)
+        .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
     // A failed or timed-out connection is the client's problem, not the agent's.
     let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
