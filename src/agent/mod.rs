@@ -58,7 +58,7 @@ pub struct AgentConfig {
     pub plugin_binary: PathBuf,
     /// The plugin's conf entry, as inserted into the conflist (see [`plugin_entry`]).
     pub plugin_entry: Value,
-    /// Where to serve `/healthz` and `/metrics`; none: not served.
+    /// Where to serve `/livez`, `/healthz` and `/metrics`; none: not served.
     pub listen: Option<SocketAddr>,
     /// How often to unregister pods whose network namespace is gone.
     pub gc_interval: Duration,
