@@ -7,8 +7,12 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::k8s::*;
 use common::*;
@@ -334,6 +338,56 @@ impl Drop for Stopped {
     }
 }
 
+/// `meshbpf agent` on a port free now, its stdout and stderr into `log`, with `extra` flags
+/// besides --cgroup, --plugin-binary and --listen; once it answers /healthz 200.
+fn agent_on_free_port(
+    env: &Env,
+    dirs: &CniDirs,
+    extra: &[&str],
+    log: impl Into<Stdio> + AsFd,
+) -> (Stopped, SocketAddr) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let stdout = log.as_fd().try_clone_to_owned().unwrap();
+    let mut agent = Stopped(
+        agent_command(env, dirs, "{}")
+            .arg("--cgroup")
+            .arg(&env.cgroup)
+            .arg("--plugin-binary")
+            .arg(cni_plugin())
+            .args(["--listen", &addr.to_string()])
+            .args(extra)
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until(
+        || {
+            assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
+            http_get(addr, "/healthz").is_some_and(|(code, _)| code == 200)
+        },
+        || format!("the agent never answered /healthz 200 on {addr}"),
+    );
+    (agent, addr)
+}
+
+/// GET `path` from `addr` on a connection of its own, read to its end: the status code and
+/// the body; none if the agent did not answer, and close, within a second (the kubelet's
+/// default probe timeout).
+fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
 #[test]
 fn the_agent_keeps_working_when_its_log_reader_has_gone() {
     if !privileged() {
@@ -343,47 +397,242 @@ fn the_agent_keeps_working_when_its_log_reader_has_gone() {
     let dirs = CniDirs::new(&env.root);
     let primary = dirs.conf.join("10-kindnet.conflist");
     fs::write(&primary, KINDNET).unwrap();
-    // A port free now, for the agent to serve on.
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
     // Its stdout and stderr: a pipe nobody reads any more (a log collector that died).
     let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
-    let mut agent = Stopped(
-        agent_command(&env, &dirs, "{}")
-            .arg("--cgroup")
-            .arg(&env.cgroup)
-            .arg("--plugin-binary")
-            .arg(cni_plugin())
-            .args(["--listen", &addr.to_string()])
-            .args(WATCH_ONLY)
-            .stdout(writer.try_clone().unwrap())
-            .stderr(writer)
-            .spawn()
-            .unwrap(),
-    );
-    let healthz = || -> Option<String> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(addr).ok()?;
-        write!(stream, "GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").ok()?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).ok()?;
-        Some(response)
-    };
-    wait_until(
-        || healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")),
-        || format!("the agent never answered on {addr}"),
-    );
+    let (mut agent, addr) = agent_on_free_port(&env, &dirs, WATCH_ONLY, writer);
     // It logs each change it makes: none of those lines stops it.
     fs::write(&primary, KINDNET).unwrap();
     wait_for_plugins(&primary, &["ptp", "portmap", "meshbpf-cni"]);
     assert!(agent.0.try_wait().unwrap().is_none(), "the agent exited");
-    assert!(healthz().is_some_and(|r| r.starts_with("HTTP/1.1 200")));
+    assert_eq!(http_get(addr, "/healthz").map(|r| r.0), Some(200));
 }
 
-/// One sample of a Prometheus text exposition.
+#[test]
+fn json_logs_are_one_object_a_line_with_time_level_message_and_fields() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let path = env.root.join("agent.log");
+    let log = fs::File::create(&path).unwrap();
+    let mut extra = WATCH_ONLY.to_vec();
+    extra.extend(["--log-format", "json", "--log-level", "info"]);
+    let (agent, _) = agent_on_free_port(&env, &dirs, &extra, log);
+    drop(agent);
+    let text = fs::read_to_string(&path).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    for line in &lines {
+        for key in ["timestamp", "level", "message", "target"] {
+            assert!(line[key].is_string(), "no {key}: {line}");
+        }
+    }
+    let event = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} in\n{text}"))
+    };
+    let attached = event("attached");
+    assert_eq!(attached["level"], "INFO");
+    assert_eq!(attached["cgroup"], env.cgroup.to_str().unwrap());
+    assert_eq!(attached["pin_dir"], env.pin_dir.to_str().unwrap());
+    assert_eq!(attached["layout"], meshbpf::LAYOUT_VERSION);
+    let installed = event("installed meshbpf-cni");
+    assert_eq!(
+        installed["file"],
+        dirs.bin.join("meshbpf-cni").to_str().unwrap()
+    );
+    event("stopping; the programs stay attached and pods stay registered");
+}
+
+/// `Threads` and `VmRSS` (KiB) of process `pid`, from /proc/PID/status.
+fn threads_and_rss(pid: u32) -> (u64, u64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    (field("Threads:"), field("VmRSS:"))
+}
+
+/// Lets this process open `n` files (the soft limit raised within the hard one).
+fn allow_open_files(n: u64) {
+    let mut limit = nix::libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write the struct given, nothing else.
+    unsafe {
+        assert_eq!(
+            nix::libc::getrlimit(nix::libc::RLIMIT_NOFILE, &mut limit),
+            0
+        );
+        assert!(
+            limit.rlim_max >= n,
+            "hard limit on open files {}",
+            limit.rlim_max
+        );
+        limit.rlim_cur = limit.rlim_cur.max(n);
+        assert_eq!(nix::libc::setrlimit(nix::libc::RLIMIT_NOFILE, &limit), 0);
+    }
+}
+
+/// A client that sends a request one byte at a time and never finishes it: connected again
+/// whenever the agent closes it.
+struct SlowClient {
+    stream: Option<std::net::TcpStream>,
+    sent: usize,
+}
+
+const SLOW_REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: meshbpf\r\n";
+
+impl SlowClient {
+    /// Sends its next byte; connects first if the agent closed the connection.
+    fn trickle(&mut self, addr: SocketAddr) {
+        let closed = self.stream.as_mut().is_none_or(|stream| {
+            let mut byte = [0u8; 1];
+            !matches!(stream.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        });
+        if closed {
+            self.stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+                .ok()
+                .filter(|s| s.set_nonblocking(true).is_ok());
+            self.sent = 0;
+        }
+        if let Some(stream) = &mut self.stream {
+            let byte = SLOW_REQUEST[self.sent % SLOW_REQUEST.len()];
+            if stream.write_all(&[byte]).is_ok() {
+                self.sent += 1;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_client_that_sends_its_request_head_too_slowly_is_closed_after_five_seconds() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let log = fs::File::create(env.root.join("agent.log")).unwrap();
+    let (_agent, addr) = agent_on_free_port(&env, &dirs, WATCH_ONLY, log);
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let started = Instant::now();
+    // One byte a second, never the end of the head.
+    let answer = loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "still open after {:?}",
+            started.elapsed()
+        );
+        let byte = SLOW_REQUEST[started.elapsed().as_secs() as usize % SLOW_REQUEST.len()];
+        if stream.write_all(&[byte]).is_err() {
+            break String::new();
+        }
+        let mut buf = [0u8; 512];
+        match stream.read(&mut buf) {
+            Ok(n) => break String::from_utf8_lossy(&buf[..n]).into_owned(),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => break String::new(),
+        }
+    };
+    let closed_after = started.elapsed();
+    // Closed (hyper answers nothing, or 408) once its 5 s for the head are over.
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 408"),
+        "{answer}"
+    );
+    assert!(
+        closed_after >= Duration::from_millis(4500),
+        "closed after {closed_after:?}"
+    );
+}
+
+#[test]
+fn a_thousand_slow_clients_keep_the_agent_s_threads_and_memory_bounded_and_its_probes_prompt() {
+    if !privileged() {
+        return;
+    }
+    const CLIENTS: usize = 1000;
+    const ROUNDS: usize = 8;
+    const BYTE_EVERY: Duration = Duration::from_secs(2);
+    allow_open_files(CLIENTS as u64 + 200);
+    let env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    fs::write(dirs.conf.join("10-kindnet.conflist"), KINDNET).unwrap();
+    let log = fs::File::create(env.root.join("agent.log")).unwrap();
+    let (agent, addr) = agent_on_free_port(&env, &dirs, WATCH_ONLY, log);
+    let pid = agent.0.id();
+    let (threads_before, rss_before) = threads_and_rss(pid);
+
+    let mut clients: Vec<SlowClient> = (0..CLIENTS)
+        .map(|_| SlowClient {
+            stream: None,
+            sent: 0,
+        })
+        .collect();
+    let (mut most_threads, mut most_rss, mut slowest) = (0, 0, Duration::ZERO);
+    // One byte from every client every 2 s, for 16 s.
+    for round in 0..ROUNDS {
+        let started = Instant::now();
+        for client in &mut clients {
+            client.trickle(addr);
+        }
+        let (threads, rss) = threads_and_rss(pid);
+        (most_threads, most_rss) = (most_threads.max(threads), most_rss.max(rss));
+        // The agent's own threads (main, signals, http, metrics), none per connection.
+        assert!(threads <= 8, "round {round}: {threads} threads");
+        // 128 connections' buffers and tasks: a few MiB at most.
+        assert!(
+            rss <= rss_before + 16 * 1024,
+            "round {round}: VmRSS {rss_before} KiB -> {rss} KiB"
+        );
+        for path in ["/livez", "/healthz"] {
+            let asked = Instant::now();
+            let answer = http_get(addr, path);
+            assert_eq!(
+                answer.as_ref().map(|a| a.0),
+                Some(200),
+                "round {round}: {path} answered {answer:?} with {threads} threads"
+            );
+            slowest = slowest.max(asked.elapsed());
+        }
+        std::thread::sleep(BYTE_EVERY.saturating_sub(started.elapsed()));
+    }
+    let connected = clients.iter().filter(|c| c.stream.is_some()).count();
+    eprintln!(
+        "{CLIENTS} slow clients ({connected} connected at the end): threads {threads_before} \
+         -> at most {most_threads}, VmRSS {rss_before} KiB -> at most {most_rss} KiB, slowest \
+         probe {slowest:?}"
+    );
+    drop(clients);
+    let (code, text) = http_get(addr, "/metrics").unwrap();
+    assert_eq!(code, 200);
+    let families = parse_metrics(&text);
+    assert!(
+        value(
+            &families,
+            "meshbpf_agent_http_connections_evicted_total",
+            None
+        ) >= (CLIENTS - 128) as f64
+    );
+}
+
+/// One sample of an OpenMetrics exposition.
 #[derive(Debug)]
 struct Sample {
     name: String,
@@ -391,59 +640,164 @@ struct Sample {
     value: f64,
 }
 
-/// Parses the Prometheus text format; fails the test on a line it cannot read, or on a
-/// sample whose family has no `# TYPE`.
-fn parse_metrics(text: &str) -> Vec<Sample> {
-    let mut types = BTreeMap::new();
-    let mut samples = Vec::new();
-    for line in text.lines().filter(|l| !l.is_empty()) {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
-            types.insert(name.to_string(), kind.to_string());
-            continue;
+/// One metric family: its metadata and its samples.
+#[derive(Debug, Default)]
+struct Family {
+    name: String,
+    kind: String,
+    help: String,
+    unit: Option<String>,
+    samples: Vec<Sample>,
+}
+
+/// The units OpenMetrics names; a family named after one must declare it (`# UNIT`).
+const UNITS: [&str; 9] = [
+    "seconds", "bytes", "ratios", "meters", "grams", "joules", "volts", "amperes", "celsius",
+];
+
+fn is_name(name: &str, extra: &[char]) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || extra.contains(&c))
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || extra.contains(&c))
+}
+
+/// `name{labels}` of a sample line: the name and the labels, their values unescaped.
+fn parse_series(series: &str) -> (String, BTreeMap<String, String>) {
+    let Some((name, rest)) = series.split_once('{') else {
+        return (series.to_string(), BTreeMap::new());
+    };
+    let mut labels = BTreeMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        let key: String = std::iter::from_fn(|| chars.next_if(|c| *c != '=')).collect();
+        assert!(is_name(&key, &[]), "label name {key:?} in {series}");
+        assert_eq!(chars.next(), Some('='), "{series}");
+        assert_eq!(chars.next(), Some('"'), "unquoted label value in {series}");
+        let mut value = String::new();
+        loop {
+            match chars
+                .next()
+                .unwrap_or_else(|| panic!("unterminated {series}"))
+            {
+                '"' => break,
+                '\\' => match chars.next() {
+                    Some('\\') => value.push('\\'),
+                    Some('"') => value.push('"'),
+                    Some('n') => value.push('\n'),
+                    other => panic!("escape {other:?} in {series}"),
+                },
+                c => value.push(c),
+            }
         }
-        if line.starts_with("# HELP ") {
+        assert!(
+            labels.insert(key, value).is_none(),
+            "label twice in {series}"
+        );
+        match chars.next() {
+            Some(',') => continue,
+            Some('}') if chars.peek().is_none() => break,
+            other => panic!("{other:?} after a label in {series}"),
+        }
+    }
+    (name.to_string(), labels)
+}
+
+/// Parses an OpenMetrics text exposition (what prometheus-client writes, what Prometheus
+/// reads), strictly: fails the test on a line it cannot read, a family without `# HELP` or
+/// `# TYPE`, one that comes twice, a sample whose name does not fit its family's type
+/// (`_total` for a counter, `_info` for an info), a unit not declared or not ending the
+/// name, or anything after `# EOF`.
+fn parse_metrics(text: &str) -> Vec<Family> {
+    let body = text
+        .strip_suffix("# EOF\n")
+        .unwrap_or_else(|| panic!("no # EOF at the end:\n{text}"));
+    let mut families: Vec<Family> = Vec::new();
+    for line in body.lines() {
+        if let Some(meta) = line.strip_prefix("# ") {
+            let mut words = meta.splitn(3, ' ');
+            let (what, name, rest) = (
+                words.next().unwrap(),
+                words.next().unwrap_or_else(|| panic!("{line}")),
+                words.next().unwrap_or_else(|| panic!("{line}")),
+            );
+            if families.last().is_none_or(|f| f.name != name) {
+                assert!(
+                    families.iter().all(|f| f.name != name),
+                    "family {name} twice"
+                );
+                assert!(is_name(name, &[':']), "{line}");
+                families.push(Family {
+                    name: name.to_string(),
+                    ..Family::default()
+                });
+            }
+            let family = families.last_mut().unwrap();
+            match what {
+                "HELP" => family.help = rest.to_string(),
+                "TYPE" => family.kind = rest.to_string(),
+                "UNIT" => family.unit = Some(rest.to_string()),
+                _ => panic!("{line}"),
+            }
             continue;
         }
         let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{line}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((name, rest)) => {
-                let inner = rest.strip_suffix('}').unwrap_or_else(|| panic!("{line}"));
-                let labels = inner
-                    .split(',')
-                    .map(|pair| {
-                        let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("{line}"));
-                        (k.to_string(), v.trim_matches('"').to_string())
-                    })
-                    .collect();
-                (name.to_string(), labels)
-            }
-            None => (series.to_string(), BTreeMap::new()),
+        let (name, labels) = parse_series(series);
+        let family = families
+            .last_mut()
+            .unwrap_or_else(|| panic!("{line} before any # TYPE"));
+        let suffixes: &[&str] = match family.kind.as_str() {
+            "counter" => &["_total", "_created"],
+            "gauge" => &[""],
+            "info" => &["_info"],
+            other => panic!("{}: type {other:?}", family.name),
         };
-        let kind = types
-            .get(&name)
-            .unwrap_or_else(|| panic!("no # TYPE for {name}"));
         assert!(
-            (kind == "counter") == name.ends_with("_total"),
-            "{name} is a {kind}"
+            suffixes
+                .iter()
+                .any(|s| name.strip_suffix(s) == Some(&family.name)),
+            "{name} in family {} ({})",
+            family.name,
+            family.kind
         );
-        samples.push(Sample {
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("{line}"));
+        assert!(family.kind != "counter" || value >= 0.0, "{line}");
+        family.samples.push(Sample {
             name,
             labels,
-            value: value.parse().unwrap_or_else(|_| panic!("{line}")),
+            value,
         });
     }
-    samples
+    for family in &families {
+        assert!(
+            !family.help.is_empty() && !family.kind.is_empty(),
+            "{} has no # HELP or # TYPE",
+            family.name
+        );
+        let named_unit = UNITS
+            .iter()
+            .find(|u| family.name.ends_with(&format!("_{u}")));
+        assert_eq!(
+            family.unit.as_deref(),
+            named_unit.copied(),
+            "{}: # UNIT and the name's unit differ",
+            family.name
+        );
+    }
+    families
 }
 
-fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> f64 {
-    samples
+/// The value of sample `name` (with `label`, if given).
+fn value(families: &[Family], name: &str, label: Option<(&str, &str)>) -> f64 {
+    families
         .iter()
+        .flat_map(|f| &f.samples)
         .find(|s| {
             s.name == name
                 && label.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v))
         })
-        .unwrap_or_else(|| panic!("no {name} {label:?} in {samples:?}"))
+        .unwrap_or_else(|| panic!("no {name} {label:?} in {families:?}"))
         .value
 }
 
@@ -478,13 +832,43 @@ fn metrics_give_every_counter_the_pods_and_every_map_s_entries_and_capacity() {
     assert_eq!(code, 200);
     let samples = parse_metrics(&text);
     assert_eq!(value(&samples, "meshbpf_attached", None), 1.0);
+    // Every counter of the programs, in the family of its unit: a sum over a family adds
+    // like to like.
     for (reason, count) in mesh.counters().unwrap() {
-        assert_eq!(
-            value(&samples, "meshbpf_events_total", Some(("reason", reason))),
-            count as f64,
-            "{reason}"
-        );
+        let sample = match reason.strip_suffix("_bytes_redirected") {
+            Some(path) => value(
+                &samples,
+                "meshbpf_redirected_bytes_total",
+                Some(("path", path)),
+            ),
+            None => value(&samples, "meshbpf_events_total", Some(("reason", reason))),
+        };
+        assert_eq!(sample, count as f64, "{reason}");
     }
+    let family = |name: &str| samples.iter().find(|f| f.name == name).unwrap();
+    assert!(family("meshbpf_events")
+        .samples
+        .iter()
+        .all(|s| !s.labels["reason"].contains("bytes")));
+    assert_eq!(
+        family("meshbpf_redirected_bytes").unit.as_deref(),
+        Some("bytes")
+    );
+    let build = &family("meshbpf_build").samples[0];
+    assert_eq!(build.name, "meshbpf_build_info");
+    assert_eq!(build.labels["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(build.labels["layout"], meshbpf::LAYOUT_VERSION.to_string());
+    // The process metrics of every Prometheus client, of the agent's process.
+    assert!(value(&samples, "process_resident_memory_bytes", None) > 0.0);
+    assert!(value(&samples, "process_cpu_seconds_total", None) > 0.0);
+    assert!(value(&samples, "process_open_fds", None) > 0.0);
+    assert!(value(&samples, "process_threads", None) >= 3.0);
+    let started = value(&samples, "process_start_time_seconds", None);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(started <= now && started > now - 600.0, "{started} {now}");
     assert_eq!(
         value(
             &samples,
@@ -558,7 +942,8 @@ fn the_agent_unregisters_pods_whose_netns_is_gone_and_keeps_the_live_ones() {
             .collect()
     };
     // The map changes first, then the agent logs and counts it: wait for all three.
-    let gc_logged = format!("gc: unregistered netns cookie {gone_cookie}");
+    let gc_logged =
+        format!("gc: unregistered a pod whose netns is gone netns_cookie={gone_cookie}");
     let gc_counted = || {
         value(
             &parse_metrics(&agent.get("/metrics").1),

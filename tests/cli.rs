@@ -31,6 +31,36 @@ fn register_of_a_missing_path_names_the_expected_path() {
 }
 
 #[test]
+fn with_log_format_json_a_failed_command_s_error_is_one_json_line() {
+    if !privileged() {
+        return;
+    }
+    let env = Env::new();
+    let out = env.meshbpf(&[
+        "register",
+        "--netns",
+        "/proc/999999999/ns/net",
+        "--log-format",
+        "json",
+    ]);
+    assert_eq!(out.status.code(), Some(EXIT_BAD_INPUT), "{}", stderr(&out));
+    let text = stderr(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    let line: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON object");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["exit_code"], EXIT_BAD_INPUT, "{line}");
+    assert!(line["timestamp"].is_string(), "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(message.contains("/proc/PID/ns/net"), "{line}");
+
+    // A format it does not know is bad input, named with the ones it does.
+    let out = env.meshbpf(&["status", "--log-format", "yaml"]);
+    assert_eq!(out.status.code(), Some(EXIT_BAD_INPUT), "{}", stderr(&out));
+    assert!(stderr(&out).contains("text, json"), "{}", stderr(&out));
+}
+
+#[test]
 fn register_of_a_file_that_is_not_a_netns_is_refused() {
     if !privileged() {
         return;

@@ -503,20 +503,26 @@ fn stdout_carries_only_the_result_while_logs_go_to_stderr_and_the_log_file() {
     let out = add(&env, "ctr1", &pod, json!({"log_file": log}));
     assert_eq!(out.stdout, PREV);
     assert!(out.stderr.contains("registered"), "{}", out.stderr);
+    // Each line names its level, the container ID and the pod's netns, in both places.
     let logged = std::fs::read_to_string(&log).unwrap();
-    assert!(
-        logged.contains("meshbpf-cni ADD container=ctr1 ifname=eth0: registered"),
-        "{logged}"
+    let added = format!(
+        " INFO meshbpf-cni ADD container=ctr1 netns={} ifname=eth0: registered",
+        pod.netns.display()
     );
+    assert!(logged.contains(&added), "{logged}");
+    assert!(out.stderr.contains(&added), "{}", out.stderr);
     let out = cni(
         "DEL",
         &vars("ctr1", &pod),
         &conf(&env, json!({"log_file": log})),
     );
     assert_eq!(out.stdout, "");
-    assert!(std::fs::read_to_string(&log)
-        .unwrap()
-        .contains("unregistered netns cookie"));
+    let deleted = format!(
+        " INFO meshbpf-cni DEL container=ctr1 netns={} ifname=eth0: unregistered netns cookie",
+        pod.netns.display()
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains(&deleted), "{logged}");
 }
 
 /// The `runtimeConfig` containerd and CRI-O send with a pod's annotations.

@@ -160,8 +160,8 @@ fn a_sandbox_without_annotations_starts_as_a_pod_with_no_sidecar_injected() {
     let logged = plugin_log(&env);
     assert!(
         logged.contains(&format!(
-            "ADD container={} ifname=eth0: not registering {}: no sidecar injected",
-            pod.id, pod.netns_path
+            "ADD container={} netns={} ifname=eth0: not registering {}: no sidecar injected",
+            pod.id, pod.netns_path, pod.netns_path
         )),
         "{logged}"
     );
@@ -236,7 +236,10 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     let logged = plugin_log(&env);
     for pod in [&app, &web] {
         assert!(
-            logged.contains(&format!("ADD container={} ifname=eth0: registered", pod.id)),
+            logged.contains(&format!(
+                "ADD container={} netns={} ifname=eth0: registered",
+                pod.id, pod.netns_path
+            )),
             "{logged}"
         );
         assert!(state_file(&env, &pod.id).exists());
@@ -244,16 +247,16 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     // containerd passed the pod's Kubernetes namespace (K8S_POD_NAMESPACE in CNI_ARGS).
     assert!(
         logged.contains(&format!(
-            "ADD container={} ifname=eth0: not registering {}: namespace kube-system is in \
-             exclude_namespaces",
-            system.id, system.netns_path
+            "ADD container={} netns={} ifname=eth0: not registering {}: namespace kube-system \
+             is in exclude_namespaces",
+            system.id, system.netns_path, system.netns_path
         )),
         "{logged}"
     );
     assert!(
         logged.contains(&format!(
-            "ADD container={} ifname=eth0: not registering {}:",
-            plain.id, plain.netns_path
+            "ADD container={} netns={} ifname=eth0: not registering {}:",
+            plain.id, plain.netns_path, plain.netns_path
         )),
         "{logged}"
     );
@@ -319,8 +322,8 @@ fn containerd_sandboxes_are_registered_captured_and_removed_through_the_cri() {
     assert!(!state_file(&env, &app.id).exists());
     assert!(
         plugin_log(&env).contains(&format!(
-            "DEL container={} ifname=eth0: unregistered netns cookie {app_cookie}",
-            app.id
+            "DEL container={} netns={} ifname=eth0: unregistered netns cookie {app_cookie}",
+            app.id, app.netns_path
         )),
         "{}",
         plugin_log(&env)

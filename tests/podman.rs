@@ -350,8 +350,12 @@ fn podman_runs_containers_through_meshbpf_cni_and_their_traffic_reaches_the_side
     let state = state_dir.join(&mesh_net).join(format!("{app_id}.eth0"));
     assert!(state.exists(), "no state at {}", state.display());
     let logged = fs::read_to_string(&log).unwrap();
+    // Its line names the container and the netns podman gave it.
     assert!(
-        logged.contains(&format!("ADD container={app_id} ifname=eth0: registered")),
+        logged
+            .lines()
+            .any(|l| l.contains(&format!("ADD container={app_id} netns=/"))
+                && l.contains(" ifname=eth0: registered")),
         "{logged}"
     );
 
@@ -392,9 +396,12 @@ fn podman_runs_containers_through_meshbpf_cni_and_their_traffic_reaches_the_side
     assert!(!state.exists());
     let logged = fs::read_to_string(&log).unwrap();
     assert!(
-        logged.contains(&format!(
-            "DEL container={app_id} ifname=eth0: unregistered netns cookie {app_cookie}"
-        )),
+        logged
+            .lines()
+            .any(|l| l.contains(&format!("DEL container={app_id} netns="))
+                && l.contains(&format!(
+                    " ifname=eth0: unregistered netns cookie {app_cookie}"
+                ))),
         "{logged}"
     );
     pm.rm("srv");

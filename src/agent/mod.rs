@@ -4,13 +4,16 @@
 //! CNI bin dir, inserts its entry into the primary network configuration of the CNI conf
 //! dir, and registers the pods that were running before (a sidecar found listening, see
 //! [`discover`]). Then it keeps that entry in place (another CNI may rewrite the file:
-//! watched with inotify), runs `gc` periodically, and serves `/healthz` and `/metrics`.
+//! watched with inotify), runs `gc` periodically, and serves `/livez`, `/healthz` and
+//! `/metrics` ([`http`]). Its log lines are `tracing` events: the binary chooses where they go
+//! and in which format.
 //! Stopping it (SIGTERM, a restart) never detaches anything: capture goes on while it is
 //! down. [`uninstall`] removes the plugin and its entry, then detaches.
 
 pub mod conflist;
 pub mod discover;
 mod http;
+mod metrics;
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -33,8 +36,10 @@ use crate::pins::AttachOptions;
 use crate::pod::settings::PodSettings;
 use conflist::Insertion;
 
-/// The agent's address for `/healthz` and `/metrics` unless told otherwise.
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:9190";
+/// The agent's address for `/livez`, `/healthz` and `/metrics` unless told otherwise: the
+/// node's loopback, which neither pods nor other hosts reach (the kubelet's probes do, with
+/// `host: 127.0.0.1`). A Prometheus outside the node needs the node's IP instead.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9190";
 
 /// What the agent does, and where.
 #[derive(Clone, Debug)]
@@ -53,7 +58,7 @@ pub struct AgentConfig {
     pub plugin_binary: PathBuf,
     /// The plugin's conf entry, as inserted into the conflist (see [`plugin_entry`]).
     pub plugin_entry: Value,
-    /// Where to serve `/healthz` and `/metrics`; none: not served.
+    /// Where to serve `/livez`, `/healthz` and `/metrics`; none: not served.
     pub listen: Option<SocketAddr>,
     /// How often to unregister pods whose network namespace is gone.
     pub gc_interval: Duration,
@@ -115,6 +120,7 @@ pub(crate) struct Stats {
     plugin_installs: AtomicU64,
     gc_unregistered: AtomicU64,
     discovered: AtomicU64,
+    http_evicted: AtomicU64,
     /// What keeps the node from being ready, by topic (plugin, conflist).
     health: Mutex<std::collections::BTreeMap<&'static str, String>>,
 }
@@ -138,38 +144,34 @@ impl Stats {
     }
 }
 
-/// Logs a line to stderr. A log reader that went away is no reason for the agent to stop
-/// (`eprintln!` would panic on EPIPE): the line is lost, the agent goes on.
-fn say(message: impl std::fmt::Display) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "meshbpf agent: {message}");
-}
-
 /// Runs the agent until `stop` is set; returns with every program still attached.
 pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let settings = entry_settings(&config.plugin_entry)?;
     // A pin directory another user made first (a bpffs mounted by hand is 1777) would stop
     // every attach for good: take the name back, their entry kept whole beside it.
     match crate::pins::reclaim(&config.pin_dir) {
-        Ok(Some(aside)) => say(format!(
+        Ok(Some(aside)) => tracing::warn!(
+            pin_dir = %config.pin_dir.display(),
+            aside = %aside.display(),
             "{} had been made by another user before meshbpf; moved it, as it was, to {}",
             config.pin_dir.display(),
             aside.display()
-        )),
+        ),
         Ok(None) => {}
         // The attach below refuses the directory and says why.
-        Err(err) => say(format!("taking {} back: {err}", config.pin_dir.display())),
+        Err(err) => tracing::warn!(error = %err, "taking {} back", config.pin_dir.display()),
     }
     let mesh = match Mesh::attach_with(&config.cgroup, &config.pin_dir, &config.attach) {
         Ok(mesh) => mesh,
         Err(err @ Error::MissingKernelFeature { .. }) => return refuse(config, stop, err),
         Err(err) => return Err(err),
     };
-    say(format!(
-        "attached to {} (pinned under {})",
-        config.cgroup.display(),
-        config.pin_dir.display()
-    ));
+    tracing::info!(
+        cgroup = %config.cgroup.display(),
+        pin_dir = %config.pin_dir.display(),
+        layout = crate::abi::LAYOUT_VERSION,
+        "attached"
+    );
     let stats = Arc::new(Stats::default());
     // Bound first (a taken port fails the start), served once the first round is done.
     let listener = match config.listen {
@@ -192,11 +194,9 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
         register_running_pods(&mesh, &settings, &stats);
     }
     if let Some(listener) = listener {
-        let bound = listener
-            .local_addr()
-            .context(|| "reading the listening address".into())?;
-        http::serve(listener, &config.pin_dir, stats.clone());
-        say(format!("serving /healthz and /metrics on {bound}"));
+        let bound = http::serve(listener, &config.pin_dir, stats.clone())?;
+        // The address ends the message: the tests read it from there.
+        tracing::info!("serving /livez, /healthz and /metrics on {bound}");
     }
     let mut next_gc = Instant::now() + config.gc_interval;
     while !stop.load(Ordering::SeqCst) {
@@ -214,21 +214,21 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
             match Mesh::open(&config.pin_dir).and_then(|m| m.gc()) {
                 Ok(removed) => {
                     for pod in &removed {
-                        say(format!(
-                            "gc: unregistered netns cookie {} (its netns is gone)",
-                            pod.netns_cookie
-                        ));
+                        tracing::info!(
+                            netns_cookie = pod.netns_cookie,
+                            "gc: unregistered a pod whose netns is gone"
+                        );
                     }
                     stats
                         .gc_unregistered
                         .fetch_add(removed.len() as u64, Ordering::Relaxed);
                 }
-                Err(err) => say(format!("gc: {err}")),
+                Err(err) => tracing::warn!(error = %err, "gc failed"),
             }
             installer.reconcile(config, &stats);
         }
     }
-    say("stopping; the programs stay attached and pods stay registered");
+    tracing::info!("stopping; the programs stay attached and pods stay registered");
     Ok(())
 }
 
@@ -237,14 +237,14 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
 /// the missing features, installs no plugin and touches no conflist (pods start as without
 /// meshbpf, as before istio-cni's agent is ready), and exits with the refusal when stopped.
 fn refuse(config: &AgentConfig, stop: &AtomicBool, err: Error) -> Result<()> {
-    say(format!("not attaching; the node stays not ready: {err}"));
+    tracing::error!(error = %err, "not attaching; the node stays not ready");
     if let Some(addr) = config.listen {
         let listener =
             TcpListener::bind(addr).context(|| format!("listening on {addr} for /healthz"))?;
         let stats = Arc::new(Stats::default());
         stats.set_problem("kernel", Some(err.to_string()));
-        http::serve(listener, &config.pin_dir, stats);
-        say(format!("serving /healthz (not ready) on {addr}"));
+        let bound = http::serve(listener, &config.pin_dir, stats)?;
+        tracing::info!("serving /livez, /healthz (not ready) and /metrics on {bound}");
     }
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
@@ -264,7 +264,7 @@ const WATCHED: AddWatchFlags = AddWatchFlags::IN_CLOSE_WRITE
 fn watch_linked_dirs(inotify: &Inotify, config: &AgentConfig) {
     for dir in conflist::linked_dirs(&config.cni_conf_dir) {
         if let Err(err) = inotify.add_watch(&dir, WATCHED) {
-            say(format!("watching {}: {err}", dir.display()));
+            tracing::warn!(error = %err, "watching {}", dir.display());
         }
     }
 }
@@ -282,14 +282,14 @@ fn entry_settings(entry: &Value) -> Result<PodSettings> {
 fn register_running_pods(mesh: &Mesh, settings: &PodSettings, stats: &Stats) {
     let registered: BTreeSet<u64> = match mesh.pods() {
         Ok(pods) => pods.iter().map(|p| p.netns_cookie).collect(),
-        Err(err) => return say(format!("discovery: {err}")),
+        Err(err) => return tracing::warn!(error = %err, "discovery: listing the pods"),
     };
     for sidecar in discover::find_sidecars(&settings.proxy_uids, settings.outbound_port) {
         let path = sidecar.netns_path();
         let netns = match Netns::open(&path) {
             Ok(netns) => netns,
             Err(err) => {
-                say(format!("discovery: {err}"));
+                tracing::warn!(error = %err, "discovery: opening {}", path.display());
                 continue;
             }
         };
@@ -299,12 +299,18 @@ fn register_running_pods(mesh: &Mesh, settings: &PodSettings, stats: &Stats) {
         match mesh.register_netns(&path, settings) {
             Ok(pod) => {
                 stats.discovered.fetch_add(1, Ordering::Relaxed);
-                say(format!(
-                    "registered running pod: netns inode {} via pid {} (netns cookie {})",
-                    sidecar.netns_inode, sidecar.pid, pod.netns_cookie
-                ));
+                tracing::info!(
+                    netns_inode = sidecar.netns_inode,
+                    pid = sidecar.pid,
+                    netns_cookie = pod.netns_cookie,
+                    "registered running pod"
+                );
             }
-            Err(err) => say(format!("discovery: registering {}: {err}", path.display())),
+            Err(err) => tracing::warn!(
+                error = %err,
+                "discovery: registering {}",
+                path.display()
+            ),
         }
     }
 }
@@ -329,22 +335,22 @@ impl Installer {
             Ok(Insertion::Unchanged(_)) => None,
             Ok(Insertion::Written(path)) => {
                 stats.conflist_writes.fetch_add(1, Ordering::Relaxed);
-                say(format!("inserted {PLUGIN_TYPE} into {}", path.display()));
+                tracing::info!(file = %path.display(), "inserted {PLUGIN_TYPE}");
                 None
             }
             Ok(Insertion::Wrapped { from, to }) => {
                 stats.conflist_writes.fetch_add(1, Ordering::Relaxed);
-                say(format!(
-                    "wrapped {} into {} with {PLUGIN_TYPE}",
-                    from.display(),
-                    to.display()
-                ));
+                tracing::info!(
+                    from = %from.display(),
+                    to = %to.display(),
+                    "wrapped the primary's .conf into a .conflist with {PLUGIN_TYPE}"
+                );
                 None
             }
             Err(err) => Some(err.to_string()),
         };
         if let Some(problem) = &problem {
-            say(problem);
+            tracing::warn!("{problem}");
         }
         stats.set_problem("conflist", problem);
     }
@@ -381,7 +387,7 @@ impl Installer {
         })?;
         self.installed = stamp(&target);
         stats.plugin_installs.fetch_add(1, Ordering::Relaxed);
-        say(format!("installed {}", target.display()));
+        tracing::info!(file = %target.display(), "installed {PLUGIN_TYPE}");
         Ok(())
     }
 }
@@ -390,11 +396,11 @@ impl Installer {
 /// plugin binary, and the plugin's state; then detaches every program.
 pub fn uninstall(config: &AgentConfig) -> Result<()> {
     for path in conflist::remove(&config.cni_conf_dir)? {
-        say(format!("removed {PLUGIN_TYPE} from {}", path.display()));
+        tracing::info!(file = %path.display(), "removed {PLUGIN_TYPE}'s entry");
     }
     let binary = config.cni_bin_dir.join(PLUGIN_TYPE);
     match fs::remove_file(&binary) {
-        Ok(()) => say(format!("removed {}", binary.display())),
+        Ok(()) => tracing::info!(file = %binary.display(), "removed {PLUGIN_TYPE}"),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
         Err(err) => return Err(err).context(|| format!("removing {}", binary.display())),
     }
@@ -407,10 +413,10 @@ pub fn uninstall(config: &AgentConfig) -> Result<()> {
         }
     }
     if crate::mesh::detach(&config.pin_dir)? {
-        say(format!(
-            "detached; removed every pin under {}",
-            config.pin_dir.display()
-        ));
+        tracing::info!(
+            pin_dir = %config.pin_dir.display(),
+            "detached; removed every pin"
+        );
     }
     Ok(())
 }

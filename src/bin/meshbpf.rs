@@ -67,12 +67,72 @@ mod stdout {
     }
 }
 
+/// Log lines: `tracing` events, to stderr, as text or JSON. The library's modules emit them
+/// (the agent's); this binary alone decides where they go.
+mod logs {
+    use tracing_subscriber::filter::LevelFilter;
+
+    /// The least severe log lines written.
+    #[derive(Clone, Copy, clap::ValueEnum)]
+    pub enum Level {
+        Error,
+        Warn,
+        Info,
+        Debug,
+        Trace,
+    }
+
+    /// How each log line is written.
+    #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+    pub enum Format {
+        /// `TIME LEVEL TARGET: MESSAGE FIELD=VALUE...`
+        Text,
+        /// One JSON object a line: timestamp, level, message, target and every field.
+        Json,
+    }
+
+    /// Sends every later log line to stderr, filtered and formatted as asked. A reader of
+    /// stderr that went away loses the lines and stops nothing: the write error is dropped
+    /// (tracing-subscriber would otherwise `eprintln!` it, which panics on EPIPE).
+    pub fn init(level: Level, format: Format) {
+        let level = match level {
+            Level::Error => LevelFilter::ERROR,
+            Level::Warn => LevelFilter::WARN,
+            Level::Info => LevelFilter::INFO,
+            Level::Debug => LevelFilter::DEBUG,
+            Level::Trace => LevelFilter::TRACE,
+        };
+        let builder = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .log_internal_errors(false);
+        // Only fails when a subscriber is set already, which nothing else here does.
+        let _ = match format {
+            Format::Text => builder.try_init(),
+            Format::Json => builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .try_init(),
+        };
+    }
+}
+
 /// eBPF traffic capture for service-mesh sidecars, in place of iptables.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// The least severe log lines written to stderr.
+    #[arg(long, global = true, value_enum, default_value = "info")]
+    log_level: logs::Level,
+    /// Log lines on stderr as text or as JSON objects, one a line (a failed command's
+    /// error too).
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: logs::Format,
 }
 
 #[derive(clap::Args)]
@@ -151,8 +211,8 @@ enum Command {
         pin: PinDirArg,
     },
     /// Run the node agent (the DaemonSet's process): attach, install the CNI plugin, keep it
-    /// in the primary network configuration, gc, serve /healthz and /metrics. Stopping it
-    /// never detaches.
+    /// in the primary network configuration, gc, serve /livez, /healthz and /metrics.
+    /// Stopping it never detaches.
     Agent(AgentArgs),
     /// Probe the running kernel for every feature meshbpf uses.
     Check {
@@ -257,9 +317,9 @@ fn print_sidecar_resource(args: &SidecarResourceArgs) -> anyhow::Result<()> {
         selector,
     )?;
     if resource.selector.is_empty() {
-        note!(
-            "meshbpf: no --selector: this Sidecar applies to every workload of its namespace \
-             that has no Sidecar of its own"
+        tracing::warn!(
+            "no --selector: this Sidecar applies to every workload of its namespace that has \
+             no Sidecar of its own"
         );
     }
     out!(no_newline "{resource}");
@@ -287,7 +347,9 @@ struct AgentArgs {
     /// The meshbpf-cni binary to install (default: the one beside this program).
     #[arg(long, value_name = "PATH")]
     plugin_binary: Option<PathBuf>,
-    /// Where to serve /healthz and /metrics ("none": not served).
+    /// Where to serve /livez (alive), /healthz (ready) and /metrics, unauthenticated: the
+    /// node's IP for a Prometheus off the node (every pod on the node can read them then),
+    /// or "none": not served.
     #[arg(long, default_value = meshbpf::agent::DEFAULT_LISTEN)]
     listen: String,
     /// Seconds between two gc runs (pods whose network namespace is gone).
@@ -322,7 +384,8 @@ impl AgentArgs {
             "none" => None,
             addr => Some(addr.parse().map_err(|_| {
                 Error::InvalidSetting(format!(
-                    "--listen {addr:?}: give ADDRESS:PORT, such as 0.0.0.0:9190, or none"
+                    "--listen {addr:?}: give ADDRESS:PORT, such as 127.0.0.1:9190 or the \
+                     node's IP and a port, or none"
                 ))
             })?),
         };
@@ -366,7 +429,7 @@ fn stop_on_signals() -> anyhow::Result<std::sync::Arc<std::sync::atomic::AtomicB
     let flag = stop.clone();
     std::thread::spawn(move || {
         if let Ok(signal) = signals.wait() {
-            note!("meshbpf: {signal}");
+            tracing::info!("stopping on {signal}");
         }
         flag.store(true, Ordering::SeqCst);
     });
@@ -470,11 +533,17 @@ fn main() -> ExitCode {
         }
         Err(err) => err.exit(),
     };
+    logs::init(cli.log_level, cli.log_format);
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            note!("meshbpf: {err:#}");
-            ExitCode::from(exit_code(&err))
+            let code = exit_code(&err);
+            // A person reads the plain line; a log collector asked for JSON gets JSON.
+            match cli.log_format {
+                logs::Format::Text => note!("meshbpf: {err:#}"),
+                logs::Format::Json => tracing::error!(exit_code = code, "{err:#}"),
+            }
+            ExitCode::from(code)
         }
     }
 }
@@ -694,7 +763,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             };
             let dropped_before = dropped()?;
             let mut tracer = mesh.trace(cookie)?;
-            note!("meshbpf trace: reading slot {}; Ctrl-C ends", tracer.slot());
+            tracing::info!("trace: reading slot {}; Ctrl-C ends", tracer.slot());
             let mut out = std::io::stdout().lock();
             'reading: while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 for event in tracer.poll(std::time::Duration::from_millis(100))? {
@@ -714,9 +783,10 @@ fn run(command: Command) -> anyhow::Result<()> {
             // Counted for every reader together: some may have been another reader's.
             let lost = dropped()?.saturating_sub(dropped_before);
             if lost > 0 {
-                note!(
-                    "meshbpf trace: {lost} decisions were dropped while this ran (a reader's ring \
-                     was full: read faster, or narrow it with --netns)"
+                tracing::warn!(
+                    dropped = lost,
+                    "trace: {lost} decisions were dropped while this ran (a reader's ring was \
+                     full: read faster, or narrow it with --netns)"
                 );
             }
         }

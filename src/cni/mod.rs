@@ -11,7 +11,8 @@
 //! - `GC` unregisters the attachments not in `cni.dev/valid-attachments`.
 //!
 //! Stdout carries only the result or the error JSON; logs go to stderr and, if the conf
-//! names one, a log file. Different containers are handled in parallel safely: every pod's
+//! names one, a log file: each line has the time, its level and the invocation's command,
+//! container ID, netns and interface, as [`Log`] writes it. Different containers are handled in parallel safely: every pod's
 //! map entries and state file are its own.
 
 mod commands;
@@ -128,7 +129,10 @@ pub struct Outcome {
     pub ok: bool,
 }
 
-/// Log lines, to stderr (or whatever the caller gives) and to the conf's `log_file`.
+/// Log lines, to stderr (or whatever the caller gives) and to the conf's `log_file`, in the
+/// agent's text format: `TIME LEVEL meshbpf-cni COMMAND container=… netns=… ifname=…:
+/// MESSAGE`. A line is written whole with one `write`: parallel invocations appending to
+/// one `log_file` never interleave within a line.
 pub(super) struct Log<'a> {
     pub(super) out: &'a mut dyn Write,
     pub(super) file: Option<File>,
@@ -136,8 +140,19 @@ pub(super) struct Log<'a> {
 }
 
 impl Log<'_> {
+    /// Logs what the plugin did or decided.
     pub(super) fn line(&mut self, message: impl Display) {
-        let line = format!("{}: {message}\n", self.prefix);
+        self.write("INFO", message);
+    }
+
+    /// Logs a failure the plugin reports (its error result) or works around.
+    pub(super) fn error(&mut self, message: impl Display) {
+        self.write("ERROR", message);
+    }
+
+    fn write(&mut self, level: &str, message: impl Display) {
+        let time = rfc3339(std::time::SystemTime::now());
+        let line = format!("{time} {level:>5} {}: {message}\n", self.prefix);
         let _ = self.out.write_all(line.as_bytes());
         if let Some(file) = &mut self.file {
             let _ = file.write_all(line.as_bytes());
@@ -148,9 +163,37 @@ impl Log<'_> {
         let Some(path) = path else { return };
         match OpenOptions::new().create(true).append(true).open(path) {
             Ok(file) => self.file = Some(file),
-            Err(err) => self.line(format!("cannot open log_file {}: {err}", path.display())),
+            Err(err) => self.error(format!("cannot open log_file {}: {err}", path.display())),
         }
     }
+}
+
+/// `time` in UTC as RFC 3339 with microseconds (`2026-12-08T00:00:00.000000Z`), as the
+/// agent's log lines show it.
+pub(super) fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (Howard Hinnant's days_from_civil, inverted),
+    // in eras of 400 years that start on 0000-03-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since.subsec_micros()
+    )
 }
 
 /// One invocation's environment: the `CNI_*` variables.
@@ -164,9 +207,16 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
         out: log,
         file: None,
         prefix: format!(
-            "{PLUGIN_TYPE} {command} container={} ifname={}",
-            env.get("CNI_CONTAINERID").map_or("-", String::as_str),
-            env.get("CNI_IFNAME").map_or("-", String::as_str)
+            "{PLUGIN_TYPE} {command} container={} netns={} ifname={}",
+            env.get("CNI_CONTAINERID")
+                .filter(|v| !v.is_empty())
+                .map_or("-", String::as_str),
+            env.get("CNI_NETNS")
+                .filter(|v| !v.is_empty())
+                .map_or("-", String::as_str),
+            env.get("CNI_IFNAME")
+                .filter(|v| !v.is_empty())
+                .map_or("-", String::as_str)
         ),
     };
     // Opened before the conf is checked, so that an error in the conf reaches the file too.
@@ -205,7 +255,7 @@ pub(super) fn lenient_log_file(stdin: &[u8]) -> Option<PathBuf> {
 }
 
 pub(super) fn failure(log: &mut Log, cni_version: String, err: ErrorResult) -> Outcome {
-    log.line(format!("error {}: {} ({})", err.code, err.msg, err.details));
+    log.error(format!("error {}: {} ({})", err.code, err.msg, err.details));
     let body = json!({
         "cniVersion": cni_version,
         "code": err.code,

@@ -196,3 +196,47 @@ fn settings_diff_names_the_fields() {
         "{diff}"
     );
 }
+
+#[test]
+fn log_times_are_utc_rfc3339_with_microseconds() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let at = |secs: u64, micros: u32| {
+        rfc3339(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros.into()))
+    };
+    assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+    // `date -u -d @951825600`: the leap day of a year divisible by 400.
+    assert_eq!(at(951_825_600, 7), "2000-02-29T12:00:00.000007Z");
+    assert_eq!(at(1_796_601_599, 999_999), "2026-12-06T23:59:59.999999Z");
+    assert_eq!(at(4_102_444_800, 0), "2100-01-01T00:00:00.000000Z");
+}
+
+#[test]
+fn every_log_line_names_its_level_command_container_netns_and_interface() {
+    let env: Environment = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", "c0ffee"),
+        ("CNI_NETNS", "/var/run/netns/cni-1234"),
+        ("CNI_IFNAME", "eth0"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let mut log = Vec::new();
+    let out = run(
+        &env,
+        br#"{"cniVersion":"1.0.0","name":"n","type":"meshbpf-cni"}"#,
+        &mut log,
+    );
+    assert!(!out.ok, "no prevResult: refused");
+    let text = String::from_utf8(log).unwrap();
+    let line = text.lines().next().unwrap();
+    let (time, rest) = line.split_once(' ').unwrap();
+    assert!(time.len() == 27 && time.ends_with('Z'), "{line}");
+    assert!(
+        rest.starts_with(
+            "ERROR meshbpf-cni ADD container=c0ffee netns=/var/run/netns/cni-1234 ifname=eth0: \
+             error 7: no prevResult"
+        ),
+        "{line}"
+    );
+}

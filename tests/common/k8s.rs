@@ -166,7 +166,7 @@ pub fn agent_command(env: &super::Env, dirs: &CniDirs, plugin_conf: &str) -> Com
 pub struct Agent {
     child: Option<std::process::Child>,
     log: PathBuf,
-    /// Where it serves /healthz and /metrics.
+    /// Where it serves /livez, /healthz and /metrics.
     pub addr: String,
 }
 
@@ -201,7 +201,7 @@ impl Agent {
             log,
             addr: String::new(),
         };
-        let marker = "serving /healthz and /metrics on ";
+        let marker = "serving /livez, /healthz and /metrics on ";
         let log_path = agent.log.clone();
         super::wait_until(
             || agent.log().contains(marker) || agent.exited(),
