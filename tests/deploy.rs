@@ -64,14 +64,15 @@ fn the_manifests_are_valid_kubernetes_objects() {
     ];
     let (ok, text) = validate(&validator, &files);
     assert!(ok, "{text}");
-    for resource in [
-        "configmap/meshbpf-cni",
-        "daemonset/meshbpf ",
-        "daemonset/meshbpf-uninstall",
-        "pod/web",
+    for (file, resource) in [
+        ("meshbpf.yaml", "configmap/meshbpf-cni"),
+        ("meshbpf.yaml", "daemonset/meshbpf "),
+        // Uninstall mode replaces the agent's DaemonSet in place, under the same name.
+        ("uninstall.yaml", "daemonset/meshbpf "),
+        ("pod-init-container.yaml", "pod/web"),
     ] {
         assert!(
-            text.contains(&format!("passed for resource {resource}")),
+            text.contains(&format!("{file} passed for resource {resource}")),
             "{text}"
         );
     }
