@@ -9,36 +9,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::skip;
+use common::manifests::validator;
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")
         .join(name)
-}
-
-/// kubernetes-validate: `MESHBPF_KUBERNETES_VALIDATE`, the virtualenv scripts/deps.sh makes,
-/// or PATH. Without it the test skips, except under CI, where it fails.
-fn validator() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("MESHBPF_KUBERNETES_VALIDATE").map(PathBuf::from),
-        Some(PathBuf::from("/opt/meshbpf-py/bin/kubernetes-validate")),
-        Some(PathBuf::from("kubernetes-validate")),
-    ];
-    let found = candidates.into_iter().flatten().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "kubernetes-validate is missing and CI is set: run scripts/deps.sh"
-        );
-        skip("kubernetes-validate is missing (scripts/deps.sh installs it)");
-    }
-    found
 }
 
 fn validate(validator: &Path, files: &[PathBuf]) -> (bool, String) {
