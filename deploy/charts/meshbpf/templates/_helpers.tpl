@@ -96,19 +96,11 @@ camelCase value name in snake_case. */}}
 {{- if not (has $address (list "node" "0.0.0.0" "::")) }}{{ $address }}{{ end }}
 {{- end }}
 
-{{/* The security context of the containers that run meshbpf (the agent, the uninstaller):
-not privileged, root (the node's files they write are root's) with every capability dropped
-but these, each needed (tests/chart.rs runs the agent's work without each and sees it fail):
-  SYS_ADMIN   setns(2) into a pod's network namespace to read its cookie (registering the
-              pods found running, gc, telling the node's namespace from a pod's): no narrower
-              capability allows it; for bpf(2) it also stands for CAP_BPF and CAP_PERFMON
-              (loading the programs, which the verifier refuses without either).
-  NET_ADMIN   attaching cgroup socket programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR, SOCK_OPS);
-              ::6 on lo in an IPv6 pod found running (netlink).
-  SYS_PTRACE  opening /proc/PID/ns/net of a sidecar running as another user (1337).
-seccomp RuntimeDefault (the runtime's default profile allows bpf(2) and setns(2) to a
-process holding SYS_ADMIN), a read-only root filesystem (it writes only to its volumes), no
-privilege escalation. */}}
+{{/* The security context of the containers that run meshbpf, given the capabilities to add
+(the list "caps" of the dict passed, with "Values"): not privileged, root (the node's files
+they write are root's) with every other capability dropped, seccomp RuntimeDefault (the
+runtimes' default profiles allow bpf(2) and setns(2) to a process holding SYS_ADMIN), a
+read-only root filesystem (meshbpf writes only to its volumes), no privilege escalation. */}}
 {{- define "meshbpf.securityContext" -}}
 privileged: false
 allowPrivilegeEscalation: false
@@ -120,9 +112,7 @@ capabilities:
   drop:
     - ALL
   add:
-    - SYS_ADMIN
-    - NET_ADMIN
-    - SYS_PTRACE
+    {{- toYaml .caps | nindent 4 }}
 seccompProfile:
   type: RuntimeDefault
 {{- with .Values.appArmorProfile }}
