@@ -600,12 +600,26 @@ fn within(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// Runs `meshbpf ARGS` as the chart's containers run it: uid 0 with exactly `caps` (bounding,
 /// permitted and effective; nothing inheritable or ambient, no new privileges), in a mount
-/// namespace of its own whose root filesystem and cgroup2 mount are read-only
-/// (readOnlyRootFilesystem, the cgroup volume's readOnly) and where only `writable` (the CNI
-/// dirs; the test's bpffs is a mount of its own) can be written, as the chart's volumes.
-fn contained(caps: &[&str], cgroup_mount: &Path, writable: &[&Path], args: &[&str]) -> Command {
+/// namespace of its own whose mounts no longer follow the host's, except `follow` (the chart's
+/// HostToContainer volume of /run/netns, if it has one), whose root filesystem and cgroup2
+/// mount are read-only (readOnlyRootFilesystem, the cgroup volume's readOnly), and where only
+/// `writable` (the CNI dirs; the test's bpffs is a mount of its own) can be written.
+fn contained(
+    caps: &[&str],
+    follow: Option<&Path>,
+    cgroup_mount: &Path,
+    writable: &[&Path],
+    args: &[&str],
+) -> Command {
     const SCRIPT: &str = r#"set -e
-cgroup=$1; count=$2; shift 2
+follow=$1; cgroup=$2; count=$3; shift 3
+if [ -n "$follow" ]; then mount --make-rslave "$follow"; fi
+findmnt -rn -o TARGET | while read -r m; do
+    if [ -n "$follow" ]; then
+        case "$m" in "$follow" | "$follow"/*) continue ;; esac
+    fi
+    mount --make-private "$m" 2>/dev/null || true
+done
 while [ "$count" -gt 0 ]; do mount --bind "$1" "$1"; shift; count=$((count - 1)); done
 mount -o remount,bind,ro /
 mount -o remount,bind,ro "$cgroup"
@@ -618,13 +632,14 @@ exec "$@""#;
     cmd.args([
         "--mount",
         "--propagation",
-        "private",
+        "unchanged",
         "--",
         "sh",
         "-c",
         SCRIPT,
         "sh",
     ])
+    .arg(follow.unwrap_or(Path::new("")))
     .arg(cgroup_mount)
     .arg(writable.len().to_string())
     .args(writable)
@@ -639,6 +654,20 @@ exec "$@""#;
     .arg(cli())
     .args(args);
     cmd
+}
+
+/// Where the chart's agent sees the host's network namespace pins follow the host's mounts
+/// (a HostToContainer volume of /run/netns, mounted at the same path), if it does.
+fn followed_netns_dir() -> Option<PathBuf> {
+    let objects = objects(&json!({}));
+    let agent = container(&objects, "agent");
+    let netns = Path::new("/run/netns");
+    let mounted = agent["volumeMounts"].as_array()?.iter().any(|m| {
+        m["mountPath"] == "/run/netns"
+            && m["mountPropagation"] == "HostToContainer"
+            && host_path(&objects, m["name"].as_str().unwrap_or_default()) == "/run/netns"
+    });
+    mounted.then(|| netns.to_path_buf())
 }
 
 /// A process that is SIGTERMed (then killed) when dropped.
@@ -661,13 +690,14 @@ impl Drop for Running {
 }
 
 /// The steps of the agent's work, in order; the first that fails is the outcome.
-const STEPS: [&str; 9] = [
+const STEPS: [&str; 10] = [
     "serves /healthz 200",
     "attached every program",
     "installed the plugin",
     "put its entry in the primary conflist",
     "registered the pod found running",
     "the installed plugin registered a new pod",
+    "gc kept the new pod, whose netns only the runtime's pin holds",
     "gc unregistered the pod whose netns is gone",
     "serves /metrics",
     "uninstall removed everything",
@@ -679,6 +709,7 @@ const STEPS: [&str; 9] = [
 fn agent_work(
     caps: &[&str],
     uninstaller: &[&str],
+    follow: Option<&Path>,
     patience: Duration,
 ) -> Option<(&'static str, String)> {
     let mut env = Env::new();
@@ -705,7 +736,6 @@ fn agent_work(
         ],
     );
     _sidecar.wait_for("listening dns-udp=[::1]");
-    let added = env.pod("added");
     let plugin_conf = json!({
         "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "state_dir": env.root.join("run/cni"),
@@ -741,7 +771,7 @@ fn agent_work(
     ]);
     let writable = [dirs.bin.as_path(), dirs.conf.as_path()];
     let agent = Running(
-        contained(caps, &cgroup_mount, &writable, &agent_args)
+        contained(caps, follow, &cgroup_mount, &writable, &agent_args)
             .stdout(Stdio::from(log_file.try_clone().unwrap()))
             .stderr(Stdio::from(log_file))
             .spawn()
@@ -775,7 +805,10 @@ fn agent_work(
     }) {
         return fail(4);
     }
-    // The runtime (root, on the node) runs the plugin the agent installed, with its entry.
+    // A new pod: as a runtime makes it (containerd, CRI-O), its network namespace is pinned
+    // by a bind mount under /run/netns, made after the agent started, and no process is in
+    // it yet when the runtime runs the plugin the agent installed (root, on the node).
+    let added = env.pod("added");
     let mut stdin = entry.clone();
     stdin["cniVersion"] = conflist["cniVersion"].clone();
     stdin["name"] = conflist["name"].clone();
@@ -805,17 +838,22 @@ fn agent_work(
     {
         return fail(5);
     }
+    // gc runs every second: the pod stays registered while its pin holds the namespace.
+    std::thread::sleep(scaled(Duration::from_millis(2500)));
+    if !registered_cookies(&env.pin_dir).contains(&added_cookie) {
+        return fail(6);
+    }
     sh(Command::new("ip").args(["netns", "del", &added.name]));
     if !within(patience, || {
         !registered_cookies(&env.pin_dir).contains(&added_cookie)
     }) {
-        return fail(6);
+        return fail(7);
     }
     let metrics = http_get(&addr, "/metrics");
     if !metrics
         .is_some_and(|(code, body)| code == 200 && body.contains("meshbpf_registered_pods 1"))
     {
-        return fail(7);
+        return fail(8);
     }
     drop(agent);
     let mut uninstall_args = vec!["agent", "--uninstall"];
@@ -828,7 +866,7 @@ fn agent_work(
         dirs.conf.as_path(),
         state_parent.as_path(),
     ];
-    let out = contained(uninstaller, &cgroup_mount, &writable, &uninstall_args)
+    let out = contained(uninstaller, None, &cgroup_mount, &writable, &uninstall_args)
         .output()
         .unwrap();
     let conflist = fs::read_to_string(&primary).unwrap();
@@ -838,7 +876,7 @@ fn agent_work(
         || installed.exists()
         || conflist.contains("meshbpf-cni")
     {
-        return Some((STEPS[8], format!("{}{out:?}", log())));
+        return Some((STEPS[9], format!("{}{out:?}", log())));
     }
     None
 }
@@ -861,19 +899,22 @@ fn the_agent_s_work_needs_each_capability_the_chart_grants_and_no_other() {
     let granted: Vec<&str> = granted.iter().map(String::as_str).collect();
     let uninstaller = added(json!({"uninstall": true}), "uninstall");
     let uninstaller: Vec<&str> = uninstaller.iter().map(String::as_str).collect();
+    // The chart's mounts that follow the host's (the network namespace pins).
+    let follow = followed_netns_dir();
+    let follow = follow.as_deref();
     fn without<'a>(caps: &[&'a str], missing: &str) -> Vec<&'a str> {
         caps.iter().copied().filter(|c| *c != missing).collect()
     }
 
     // With exactly them, every step of the agent's work succeeds, on a read-only root.
-    if let Some((step, log)) = agent_work(&granted, &uninstaller, Duration::from_secs(20)) {
+    if let Some((step, log)) = agent_work(&granted, &uninstaller, follow, Duration::from_secs(20)) {
         panic!("with {granted:?}, {uninstaller:?} to uninstall, failed at: {step}\n{log}");
     }
     // Without any one of them, a step fails: each is needed, none is one too many.
     let mut table = Vec::new();
     for missing in &granted {
         let caps = without(&granted, missing);
-        let (step, log) = agent_work(&caps, &uninstaller, Duration::from_secs(5))
+        let (step, log) = agent_work(&caps, &uninstaller, follow, Duration::from_secs(5))
             .unwrap_or_else(|| {
                 panic!("without {missing} every step of the agent's work succeeded: drop it from the chart")
             });
@@ -887,11 +928,11 @@ fn the_agent_s_work_needs_each_capability_the_chart_grants_and_no_other() {
     }
     for missing in &uninstaller {
         let caps = without(&uninstaller, missing);
-        let (step, log) =
-            agent_work(&granted, &caps, Duration::from_secs(5)).unwrap_or_else(|| {
+        let (step, log) = agent_work(&granted, &caps, follow, Duration::from_secs(5))
+            .unwrap_or_else(|| {
                 panic!("the uninstaller without {missing} did its work: drop it from the chart")
             });
-        assert_eq!(step, STEPS[8], "{log}");
+        assert_eq!(step, STEPS[9], "{log}");
         table.push(format!(
             "uninstaller without {missing}: fails at \"{step}\""
         ));
@@ -900,7 +941,7 @@ fn the_agent_s_work_needs_each_capability_the_chart_grants_and_no_other() {
     // setns(2) into a pod's network namespace, to read its cookie, needs SYS_ADMIN itself.
     let mut narrower = without(&granted, "SYS_ADMIN");
     narrower.extend(["BPF", "PERFMON"]);
-    let (step, log) = agent_work(&narrower, &uninstaller, Duration::from_secs(5))
+    let (step, log) = agent_work(&narrower, &uninstaller, follow, Duration::from_secs(5))
         .unwrap_or_else(|| panic!("{narrower:?} did all the agent's work: grant them instead"));
     assert_eq!(step, "registered the pod found running", "{log}");
     table.push(format!("agent with {narrower:?}: fails at \"{step}\""));
