@@ -164,6 +164,10 @@ fn renderings() -> Vec<(&'static str, Value)> {
                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "mesh", "effect": "NoSchedule"}],
                 "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "mesh", "operator": "Exists"}]}]}}},
                 "imagePullSecrets": [{"name": "registry"}],
+                // What a parent chart sends its subcharts: its globals, and the condition
+                // that enables this one.
+                "global": {"imageRegistry": "registry.example.com"},
+                "enabled": true,
             }),
         ),
     ]
