@@ -4,8 +4,9 @@
 //! schema refuses bad values naming them, the plain manifests in deploy/ are its rendering byte
 //! for byte, and the agent's container runs with exactly the capabilities the chart grants:
 //! the agent's real work (attach, plugin install, conflist, a pod found running, a pod
-//! registered through the installed plugin, gc, metrics, uninstall) succeeds with them in a
-//! read-only root filesystem, and fails without any one of them.
+//! registered through the installed plugin, gc, metrics, uninstall) succeeds with them and the
+//! chart's mounts (a read-only root filesystem, the node's netns pins followed), and fails
+//! without any one of them.
 
 mod common;
 
@@ -693,6 +694,16 @@ impl Drop for Running {
     }
 }
 
+/// The capabilities the chart adds to `name`'s container, rendered with `values`.
+fn added_capabilities(values: Value, name: &str) -> Vec<String> {
+    container(&objects(&values), name)["securityContext"]["capabilities"]["add"]
+        .as_array()
+        .expect("capabilities added")
+        .iter()
+        .map(|c| c.as_str().unwrap().to_string())
+        .collect()
+}
+
 /// The steps of the agent's work, in order; the first that fails is the outcome.
 const STEPS: [&str; 10] = [
     "serves /healthz 200",
@@ -891,17 +902,9 @@ fn the_agent_s_work_needs_each_capability_the_chart_grants_and_no_other() {
         return;
     }
     // What the chart grants the agent, and the uninstaller of uninstall mode.
-    let added = |values: Value, name: &str| -> Vec<String> {
-        container(&objects(&values), name)["securityContext"]["capabilities"]["add"]
-            .as_array()
-            .expect("capabilities added")
-            .iter()
-            .map(|c| c.as_str().unwrap().to_string())
-            .collect()
-    };
-    let granted = added(json!({}), "agent");
+    let granted = added_capabilities(json!({}), "agent");
     let granted: Vec<&str> = granted.iter().map(String::as_str).collect();
-    let uninstaller = added(json!({"uninstall": true}), "uninstall");
+    let uninstaller = added_capabilities(json!({"uninstall": true}), "uninstall");
     let uninstaller: Vec<&str> = uninstaller.iter().map(String::as_str).collect();
     // The chart's mounts that follow the host's (the network namespace pins).
     let follow = followed_netns_dir();
@@ -951,4 +954,47 @@ fn the_agent_s_work_needs_each_capability_the_chart_grants_and_no_other() {
     table.push(format!("agent with {narrower:?}: fails at \"{step}\""));
     // What each one is for, seen where the test is read.
     let _ = writeln!(std::io::stderr(), "{}", table.join("\n"));
+}
+
+#[test]
+fn gc_with_the_chart_s_capabilities_keeps_a_pod_that_only_another_user_s_process_holds() {
+    if !privileged() || !helm_available() {
+        return;
+    }
+    let granted = added_capabilities(json!({}), "agent");
+    let granted: Vec<&str> = granted.iter().map(String::as_str).collect();
+    let mut env = Env::new();
+    let cgroup_mount = env.cgroup.parent().unwrap().to_path_buf();
+    let mesh = env.attach();
+    let pin_dir = env.pin_dir.to_str().unwrap().to_string();
+    // Kubernetes' pause process runs as 65535: a pod whose namespace only it holds (no pin,
+    // no other process) is alive.
+    let held = env.pod("held");
+    let _pause = held.spawn(65535, Path::new("/bin/sleep"), &["60"]);
+    let held_cookie = mesh
+        .register_netns(&held.netns, &meshbpf::PodSettings::default())
+        .unwrap()
+        .netns_cookie;
+    sh(Command::new("ip").args(["netns", "del", &held.name]));
+    let gc = |caps: &[&str]| {
+        let out = contained(
+            caps,
+            None,
+            &cgroup_mount,
+            &[],
+            &["gc", "--pin-dir", &pin_dir],
+        )
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        registered_cookies(&env.pin_dir).contains(&held_cookie)
+    };
+    assert!(gc(&granted), "gc with {granted:?} unregistered a live pod");
+    // SYS_PTRACE is what lets gc see it: /proc/PID/ns/net of another user's process.
+    let without: Vec<&str> = granted
+        .iter()
+        .copied()
+        .filter(|c| *c != "SYS_PTRACE")
+        .collect();
+    assert!(!gc(&without), "gc without SYS_PTRACE saw the pod after all");
 }
