@@ -704,6 +704,27 @@ fn added_capabilities(values: Value, name: &str) -> Vec<String> {
         .collect()
 }
 
+/// The arguments the chart gives `meshbpf` in `name`'s container, rendered with `values`, each
+/// `--flag=VALUE` of `places` given this test's value instead; every flag the chart passes a
+/// value to must be in `places`.
+fn chart_command(values: &Value, name: &str, places: &[(&str, &str)]) -> Vec<String> {
+    let command = command_of(container(&objects(values), name));
+    assert_eq!(command[0], "meshbpf", "{command:?}");
+    command[1..]
+        .iter()
+        .map(|arg| match arg.split_once('=') {
+            None => arg.clone(),
+            Some((flag, _)) => {
+                let (_, here) = places
+                    .iter()
+                    .find(|(f, _)| *f == flag)
+                    .unwrap_or_else(|| panic!("the chart passes {arg}: map it to this test"));
+                format!("{flag}={here}")
+            }
+        })
+        .collect()
+}
+
 /// The steps of the agent's work, in order; the first that fails is the outcome.
 const STEPS: [&str; 10] = [
     "serves /healthz 200",
@@ -763,27 +784,24 @@ fn agent_work(
     let log_path = env.root.join("agent.log");
     let log = || fs::read_to_string(&log_path).unwrap_or_default();
     let log_file = fs::File::create(&log_path).unwrap();
-    // The flags the agent and the uninstaller share, as the chart passes them.
-    let node_args = [
-        "--pin-dir",
-        &pin_dir,
-        "--cni-bin-dir",
-        dirs.bin.to_str().unwrap(),
-        "--cni-conf-dir",
-        dirs.conf.to_str().unwrap(),
-        "--plugin-conf",
-        conf_file.to_str().unwrap(),
+    // The chart's own command lines, its container paths mapped to this test's world.
+    let cgroup = env.cgroup.to_str().unwrap().to_string();
+    let places = [
+        ("--cgroup", cgroup.as_str()),
+        ("--pin-dir", &pin_dir),
+        ("--cni-bin-dir", dirs.bin.to_str().unwrap()),
+        ("--cni-conf-dir", dirs.conf.to_str().unwrap()),
+        ("--plugin-conf", conf_file.to_str().unwrap()),
+        ("--listen", &addr),
+        ("--gc-interval", "1"),
     ];
-    let mut agent_args = vec!["agent", "--cgroup", env.cgroup.to_str().unwrap()];
-    agent_args.extend(node_args);
+    let mut agent_args = chart_command(&json!({}), "agent", &places);
+    // The image holds meshbpf-cni beside meshbpf, which is where the agent looks by default.
     agent_args.extend([
-        "--plugin-binary",
-        env!("CARGO_BIN_EXE_meshbpf-cni"),
-        "--listen",
-        &addr,
-        "--gc-interval",
-        "1",
+        "--plugin-binary".into(),
+        env!("CARGO_BIN_EXE_meshbpf-cni").into(),
     ]);
+    let agent_args: Vec<&str> = agent_args.iter().map(String::as_str).collect();
     let writable = [dirs.bin.as_path(), dirs.conf.as_path()];
     let agent = Running(
         contained(caps, follow, &cgroup_mount, &writable, &agent_args)
@@ -871,8 +889,8 @@ fn agent_work(
         return fail(8);
     }
     drop(agent);
-    let mut uninstall_args = vec!["agent", "--uninstall"];
-    uninstall_args.extend(node_args);
+    let uninstall_args = chart_command(&json!({"uninstall": true}), "uninstall", &places);
+    let uninstall_args: Vec<&str> = uninstall_args.iter().map(String::as_str).collect();
     // The state directory's parent, as the chart mounts it for the uninstaller.
     let state_parent = env.root.join("run");
     fs::create_dir_all(state_parent.join("cni")).unwrap();
