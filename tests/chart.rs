@@ -566,13 +566,6 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// A free TCP port on loopback (for the agent's endpoint, and an outbound port no sidecar on
-/// this machine listens on).
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
-
 /// GET `path` from `addr`: the status code and the body, or why not.
 fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
@@ -751,27 +744,10 @@ fn agent_work(
     let mut env = Env::new();
     let dirs = CniDirs::new(&env.root);
     let cgroup_mount = env.cgroup.parent().unwrap().to_path_buf();
-    let primary = dirs.conf.join("10-kindnet.conflist");
-    fs::write(
-        &primary,
-        r#"{"cniVersion":"1.0.0","name":"kindnet","plugins":[{"type":"ptp"}]}"#,
-    )
-    .unwrap();
-    // A pod running before the agent, with its sidecar (uid 1337) listening on an outbound port
-    // nothing else here uses; IPv6 too: registering it adds ::6 to its lo.
-    let outbound = free_port();
-    let running = env.pod("running");
-    let _sidecar = running.spawn(
-        PROXY_UID,
-        &example("sidecar"),
-        &[
-            "--outbound-port",
-            &outbound.to_string(),
-            "--dns-port",
-            "15053",
-        ],
-    );
-    _sidecar.wait_for("listening dns-udp=[::1]");
+    let primary = dirs.primary();
+    // A pod running before the agent, with its sidecar (uid 1337); IPv6 too: registering it
+    // adds ::6 to its lo.
+    let (running, _sidecar, outbound) = pod_with_running_sidecar(&mut env, "running");
     let plugin_conf = json!({
         "capabilities": {"io.kubernetes.cri.pod-annotations": true},
         "state_dir": env.root.join("run/cni"),

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::manifests::validator;
+use common::manifests::{list_after, validator};
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -77,14 +77,7 @@ fn block_scalar(text: &str, key: &str) -> String {
 
 /// The items of the first `command:` list after `after` in `text`.
 fn command_after(text: &str, after: &str) -> Vec<String> {
-    let start = text.find(after).unwrap_or_else(|| panic!("no {after}"));
-    text[start..]
-        .lines()
-        .skip_while(|l| l.trim() != "command:")
-        .skip(1)
-        .take_while(|l| l.trim_start().starts_with("- "))
-        .map(|l| l.trim_start()[2..].trim().to_string())
-        .collect()
+    list_after(text, after, "command")
 }
 
 #[test]

@@ -26,3 +26,17 @@ pub fn validator() -> Option<PathBuf> {
     }
     found
 }
+
+/// The items of the first block list `key:` after `after` in a manifest's `text`, unquoted
+/// scalars each.
+#[track_caller]
+pub fn list_after(text: &str, after: &str, key: &str) -> Vec<String> {
+    let start = text.find(after).unwrap_or_else(|| panic!("no {after}"));
+    text[start..]
+        .lines()
+        .skip_while(|l| l.trim() != format!("{key}:"))
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with("- "))
+        .map(|l| l.trim_start()[2..].trim().to_string())
+        .collect()
+}
