@@ -458,6 +458,12 @@ fn the_schema_refuses_a_bad_value_before_anything_is_rendered_and_names_it() {
             "/updateStrategy/type",
         ),
         (json!({"uninstall": "yes"}), "/uninstall"),
+        // A flag the chart passes already, which meshbpf would refuse at start: the value
+        // to set instead is named.
+        (
+            json!({"agent": {"extraArgs": ["--gc-interval=5"]}}),
+            "the chart sets --gc-interval already (meshbpf takes a flag once): use the value agent.gcInterval",
+        ),
     ] {
         let (code, err) = render(&values).expect_err(&values.to_string());
         assert_eq!(code, Some(2), "{values}: {err}");
@@ -991,4 +997,37 @@ fn gc_with_the_chart_s_capabilities_keeps_a_pod_that_only_another_user_s_process
         .filter(|c| *c != "SYS_PTRACE")
         .collect();
     assert!(!gc(&without), "gc without SYS_PTRACE saw the pod after all");
+}
+
+#[test]
+fn every_rendering_runs_flags_meshbpf_takes() {
+    if !helm_available() {
+        return;
+    }
+    let mut all = renderings();
+    all.push((
+        "switches",
+        json!({"agent": {"noSockmap": true, "discover": false, "extraArgs": ["--plugin-binary=/usr/local/bin/meshbpf-cni"]}}),
+    ));
+    for (name, values) in all {
+        let objects = objects(&values);
+        let meshbpf = if values["uninstall"] == true {
+            "uninstall"
+        } else {
+            "agent"
+        };
+        let command = command_of(container(&objects, meshbpf));
+        // The kubelet expands $(NODE_IP) (status.hostIP) before it runs the command.
+        let args: Vec<String> = command[1..]
+            .iter()
+            .map(|a| a.replace("$(NODE_IP)", "192.0.2.7"))
+            .collect();
+        // clap reads the flags in order: --help succeeds only after flags (and values) it takes.
+        let out = Command::new(cli())
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {args:?}: {out:?}");
+    }
 }
