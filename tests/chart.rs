@@ -10,10 +10,12 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use common::k8s::*;
@@ -52,25 +54,61 @@ fn render_script(args: &[&str]) -> Output {
         .expect("run scripts/render-deploy.sh")
 }
 
-/// The chart's manifests for `values`, or the script's exit code and stderr.
+/// The chart's manifests for `values`, or the script's exit code and stderr. Each rendering is
+/// made once per test binary (Helm's engine takes a second or more to start), and shared.
 fn render(values: &Value) -> Result<String, (Option<i32>, String)> {
-    let out = render_script(&["render", &values.to_string()]);
-    if out.status.success() {
+    type Renderings = Mutex<HashMap<String, Result<String, (Option<i32>, String)>>>;
+    static RENDERED: OnceLock<Renderings> = OnceLock::new();
+    let key = values.to_string();
+    let cache = RENDERED.get_or_init(Default::default);
+    if let Some(done) = cache.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+        return done.clone();
+    }
+    let out = render_script(&["render", &key]);
+    let result = if out.status.success() {
         Ok(String::from_utf8(out.stdout).expect("UTF-8 manifests"))
     } else {
         Err((
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
-    }
+    };
+    cache
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, result.clone());
+    result
 }
 
-/// The chart's objects for `values`.
+/// The chart's objects for `values` (each YAML document of its rendering, as JSON).
 #[track_caller]
 fn objects(values: &Value) -> Vec<Value> {
-    let out = render_script(&["objects", &values.to_string()]);
-    assert!(out.status.success(), "{values}: {out:?}");
-    serde_json::from_slice::<Vec<Value>>(&out.stdout).expect("a JSON list of objects")
+    let text = render(values).unwrap_or_else(|e| panic!("{values}: {e:?}"));
+    yaml_documents(&text)
+}
+
+/// A YAML stream's documents as JSON, by the virtualenv's PyYAML (the script's own reader).
+#[track_caller]
+fn yaml_documents(text: &str) -> Vec<Value> {
+    let python = std::env::var_os("MESHBPF_PYTHON").unwrap_or("/opt/meshbpf-py/bin/python".into());
+    let mut child = Command::new(python)
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run python");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).expect("a JSON list of objects")
 }
 
 /// The object of `kind` in `objects`.
