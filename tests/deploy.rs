@@ -9,36 +9,12 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::skip;
+use common::manifests::{list_after, validator};
 
 fn deploy(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("deploy")
         .join(name)
-}
-
-/// kubernetes-validate: `MESHBPF_KUBERNETES_VALIDATE`, the virtualenv scripts/deps.sh makes,
-/// or PATH. Without it the test skips, except under CI, where it fails.
-fn validator() -> Option<PathBuf> {
-    let candidates = [
-        std::env::var_os("MESHBPF_KUBERNETES_VALIDATE").map(PathBuf::from),
-        Some(PathBuf::from("/opt/meshbpf-py/bin/kubernetes-validate")),
-        Some(PathBuf::from("kubernetes-validate")),
-    ];
-    let found = candidates.into_iter().flatten().find(|c| {
-        Command::new(c)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "kubernetes-validate is missing and CI is set: run scripts/deps.sh"
-        );
-        skip("kubernetes-validate is missing (scripts/deps.sh installs it)");
-    }
-    found
 }
 
 fn validate(validator: &Path, files: &[PathBuf]) -> (bool, String) {
@@ -64,14 +40,15 @@ fn the_manifests_are_valid_kubernetes_objects() {
     ];
     let (ok, text) = validate(&validator, &files);
     assert!(ok, "{text}");
-    for resource in [
-        "configmap/meshbpf-cni",
-        "daemonset/meshbpf ",
-        "daemonset/meshbpf-uninstall",
-        "pod/web",
+    for (file, resource) in [
+        ("meshbpf.yaml", "configmap/meshbpf-cni"),
+        ("meshbpf.yaml", "daemonset/meshbpf "),
+        // Uninstall mode replaces the agent's DaemonSet in place, under the same name.
+        ("uninstall.yaml", "daemonset/meshbpf "),
+        ("pod-init-container.yaml", "pod/web"),
     ] {
         assert!(
-            text.contains(&format!("passed for resource {resource}")),
+            text.contains(&format!("{file} passed for resource {resource}")),
             "{text}"
         );
     }
@@ -100,14 +77,7 @@ fn block_scalar(text: &str, key: &str) -> String {
 
 /// The items of the first `command:` list after `after` in `text`.
 fn command_after(text: &str, after: &str) -> Vec<String> {
-    let start = text.find(after).unwrap_or_else(|| panic!("no {after}"));
-    text[start..]
-        .lines()
-        .skip_while(|l| l.trim() != "command:")
-        .skip(1)
-        .take_while(|l| l.trim_start().starts_with("- "))
-        .map(|l| l.trim_start()[2..].trim().to_string())
-        .collect()
+    list_after(text, after, "command")
 }
 
 #[test]

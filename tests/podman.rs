@@ -516,3 +516,177 @@ fn an_init_container_registers_its_pod_with_only_sys_admin_and_the_pin_dir_mount
     );
     assert_eq!(registered_cookies(&env.pin_dir), [web]);
 }
+
+/// The capabilities deploy/`file` (the chart's rendering: tests/chart.rs) adds to the
+/// container `name`.
+fn manifest_capabilities(file: &str, name: &str) -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy")
+        .join(file);
+    let text = fs::read_to_string(path).unwrap();
+    common::manifests::list_after(&text, &format!("- name: {name}\n"), "add")
+}
+
+/// `podman run` flags for the chart's security context: every capability dropped but `caps`,
+/// no privilege escalation, a read-only root, AppArmor unconfined, the runtime's default
+/// seccomp profile.
+fn locked_down(caps: &str) -> Vec<String> {
+    [
+        "--read-only",
+        "--read-only-tmpfs=false",
+        "--cap-drop",
+        "all",
+        "--cap-add",
+        caps,
+        "--security-opt",
+        "no-new-privileges",
+        "--security-opt",
+        "apparmor=unconfined",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[test]
+fn the_agent_runs_in_a_container_as_the_chart_runs_it_with_the_runtime_s_default_seccomp_profile() {
+    if !privileged() || !runtime_available() {
+        return;
+    }
+    let mut env = Env::new();
+    let dirs = CniDirs::new(&env.root);
+    let primary = dirs.primary();
+    let (running, _sidecar, outbound) = pod_with_running_sidecar(&mut env, "running");
+    let conf_dir = env.root.join("plugin-conf");
+    let state_parent = env.root.join("run");
+    fs::create_dir_all(&conf_dir).unwrap();
+    fs::create_dir_all(state_parent.join("cni")).unwrap();
+    fs::write(
+        conf_dir.join("plugin.json"),
+        json!({"state_dir": state_parent.join("cni"), "outbound_port": outbound}).to_string(),
+    )
+    .unwrap();
+    let pm = Podman::new(&env);
+    install_with_libraries(&cli(), &pm.rootfs, "meshbpf");
+    install_with_libraries(&cni_plugin(), &pm.rootfs, "meshbpf-cni");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let caps = manifest_capabilities("meshbpf.yaml", "agent").join(",");
+    let bpffs = env.bpffs.to_str().unwrap();
+    // The chart's pod: the node's network and pid namespaces, every capability dropped but
+    // the chart's, no privilege escalation, a read-only root, the runtime's default seccomp
+    // profile, AppArmor unconfined; its volumes at the chart's paths (the test's bpffs, cgroup
+    // and CNI dirs in place of the node's).
+    let volumes = [
+        format!("{bpffs}:{bpffs}:rslave"),
+        format!("{}:/host/sys/fs/cgroup:ro", env.cgroup.display()),
+        "/run/netns:/run/netns:ro,rslave".to_string(),
+        format!("{}:/host/opt/cni/bin", dirs.bin.display()),
+        format!("{}:/host/etc/cni/net.d", dirs.conf.display()),
+        format!("{}:/etc/meshbpf:ro", conf_dir.display()),
+    ];
+    let mut extra = locked_down(&caps);
+    extra.extend(["-d".into(), "--pid".into(), "host".into()]);
+    for v in &volumes {
+        extra.extend(["-v".into(), v.clone()]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let pin = format!("--pin-dir={}", env.pin_dir.display());
+    let listen = format!("--listen={addr}");
+    let out = pm.run(
+        "agent",
+        "host",
+        &extra,
+        &[
+            "/meshbpf",
+            "agent",
+            "--cgroup=/host/sys/fs/cgroup",
+            &pin,
+            "--cni-bin-dir=/host/opt/cni/bin",
+            "--cni-conf-dir=/host/etc/cni/net.d",
+            "--plugin-conf=/etc/meshbpf/plugin.json",
+            &listen,
+            "--gc-interval=1",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let logs = || pm.podman(&["logs", "agent"]);
+    let healthz = || {
+        std::net::TcpStream::connect(&addr)
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                write!(
+                    s,
+                    "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                )?;
+                let mut r = String::new();
+                s.read_to_string(&mut r)?;
+                Ok(r)
+            })
+            .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+    };
+    wait_until(healthz, || {
+        format!("the agent never got ready:\n{}", logs())
+    });
+    assert_eq!(env.attached_hooks().len(), ATTACH_TYPES.len());
+    assert!(dirs.bin.join("meshbpf-cni").exists());
+    assert!(fs::read_to_string(&primary)
+        .unwrap()
+        .contains("meshbpf-cni"));
+    let running_cookie = cookie(&running.netns);
+    wait_until(
+        || registered_cookies(&env.pin_dir).contains(&running_cookie),
+        || format!("the running pod was not found:\n{}", logs()),
+    );
+    // A pod whose namespace only the runtime's pin (made after the agent started) holds
+    // stays registered through gc; once the namespace is gone, gc unregisters it.
+    let pinned = env.pod("pinned");
+    let pinned_cookie = meshbpf::Mesh::open(&env.pin_dir)
+        .unwrap()
+        .register_netns(&pinned.netns, &meshbpf::PodSettings::default())
+        .unwrap()
+        .netns_cookie;
+    std::thread::sleep(scaled(Duration::from_millis(2500)));
+    assert!(
+        registered_cookies(&env.pin_dir).contains(&pinned_cookie),
+        "{}",
+        logs()
+    );
+    sh(Command::new("ip").args(["netns", "del", &pinned.name]));
+    wait_until(
+        || !registered_cookies(&env.pin_dir).contains(&pinned_cookie),
+        || format!("gc never unregistered the deleted pod:\n{}", logs()),
+    );
+    pm.rm("agent");
+
+    // Uninstall mode's init container, with its capabilities and volumes.
+    let caps = manifest_capabilities("uninstall.yaml", "uninstall").join(",");
+    let state = format!("{}:{}", state_parent.display(), state_parent.display());
+    let mut extra = locked_down(&caps);
+    extra.extend(["-v".into(), state]);
+    for v in [&volumes[0], &volumes[3], &volumes[4], &volumes[5]] {
+        extra.extend(["-v".into(), v.clone()]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let out = pm.run(
+        "uninstall",
+        "host",
+        &extra,
+        &[
+            "/meshbpf",
+            "agent",
+            "--uninstall",
+            &pin,
+            "--cni-bin-dir=/host/opt/cni/bin",
+            "--cni-conf-dir=/host/etc/cni/net.d",
+            "--plugin-conf=/etc/meshbpf/plugin.json",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(env.attached_hooks().is_empty());
+    assert!(!env.pin_dir.exists());
+    assert!(!dirs.bin.join("meshbpf-cni").exists());
+    assert!(!fs::read_to_string(&primary)
+        .unwrap()
+        .contains("meshbpf-cni"));
+    assert!(!state_parent.join("cni").exists());
+}

@@ -67,6 +67,7 @@ declare -A skipped=(
 # intranode over 15 min with a test timing out).
 declare -A skipped_binaries=(
     [deploy]="the manifests against Kubernetes' schemas (Python): no kernel involved"
+    [chart]="the Helm chart, rendered by helm-python-sdk (Python, on the host only); its capability test loads the programs the others run here, under setpriv"
     [docs]="the book's links and its CLI page against --help (mdbook, which scripts/test.sh installs on the host only): no kernel involved"
     [layers]="the source tree's module graph: no kernel involved"
     [istio]="the Sidecar resource and the injection values, generated in userspace: no kernel involved"

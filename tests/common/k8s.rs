@@ -138,6 +138,19 @@ impl CniDirs {
         std::fs::create_dir_all(&dirs.conf).unwrap();
         dirs
     }
+
+    /// Writes a primary network configuration (a one-plugin conflist, as a primary CNI would)
+    /// into the conf dir; returns its path.
+    #[track_caller]
+    pub fn primary(&self) -> PathBuf {
+        let path = self.conf.join("10-kindnet.conflist");
+        std::fs::write(
+            &path,
+            r#"{"cniVersion":"1.0.0","name":"kindnet","plugins":[{"type":"ptp"}]}"#,
+        )
+        .unwrap();
+        path
+    }
 }
 
 /// `meshbpf agent` for this env's pin dir and these CNI dirs, with `plugin_conf` (JSON
@@ -285,4 +298,36 @@ impl Drop for Agent {
             }
         }
     }
+}
+
+/// A free TCP port on loopback: for an agent's endpoint, or an outbound port no sidecar on
+/// this machine listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on loopback")
+        .port()
+}
+
+/// A pod running before the agent: its sidecar (the proxy uid) listens on an outbound port
+/// nothing else here uses (other tests' sidecars are not this agent's to find), returned.
+#[track_caller]
+pub fn pod_with_running_sidecar(
+    env: &mut super::Env,
+    name: &str,
+) -> (super::Pod, super::Proc, u16) {
+    let outbound = free_port();
+    let pod = env.pod(name);
+    let sidecar = pod.spawn(
+        super::PROXY_UID,
+        &super::example("sidecar"),
+        &[
+            "--outbound-port",
+            &outbound.to_string(),
+            "--dns-port",
+            "15053",
+        ],
+    );
+    sidecar.wait_for("listening dns-udp=[::1]");
+    (pod, sidecar, outbound)
 }

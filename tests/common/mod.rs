@@ -20,6 +20,7 @@ use meshbpf::Mesh;
 
 pub mod envoy;
 pub mod k8s;
+pub mod manifests;
 
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
 pub const ATTACH_TYPES: [&str; 17] = [
