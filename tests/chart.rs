@@ -814,6 +814,8 @@ fn agent_work(
         ("--plugin-conf", conf_file.to_str().unwrap()),
         ("--listen", &addr),
         ("--gc-interval", "1"),
+        ("--log-level", "debug"),
+        ("--log-format", "text"),
     ];
     let mut agent_args = chart_command(&json!({}), "agent", &places);
     // The image holds meshbpf-cni beside meshbpf, which is where the agent looks by default.
