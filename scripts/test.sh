@@ -30,3 +30,10 @@ export MESHBPF_MDBOOK="$mdbook"
 # Unit, end-to-end and doc tests; `cargo test` also builds examples/ and the test-support
 # workloads, which the end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
 cargo test "$@"
+
+# The whole suite (no arguments): the library's docs build, and the crate packages and builds
+# from its package, also as docs.rs builds it (no clang): scripts/package.sh.
+if [ $# -eq 0 ]; then
+    cargo doc --no-deps --quiet -p meshbpf
+    scripts/package.sh
+fi

@@ -20,8 +20,48 @@
 //! Features: `cli` (default) builds the `meshbpf` and `meshbpf-cni` binaries and the modules
 //! only they need ([`cni`], [`agent`], [`PodOptions`], [`parse_annotations`]), with clap,
 //! anyhow and serde_json; `serde` (part of `cli`) makes the public types `Serialize`;
-//! `static` links libelf and zlib statically. A mesh tool that only registers pods needs
-//! none: `default-features = false`.
+//! `static` links libelf and zlib statically; `bench` compiles the benchmarks' probe
+//! program (scripts/bench.sh). A mesh tool that only registers pods needs none:
+//! `default-features = false`. No libbpf-rs type is part of the API: a failed BPF
+//! operation's cause is a [`BoxedError`].
+//!
+//! # Architecture
+//!
+//! The modules form layers; a lower one never imports a higher one, and a type two layers
+//! share lives in the lower one (`tests/layers.rs` fails on an import cycle):
+//!
+//! ```text
+//!  bins: meshbpf (CLI), meshbpf-cni         parse, call the library, print; no BPF logic
+//!  cni · agent · istio                      (feature cli) the plugin, the node agent
+//!  mesh: register · lists · status · gc     a pod's registration, through the pinned maps
+//!  trace: reason · tracer · explain         why a connection was, or was not, captured
+//!  attach                                   the only place choosing fresh | in place | upgrade
+//!  migrate (layout steps)                   uses pins only
+//!  pins: dir · lock · reclaim · load · meta · links · pod · remove   primitives only
+//!  pod: settings · options · presets        what register stores, from flags/annotations
+//!  netns · probe · mapio · loadlog · origin
+//!  abi (generated from meshbpf.h) · cidr · error · system · skel    the ground floor
+//! ```
+//!
+//! Where a change belongs, by subject:
+//!
+//! - `src/bpf/`: the BPF C, one `*.bpf.c` per concern, `meshbpf.h` the ABI with Rust;
+//!   `build/` compiles, links and generates the skeleton and `abi_gen.rs` from it.
+//! - `abi`: the map structs and constants, from the skeleton's types; `cidr`: IP prefixes;
+//!   `error`: every failure with its fix; `system`: kernel, capabilities, mounts, cgroups.
+//! - `pins/`: the pin directory in bpffs: `dir` (its safety checks and state), `lock`,
+//!   `reclaim` (its name taken back), `load` (the programs and their maps), `meta`
+//!   (`meta_map`), `links` (attach order and links), `pod` (per-pod sk_lookup programs),
+//!   `remove` (drain and detach).
+//! - `attach`: fresh attach, replace in place or upgrade; `migrate`: one step per layout.
+//! - `pod/`: `settings` (a pod's capture settings and their wire form), `options` (the same
+//!   as flags), `presets` (Istio's annotations).
+//! - `mesh/`: [`Mesh`]: `register` (register, unregister, addresses), `lists` (list
+//!   generations), `status` (pods, counters, map usage), `gc`.
+//! - `trace/`: `reason` (the words of a decision), `tracer` ([`Tracer`]), `explain`.
+//! - `netns`, `probe` (kernel features), `mapio` (map reads), `loadlog` (libbpf's load
+//!   messages), `origin` (`SO_ORIGINAL_DST` for the sidecar).
+//! - `cni/`: `conf`, `routes`, `state`, `commands`; `agent/`: the node agent.
 
 #![warn(missing_docs)]
 
@@ -49,7 +89,7 @@ mod trace;
 
 pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
 pub use cidr::Cidr;
-pub use error::{Error, Result};
+pub use error::{BoxedError, Error, Result};
 pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
