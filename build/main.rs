@@ -24,12 +24,12 @@ use clang::find_clang;
 const BPF_DIR: &str = "src/bpf";
 /// The program loaded once per registered pod rather than once per node.
 const PER_POD: &str = "lookup.bpf.c";
-/// The benchmark's own program (benches/util/bpf_stats.rs loads it), compiled here because a
-/// bench target has no build script of its own; only with feature `bench`, which the
-/// benchmarks require (scripts/bench.sh passes it), so other builds skip it.
 /// Where scripts/package.sh puts the compiled objects a published crate ships, so that a
 /// build without clang (docs.rs) can still generate the skeleton.
 const PREBUILT: &str = "bpf-prebuilt";
+/// The benchmark's own program (benches/util/bpf_stats.rs loads it), compiled here because a
+/// bench target has no build script of its own; only with feature `bench`, which the
+/// benchmarks require (scripts/bench.sh passes it), so other builds skip it.
 const BENCH_PROBE: &str = "benches/util/storage_probe.bpf.c";
 
 fn main() {
