@@ -20,6 +20,6 @@ cp "$out/meshbpf.bpf.o" "$out/bpf-objs/lookup.bpf.o" bpf-prebuilt/
 # As docs.rs builds: DOCS_RS set and no clang to be found (its own target dir, so that the
 # main one keeps its BPF build).
 DOCS_RS=1 MESHBPF_CLANG=/nonexistent/clang CARGO_TARGET_DIR=target/docs-rs \
-    cargo doc --quiet --no-deps --lib --no-default-features --features serde
+    cargo doc --quiet --no-deps -p meshbpf --features cli
 # --allow-dirty: bpf-prebuilt/ is generated, not in git.
 cargo package -p meshbpf --allow-dirty "$@"

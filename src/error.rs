@@ -362,18 +362,22 @@ impl<T> Context<T> for std::result::Result<T, libbpf_rs::Error> {
 
 impl<T> Context<T> for std::result::Result<T, io::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|cause| Error::Io {
-            context: context(),
-            cause,
-        })
+        self.map_err(|cause| Error::io(context(), cause))
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, nix::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|errno| Error::Io {
-            context: context(),
-            cause: errno.into(),
-        })
+        self.map_err(|errno| Error::io(context(), errno))
+    }
+}
+
+impl Error {
+    /// A failed system call ([`Error::Io`]): what was being done, and the OS error.
+    pub fn io(context: String, cause: impl Into<io::Error>) -> Error {
+        Error::Io {
+            context,
+            cause: cause.into(),
+        }
     }
 }

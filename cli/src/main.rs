@@ -69,7 +69,12 @@ mod stdout {
 
 /// eBPF traffic capture for service-mesh sidecars, in place of iptables.
 #[derive(Parser)]
-#[command(version, about)]
+// The library's description, as before the workspace split (a bare `about` would print this
+// crate's, meshbpf-cli's).
+#[command(
+    version,
+    about = "eBPF cgroup socket hooks that replace a service-mesh sidecar's iptables traffic capture"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -288,7 +293,7 @@ struct AgentArgs {
     #[arg(long, value_name = "PATH")]
     plugin_binary: Option<PathBuf>,
     /// Where to serve /healthz and /metrics ("none": not served).
-    #[arg(long, default_value = meshbpf::agent::DEFAULT_LISTEN)]
+    #[arg(long, default_value = meshbpf_cli::agent::DEFAULT_LISTEN)]
     listen: String,
     /// Seconds between two gc runs (pods whose network namespace is gone).
     #[arg(long, default_value_t = 60)]
@@ -304,7 +309,7 @@ struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn config(&self) -> anyhow::Result<meshbpf::agent::AgentConfig> {
+    fn config(&self) -> anyhow::Result<meshbpf_cli::agent::AgentConfig> {
         let text = match &self.plugin_conf {
             Some(file) => Some(
                 std::fs::read_to_string(file)
@@ -316,7 +321,7 @@ impl AgentArgs {
             Some(path) => path.clone(),
             None => std::env::current_exe()
                 .context("locating this program")?
-                .with_file_name(meshbpf::cni::PLUGIN_TYPE),
+                .with_file_name(meshbpf_cni::PLUGIN_TYPE),
         };
         let listen = match self.listen.as_str() {
             "none" => None,
@@ -326,14 +331,14 @@ impl AgentArgs {
                 ))
             })?),
         };
-        Ok(meshbpf::agent::AgentConfig {
+        Ok(meshbpf_cli::agent::AgentConfig {
             cgroup: self.cgroup.clone(),
             pin_dir: self.pin.pin_dir.clone(),
             attach: meshbpf::AttachOptions::with_sockmap(!self.no_sockmap),
             cni_bin_dir: self.cni_bin_dir.clone(),
             cni_conf_dir: self.cni_conf_dir.clone(),
             plugin_binary,
-            plugin_entry: meshbpf::agent::plugin_entry(text.as_deref(), &self.pin.pin_dir)?,
+            plugin_entry: meshbpf_cli::agent::plugin_entry(text.as_deref(), &self.pin.pin_dir)?,
             listen,
             gc_interval: std::time::Duration::from_secs(self.gc_interval.max(1)),
             discover: !self.no_discover,
@@ -345,10 +350,10 @@ impl AgentArgs {
 fn run_agent(args: &AgentArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     if args.uninstall {
-        return Ok(meshbpf::agent::uninstall(&config)?);
+        return Ok(meshbpf_cli::agent::uninstall(&config)?);
     }
     let stop = stop_on_signals()?;
-    Ok(meshbpf::agent::run(&config, &stop)?)
+    Ok(meshbpf_cli::agent::run(&config, &stop)?)
 }
 
 /// A flag raised at SIGTERM, SIGINT or SIGHUP, which a thread of its own waits for.

@@ -14,7 +14,7 @@ use common::*;
 fn demo() -> Command {
     let bin: PathBuf = cli().parent().expect("target dir").to_path_buf();
     let mut cmd = Command::new("bash");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/demo.sh"))
+    cmd.arg(repo_root().join("scripts/demo.sh"))
         .env("MESHBPF_DEMO_BIN", bin)
         .stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls between fork and exec: a session of its own (so

@@ -9,12 +9,10 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::skip;
+use common::{repo_root, skip};
 
 fn deploy(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("deploy")
-        .join(name)
+    repo_root().join("deploy").join(name)
 }
 
 /// kubernetes-validate: `MESHBPF_KUBERNETES_VALIDATE`, the virtualenv scripts/deps.sh makes,
@@ -123,9 +121,9 @@ fn the_configmap_s_plugin_conf_is_accepted_and_matches_the_daemonset() {
             .to_string()
     };
     let pin_dir = flag("pin-dir");
-    let entry = meshbpf::agent::plugin_entry(Some(&conf), Path::new(&pin_dir))
+    let entry = meshbpf_cli::agent::plugin_entry(Some(&conf), Path::new(&pin_dir))
         .unwrap_or_else(|e| panic!("{e}\n{conf}"));
-    let parsed = meshbpf::cni::PluginConf::parse(entry.to_string().as_bytes()).unwrap();
+    let parsed = meshbpf_cni::PluginConf::parse(entry.to_string().as_bytes()).unwrap();
     assert_eq!(parsed.pin_dir, Path::new(&pin_dir));
     assert!(
         parsed.state_dir.starts_with("/run/meshbpf"),

@@ -11,12 +11,14 @@ use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const CLI_MD: &str = "docs/src/cli.md";
 const BLESS: &str = "MESHBPF_BLESS=1 cargo test --test docs";
 
+/// The workspace's root (the book, the README): this test is the cli crate's, cli/tests/.
 fn root() -> &'static Path {
-    Path::new(ROOT)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ is inside the workspace")
 }
 
 fn read(path: &Path) -> String {

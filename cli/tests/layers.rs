@@ -20,9 +20,12 @@ const GROUND_FLOOR: &[(&str, &[&str])] = &[
 
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-/// The library's source directory.
+/// The library's source directory, the workspace root's src/ (this test is the cli crate's).
 fn src_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ is inside the workspace")
+        .join("src")
 }
 
 /// Every `.rs` file under `dir`, except the binaries' and the BPF C's directories.

@@ -25,7 +25,7 @@ struct Layout(u32, &'static str);
 /// test is seen, and fails under CI (scripts/deps.sh installs git; CI clones whole).
 #[track_caller]
 fn history() -> bool {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &repo_root();
     let git = |args: &[&str]| Command::new("git").arg("-C").arg(root).args(args).output();
     let missing: Vec<String> = match git(&["--version"]) {
         Err(e) => vec![format!(
@@ -65,7 +65,7 @@ fn meshbpf_of(Layout(layout, commit): Layout) -> PathBuf {
     if let Some((_, bin)) = built.iter().find(|(c, _)| *c == commit) {
         return bin.clone();
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = &repo_root();
     let dir = root.join("target/previous-layout").join(&commit[..12]);
     let bin = dir.join("target/debug/meshbpf");
     if !bin.exists() {

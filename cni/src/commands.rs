@@ -7,10 +7,10 @@ use std::path::{Path, PathBuf};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::error::Error;
-use crate::mesh::{Mesh, DEFAULT_PIN_DIR};
-use crate::netns::Netns;
-use crate::pod::settings::PodSettings;
+use meshbpf::Error;
+use meshbpf::Netns;
+use meshbpf::PodSettings;
+use meshbpf::{Mesh, DEFAULT_PIN_DIR};
 
 use super::*;
 

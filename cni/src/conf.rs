@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use crate::mesh::DEFAULT_PIN_DIR;
-use crate::netns::Netns;
-use crate::pod::options::PodOptions;
-use crate::pod::presets::{read_istio_annotations, IstioAnnotations};
-use crate::pod::settings::PodSettings;
+use meshbpf::Netns;
+use meshbpf::PodOptions;
+use meshbpf::PodSettings;
+use meshbpf::DEFAULT_PIN_DIR;
+use meshbpf::{read_istio_annotations, IstioAnnotations};
 
 use super::*;
 

@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::pod::options::PodOptions;
+use meshbpf::PodOptions;
 
 pub use conf::{Decision, PluginConf, Registration};
 #[allow(unused_imports)]
@@ -129,14 +129,14 @@ pub struct Outcome {
 }
 
 /// Log lines, to stderr (or whatever the caller gives) and to the conf's `log_file`.
-pub(super) struct Log<'a> {
-    pub(super) out: &'a mut dyn Write,
-    pub(super) file: Option<File>,
-    pub(super) prefix: String,
+pub(crate) struct Log<'a> {
+    pub(crate) out: &'a mut dyn Write,
+    pub(crate) file: Option<File>,
+    pub(crate) prefix: String,
 }
 
 impl Log<'_> {
-    pub(super) fn line(&mut self, message: impl Display) {
+    pub(crate) fn line(&mut self, message: impl Display) {
         let line = format!("{}: {message}\n", self.prefix);
         let _ = self.out.write_all(line.as_bytes());
         if let Some(file) = &mut self.file {
@@ -144,7 +144,7 @@ impl Log<'_> {
         }
     }
 
-    pub(super) fn open_file(&mut self, path: Option<&Path>) {
+    pub(crate) fn open_file(&mut self, path: Option<&Path>) {
         let Some(path) = path else { return };
         match OpenOptions::new().create(true).append(true).open(path) {
             Ok(file) => self.file = Some(file),
@@ -198,13 +198,13 @@ pub fn run(env: &Environment, stdin: &[u8], log: &mut dyn Write) -> Outcome {
 
 /// The conf's `log_file` if the conf is a JSON object naming an absolute path there, whatever
 /// else is wrong with it.
-pub(super) fn lenient_log_file(stdin: &[u8]) -> Option<PathBuf> {
+pub(crate) fn lenient_log_file(stdin: &[u8]) -> Option<PathBuf> {
     let conf: Value = serde_json::from_slice(stdin).ok()?;
     let path = Path::new(conf.get("log_file")?.as_str()?);
     path.is_absolute().then(|| path.to_path_buf())
 }
 
-pub(super) fn failure(log: &mut Log, cni_version: String, err: ErrorResult) -> Outcome {
+pub(crate) fn failure(log: &mut Log, cni_version: String, err: ErrorResult) -> Outcome {
     log.line(format!("error {}: {} ({})", err.code, err.msg, err.details));
     let body = json!({
         "cniVersion": cni_version,
@@ -219,14 +219,14 @@ pub(super) fn failure(log: &mut Log, cni_version: String, err: ErrorResult) -> O
 }
 
 /// The `cniVersion` of the input, for the output; the newest when there is none.
-pub(super) fn version_of(stdin: &[u8]) -> String {
+pub(crate) fn version_of(stdin: &[u8]) -> String {
     serde_json::from_slice::<Value>(stdin)
         .ok()
         .and_then(|v| Some(v.get("cniVersion")?.as_str()?.to_string()))
         .unwrap_or_else(|| "1.1.0".into())
 }
 
-pub(super) fn version(stdin: &[u8]) -> Vec<u8> {
+pub(crate) fn version(stdin: &[u8]) -> Vec<u8> {
     json!({"cniVersion": version_of(stdin), "supportedVersions": SUPPORTED_VERSIONS})
         .to_string()
         .into_bytes()

@@ -1,10 +1,10 @@
-//! `meshbpf-cni`: the chained CNI plugin over the meshbpf library (see `meshbpf::cni`).
+//! `meshbpf-cni`: the chained CNI plugin over the meshbpf library (the plugin is this crate's library).
 //! Stdout carries only the result or the error JSON; log lines go to stderr.
 
 use std::io::{Read, Write};
 use std::process::ExitCode;
 
-use meshbpf::cni;
+use meshbpf_cni as cni;
 
 fn main() -> ExitCode {
     let env: cni::Environment = std::env::vars()

@@ -4,8 +4,8 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crate::cidr::Cidr;
-use crate::netns::Netns;
+use meshbpf::Cidr;
+use meshbpf::Netns;
 
 /// What a pod routes out of some of its interfaces.
 #[derive(Debug, Default)]

@@ -1,8 +1,8 @@
 //! The plugin's unit tests: conf parsing, settings, routes, state files.
 
 use super::*;
-use crate::cidr::Cidr;
-use crate::pod::settings::PodSettings;
+use meshbpf::Cidr;
+use meshbpf::PodSettings;
 
 fn parse(text: &str) -> Result<PluginConf, ErrorResult> {
     PluginConf::parse(text.as_bytes())

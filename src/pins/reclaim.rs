@@ -34,7 +34,7 @@ pub(super) fn aside_name(path: &Path, uid: u32) -> PathBuf {
 /// between; nothing of theirs is read, followed or deleted. Returns where their entry
 /// went; none when the name was not taken (anything else wrong with the directory is for
 /// the attach to refuse, as before).
-pub(crate) fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
+pub fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(None);
     };

@@ -30,8 +30,10 @@ use nix::fcntl::{renameat2, RenameFlags};
 
 use serde_json::{json, Value};
 
-use crate::cni::PLUGIN_TYPE;
-use crate::error::{Context, Error, Result};
+use meshbpf::{Error, Result};
+use meshbpf_cni::PLUGIN_TYPE;
+
+use crate::agent::context::Context;
 
 /// The key under which a `.conflist` that [`insert`] made of a `.conf` keeps that `.conf`.
 const WRAPPED_KEY: &str = "meshbpfWrappedConf";

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Stats;
-use crate::mesh::Mesh;
+use meshbpf::Mesh;
 
 /// Serves `listener` on a thread of its own, for as long as the process runs.
 pub(super) fn serve(listener: TcpListener, pin_dir: &Path, stats: Arc<Stats>) {
@@ -110,7 +110,7 @@ pub(super) fn metrics(pin_dir: &Path, stats: &Stats) -> String {
             .collect();
         let pods = usage
             .iter()
-            .find(|(name, ..)| *name == crate::abi::map::COOKIE_MAP)
+            .find(|(name, ..)| *name == meshbpf::REGISTRATIONS_MAP)
             .map_or(0, |(_, entries, _)| *entries);
         family(
             &mut out,

@@ -9,6 +9,7 @@
 //! down. [`uninstall`] removes the plugin and its entry, then detaches.
 
 pub mod conflist;
+mod context;
 pub mod discover;
 mod http;
 
@@ -25,13 +26,15 @@ use nix::poll::{poll, PollFd, PollFlags};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde_json::Value;
 
-use crate::cni::{PluginConf, ANNOTATIONS_CAPABILITY, PLUGIN_TYPE};
-use crate::error::{Context, Error, Result};
-use crate::mesh::{Mesh, DEFAULT_PIN_DIR};
-use crate::netns::Netns;
-use crate::pins::AttachOptions;
-use crate::pod::settings::PodSettings;
+use meshbpf::{Error, Result};
+use meshbpf_cni::{PluginConf, ANNOTATIONS_CAPABILITY, PLUGIN_TYPE};
+
+use crate::agent::context::Context;
 use conflist::Insertion;
+use meshbpf::AttachOptions;
+use meshbpf::Netns;
+use meshbpf::PodSettings;
+use meshbpf::{Mesh, DEFAULT_PIN_DIR};
 
 /// The agent's address for `/healthz` and `/metrics` unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9190";
@@ -150,7 +153,7 @@ pub fn run(config: &AgentConfig, stop: &AtomicBool) -> Result<()> {
     let settings = entry_settings(&config.plugin_entry)?;
     // A pin directory another user made first (a bpffs mounted by hand is 1777) would stop
     // every attach for good: take the name back, their entry kept whole beside it.
-    match crate::pins::reclaim(&config.pin_dir) {
+    match meshbpf::reclaim_pin_dir(&config.pin_dir) {
         Ok(Some(aside)) => say(format!(
             "{} had been made by another user before meshbpf; moved it, as it was, to {}",
             config.pin_dir.display(),
@@ -406,7 +409,7 @@ pub fn uninstall(config: &AgentConfig) -> Result<()> {
             _ => {}
         }
     }
-    if crate::mesh::detach(&config.pin_dir)? {
+    if meshbpf::detach(&config.pin_dir)? {
         say(format!(
             "detached; removed every pin under {}",
             config.pin_dir.display()

@@ -7,9 +7,35 @@ use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// The plugin binary cargo built for these tests.
+/// The plugin binary, beside `meshbpf` in the workspace's target directory: it is another
+/// crate's (cni/), which `cargo build` and scripts/test.sh build, but not `cargo test` of
+/// this crate alone. Refused when missing or older than its sources, never run stale.
 pub fn cni_plugin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshbpf-cni"))
+    let bin = super::cli().with_file_name("meshbpf-cni");
+    let built = std::fs::metadata(&bin)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}; run `cargo build -p meshbpf-cni`", bin.display()));
+    let root = super::repo_root();
+    let mut dirs = vec![root.join("cni/src"), root.join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t > built)
+            {
+                panic!(
+                    "{} is older than {}; run `cargo build -p meshbpf-cni`",
+                    bin.display(),
+                    path.display()
+                );
+            }
+        }
+    }
+    bin
 }
 
 /// What one plugin invocation printed, and how it exited.

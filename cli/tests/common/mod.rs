@@ -108,7 +108,8 @@ pub fn example(name: &str) -> PathBuf {
     let path = profile_dir().join("examples").join(name);
     assert!(
         path.exists(),
-        "{} is missing: run the tests with `cargo test` (it builds examples)",
+        "{} is missing: run the tests with `cargo test` (it builds examples), or first \
+         `cargo build --examples -p meshbpf`",
         path.display()
     );
     path
@@ -158,9 +159,25 @@ pub fn command_via_fd(program: &Path) -> Command {
     cmd
 }
 
-/// The meshbpf CLI.
+/// The meshbpf CLI: cargo's for the tests (the cli crate's); for the benchmarks (the
+/// library crate's, which share this harness) the one beside them in the target directory,
+/// which scripts/bench.sh builds first.
 pub fn cli() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_meshbpf"))
+    match option_env!("CARGO_BIN_EXE_meshbpf") {
+        Some(bin) => PathBuf::from(bin),
+        None => profile_dir().join("meshbpf"),
+    }
+}
+
+/// The workspace's root, which holds Cargo.lock: scripts/, deploy/, target/, the git
+/// history (the tests are the cli crate's, cli/tests/; the benchmarks the root's).
+pub fn repo_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir
+        .ancestors()
+        .find(|dir| dir.join("Cargo.lock").exists())
+        .unwrap_or(manifest_dir)
+        .to_path_buf()
 }
 
 #[track_caller]
