@@ -7,7 +7,7 @@
 #   needs the crates.io index), --list]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=$(cargo build --lib --quiet --message-format=json | python3 -c '
+out=$(cargo build -p meshbpf --lib --quiet --message-format=json | python3 -c '
 import json, os, sys
 for line in sys.stdin:
     msg = json.loads(line)

@@ -14,7 +14,7 @@ cargo build --quiet
 
 # The book (docs/): mdBook from crates.io, installed once into target/tools (4.5 minutes to
 # build on this project's 2-vCPU machines; nothing when it is there), built into target/book.
-# tests/docs.rs (run by `cargo test` below) builds it again, checks every link and anchor of
+# cli/tests/docs.rs (run by `cargo test` below) builds it again, checks every link and anchor of
 # its pages and of the README, and that docs/src/cli.md is the binary's own --help.
 mdbook_version=0.5.4
 mdbook="$PWD/target/tools/bin/mdbook"
