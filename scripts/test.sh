@@ -31,9 +31,11 @@ export MESHBPF_MDBOOK="$mdbook"
 # workloads, which the end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
 cargo test "$@"
 
-# The whole suite (no arguments): the library's docs build, and the crate packages and builds
-# from its package, also as docs.rs builds it (no clang): scripts/package.sh.
+# The whole suite (no arguments): the library's docs build with its default features (none:
+# as a mesh tool depending on it gets them) and no rustdoc warning (a link to an item that
+# is private or behind a feature), and the crate packages and builds from its package, also
+# as docs.rs builds it (no clang): scripts/package.sh.
 if [ $# -eq 0 ]; then
-    cargo doc --no-deps --quiet -p meshbpf
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet -p meshbpf
     scripts/package.sh
 fi

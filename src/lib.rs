@@ -19,8 +19,8 @@
 //!
 //! This crate is the library alone (no feature by default). The `meshbpf` command line and
 //! node agent are the crate meshbpf-cli, the CNI plugin `meshbpf-cni` the crate meshbpf-cni.
-//! Features: `cli`, which those ask for, adds [`PodOptions`] (clap) and
-//! [`parse_annotations`] (serde_json); `serde` (part of `cli`) makes the public types
+//! Features: `cli`, which those ask for, adds `PodOptions` (clap) and
+//! `parse_annotations` (serde_json); `serde` (part of `cli`) makes the public types
 //! `Serialize`; `static` links libelf and zlib statically; `bench` compiles the benchmarks'
 //! probe program (scripts/bench.sh). A mesh tool that only registers pods needs none. No
 //! libbpf-rs type is part of the API: a failed BPF operation's cause is a [`BoxedError`].
