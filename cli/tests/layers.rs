@@ -28,7 +28,7 @@ fn src_dir() -> PathBuf {
         .join("src")
 }
 
-/// Every `.rs` file under `dir`, except the binaries' and the BPF C's directories.
+/// Every `.rs` file under `dir`, except the BPF C's directory.
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     let mut entries: Vec<_> = fs::read_dir(dir)
         .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
@@ -38,7 +38,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for path in entries {
         if path.is_dir() {
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if name != "bin" && name != "bpf" {
+            if name != "bpf" {
                 rust_files(&path, out);
             }
         } else if path.extension().is_some_and(|e| e == "rs") {
