@@ -22,7 +22,7 @@
 //! Writes docs/bench-compare.{md,json,svg} (with `--quick` or `--only`, target/bench-compare/
 //! instead). Run as root: `scripts/bench.sh compare [--quick] [--only PHASES]`.
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../cli/tests/common/mod.rs"]
 mod common;
 mod util;
 

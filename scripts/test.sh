@@ -14,7 +14,7 @@ cargo build --quiet
 
 # The book (docs/): mdBook from crates.io, installed once into target/tools (4.5 minutes to
 # build on this project's 2-vCPU machines; nothing when it is there), built into target/book.
-# tests/docs.rs (run by `cargo test` below) builds it again, checks every link and anchor of
+# cli/tests/docs.rs (run by `cargo test` below) builds it again, checks every link and anchor of
 # its pages and of the README, and that docs/src/cli.md is the binary's own --help.
 mdbook_version=0.5.4
 mdbook="$PWD/target/tools/bin/mdbook"
@@ -30,3 +30,12 @@ export MESHBPF_MDBOOK="$mdbook"
 # Unit, end-to-end and doc tests; `cargo test` also builds examples/ and the test-support
 # workloads, which the end-to-end tests run. Benchmarks are not run here: see scripts/bench.sh.
 cargo test "$@"
+
+# The whole suite (no arguments): the library's docs build with its default features (none:
+# as a mesh tool depending on it gets them) and no rustdoc warning (a link to an item that
+# is private or behind a feature), and the crate packages and builds from its package, also
+# as docs.rs builds it (no clang): scripts/package.sh.
+if [ $# -eq 0 ]; then
+    RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --quiet -p meshbpf
+    scripts/package.sh
+fi

@@ -30,6 +30,8 @@ pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;
 /// asserts it at compile time). Older attachments must be detached or upgraded by an
 /// intermediate release.
 pub(crate) const OLDEST_UPGRADABLE_LAYOUT: u32 = 7;
+/// The map holding every registered pod's settings, by netns cookie (`cookie_map`).
+pub const REGISTRATIONS_MAP: &str = map::COOKIE_MAP;
 /// How many pods one node can register (`MAX_PODS` in meshbpf.h).
 pub const MAX_PODS: u32 = consts::MAX_PODS.0;
 /// `NO_GID` in meshbpf.h: a pod without a proxy gid.

@@ -6,6 +6,11 @@ use std::path::PathBuf;
 /// A `Result` whose error is [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// The cause of a failed BPF operation, as the BPF library reported it. Boxed, so that no
+/// type of that library (libbpf-rs) is part of meshbpf's API: a dependent's tree need not
+/// hold the same libbpf-rs version.
+pub type BoxedError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Everything that can go wrong in meshbpf, with the fix in the message. New variants may
 /// come in any release: match with a `_` arm.
 #[derive(Debug, thiserror::Error)]
@@ -165,7 +170,7 @@ pub enum Error {
         /// libbpf's messages.
         detail: String,
         /// The error the load returned (part of the message, so not also a `source()`).
-        cause: libbpf_rs::Error,
+        cause: BoxedError,
     },
 
     /// Nothing is attached under the pin directory.
@@ -302,7 +307,7 @@ pub enum Error {
         /// What was being done.
         context: String,
         /// libbpf's error (part of the message, so not also a `source()`).
-        cause: libbpf_rs::Error,
+        cause: BoxedError,
     },
 
     /// A system call failed.
@@ -350,25 +355,29 @@ impl<T> Context<T> for std::result::Result<T, libbpf_rs::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|cause| Error::Bpf {
             context: context(),
-            cause,
+            cause: cause.into(),
         })
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, io::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|cause| Error::Io {
-            context: context(),
-            cause,
-        })
+        self.map_err(|cause| Error::io(context(), cause))
     }
 }
 
 impl<T> Context<T> for std::result::Result<T, nix::Error> {
     fn context(self, context: impl FnOnce() -> String) -> Result<T> {
-        self.map_err(|errno| Error::Io {
-            context: context(),
-            cause: errno.into(),
-        })
+        self.map_err(|errno| Error::io(context(), errno))
+    }
+}
+
+impl Error {
+    /// A failed system call ([`Error::Io`]): what was being done, and the OS error.
+    pub fn io(context: String, cause: impl Into<io::Error>) -> Error {
+        Error::Io {
+            context,
+            cause: cause.into(),
+        }
     }
 }

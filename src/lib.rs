@@ -17,21 +17,61 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Features: `cli` (default) builds the `meshbpf` and `meshbpf-cni` binaries and the modules
-//! only they need ([`cni`], [`agent`], [`PodOptions`], [`parse_annotations`]), with clap,
-//! anyhow and serde_json; `serde` (part of `cli`) makes the public types `Serialize`;
-//! `static` links libelf and zlib statically. A mesh tool that only registers pods needs
-//! none: `default-features = false`.
+//! This crate is the library alone (no feature by default). The `meshbpf` command line and
+//! node agent are the crate meshbpf-cli, the CNI plugin `meshbpf-cni` the crate meshbpf-cni.
+//! Features: `cli`, which those ask for, adds `PodOptions` (clap) and
+//! `parse_annotations` (serde_json); `serde` (part of `cli`) makes the public types
+//! `Serialize`; `static` links libelf and zlib statically; `bench` compiles the benchmarks'
+//! probe program (scripts/bench.sh). A mesh tool that only registers pods needs none. No
+//! libbpf-rs type is part of the API: a failed BPF operation's cause is a [`BoxedError`].
+//!
+//! # Architecture
+//!
+//! The modules form layers; a lower one never imports a higher one, and a type two layers
+//! share lives in the lower one (`cli/tests/layers.rs` fails on an import cycle):
+//!
+//! ```text
+//!  crates meshbpf-cli (the `meshbpf` binary, agent/) and meshbpf-cni (the plugin: conf,
+//!  routes, state, commands): parse, call this library, print; no BPF logic
+//!  istio                                    Sidecar resources for registered pods
+//!  mesh: register · lists · status · gc     a pod's registration, through the pinned maps
+//!  trace: reason · tracer · explain         why a connection was, or was not, captured
+//!  attach                                   the only place choosing fresh | in place | upgrade
+//!  migrate (layout steps)                   uses pins only
+//!  pins: dir · lock · reclaim · load · meta · links · pod · remove   primitives only
+//!  pod: settings · options · presets        what register stores, from flags/annotations
+//!  netns · probe · mapio · loadlog · origin
+//!  abi (generated from meshbpf.h) · cidr · error · system · skel    the ground floor
+//! ```
+//!
+//! Where a change belongs, by subject:
+//!
+//! - `src/bpf/`: the BPF C, one `*.bpf.c` per concern, `meshbpf.h` the ABI with Rust;
+//!   `build/` compiles, links and generates the skeleton and `abi_gen.rs` from it.
+//! - `abi`: the map structs and constants, from the skeleton's types; `cidr`: IP prefixes;
+//!   `error`: every failure with its fix; `system`: kernel, capabilities, mounts, cgroups.
+//! - `pins/`: the pin directory in bpffs: `dir` (its safety checks and state), `lock`,
+//!   `reclaim` (its name taken back), `load` (the programs and their maps), `meta`
+//!   (`meta_map`), `links` (attach order and links), `pod` (per-pod sk_lookup programs),
+//!   `remove` (drain and detach).
+//! - `attach`: fresh attach, replace in place or upgrade; `migrate`: one step per layout.
+//! - `pod/`: `settings` (a pod's capture settings and their wire form), `options` (the same
+//!   as flags), `presets` (Istio's annotations).
+//! - `mesh/`: [`Mesh`]: `register` (register, unregister, addresses), `lists` (list
+//!   generations), `status` (pods, counters, map usage), `gc`.
+//! - `trace/`: `reason` (the words of a decision), `tracer` ([`Tracer`]), `explain`.
+//! - `netns`, `probe` (kernel features), `mapio` (map reads), `loadlog` (libbpf's load
+//!   messages), `origin` (`SO_ORIGINAL_DST` for the sidecar).
+//! - `istio`: Istio `Sidecar` resources for registered pods.
+//! - The other crates of the workspace: `cli/` (the `meshbpf` binary in `main.rs`, the node
+//!   agent in `agent/`, the end-to-end tests in `tests/`), `cni/` (`meshbpf-cni`: `conf`,
+//!   `routes`, `state`, `commands`), `test-support/` (the workloads tests run in pods).
 
 #![warn(missing_docs)]
 
 mod abi;
-#[cfg(feature = "cli")]
-pub mod agent;
 mod attach;
 mod cidr;
-#[cfg(feature = "cli")]
-pub mod cni;
 mod error;
 pub mod istio;
 mod loadlog;
@@ -47,20 +87,23 @@ mod skel;
 mod system;
 mod trace;
 
-pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS};
+pub use abi::{COUNTER_NAMES, LAYOUT_VERSION, MAX_PODS, REGISTRATIONS_MAP};
 pub use cidr::Cidr;
-pub use error::{Error, Result};
+pub use error::{BoxedError, Error, Result};
 pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
+pub use pins::reclaim::reclaim as reclaim_pin_dir;
 pub use pins::AttachOptions;
 #[cfg(feature = "cli")]
 pub use pod::options::PodOptions;
 #[cfg(feature = "cli")]
 pub use pod::presets::parse_annotations;
-pub use pod::presets::{apply_istio_annotations, MeshPreset};
+pub use pod::presets::{
+    apply_istio_annotations, read_istio_annotations, IstioAnnotations, MeshPreset,
+};
 pub use pod::settings::{
     parse_cidr_list, parse_id_list, parse_port_list, Cidrs, InboundMode, PodSettings, Ports,
     Selection, DEFAULT_DNS_PORT, DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_PROXY_UID,

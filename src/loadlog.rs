@@ -160,17 +160,17 @@ pub(crate) fn load_error(what: &str, error: libbpf_rs::Error, log: &str) -> Erro
                 Err(missing) => missing,
                 Ok(()) => Error::LoadRefused {
                     detail: lines.join("; "),
-                    cause: error,
+                    cause: error.into(),
                 },
             }
         }
         Cause::Other { lines } if !lines.is_empty() => Error::Bpf {
             context: format!("{what} (libbpf: {})", lines.join("; ")),
-            cause: error,
+            cause: error.into(),
         },
         Cause::Other { .. } => Error::Bpf {
             context: what.to_string(),
-            cause: error,
+            cause: error.into(),
         },
     }
 }

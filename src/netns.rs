@@ -146,7 +146,7 @@ impl Netns {
     }
 
     /// The open namespace file.
-    pub(crate) fn file(&self) -> &File {
+    pub fn file(&self) -> &File {
         &self.file
     }
 

@@ -124,7 +124,7 @@ impl Mesh {
                 true => Error::PodMapFull { max: MAX_PODS },
                 false => Error::Bpf {
                     context: "writing cookie_map".into(),
-                    cause: err,
+                    cause: err.into(),
                 },
             });
         }

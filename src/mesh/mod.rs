@@ -218,7 +218,7 @@ pub(super) fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
     } else {
         Error::Bpf {
             context: format!("writing {map}"),
-            cause: err,
+            cause: err.into(),
         }
     }
 }

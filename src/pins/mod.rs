@@ -36,7 +36,7 @@ mod load;
 mod lock;
 mod meta;
 mod pod;
-mod reclaim;
+pub(crate) mod reclaim;
 mod remove;
 
 pub(crate) use dir::*;

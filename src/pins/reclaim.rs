@@ -27,14 +27,14 @@ pub(super) fn aside_name(path: &Path, uid: u32) -> PathBuf {
     path.with_file_name(format!("{name}-from-uid-{uid}"))
 }
 
-/// Takes the pin directory's name back from another user who made it first (see
-/// [`taken_by`]): their entry, whatever it is (a directory with content, a link, a file),
+/// Takes the pin directory's name back from another user who made it first (a non-root
+/// user, in a sticky world-writable parent such as a bpffs mounted by hand): their entry, whatever it is (a directory with content, a link, a file),
 /// is moved whole to `<name>-from-uid-<uid>` (or that name and a number) by one atomic
 /// exchange with a new empty directory of meshbpf's own, so the name is never free in
 /// between; nothing of theirs is read, followed or deleted. Returns where their entry
 /// went; none when the name was not taken (anything else wrong with the directory is for
 /// the attach to refuse, as before).
-pub(crate) fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
+pub fn reclaim(path: &Path) -> Result<Option<PathBuf>> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(None);
     };

@@ -32,7 +32,7 @@ pub(super) const DRAIN_GRACE: std::time::Duration = std::time::Duration::from_mi
 /// redirected already (a read empties the sockmap queue first). What is still queued is
 /// not lost: sock_hash outlives its pin while a socket is in it (each socket's psock holds
 /// the sk_msg program, which holds sock_hash) and goes when the last one closes (measured
-/// on 6.18, tests/intranode.rs). Best effort: an attachment that cannot be read (another
+/// on 6.18, cli/tests/intranode.rs). Best effort: an attachment that cannot be read (another
 /// layout) is removed without it.
 pub(super) fn drain_sockmap(pin_dir: &Path) {
     let Ok((meta_map, mut meta)) = open_meta(pin_dir) else {

@@ -241,9 +241,9 @@ pub fn read_istio_annotations(
 }
 
 /// Applies a pod's `traffic.sidecar.istio.io/*` annotations to `base` as
-/// [`read_istio_annotations`] reads them; the interfaces they name and the keys left alone
+/// `read_istio_annotations` reads them; the interfaces they name and the keys left alone
 /// are dropped (a caller holding the pod's network namespace wants the former: see
-/// [`read_istio_annotations`]).
+/// `read_istio_annotations`).
 pub fn apply_istio_annotations(
     base: PodSettings,
     annotations: &BTreeMap<String, String>,
