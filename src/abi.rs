@@ -31,7 +31,10 @@ pub const LAYOUT_VERSION: u32 = consts::MESHBPF_LAYOUT_VERSION.0;
 /// intermediate release.
 pub(crate) const OLDEST_UPGRADABLE_LAYOUT: u32 = 7;
 /// How many pods one node can register (`MAX_PODS` in meshbpf.h).
+/// (the default: `attach --max-pods` sizes it).
 pub const MAX_PODS: u32 = consts::MAX_PODS.0;
+/// How many live captured connections `origin_dst_map` holds by default (`MAX_TRACKED_CONNS`).
+pub const MAX_TRACKED_CONNS: u32 = consts::MAX_TRACKED_CONNS.0;
 /// `NO_GID` in meshbpf.h: a pod without a proxy gid.
 pub(crate) const NO_GID: u32 = consts::NO_GID.0;
 

@@ -91,9 +91,8 @@ enum Command {
         /// A cgroup v2 directory: every pod's processes must be in it or below it.
         #[arg(long, default_value = "/sys/fs/cgroup")]
         cgroup: PathBuf,
-        /// Do not attach the sockmap fast path: no connection on this node is accelerated.
-        #[arg(long)]
-        no_sockmap: bool,
+        #[command(flatten)]
+        node: NodeArgs,
         #[command(flatten)]
         pin: PinDirArg,
     },
@@ -266,14 +265,40 @@ fn print_sidecar_resource(args: &SidecarResourceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Node-wide choices of `attach` and `agent`.
+#[derive(clap::Args)]
+struct NodeArgs {
+    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
+    #[arg(long)]
+    no_sockmap: bool,
+    /// Live captured connections the node can track (origin_dst_map, 136 bytes each;
+    /// default 262144, or what the attachment has). When full, the oldest entry goes.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32)
+        .range(i64::from(meshbpf::MIN_CONNECTIONS)..=i64::from(meshbpf::MAX_CONNECTIONS_LIMIT)))]
+    max_connections: Option<u32>,
+    /// Pods the node can register (cookie_map, and the per-pod maps in proportion;
+    /// default 16384, or what the attachment has).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32)
+        .range(1..=i64::from(meshbpf::MAX_PODS_LIMIT)))]
+    max_pods: Option<u32>,
+}
+
+impl NodeArgs {
+    fn options(&self) -> meshbpf::AttachOptions {
+        meshbpf::AttachOptions::with_sockmap(!self.no_sockmap).with_sizes(meshbpf::MapSizes {
+            max_connections: self.max_connections,
+            max_pods: self.max_pods,
+        })
+    }
+}
+
 #[derive(clap::Args)]
 struct AgentArgs {
     /// A cgroup v2 directory: every pod's processes must be in it or below it.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
-    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
-    #[arg(long)]
-    no_sockmap: bool,
+    #[command(flatten)]
+    node: NodeArgs,
     /// The node's CNI bin dir, where meshbpf-cni is installed.
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
@@ -329,7 +354,7 @@ impl AgentArgs {
         Ok(meshbpf::agent::AgentConfig {
             cgroup: self.cgroup.clone(),
             pin_dir: self.pin.pin_dir.clone(),
-            attach: meshbpf::AttachOptions::with_sockmap(!self.no_sockmap),
+            attach: self.node.options(),
             cni_bin_dir: self.cni_bin_dir.clone(),
             cni_conf_dir: self.cni_conf_dir.clone(),
             plugin_binary,
@@ -508,12 +533,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Attach {
-            cgroup,
-            no_sockmap,
-            pin,
-        } => {
-            let options = meshbpf::AttachOptions::with_sockmap(!no_sockmap);
+        Command::Attach { cgroup, node, pin } => {
+            let options = node.options();
             let mesh = Mesh::attach_with(&cgroup, &pin.pin_dir, &options)?;
             let status = mesh.status().context("reading the attachment back")?;
             out!(
