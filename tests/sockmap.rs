@@ -387,11 +387,11 @@ fn a_pod_whose_connections_send_small_first_messages_stops_paying_for_sock_hash_
     let out = assert_stream(&w, &["--op", "upload", "--size", "64", "--count", "160"]);
     assert!(out.contains("connections=160"), "{out}");
     // The first 64 enter sock_hash (both ends) and leave at their small first message;
-    // from then on about one in 64 does, to notice a change.
+    // from then on about one in 16 does, to notice a change.
     let added = counter(&w.mesh, "sockmap_added");
-    assert!(added <= 2 * (64 + 12), "sockmap_added {added}");
+    assert!(added <= 2 * (64 + 16), "sockmap_added {added}");
     let not_tried = counter(&w.mesh, "sockmap_not_tried");
-    assert!(not_tried >= 84, "sockmap_not_tried {not_tried}");
+    assert!(not_tried >= 70, "sockmap_not_tried {not_tried}");
     assert_eq!(counter(&w.mesh, "sockmap_msg_redirected"), 0);
     // Connections with a large first message: the first one sampled is accelerated and
     // brings the pod back to trying every connection.
@@ -399,7 +399,7 @@ fn a_pod_whose_connections_send_small_first_messages_stops_paying_for_sock_hash_
     let mut tries = 0;
     while redirected() == 0 {
         tries += 1;
-        assert!(tries <= 1000, "no large connection was tried in 1000");
+        assert!(tries <= 200, "no large connection was tried in 200");
         assert_stream(
             &w,
             &["--op", "flood", "--size", "65536", "--duration", "0.02"],

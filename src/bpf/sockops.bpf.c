@@ -115,7 +115,7 @@ static __always_inline bool sockmap_wanted(const struct pod_settings *pod)
  * on large first messages (sockmap) or on connections that carry more than one message
  * each way (intra-node). So each pod counts its connections in a row that did not gain
  * (pod_settings.*_run, written by sk_msg, sockmap.bpf.c); from SKIP_AFTER on, only one
- * connection in 64 enters — chosen by its application-side port (the active end's), which
+ * connection in 16 enters — chosen by its application-side port (the active end's), which
  * both ends of the connection know, so that both choose alike — and one that gains sets the
  * run back to 0, after which every connection enters again. The choice is made before any
  * byte is sent, so no byte ever changes path: each connection is accelerated from its
@@ -131,11 +131,9 @@ static __always_inline bool sockmap_wanted(const struct pod_settings *pod)
 
 static __always_inline bool worth_trying(__u16 run, __u16 active_port)
 {
-	/* Fibonacci hashing: the top 6 bits of port × 2^32/φ, so that ports allocated in steps
-	 * of 2 (the kernel's connect) still spread. One in 64: with one in 16, the sampled
-	 * connections still cost the pod's new connections ~0.7 µs of BPF each on average
-	 * (bpf_stats, benches/envoy.rs). */
-	return run < SKIP_AFTER || (((__u32)active_port * 2654435761u) >> 26) == 0;
+	/* Fibonacci hashing: the top 4 bits of port × 2^32/φ, so that ports allocated in steps
+	 * of 2 (the kernel's connect) still spread. */
+	return run < SKIP_AFTER || (((__u32)active_port * 2654435761u) >> 28) == 0;
 }
 
 static __always_inline bool sockmap_add(struct bpf_sock_ops *skops, __u64 netns_cookie)
