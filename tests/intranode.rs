@@ -716,35 +716,3 @@ fn haproxy_sidecars_in_redirect_mode_are_accelerated_byte_exact() {
     }
     assert_eq!(counter(&mesh, "intra_node_add_failed"), 0);
 }
-
-#[test]
-fn a_pod_pair_whose_connections_carry_one_message_each_way_stops_paying_until_one_carries_more() {
-    if !privileged() {
-        return;
-    }
-    let w = world();
-    // 160 connections one after the other, each one small request and its small answer.
-    let out = w.stream(false, &["--op", "upload", "--size", "1", "--count", "160"]);
-    assert!(out.contains("connections=160"), "{out}");
-    // The first 64 pairs of ends enter sock_hash; from then on about one in 16.
-    let added = w.counter("intra_node_added");
-    assert!(added <= 2 * (64 + 16), "intra_node_added {added}");
-    let not_tried = w.counter("intra_node_not_tried");
-    assert!(not_tried >= 2 * 70, "intra_node_not_tried {not_tried}");
-    // Downloads (one request, many messages back): the first one sampled is accelerated and
-    // brings both pods back to trying every connection.
-    let redirected = || fast_path(&w.mesh).0;
-    let start = redirected();
-    let mut tries = 0;
-    while redirected() < start + 1_000_000 {
-        tries += 1;
-        assert!(tries <= 200, "no download was tried in 200");
-        w.stream(false, &["--op", "download", "--size", "2000000"]);
-    }
-    let (before, skipped) = (redirected(), w.counter("intra_node_not_tried"));
-    for _ in 0..3 {
-        w.stream(false, &["--op", "download", "--size", "2000000"]);
-    }
-    assert!(redirected() >= before + 3 * 1_000_000);
-    assert_eq!(w.counter("intra_node_not_tried"), skipped);
-}

@@ -90,15 +90,7 @@ struct pod_settings {
 	 */
 	__u32 pod_ip4;
 	__u32 pod_ip6[4];
-	/*
-	 * Written by the programs, 0 again at each register (the library writes the value
-	 * whole): how many of the pod's connections in a row did not gain from an opt-in's
-	 * sock_hash entry — a small first message (sockmap), or an intra-node end that sent one
-	 * message only. Past a few, only a sample of the pod's connections enters (sockops.bpf.c,
-	 * worth_trying). Saturating. Took the 4 bytes of padding of layout 10: same shape.
-	 */
-	__u16 sockmap_small_run;
-	__u16 intra_node_single_run;
+	__u32 _pad2;
 };
 
 /* An address as the application asked for it. */
@@ -130,8 +122,6 @@ enum sock_flag {
 	SOCK_F_INTRA_NODE_PLAIN = 1 << 8,	/* ... whose first message took the normal stack: all do */
 	SOCK_F_SOCKMAP_WANTED = 1 << 9,		/* its origin was published in a pod with sockmap on */
 	SOCK_F_SOCKMAP_BEHIND = 1 << 10,	/* its receiver fell behind: its sends take the normal stack */
-	SOCK_F_INTRA_NODE_SENT = 1 << 11,	/* an intra-node end that sent its first message */
-	SOCK_F_INTRA_NODE_REUSED = 1 << 12,	/* ... and a second one: the connection gained */
 };
 
 /* pod_rules key: one entry of one of a pod's lists; the map's value is unused (1). */
@@ -350,8 +340,6 @@ enum counter {
 	CNT_INTRA_NODE_NO_PEER,
 	CNT_SOCKMAP_RECEIVER_BEHIND,	/* a sender went back to TCP: its receiver held a receive buffer unread */
 	CNT_PROXY_PEER_RESTORED,	/* the sidecar's accept/getpeername named the application's pod address */
-	CNT_SOCKMAP_NOT_TRIED,		/* a sockmap end left out: its pod's recent connections did not gain */
-	CNT_INTRA_NODE_NOT_TRIED,	/* an intra-node end left out: likewise */
 	CNT_MAX,
 };
 

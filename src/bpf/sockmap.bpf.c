@@ -156,70 +156,13 @@ static __always_inline bool first_message_large(struct sk_msg_md *msg, struct so
 {
 	struct pod_settings *pod = lookup_pod(bpf_get_netns_cookie(msg));
 
-	/* What the pod's next connections learn from this one (sockops.bpf.c, worth_trying). */
-	if (pod && msg->size >= pod->sockmap_min_bytes) {
-		if (pod->sockmap_small_run)
-			pod->sockmap_small_run = 0;
+	if (pod && msg->size >= pod->sockmap_min_bytes)
 		return true;
-	}
-	if (pod && pod->sockmap_small_run < 0xffff)
-		pod->sockmap_small_run++;
 	leave_for_good(state);
 	count(CNT_SOCKMAP_LEFT_SMALL_FIRST_MSG);
 	trace(TRACE_HOOK_SK_MSG, TRACE_SOCKMAP_LEFT_SMALL, bpf_get_netns_cookie(msg), IPPROTO_TCP,
 	      &state->dst, NULL, false);
 	return false;
-}
-
-/* The registered pod that owns the message's remote address (pod_addrs), if any. */
-static __always_inline struct pod_settings *remote_pod(struct sk_msg_md *msg)
-{
-	struct pod_addr_key key = {};
-	__u64 *cookie;
-
-	/* The barrier keeps clang from merging the two families' stores into one store of a load
-	 * from a computed ctx offset, which the verifier refuses (as sockops.bpf.c's ops_addrs). */
-	if (msg->family == AF_INET) {
-		key.addr[2] = V4_MAPPED_PREFIX;
-		key.addr[3] = msg->remote_ip4;
-		asm volatile("" ::: "memory");
-	} else {
-		key.addr[0] = msg->remote_ip6[0];
-		key.addr[1] = msg->remote_ip6[1];
-		key.addr[2] = msg->remote_ip6[2];
-		key.addr[3] = msg->remote_ip6[3];
-	}
-	cookie = bpf_map_lookup_elem(&pod_addrs, &key);
-	return cookie ? lookup_pod(*cookie) : NULL;
-}
-
-/*
- * What the next intra-node connections learn from this end (sockops.bpf.c, worth_trying):
- * its first message counts one more connection of its pod that may not gain; a second
- * message says this connection gained, and sets the run of both pods back to 0 (the peer
- * gains as a receiver: a download is one request and many messages back). Each end writes
- * a pod's value at most twice.
- */
-static __always_inline void intra_node_learn(struct sk_msg_md *msg, struct sock_state *state)
-{
-	struct pod_settings *pod, *peer;
-
-	if (state->flags & SOCK_F_INTRA_NODE_REUSED)
-		return;
-	pod = lookup_pod(bpf_get_netns_cookie(msg));
-	if (!pod)
-		return;
-	if (state->flags & SOCK_F_INTRA_NODE_SENT) {
-		state->flags |= SOCK_F_INTRA_NODE_REUSED;
-		pod->intra_node_single_run = 0;
-		peer = remote_pod(msg);
-		if (peer)
-			peer->intra_node_single_run = 0;
-		return;
-	}
-	state->flags |= SOCK_F_INTRA_NODE_SENT;
-	if (pod->intra_node_single_run < 0xffff)
-		pod->intra_node_single_run++;
 }
 
 /*
@@ -233,7 +176,6 @@ static __always_inline int intra_node_send(struct sk_msg_md *msg, struct sock_st
 	struct conn_key peer = {};
 	__u32 size = msg->size;
 
-	intra_node_learn(msg, state);
 	if (state->flags & SOCK_F_INTRA_NODE_PLAIN)
 		return SK_PASS;
 	if (draining()) {

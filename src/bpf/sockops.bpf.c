@@ -107,35 +107,6 @@ static __always_inline bool sockmap_wanted(const struct pod_settings *pod)
 	return sockmap_enabled && (pod->flags & POD_F_SOCKMAP);
 }
 
-/*
- * An opt-in must not cost the connections it cannot speed up (issue 27). A socket entering
- * sock_hash gets a psock (an allocation, its proto swapped), runs sk_msg on every send and
- * is torn down again: measured with bpf_stats, `--sockmap` and `--intra-node` cost a new
- * connection carrying one small request more than the default path, and win it back only
- * on large first messages (sockmap) or on connections that carry more than one message
- * each way (intra-node). So each pod counts its connections in a row that did not gain
- * (pod_settings.*_run, written by sk_msg, sockmap.bpf.c); from SKIP_AFTER on, only one
- * connection in 16 enters — chosen by its application-side port (the active end's), which
- * both ends of the connection know, so that both choose alike — and one that gains sets the
- * run back to 0, after which every connection enters again. The choice is made before any
- * byte is sent, so no byte ever changes path: each connection is accelerated from its
- * first byte, or never. Two ends may still choose apart (the run changed between their two
- * callbacks): an end whose peer is not in sock_hash sends on the normal stack
- * (sockmap.bpf.c), as when the peer is not there yet. SKIP_AFTER is high so that a pod
- * where even one connection in 64 gains keeps trying them all: an intra-node end that
- * sends one message on a connection whose other direction gained (an upload's answer)
- * counts too, after the reset, and a few parallel transfers must not make the next ones
- * skip (tests/intranode.rs, one_byte_to_sixty_four_mib_in_parallel...: 4 was too few).
- */
-#define SKIP_AFTER 64
-
-static __always_inline bool worth_trying(__u16 run, __u16 active_port)
-{
-	/* Fibonacci hashing: the top 4 bits of port × 2^32/φ, so that ports allocated in steps
-	 * of 2 (the kernel's connect) still spread. */
-	return run < SKIP_AFTER || (((__u32)active_port * 2654435761u) >> 28) == 0;
-}
-
 static __always_inline bool sockmap_add(struct bpf_sock_ops *skops, __u64 netns_cookie)
 {
 	struct conn_key key = {};
@@ -273,13 +244,10 @@ static __always_inline void publish_origin(struct bpf_sock_ops *skops)
 	/* Until established, its own close removes the entry: a connect that fails has no
 	 * sidecar end to do it. */
 	state->flags |= SOCK_F_ORIGIN_PENDING;
-	state->flags &= ~SOCK_F_SOCKMAP_WANTED;
-	if (sockmap_wanted(pod)) {
-		if (worth_trying(pod->sockmap_small_run, (__u16)skops->local_port))
-			state->flags |= SOCK_F_SOCKMAP_WANTED;
-		else
-			count(CNT_SOCKMAP_NOT_TRIED);
-	}
+	if (sockmap_wanted(pod))
+		state->flags |= SOCK_F_SOCKMAP_WANTED;
+	else
+		state->flags &= ~SOCK_F_SOCKMAP_WANTED;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
 }
 
@@ -327,10 +295,8 @@ static __always_inline void watch_proxy_end(struct bpf_sock_ops *skops)
 	if (!bpf_map_lookup_elem(&origin_dst_map, &key))
 		return;
 	bpf_sock_ops_cb_flags_set(skops, skops->bpf_sock_ops_cb_flags | BPF_SOCK_OPS_STATE_CB_FLAG);
-	/* The target the application's sends are redirected into, unless the application's end
-	 * was left out (worth_trying, with the port of the application's end). */
-	if (sockmap_wanted(pod) &&
-	    worth_trying(pod->sockmap_small_run, (__u16)bpf_ntohl(skops->remote_port)))
+	/* The target the application's sends are redirected into. */
+	if (sockmap_wanted(pod))
 		sockmap_add(skops, cookie);
 }
 
@@ -478,11 +444,6 @@ static __always_inline void intra_node_admit(struct bpf_sock_ops *skops, bool ac
 	pod = lookup_pod(cookie);
 	if (!pod || !(pod->flags & POD_F_INTRA_NODE))
 		return;
-	if (!worth_trying(pod->intra_node_single_run,
-			  active ? (__u16)skops->local_port : (__u16)bpf_ntohl(skops->remote_port))) {
-		count(CNT_INTRA_NODE_NOT_TRIED);
-		return;
-	}
 	ops_addrs(skops, &local, &remote);
 	peer = addr_owner(&remote);
 	if (!peer || peer == cookie || addr_owner(&local) != cookie)
@@ -501,8 +462,7 @@ static __always_inline void intra_node_admit(struct bpf_sock_ops *skops, bool ac
 		return;
 	}
 	conn_key_from_ops(&key, skops, true, 0);
-	state->flags = (state->flags & ~(SOCK_F_INTRA_NODE_PLAIN | SOCK_F_SOCKMAP_REDIRECT |
-					 SOCK_F_INTRA_NODE_SENT | SOCK_F_INTRA_NODE_REUSED)) |
+	state->flags = (state->flags & ~(SOCK_F_INTRA_NODE_PLAIN | SOCK_F_SOCKMAP_REDIRECT)) |
 		       SOCK_F_INTRA_NODE;
 	if (bpf_sock_hash_update(skops, &sock_hash, &key, BPF_NOEXIST)) {
 		state->flags &= ~SOCK_F_INTRA_NODE;
