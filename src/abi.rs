@@ -33,7 +33,10 @@ pub(crate) const OLDEST_UPGRADABLE_LAYOUT: u32 = 7;
 /// The map holding every registered pod's settings, by netns cookie (`cookie_map`).
 pub const REGISTRATIONS_MAP: &str = map::COOKIE_MAP;
 /// How many pods one node can register (`MAX_PODS` in meshbpf.h).
+/// (the default: `attach --max-pods` sizes it).
 pub const MAX_PODS: u32 = consts::MAX_PODS.0;
+/// How many live captured connections `origin_dst_map` holds by default (`MAX_TRACKED_CONNS`).
+pub const MAX_TRACKED_CONNS: u32 = consts::MAX_TRACKED_CONNS.0;
 /// `NO_GID` in meshbpf.h: a pod without a proxy gid.
 pub(crate) const NO_GID: u32 = consts::NO_GID.0;
 

@@ -19,9 +19,24 @@ pub(crate) fn attach(
     cgroup_id: u64,
     options: &AttachOptions,
 ) -> Result<()> {
+    options.sizes.validate()?;
     let lock = pin.lock(true)?;
     pin.remove_stale_staging(&lock)?;
-    match pin.state()? {
+    let state = pin.state()?;
+    // Bounds not given keep the pinned maps' (an attachment made with other sizes, or by a
+    // build whose defaults differ), else take the defaults.
+    let maps_dir = pin.path().join(MAPS_DIR);
+    let pinned = |name: &str| {
+        (state == PinState::Attached)
+            .then(|| libbpf_rs::MapHandle::from_pinned_path(maps_dir.join(name)).ok())
+            .flatten()
+            .map(|m| libbpf_rs::MapCore::max_entries(&m))
+    };
+    let options = &AttachOptions {
+        sizes: options.sizes.resolve(pinned),
+        ..options.clone()
+    };
+    match state {
         PinState::Remnant => {
             // A detach was interrupted after its last pin (or `reclaim` left the directory
             // empty): empty it, then attach afresh. The directory itself stays until the
@@ -51,7 +66,11 @@ pub(crate) fn attach(
                     attached: pins::meta_cgroup_path(&existing),
                 });
             }
-            if existing.layout_version != LAYOUT_VERSION {
+            // Another layout, or the same with maps of other sizes: the pinned maps cannot be
+            // reused as they are, their entries move to new ones.
+            if existing.layout_version != LAYOUT_VERSION
+                || crate::migrate::resized(pin.path(), options)?
+            {
                 return crate::migrate::upgrade(pin.path(), cgroup_dir, &existing, options);
             }
             crate::migrate::remove_staging(pin.path())?;

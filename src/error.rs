@@ -216,7 +216,7 @@ pub enum Error {
     MigrationFailed(String),
 
     /// `cookie_map` is full.
-    #[error("cannot register: {max} pods are registered already, the most cookie_map holds; unregister pods or run `meshbpf gc`")]
+    #[error("cannot register: {max} pods are registered already, the most cookie_map holds; unregister pods, run `meshbpf gc`, or attach again with a larger `--max-pods`")]
     PodMapFull {
         /// The bound.
         max: u32,

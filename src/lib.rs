@@ -96,7 +96,10 @@ pub use mesh::{
 pub use netns::{current_cookie, Netns};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::reclaim::reclaim as reclaim_pin_dir;
-pub use pins::AttachOptions;
+pub use pins::{
+    AttachOptions, MapSizes, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PODS, MAX_CONNECTIONS_LIMIT,
+    MAX_PODS_LIMIT, MIN_CONNECTIONS,
+};
 #[cfg(feature = "cli")]
 pub use pod::options::PodOptions;
 #[cfg(feature = "cli")]

@@ -198,6 +198,38 @@ fn steps_from(pin_dir: &Path, from: u32) -> Result<&'static [Step]> {
     Ok(steps)
 }
 
+/// Whether a pinned map's bound differs from what `options.sizes` (resolved) gives it: the
+/// attachment is then migrated like a layout change, its entries moving to maps of the new
+/// size.
+pub(crate) fn resized(pin_dir: &Path, options: &AttachOptions) -> Result<bool> {
+    for name in abi::map::ALL {
+        let (Some(entries), Ok(pinned)) = (
+            options.sizes.entries_of(name),
+            MapHandle::from_pinned_path(pin_dir.join(MAPS_DIR).join(name)),
+        ) else {
+            continue;
+        };
+        if pinned.max_entries() != entries {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The maps the programs write that a migration converts only when resized (same key and
+/// value): entries the old programs write between the snapshot and their swap are caught
+/// up afterwards, so none is lost.
+const WRITTEN_BY_PROGRAMS: [&str; 2] = [abi::map::ORIGIN_DST_MAP, abi::map::INBOUND_PORTS];
+
+/// The attach option that sizes map `name`, for messages.
+fn size_flag(name: &str) -> &'static str {
+    if name == abi::map::ORIGIN_DST_MAP {
+        "--max-connections"
+    } else {
+        "--max-pods"
+    }
+}
+
 /// What a map's kernel object looks like: what must match for a pin to be reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Shape {
@@ -322,13 +354,18 @@ pub(crate) fn upgrade(
         Ok(path)
     })?;
 
-    // 2. What only the library writes, converted before any new program runs.
+    // 2. What only the library writes, converted before any new program runs; and what
+    // the programs write, when only its size changed (caught up after the swap).
     let mut snapshot = Snapshot::new();
     for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
         if let Some(old) = &plan.old {
             snapshot.insert(plan.name.clone(), mapio::entries(old, &plan.name)?);
         }
     }
+    let before_swap: Snapshot = WRITTEN_BY_PROGRAMS
+        .iter()
+        .filter_map(|name| Some(((*name).to_string(), snapshot.get(*name)?.clone())))
+        .collect();
     for step in steps {
         // A map a step only reads joins the snapshot when that step comes, in the shape the
         // maps it reuses have: the shape since the step's layout (one converted by an earlier
@@ -346,6 +383,21 @@ pub(crate) fn upgrade(
         }
         (step.convert)(&mut snapshot)?;
     }
+    // A smaller map than its live entries: refused before anything changed.
+    for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
+        let staged = pins::skel_map(&skel, &plan.name)?;
+        let live = snapshot.get(&plan.name).map_or(0, Vec::len);
+        if live > staged.max_entries() as usize {
+            return Err(Error::InvalidSetting(format!(
+                "{} {}: {} holds {live} entries now, more than {} would hold; give a larger \
+                 value, or detach first (which ends the mesh on this node)",
+                size_flag(&plan.name),
+                staged.max_entries(),
+                plan.name,
+                staged.max_entries(),
+            )));
+        }
+    }
     for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
         let staged = pins::skel_map(&skel, &plan.name)?;
         sync(
@@ -358,6 +410,13 @@ pub(crate) fn upgrade(
     // 3. The programs, answers first.
     pins::attach_programs(&skel, cgroup, &pin_dir.join(pins::LINKS_DIR), options)?;
     pins::update_pod_programs(pin_dir, &skel)?;
+
+    // What the old programs wrote since the snapshot, now that they are gone.
+    for plan in plans.iter().filter(|p| p.carry == Carry::Convert) {
+        if let (Some(old), Some(before)) = (&plan.old, before_swap.get(&plan.name)) {
+            catch_up(old, &pins::skel_map(&skel, &plan.name)?, &plan.name, before)?;
+        }
+    }
 
     // 4. What the old programs counted until now.
     for plan in plans.iter().filter(|p| p.carry == Carry::AddCounts) {
@@ -430,6 +489,56 @@ fn sync(map: &impl MapCore, name: &str, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Res
             .context(|| format!("writing the converted {name}"))?;
     }
     Ok(())
+}
+
+/// Brings into `new` what the old programs wrote to `old` after `before` was read of it:
+/// entries `new` lacks (origin_dst_map: a connection's original destination; kept if `new`
+/// has the key, which a new program wrote since), and for a count (inbound_ports' listener
+/// counts, 4 bytes) the change since `before` added to `new`'s. An entry the old programs
+/// removed since stays in `new` until its own end (LRU eviction for origin_dst_map).
+fn catch_up(
+    old: &MapHandle,
+    new: &impl MapCore,
+    name: &str,
+    before: &[(Vec<u8>, Vec<u8>)],
+) -> Result<()> {
+    let count = |v: &[u8]| <[u8; 4]>::try_from(v).map_or(0, |b| i64::from(u32::from_ne_bytes(b)));
+    let before: BTreeMap<&[u8], &[u8]> = before.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+    let counts = old.value_size() == 4;
+    let mut seen = std::collections::BTreeSet::new();
+    for (key, value) in mapio::entries(old, name)? {
+        let was = before.get(&key[..]).copied();
+        if !counts {
+            if was.is_none() {
+                // BPF_NOEXIST: a new program's entry for that connection wins.
+                let _ = new.update(&key, &value, MapFlags::NO_EXIST);
+            }
+            continue;
+        }
+        seen.insert(key.clone());
+        let delta = count(&value) - was.map_or(0, count);
+        if delta != 0 {
+            add_count(new, name, &key, delta)?;
+        }
+    }
+    if counts {
+        for (key, value) in before.iter().filter(|(k, _)| !seen.contains(**k)) {
+            add_count(new, name, key, -count(value))?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds `delta` to the 4-byte count at `key` in `map` (never below 0).
+fn add_count(map: &impl MapCore, name: &str, key: &[u8], delta: i64) -> Result<()> {
+    let now = map
+        .lookup(key, MapFlags::ANY)
+        .context(|| format!("reading {name}"))?
+        .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
+        .map_or(0, |b| i64::from(u32::from_ne_bytes(b)));
+    let sum = u32::try_from((now + delta).max(0)).unwrap_or(u32::MAX);
+    map.update(key, &sum.to_ne_bytes(), MapFlags::ANY)
+        .context(|| format!("writing {name}"))
 }
 
 /// Adds the old per-CPU counters to the new ones, index by index (reasons only ever go at the

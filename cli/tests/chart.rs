@@ -198,6 +198,7 @@ fn renderings() -> Vec<(&'static str, Value)> {
                 "image": {"digest": format!("sha256:{}", "ab".repeat(32))},
                 "cni": {"binDir": "/srv/cni/bin", "stateDir": "/var/run/mesh/cni", "podAnnotations": false},
                 "pinDir": "/sys/fs/bpf/mesh",
+                "agent": {"maxPods": 110, "maxConnections": 16384, "logLevel": "debug", "logFormat": "json"},
                 "resources": {"limits": {"cpu": "500m", "memory": "128Mi"}},
                 "updateStrategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}},
                 "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "mesh", "effect": "NoSchedule"}],
@@ -345,7 +346,15 @@ fn platforms_and_values_reach_the_objects() {
         agent["image"],
         format!("registry.example.com/meshbpf@sha256:{}", "ab".repeat(32))
     );
-    assert!(command_of(agent).contains(&"--pin-dir=/sys/fs/bpf/mesh".to_string()));
+    for flag in [
+        "--pin-dir=/sys/fs/bpf/mesh",
+        "--max-pods=110",
+        "--max-connections=16384",
+        "--log-level=debug",
+        "--log-format=json",
+    ] {
+        assert!(command_of(agent).contains(&flag.to_string()), "{flag}");
+    }
     let conf: Value = serde_json::from_str(
         object(custom, "ConfigMap")["data"]["plugin.json"]
             .as_str()

@@ -577,3 +577,49 @@ fn a_layout_two_back_upgrades_through_each_step() {
         &format!("after upgrading from layout {}", TWO_BACK.0),
     );
 }
+
+#[test]
+fn the_previous_layout_upgrades_to_maps_sized_to_the_node_keeping_live_connections() {
+    if !privileged() || !history() {
+        return;
+    }
+    let o = attached_by(PREVIOUS);
+    let late = o.live_connection();
+    let cgroup = o.env.cgroup.to_str().unwrap().to_string();
+    let sized = [
+        "attach",
+        "--cgroup",
+        &cgroup,
+        "--max-connections",
+        "4096",
+        "--max-pods",
+        "110",
+    ];
+    stdout_of(&o.env.meshbpf(&sized));
+    let when = format!("after upgrading from layout {} with sizes", PREVIOUS.0);
+    o.assert_upgraded(&registered_afresh(PREVIOUS), &when);
+    let bounds = |env: &Env| -> Vec<(String, u64)> {
+        let usage = meshbpf::Mesh::open(&env.pin_dir)
+            .unwrap()
+            .map_usage()
+            .unwrap();
+        ["origin_dst_map", "cookie_map", "pod_addrs"]
+            .iter()
+            .map(|name| {
+                let map = usage.iter().find(|m| m.name == *name).unwrap();
+                (name.to_string(), map.capacity)
+            })
+            .collect()
+    };
+    let expected = vec![
+        ("origin_dst_map".to_string(), 4096),
+        ("cookie_map".to_string(), 110),
+        ("pod_addrs".to_string(), 220),
+    ];
+    assert_eq!(bounds(&o.env), expected, "{when}");
+    o.assert_still_answered(late, &when);
+    // A later attach without sizes (the agent restarted by an older manifest) keeps them.
+    stdout_of(&o.attach_current());
+    assert_eq!(bounds(&o.env), expected, "attached again without sizes");
+    o.assert_capture_works("attached again without sizes");
+}

@@ -87,7 +87,7 @@ impl Mesh {
         for (key, cookie) in wanted {
             self.pod_addrs
                 .update(&key, &cookie.to_ne_bytes(), MapFlags::ANY)
-                .map_err(addr_write_error)?;
+                .map_err(|e| addr_write_error(e, self.cookie_map.max_entries()))?;
         }
         Ok(())
     }

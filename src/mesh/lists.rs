@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
 
-use crate::abi::{self, map, CidrKey, RawPodSettings, RuleKey, RuleKind, MAX_PODS};
+use crate::abi::{self, map, CidrKey, RawPodSettings, RuleKey, RuleKind};
 use crate::error::{Context, Error, Result};
 use crate::mapio;
 use crate::netns::Netns;
@@ -121,7 +121,9 @@ impl Mesh {
         {
             self.delete_entries(&new);
             return Err(match is_map_full(&err) {
-                true => Error::PodMapFull { max: MAX_PODS },
+                true => Error::PodMapFull {
+                    max: self.cookie_map.max_entries(),
+                },
                 false => Error::Bpf {
                     context: "writing cookie_map".into(),
                     cause: err.into(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use libbpf_rs::MapHandle;
 
-use crate::abi::{map, MeshMeta, MAX_PODS};
+use crate::abi::{map, MeshMeta};
 use crate::error::{Context, Error, Result};
 use crate::pins::{self, AttachOptions, PinDir, PinState, MAPS_DIR};
 use crate::pod::settings::PodSettings;
@@ -225,9 +225,9 @@ pub(super) fn map_write_error(err: libbpf_rs::Error, map: &str) -> Error {
 
 /// `pod_addrs` holds two addresses per pod; full, it holds those of dead pods too, which
 /// `gc` removes.
-pub(super) fn addr_write_error(err: libbpf_rs::Error) -> Error {
+pub(super) fn addr_write_error(err: libbpf_rs::Error, max_pods: u32) -> Error {
     match is_map_full(&err) {
-        true => Error::PodMapFull { max: MAX_PODS },
+        true => Error::PodMapFull { max: max_pods },
         false => map_write_error(err, map::POD_ADDRS),
     }
 }

@@ -114,7 +114,7 @@ impl Mesh {
             }
             self.pod_addrs
                 .update(abi::bytes(&key), &cookie.to_ne_bytes(), MapFlags::ANY)
-                .map_err(addr_write_error)?;
+                .map_err(|e| addr_write_error(e, self.cookie_map.max_entries()))?;
         }
         let gone: Vec<IpAddr> = before
             .iter()

@@ -17,7 +17,8 @@ pub(super) fn hook_name(prog_name: &std::ffi::OsStr) -> String {
     name.strip_prefix(PROG_PREFIX).unwrap_or(&name).to_string()
 }
 
-/// Opens the skeleton, pins (or reuses) every map where `pin_path` says, and loads it.
+/// Opens the skeleton, sizes the maps as `options.sizes` says (resolved: every bound set),
+/// pins (or reuses) every map where `pin_path` says, and loads it.
 pub(crate) fn load<'obj>(
     open_object: &'obj mut MaybeUninit<libbpf_rs::OpenObject>,
     options: &AttachOptions,
@@ -36,6 +37,10 @@ pub(crate) fn load<'obj>(
         let name = map.name().to_string_lossy().into_owned();
         if name.contains('.') {
             continue; // .rodata and friends belong to this load only
+        }
+        if let Some(entries) = options.sizes.entries_of(&name) {
+            map.set_max_entries(entries)
+                .context(|| format!("sizing {name} to {entries} entries"))?;
         }
         let path = pin_path(&name, &map)?;
         map.set_pin_path(path)

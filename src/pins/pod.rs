@@ -70,8 +70,12 @@ pub(super) fn load_pod_program<'obj>(
                 .context(|| format!("leaving out {name}"))?;
             continue;
         }
-        map.set_pin_path(path)
-            .context(|| format!("setting the pin path of {name}"))?;
+        // Its fd, not its pin path: libbpf reuses a pinned map only if its bound is the
+        // object's, and the attachment's are sized to the node (`attach --max-pods`).
+        let pinned = libbpf_rs::MapHandle::from_pinned_path(&path)
+            .context(|| format!("opening {}", path.display()))?;
+        map.reuse_fd(pinned.as_fd())
+            .context(|| format!("sharing {name} with the pod's program"))?;
     }
     load_skel(open, "loading the pod's sk_lookup program")
 }

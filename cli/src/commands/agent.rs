@@ -7,7 +7,7 @@ use anyhow::Context;
 use meshbpf::Error;
 use meshbpf_cli::agent::{self, AgentConfig};
 
-use super::PinDirArg;
+use super::{NodeArgs, PinDirArg};
 use crate::signals::stop_on_signals;
 
 #[derive(clap::Args)]
@@ -15,9 +15,8 @@ pub struct AgentArgs {
     /// A cgroup v2 directory: every pod's processes must be in it or below it.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
-    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
-    #[arg(long)]
-    no_sockmap: bool,
+    #[command(flatten)]
+    node: NodeArgs,
     /// The node's CNI bin dir, where meshbpf-cni is installed.
     #[arg(long, default_value = "/opt/cni/bin")]
     cni_bin_dir: PathBuf,
@@ -76,7 +75,7 @@ impl AgentArgs {
         Ok(AgentConfig {
             cgroup: self.cgroup.clone(),
             pin_dir: self.pin.pin_dir.clone(),
-            attach: meshbpf::AttachOptions::with_sockmap(!self.no_sockmap),
+            attach: self.node.options(),
             cni_bin_dir: self.cni_bin_dir.clone(),
             cni_conf_dir: self.cni_conf_dir.clone(),
             plugin_binary,

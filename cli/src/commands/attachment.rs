@@ -5,16 +5,15 @@ use std::path::PathBuf;
 use anyhow::Context;
 use meshbpf::Mesh;
 
-use super::PinDirArg;
+use super::{NodeArgs, PinDirArg};
 
 #[derive(clap::Args)]
 pub struct AttachArgs {
     /// A cgroup v2 directory: every pod's processes must be in it or below it.
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup: PathBuf,
-    /// Do not attach the sockmap fast path: no connection on this node is accelerated.
-    #[arg(long)]
-    no_sockmap: bool,
+    #[command(flatten)]
+    node: NodeArgs,
     #[command(flatten)]
     pin: PinDirArg,
 }
@@ -26,12 +25,8 @@ pub struct DetachArgs {
 }
 
 pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
-    let AttachArgs {
-        cgroup,
-        no_sockmap,
-        pin,
-    } = args;
-    let options = meshbpf::AttachOptions::with_sockmap(!no_sockmap);
+    let AttachArgs { cgroup, node, pin } = args;
+    let options = node.options();
     let mesh = Mesh::attach_with(&cgroup, &pin.pin_dir, &options)?;
     let status = mesh.status().context("reading the attachment back")?;
     out!(

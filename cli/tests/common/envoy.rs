@@ -41,15 +41,11 @@ pub fn binary() -> Option<PathBuf> {
     found
 }
 
-/// The sidecar's bootstrap: Istio's two virtual listeners, its passthrough clusters, and a
-/// DNS listener on 15053 (UDP, 127.0.0.1 and ::1). Each tcp_proxy logs one line per
-/// connection to `access_log`: `LISTENER downstream_remote=… downstream_local=… upstream=…
-/// upstream_local=… flags=…`, the addresses Envoy saw (downstream_local after the
-/// `original_dst` filter: the original destination).
-fn bootstrap(access_log: &str) -> String {
-    let tcp_proxy = |listener: &str, cluster: &str| {
-        format!(
-            r#"
+/// A `filters:` entry: a tcp_proxy to `cluster` logging one line per connection to
+/// `access_log` (the format [`bootstrap`] describes), named `listener` in the log.
+pub fn tcp_proxy(listener: &str, cluster: &str, access_log: &str) -> String {
+    format!(
+        r#"
       - name: envoy.filters.network.tcp_proxy
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
@@ -63,8 +59,15 @@ fn bootstrap(access_log: &str) -> String {
               log_format:
                 text_format_source:
                   inline_string: "{listener} downstream_remote=%DOWNSTREAM_REMOTE_ADDRESS% downstream_local=%DOWNSTREAM_LOCAL_ADDRESS% upstream=%UPSTREAM_HOST% upstream_local=%UPSTREAM_LOCAL_ADDRESS% flags=%RESPONSE_FLAGS%\n""#
-        )
-    };
+    )
+}
+
+/// The sidecar's bootstrap: Istio's two virtual listeners, its passthrough clusters, and a
+/// DNS listener on 15053 (UDP, 127.0.0.1 and ::1). Each tcp_proxy logs one line per
+/// connection to `access_log`: `LISTENER downstream_remote=… downstream_local=… upstream=…
+/// upstream_local=… flags=…`, the addresses Envoy saw (downstream_local after the
+/// `original_dst` filter: the original destination).
+fn bootstrap(access_log: &str) -> String {
     let listener = |name: &str, port: u16, cluster: &str| {
         format!(
             r#"
@@ -80,7 +83,7 @@ fn bootstrap(access_log: &str) -> String {
         "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
     filter_chains:
     - filters:{}"#,
-            tcp_proxy(name, cluster)
+            tcp_proxy(name, cluster, access_log)
         )
     };
     let dns = |name: &str, address: &str| {
