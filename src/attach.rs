@@ -60,6 +60,24 @@ pub(crate) fn attach(
     }
 }
 
+/// The cgroup an attach asked for `cgroup` goes to: an existing attachment stays where it
+/// is (in a kubelet child of `cgroup` if an earlier attach chose it, see
+/// [`crate::order::fresh_attach_point`]); a fresh one goes where its capture programs run
+/// before the programs already on `cgroup`'s hooks.
+pub(crate) fn attach_point(pin: &PinDir, cgroup: &Path) -> Result<PathBuf> {
+    if pin.state()? == PinState::Attached {
+        let existing = pins::read_meta_of_any_layout(pin.path())?;
+        let child = crate::order::POD_CGROUPS
+            .iter()
+            .map(|child| cgroup.join(child))
+            .find(|child| {
+                crate::system::open_cgroup2(child).is_ok_and(|(_, id)| id == existing.cgroup_id)
+            });
+        return Ok(child.unwrap_or_else(|| cgroup.into()));
+    }
+    Ok(crate::order::fresh_attach_point(cgroup)?.unwrap_or_else(|| cgroup.into()))
+}
+
 /// A staging directory that is removed, with every link in it detached, unless kept.
 struct Staging {
     path: PathBuf,

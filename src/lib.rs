@@ -39,6 +39,7 @@ mod mapio;
 mod mesh;
 mod migrate;
 mod netns;
+mod order;
 mod origin;
 mod pins;
 mod pod;
@@ -54,6 +55,7 @@ pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
+pub use order::{preorder_links, OtherProgram, POD_CGROUPS};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::AttachOptions;
 #[cfg(feature = "cli")]

@@ -40,7 +40,7 @@ fn answer(mut stream: TcpStream, pin_dir: &Path, stats: &Stats) {
     let path = path.split('?').next().unwrap_or("");
     let (status, body) = match (method, path) {
         ("GET", "/metrics") => ("200 OK", metrics(pin_dir, stats)),
-        ("GET", "/healthz") => match stats.problems() {
+        ("GET", "/healthz") => match [stats.problems(), order_problem(pin_dir)].concat() {
             problems if problems.is_empty() => ("200 OK", "ok\n".to_string()),
             problems => ("503 Service Unavailable", problems.join("\n") + "\n"),
         },
@@ -57,6 +57,16 @@ fn answer(mut stream: TcpStream, pin_dir: &Path, stats: &Stats) {
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
+}
+
+/// Other programs that run before meshbpf's capture programs, as a /healthz problem.
+fn order_problem(pin_dir: &Path) -> Vec<String> {
+    Mesh::open(pin_dir)
+        .and_then(|mesh| mesh.order_problem())
+        .ok()
+        .flatten()
+        .into_iter()
+        .collect()
 }
 
 /// One metric family in the Prometheus text format.
@@ -112,6 +122,18 @@ pub(super) fn metrics(pin_dir: &Path, stats: &Stats) -> String {
             .iter()
             .find(|(name, ..)| *name == crate::abi::map::COOKIE_MAP)
             .map_or(0, |(_, entries, _)| *entries);
+        family(
+            &mut out,
+            "meshbpf_capture_runs_first",
+            "gauge",
+            "Whether meshbpf's connect/sendmsg programs run before every other program on \
+             those hooks at its cgroup and its ancestors (1), such as a CNI's socket load \
+             balancer, or not (0: /healthz and `meshbpf status` name them).",
+            &[(
+                String::new(),
+                u64::from(matches!(mesh.order_problem(), Ok(None))),
+            )],
+        );
         family(
             &mut out,
             "meshbpf_registered_pods",

@@ -154,11 +154,15 @@ enum Command {
     /// in the primary network configuration, gc, serve /healthz and /metrics. Stopping it
     /// never detaches.
     Agent(AgentArgs),
-    /// Probe the running kernel for every feature meshbpf uses.
+    /// Probe the running kernel for every feature meshbpf uses; if attached, list the other
+    /// programs on meshbpf's capture hooks (a CNI's socket load balancer) and fail if one
+    /// runs before meshbpf's.
     Check {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        pin: PinDirArg,
     },
     /// Stream, live, every decision the programs take (one line each) until Ctrl-C.
     Trace {
@@ -626,6 +630,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "off (attach --no-sockmap)"
                 };
                 out!("  {:<14} {sockmap}", "sockmap");
+                match status.runs_first {
+                    Some(_) => print_other_programs(&status.other_programs)?,
+                    None => out!("other programs on meshbpf's hooks: unknown (its cgroup is not reachable from here)"),
+                }
                 out!("registered pods: {}", status.pods.len());
                 out!("counters:");
                 for (name, value) in &status.counters {
@@ -650,8 +658,15 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Agent(args) => run_agent(&args)?,
         Command::SidecarResource(args) => print_sidecar_resource(&args)?,
-        Command::Check { json } => {
+        Command::Check { json, pin } => {
             let features = meshbpf::probe();
+            // Attached here: the other programs on its capture hooks, and their order.
+            let mesh = Mesh::open(&pin.pin_dir).ok();
+            let others = match &mesh {
+                Some(mesh) => Some(mesh.other_programs()?),
+                None => None,
+            };
+            // JSON: the features as before; `status --json` has the other programs.
             if json {
                 print_json(&features)?;
             } else {
@@ -670,8 +685,14 @@ fn run(command: Command) -> anyhow::Result<()> {
                     );
                 }
             }
+            if let (false, Some(others)) = (json, &others) {
+                print_other_programs(others)?;
+            }
             meshbpf::probe_required()?;
             meshbpf::check_kernel()?;
+            if let Some(problem) = mesh.map(|m| m.order_problem()).transpose()?.flatten() {
+                anyhow::bail!("{problem}");
+            }
         }
         Command::Trace {
             netns,
@@ -777,6 +798,30 @@ fn run(command: Command) -> anyhow::Result<()> {
                 ),
             }
         }
+    }
+    Ok(())
+}
+
+/// The other programs on meshbpf's capture hooks, and whether each runs before it.
+fn print_other_programs(others: &[meshbpf::OtherProgram]) -> anyhow::Result<()> {
+    if others.is_empty() {
+        out!("other programs on meshbpf's hooks: none (its capture programs run first)");
+        return Ok(());
+    }
+    out!("other programs on meshbpf's hooks (its cgroup and ancestors):");
+    for p in others {
+        out!(
+            "  {:<14} prog {:<6} {:<16} on {}  {}",
+            p.hook,
+            p.prog_id,
+            p.name,
+            p.cgroup,
+            if p.runs_before_meshbpf {
+                "RUNS BEFORE meshbpf: the sidecar may learn a translated destination"
+            } else {
+                "runs after meshbpf (right)"
+            }
+        );
     }
     Ok(())
 }

@@ -72,6 +72,9 @@ pub(crate) fn attach_programs(
         .map(|prog| (hook_name(prog.name()), prog))
         .collect();
     progs.sort_by_key(|(hook, _)| attach_rank(hook));
+    // The capture hooks run before other programs on them where the kernel lets them
+    // (crate::order): a CNI's socket load balancer must not change the destination first.
+    let preorder = crate::order::preorder_links();
     let mut created = Vec::new();
     for (hook, prog) in progs {
         let path = links_dir.join(&hook);
@@ -79,9 +82,8 @@ pub(crate) fn attach_programs(
             link.update_prog(&prog)
                 .context(|| format!("replacing the {hook} program"))?;
         } else {
-            let link = prog
-                .attach_cgroup(cgroup.as_raw_fd())
-                .context(|| format!("attaching {hook}"))?;
+            let first = preorder && crate::order::is_capture_hook(&hook);
+            let link = crate::order::attach_cgroup(&prog, cgroup, first, &hook)?;
             created.push((path, link));
         }
     }
