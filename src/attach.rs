@@ -112,9 +112,12 @@ fn attach_fresh(
     let skel = pins::load_in(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
     // On an early return the new links are dropped, which detaches them, and `staging`
     // unpins whatever was pinned already.
-    pins::attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
+    let preorder =
+        pins::attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options, false)?;
     // meta_map last: it marks the directory complete.
-    pins::write_meta(&skel, meta)?;
+    let mut meta = *meta;
+    meta.flags |= preorder;
+    pins::write_meta(&skel, &meta)?;
 
     fs::rename(&staging.path, pin.path())
         .context(|| format!("moving the attachment to {}", pin.path().display()))?;
@@ -133,9 +136,16 @@ fn replace_in_place(
     let mut open_object = MaybeUninit::uninit();
     // A pinned map of another shape than this build's is a layout mismatch (loadlog).
     let skel = pins::load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options)?;
-    pins::attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    let preorder_before = meta.flags & crate::abi::META_F_PREORDER != 0;
+    let preorder = pins::attach_programs(
+        &skel,
+        cgroup,
+        &pin_dir.join(LINKS_DIR),
+        options,
+        preorder_before,
+    )?;
     pins::update_pod_programs(pin_dir, &skel)?;
     let mut meta = *meta;
-    meta.flags = pins::meta_flags(options);
+    meta.flags = pins::meta_flags(options) | preorder;
     pins::write_meta(&skel, &meta)
 }

@@ -57,7 +57,9 @@ pub fn preorder_links() -> bool {
     *ANSWER.get_or_init(|| probe_preorder().unwrap_or(false))
 }
 
-fn probe_preorder() -> Option<bool> {
+/// The probe behind [`preorder_links`], without its override; `None` if the kernel
+/// could not be asked.
+pub(crate) fn probe_preorder() -> Option<bool> {
     // r0 = 1; exit: allow.
     let insns = [
         sys::bpf_insn {
@@ -147,6 +149,21 @@ pub(crate) fn attach_cgroup(
             cause: std::io::Error::last_os_error(),
         }),
     }
+}
+
+/// Whether another program runs before `link` (meshbpf's, on capture hook `hook` of
+/// `cgroup`) for processes in `cgroup`.
+pub(crate) fn runs_behind_others(cgroup: &File, hook: &str, link: &Link) -> Result<bool> {
+    let Some((_, attach_type)) = CAPTURE_HOOKS.iter().find(|(h, _)| *h == hook) else {
+        return Ok(false);
+    };
+    let ours = link
+        .info()
+        .context(|| format!("querying the {hook} link"))?
+        .prog_id;
+    let effective =
+        query(cgroup, *attach_type, true).context(|| format!("querying the {hook} programs"))?;
+    Ok(effective.first().is_some_and(|first| *first != ours))
 }
 
 /// Another program on one of meshbpf's capture hooks, in the cgroup meshbpf is attached to
@@ -340,4 +357,50 @@ pub(crate) fn problem(cgroup: &str, others: &[OtherProgram]) -> Option<String> {
          a backend, not the Service): {}; fix: {fix}",
         before.join(", ")
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lb(hook: &str, before: bool) -> OtherProgram {
+        OtherProgram {
+            hook: hook.into(),
+            prog_id: 42,
+            name: format!("lb_{hook}"),
+            cgroup: "/sys/fs/cgroup".into(),
+            runs_before_meshbpf: before,
+        }
+    }
+
+    #[test]
+    fn programs_after_meshbpf_are_no_problem() {
+        assert_eq!(problem("/sys/fs/cgroup", &[]), None);
+        assert_eq!(problem("/sys/fs/cgroup", &[lb("connect4", false)]), None);
+    }
+
+    #[test]
+    fn a_program_before_meshbpf_is_named_with_the_fix() {
+        let text = problem(
+            "/sys/fs/cgroup (cgroup id 1)",
+            &[lb("connect4", true), lb("sendmsg4", false)],
+        )
+        .unwrap();
+        assert!(
+            text.contains("connect4 lb_connect4 (prog 42, on /sys/fs/cgroup)"),
+            "{text}"
+        );
+        assert!(!text.contains("lb_sendmsg4"), "{text}");
+        assert!(text.contains("fix: "), "{text}");
+    }
+
+    #[test]
+    fn only_the_capture_hooks_are_ordered() {
+        for hook in ["connect4", "connect6", "sendmsg4", "sendmsg6"] {
+            assert!(is_capture_hook(hook));
+        }
+        for hook in ["recvmsg4", "getpeername6", "bind4", "sockops"] {
+            assert!(!is_capture_hook(hook));
+        }
+    }
 }

@@ -396,6 +396,14 @@ fn a_program_running_before_meshbpf_is_reported_by_status_check_and_the_agent() 
     let preorder = meshbpf::preorder_links();
     let lb = SocketLb::attach(&env, &env.cgroup, preorder);
     let _mesh = meshbpf::Mesh::attach(&env.cgroup, &env.pin_dir).expect("attach");
+    // Attaching again cannot do better: the same links, not moved again.
+    let links = || -> Vec<(String, u32)> {
+        let programs = _mesh.programs().unwrap();
+        programs.into_iter().map(|p| (p.hook, p.link_id)).collect()
+    };
+    let before = links();
+    meshbpf::Mesh::attach(&env.cgroup, &env.pin_dir).expect("attach again");
+    assert_eq!(links(), before);
     let server = env.pod("server");
     let _app = server.server(&["0.0.0.0:8080"]);
     let client = env.pod("client");
@@ -454,4 +462,154 @@ fn a_program_running_before_meshbpf_is_reported_by_status_check_and_the_agent() 
         metrics.contains("\nmeshbpf_capture_runs_first 0\n"),
         "{metrics}"
     );
+}
+
+/// `meshbpf attach --cgroup CGROUP`, as on a kernel whose cgroup links take no
+/// `BPF_F_PREORDER` if `no_preorder`.
+fn attach_cli(cgroup: &Path, pin_dir: &Path, no_preorder: bool) -> std::process::Output {
+    let mut cmd = std::process::Command::new(cli());
+    if no_preorder {
+        cmd.env("MESHBPF_NO_PREORDER", "1");
+    }
+    cmd.args(["attach", "--cgroup"])
+        .arg(cgroup)
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .output()
+        .expect("meshbpf attach")
+}
+
+/// Where cgroup links take no `BPF_F_PREORDER` (before Linux 6.17; forced here with
+/// `MESHBPF_NO_PREORDER=1`), a fresh attach to a cgroup whose connect/sendmsg hooks already
+/// hold a socket load balancer goes to its kubelet child, where meshbpf's programs run
+/// before their parent's; attaching again keeps it there.
+#[test]
+fn without_preorder_links_attach_goes_below_the_lb_to_the_kubepods_child() {
+    if !privileged() {
+        return;
+    }
+    let mut env = Env::new();
+    let kubepods = env.sub_cgroup("kubepods");
+    let lb = SocketLb::attach(&env, &env.cgroup, false);
+    let (cgroup, pin_dir) = (env.cgroup.clone(), env.pin_dir.clone());
+    let attach = |no_preorder: bool| stdout_of(&attach_cli(&cgroup, &pin_dir, no_preorder));
+    let text = attach(true);
+    assert!(
+        text.contains(&format!("to {} (cgroup id", kubepods.display())),
+        "{text}"
+    );
+    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    let server = env.pod_under(&kubepods, "server");
+    let _app = server.server(&["0.0.0.0:8080"]);
+    let client = env.pod_under(&kubepods, "client");
+    mesh.register_netns(&client.netns, &PodSettings::default())
+        .unwrap();
+    let sidecar = client.sidecar();
+    let vip: SocketAddr = VIP4.parse().unwrap();
+    lb.service(vip, server.addr(false, 8080).parse().unwrap());
+
+    let probe = client.connect(VIP4, &["--message", "ping"]);
+
+    assert!(probe.ok, "{probe:?}\n{}", sidecar.output());
+    assert_eq!(probe.get("peer"), VIP4);
+    let events = sidecar.lines("outbound ");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(
+        events[0].contains(&format!("original_dst={VIP4} upstream=connected")),
+        "{events:?}"
+    );
+    assert_eq!(lb.count(LbHook::Connect4), 1);
+    // Attaching again, with or without the flag, replaces in place where it is.
+    for no_preorder in [true, false] {
+        let text = attach(no_preorder);
+        assert!(
+            text.contains(&format!("to {} (cgroup id", kubepods.display())),
+            "{text}"
+        );
+    }
+    let status: serde_json::Value =
+        serde_json::from_str(&stdout_of(&env.meshbpf(&["status", "--json"]))).unwrap();
+    assert_eq!(status["runs_first"], true, "{status}");
+}
+
+/// An attachment made behind a socket load balancer (by an older meshbpf, or on a kernel
+/// without `BPF_F_PREORDER` links: forced here) is moved in front of it by the next attach
+/// where the kernel can, its pods registered still; attaching once more changes nothing.
+#[test]
+fn attaching_again_moves_an_attachment_made_behind_the_lb_in_front_of_it() {
+    if !privileged() {
+        return;
+    }
+    if !meshbpf::preorder_links() {
+        skip("this kernel's cgroup links take no BPF_F_PREORDER: nothing to move in front");
+        return;
+    }
+    let mut env = Env::new();
+    let lb = SocketLb::attach(&env, &env.cgroup, false);
+    let (cgroup, pin_dir) = (env.cgroup.clone(), env.pin_dir.clone());
+    let attach = |no_preorder: bool| attach_cli(&cgroup, &pin_dir, no_preorder);
+    // Behind it, with no kubelet child to go to: said at once.
+    let behind = attach(true);
+    let warning = String::from_utf8_lossy(&behind.stderr);
+    assert!(behind.status.success(), "{warning}");
+    assert!(
+        warning.contains("warning: programs run before meshbpf's capture programs")
+            && warning.contains("lb_connect4"),
+        "{warning}"
+    );
+    let mesh = meshbpf::Mesh::open(&env.pin_dir).unwrap();
+    let server = env.pod("server");
+    let _app = server.server(&["0.0.0.0:8080"]);
+    let client = env.pod("client");
+    mesh.register_netns(&client.netns, &PodSettings::default())
+        .unwrap();
+    let sidecar = client.sidecar();
+    let backend = server.addr(false, 8080);
+    lb.service(VIP4.parse().unwrap(), backend.parse().unwrap());
+    let original_dst = |n: usize| {
+        let probe = client.connect(VIP4, &["--message", "ping"]);
+        assert!(probe.ok, "{probe:?}\n{}", sidecar.output());
+        let events = sidecar.lines("outbound ");
+        assert_eq!(events.len(), n, "{events:?}");
+        events[n - 1]
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("original_dst="))
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(original_dst(1), backend, "behind the balancer");
+
+    let links = |mesh: &meshbpf::Mesh| -> Vec<(String, u32)> {
+        let programs = mesh.programs().unwrap();
+        programs.into_iter().map(|p| (p.hook, p.link_id)).collect()
+    };
+    let before = links(&mesh);
+    let again = attach(false);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        again.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(original_dst(2), VIP4, "moved in front of the balancer");
+    assert_eq!(mesh.pods().unwrap().len(), 1);
+    // Only the capture hooks got new links.
+    let moved = links(&mesh);
+    let changed: Vec<&str> = before
+        .iter()
+        .zip(&moved)
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a.0.as_str())
+        .collect();
+    assert_eq!(changed, ["connect4", "connect6", "sendmsg4", "sendmsg6"]);
+    assert_eq!(env.attached_hooks().len(), ATTACH_TYPES.len() + 8);
+    // In front already: replaced in place, the same links.
+    let once_more = attach(false);
+    assert!(once_more.status.success());
+    assert_eq!(links(&mesh), moved);
+    assert_eq!(original_dst(3), VIP4);
 }

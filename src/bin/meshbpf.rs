@@ -531,6 +531,11 @@ fn run(command: Command) -> anyhow::Result<()> {
                 status.cgroup_path,
                 pin.pin_dir.display()
             );
+            // Programs that still run first (a CNI's socket load balancer this kernel cannot
+            // be placed before): said now, as `status`, `check` and /healthz say it.
+            if let Ok(Some(problem)) = mesh.order_problem() {
+                note!("meshbpf attach: warning: {problem}");
+            }
         }
         Command::Detach { pin } => {
             if meshbpf::detach(&pin.pin_dir)? {
