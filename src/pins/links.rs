@@ -81,7 +81,8 @@ pub(crate) fn attach_programs(
     remove_stale_relinks(links_dir)?;
     let mut created = Vec::new();
     let mut relinked = Vec::new();
-    let mut all_preorder = preorder;
+    // Whether every capture hook's link, once done, is one made with BPF_F_PREORDER.
+    let mut all_preorder = true;
     for (hook, prog) in progs {
         let path = links_dir.join(&hook);
         let capture = crate::order::is_capture_hook(&hook);
@@ -107,6 +108,7 @@ pub(crate) fn attach_programs(
                 all_preorder &= !capture || preorder_before;
             }
             None => {
+                all_preorder &= !capture || first;
                 let link = crate::order::attach_cgroup(&prog, cgroup, first, &hook)?;
                 created.push((path, link));
             }
