@@ -89,6 +89,8 @@ impl RuleKind {
 
 /// `META_F_SOCKMAP` in meshbpf.h.
 pub(crate) const META_F_SOCKMAP: u32 = meta_flag::META_F_SOCKMAP.0;
+/// `META_F_PREORDER` in meshbpf.h.
+pub(crate) const META_F_PREORDER: u32 = meta_flag::META_F_PREORDER.0;
 /// `META_F_DRAINING` in meshbpf.h.
 pub(crate) const META_F_DRAINING: u32 = meta_flag::META_F_DRAINING.0;
 

@@ -79,6 +79,24 @@ pub(crate) fn attach(
     }
 }
 
+/// The cgroup an attach asked for `cgroup` goes to: an existing attachment stays where it
+/// is (in a kubelet child of `cgroup` if an earlier attach chose it, see
+/// [`crate::order::fresh_attach_point`]); a fresh one goes where its capture programs run
+/// before the programs already on `cgroup`'s hooks.
+pub(crate) fn attach_point(pin: &PinDir, cgroup: &Path) -> Result<PathBuf> {
+    if pin.state()? == PinState::Attached {
+        let existing = pins::read_meta_of_any_layout(pin.path())?;
+        let child = crate::order::POD_CGROUPS
+            .iter()
+            .map(|child| cgroup.join(child))
+            .find(|child| {
+                crate::system::open_cgroup2(child).is_ok_and(|(_, id)| id == existing.cgroup_id)
+            });
+        return Ok(child.unwrap_or_else(|| cgroup.into()));
+    }
+    Ok(crate::order::fresh_attach_point(cgroup)?.unwrap_or_else(|| cgroup.into()))
+}
+
 /// A staging directory that is removed, with every link in it detached, unless kept.
 struct Staging {
     path: PathBuf,
@@ -113,9 +131,12 @@ fn attach_fresh(
     let skel = pins::load_in(&mut open_object, &staging.path.join(MAPS_DIR), options)?;
     // On an early return the new links are dropped, which detaches them, and `staging`
     // unpins whatever was pinned already.
-    pins::attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options)?;
+    let preorder =
+        pins::attach_programs(&skel, cgroup, &staging.path.join(LINKS_DIR), options, false)?;
     // meta_map last: it marks the directory complete.
-    pins::write_meta(&skel, meta)?;
+    let mut meta = *meta;
+    meta.flags |= preorder;
+    pins::write_meta(&skel, &meta)?;
 
     fs::rename(&staging.path, pin.path())
         .context(|| format!("moving the attachment to {}", pin.path().display()))?;
@@ -134,9 +155,16 @@ fn replace_in_place(
     let mut open_object = MaybeUninit::uninit();
     // A pinned map of another shape than this build's is a layout mismatch (loadlog).
     let skel = pins::load_in(&mut open_object, &pin_dir.join(MAPS_DIR), options)?;
-    pins::attach_programs(&skel, cgroup, &pin_dir.join(LINKS_DIR), options)?;
+    let preorder_before = meta.flags & crate::abi::META_F_PREORDER != 0;
+    let preorder = pins::attach_programs(
+        &skel,
+        cgroup,
+        &pin_dir.join(LINKS_DIR),
+        options,
+        preorder_before,
+    )?;
     pins::update_pod_programs(pin_dir, &skel)?;
     let mut meta = *meta;
-    meta.flags = pins::meta_flags(options);
+    meta.flags = pins::meta_flags(options) | preorder;
     pins::write_meta(&skel, &meta)
 }

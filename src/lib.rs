@@ -79,6 +79,7 @@ mod mapio;
 mod mesh;
 mod migrate;
 mod netns;
+mod order;
 mod origin;
 mod pins;
 mod pod;
@@ -94,6 +95,7 @@ pub use mesh::{
     detach, AttachedProgram, MapUsage, Mesh, Pod, RegisterOptions, Status, DEFAULT_PIN_DIR,
 };
 pub use netns::{current_cookie, Netns};
+pub use order::{preorder_links, OtherProgram, POD_CGROUPS};
 pub use origin::{dns_query_original_dst, original_dst, SO_ORIGINAL_DST};
 pub use pins::reclaim::reclaim as reclaim_pin_dir;
 pub use pins::{

@@ -408,7 +408,14 @@ pub(crate) fn upgrade(
     }
 
     // 3. The programs, answers first.
-    pins::attach_programs(&skel, cgroup, &pin_dir.join(pins::LINKS_DIR), options)?;
+    // Earlier layouts never made their links with BPF_F_PREORDER (crate::order).
+    let preorder = pins::attach_programs(
+        &skel,
+        cgroup,
+        &pin_dir.join(pins::LINKS_DIR),
+        options,
+        false,
+    )?;
     pins::update_pod_programs(pin_dir, &skel)?;
 
     // What the old programs wrote since the snapshot, now that they are gone.
@@ -441,7 +448,7 @@ pub(crate) fn upgrade(
         &skel,
         &MeshMeta {
             layout_version: LAYOUT_VERSION,
-            flags: pins::meta_flags(options),
+            flags: pins::meta_flags(options) | preorder,
             ..*old
         },
     )?;

@@ -279,6 +279,16 @@ pub fn probe() -> Vec<Feature> {
         ),
         optional(
             probed(
+                "cgroup links with BPF_F_PREORDER (run before a CNI's socket LB)",
+                "6.17",
+                crate::order::probe_preorder()
+                    .ok_or_else(|| std::io::Error::last_os_error().into()),
+            ),
+            "beside programs attached first on the same connect/sendmsg hooks (a CNI's \
+             socket load balancer), attach goes to the cgroup's kubepods child",
+        ),
+        optional(
+            probed(
                 "caller's registers from getsockopt hooks",
                 "after 6.1",
                 syscall_args_probe(),

@@ -66,7 +66,9 @@ enum Command {
     /// in the primary network configuration, gc, serve /livez, /healthz and /metrics.
     /// Stopping it never detaches.
     Agent(AgentArgs),
-    /// Probe the running kernel for every feature meshbpf uses.
+    /// Probe the running kernel for every feature meshbpf uses; if attached, list the other
+    /// programs on meshbpf's capture hooks (a CNI's socket load balancer) and fail if one
+    /// runs before meshbpf's.
     Check(CheckArgs),
     /// Stream, live, every decision the programs take (one line each) until Ctrl-C.
     Trace(TraceArgs),

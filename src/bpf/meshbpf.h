@@ -225,6 +225,7 @@ struct conn_key {
 enum meta_flag {
 	META_F_SOCKMAP = 1 << 0,	/* attached with sockmap acceleration */
 	META_F_DRAINING = 1 << 1,	/* detach under way: sk_msg redirects nothing more */
+	META_F_PREORDER = 1 << 2,	/* connect/sendmsg links made with BPF_F_PREORDER (6.17+) */
 };
 
 struct mesh_meta {

@@ -90,6 +90,12 @@ pub struct Status {
     pub sockmap: bool,
     /// The attached programs.
     pub programs: Vec<AttachedProgram>,
+    /// Whether meshbpf's capture programs run before every other program on their hooks
+    /// (a CNI's socket load balancer): then the sidecar learns the destination the
+    /// application asked for. `None` when the cgroup cannot be reached from here to ask.
+    pub runs_first: Option<bool>,
+    /// The other programs on meshbpf's capture hooks at its cgroup and its ancestors.
+    pub other_programs: Vec<crate::order::OtherProgram>,
     /// The registered pods.
     pub pods: Vec<Pod>,
     /// Every counter, by name, summed over CPUs. Serialized as an object, name to value.
@@ -157,8 +163,12 @@ impl Mesh {
         // Every missing feature by name first (the version check alone names one).
         crate::probe::require_features()?;
         system::check_kernel()?;
-        let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
+        system::open_cgroup2(cgroup)?;
         let pin = PinDir::new(pin_dir)?;
+        // A kubelet child of `cgroup` where this kernel cannot otherwise run meshbpf's capture
+        // programs before a CNI's already there (crate::order).
+        let cgroup = &crate::attach::attach_point(&pin, cgroup)?;
+        let (cgroup_dir, cgroup_id) = system::open_cgroup2(cgroup)?;
         crate::attach::attach(&pin, cgroup, &cgroup_dir, cgroup_id, options)?;
         Mesh::open(pin_dir)
     }

@@ -10,6 +10,7 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapHandle};
 use crate::abi::{self, map, ConnKey, InboundKey, OrigDst, RawPodSettings, COUNTER_NAMES};
 use crate::error::{Context, Result};
 use crate::mapio;
+use crate::order::OtherProgram;
 use crate::pins::{self, PinLock, LINKS_DIR, MAPS_DIR};
 use crate::pod::settings::PodSettings;
 
@@ -156,8 +157,8 @@ impl Mesh {
         Ok(out)
     }
 
-    /// Programs, pods and counters of this attachment.
-    pub fn status(&self) -> Result<Status> {
+    /// The programs of this attachment, as their pinned links report them, by hook.
+    pub fn programs(&self) -> Result<Vec<AttachedProgram>> {
         let mut programs = Vec::new();
         let links = self.pin.path().join(LINKS_DIR);
         for entry in fs::read_dir(&links).context(|| format!("reading {}", links.display()))? {
@@ -179,8 +180,47 @@ impl Mesh {
             });
         }
         programs.sort_by(|a, b| a.hook.cmp(&b.hook));
+        Ok(programs)
+    }
+
+    /// The other programs on meshbpf's capture hooks (connect4/6, sendmsg4/6) that processes
+    /// in its cgroup run — attached there or on an ancestor, such as a CNI's socket load
+    /// balancer — in the kernel's order, each saying whether it runs before meshbpf's.
+    pub fn other_programs(&self) -> Result<Vec<OtherProgram>> {
+        let ours = self
+            .programs()?
+            .into_iter()
+            .map(|p| (p.hook, p.prog_id))
+            .collect();
+        crate::order::other_programs(
+            &pins::meta_cgroup_dir(&self.meta),
+            &ours,
+            self.meta.cgroup_id,
+        )
+    }
+
+    /// What is wrong with the order of programs on meshbpf's capture hooks, naming the fix;
+    /// `None` when meshbpf's run before every other program there.
+    pub fn order_problem(&self) -> Result<Option<String>> {
+        Ok(crate::order::problem(
+            &pins::meta_cgroup_path(&self.meta),
+            &self.other_programs()?,
+        ))
+    }
+
+    /// Programs, pods and counters of this attachment.
+    pub fn status(&self) -> Result<Status> {
+        let programs = self.programs()?;
+        // Unknown (null) where the cgroup cannot be reached from here (another mount
+        // namespace): the rest of the status still holds.
+        let (runs_first, other_programs) = match self.other_programs() {
+            Ok(others) => (Some(others.iter().all(|p| !p.runs_before_meshbpf)), others),
+            Err(_) => (None, Vec::new()),
+        };
         Ok(Status {
             pin_dir: self.pin.path().into(),
+            runs_first,
+            other_programs,
             cgroup_path: pins::meta_cgroup_path(&self.meta),
             cgroup_id: self.meta.cgroup_id,
             layout_version: self.meta.layout_version,

@@ -47,7 +47,9 @@ pub(super) fn attach_rank(hook: &str) -> usize {
 }
 
 /// Attaches every program of `skel` in [`HOOK_ORDER`], or replaces it in place through its
-/// link pinned under `links_dir`, and pins the links it creates there.
+/// link pinned under `links_dir`, and pins the links it creates there. `preorder_before`:
+/// the capture hooks' links there were made with `BPF_F_PREORDER` (`META_F_PREORDER`).
+/// Returns `META_F_PREORDER` if they are now, else 0.
 ///
 /// The sk_msg program goes first, onto sock_hash (it has no link before Linux 6.10; the
 /// map holds it): a socket takes the map's programs when it enters the map, so every
@@ -57,7 +59,8 @@ pub(crate) fn attach_programs(
     cgroup: &fs::File,
     links_dir: &Path,
     options: &AttachOptions,
-) -> Result<()> {
+    preorder_before: bool,
+) -> Result<u32> {
     if options.sockmap {
         let sock_hash = skel.maps.sock_hash.as_fd().as_raw_fd();
         skel.progs
@@ -72,17 +75,43 @@ pub(crate) fn attach_programs(
         .map(|prog| (hook_name(prog.name()), prog))
         .collect();
     progs.sort_by_key(|(hook, _)| attach_rank(hook));
+    // The capture hooks run before other programs on them where the kernel lets them
+    // (crate::order): a CNI's socket load balancer must not change the destination first.
+    let preorder = crate::order::preorder_links();
+    remove_stale_relinks(links_dir)?;
     let mut created = Vec::new();
+    let mut relinked = Vec::new();
+    // Whether every capture hook's link, once done, is one made with BPF_F_PREORDER.
+    let mut all_preorder = true;
     for (hook, prog) in progs {
         let path = links_dir.join(&hook);
-        if let Some(mut link) = live_link(&path)? {
-            link.update_prog(&prog)
-                .context(|| format!("replacing the {hook} program"))?;
-        } else {
-            let link = prog
-                .attach_cgroup(cgroup.as_raw_fd())
-                .context(|| format!("attaching {hook}"))?;
-            created.push((path, link));
+        let capture = crate::order::is_capture_hook(&hook);
+        let first = preorder && capture;
+        match live_link(&path)? {
+            Some(old)
+                if first
+                    && !preorder_before
+                    && crate::order::runs_behind_others(cgroup, &hook, &old)? =>
+            {
+                // An earlier attachment's link, made without BPF_F_PREORDER (an older
+                // meshbpf, or a kernel before 6.17), behind another program on its hook: a
+                // new link in front of it, pinned over it below, then the old one goes. In
+                // between (microseconds) both run; the second sees the sidecar's loopback
+                // address and leaves a socket the first captured without its original
+                // destination, which the proxy then refuses: closed, never past the sidecar.
+                let link = crate::order::attach_cgroup(&prog, cgroup, true, &hook)?;
+                relinked.push((path, link, old));
+            }
+            Some(mut link) => {
+                link.update_prog(&prog)
+                    .context(|| format!("replacing the {hook} program"))?;
+                all_preorder &= !capture || preorder_before;
+            }
+            None => {
+                all_preorder &= !capture || first;
+                let link = crate::order::attach_cgroup(&prog, cgroup, first, &hook)?;
+                created.push((path, link));
+            }
         }
     }
     private_dir(links_dir)?;
@@ -90,8 +119,43 @@ pub(crate) fn attach_programs(
         link.pin(&*path)
             .context(|| format!("pinning {}", path.display()))?;
     }
+    for (path, mut link, old) in relinked {
+        let fresh = path.with_file_name(format!(
+            "{RELINKED}{}",
+            path.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        link.pin(&fresh)
+            .context(|| format!("pinning {}", fresh.display()))?;
+        // bpffs renames over the old pin: the hook's pin never goes missing.
+        fs::rename(&fresh, &path).context(|| format!("moving {} into place", fresh.display()))?;
+        // Its last reference: the kernel detaches it.
+        drop(old);
+    }
+    Ok(if all_preorder {
+        crate::abi::META_F_PREORDER
+    } else {
+        0
+    })
+}
+
+/// Removes (detaching) the new links of a relink that stopped before it moved them into
+/// place: their hooks' pins still hold the old links, which the next relink replaces.
+fn remove_stale_relinks(links_dir: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(links_dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(RELINKED) {
+            let path = entry.path();
+            fs::remove_file(&path).context(|| format!("removing {}", path.display()))?;
+        }
+    }
     Ok(())
 }
+
+/// The prefix of a new link's pin until it replaces its hook's (bpffs refuses names with a
+/// dot).
+const RELINKED: &str = "relinked-";
 
 /// The link pinned at `path` if it is still attached to a cgroup. A pin whose link was
 /// detached (by a detach that stopped before unpinning it) is removed: its hook needs a

@@ -40,14 +40,22 @@ pub(crate) fn new_meta(cgroup: &Path, cgroup_id: u64, options: &AttachOptions) -
 
 /// The cgroup an attachment belongs to, as text for messages.
 pub(crate) fn meta_cgroup_path(meta: &MeshMeta) -> String {
+    format!(
+        "{} (cgroup id {})",
+        meta_cgroup_dir(meta).display(),
+        meta.cgroup_id
+    )
+}
+
+/// The cgroup directory the attachment was made to, as given at attach.
+pub(crate) fn meta_cgroup_dir(meta: &MeshMeta) -> std::path::PathBuf {
     let bytes: Vec<u8> = meta
         .cgroup_path
         .iter()
         .take_while(|&&b| b != 0)
         .map(|&b| b as u8)
         .collect();
-    let path = String::from_utf8_lossy(&bytes);
-    format!("{path} (cgroup id {})", meta.cgroup_id)
+    String::from_utf8_lossy(&bytes).into_owned().into()
 }
 
 pub(crate) fn read_meta(pin_dir: &Path) -> Result<MeshMeta> {

@@ -51,6 +51,8 @@ const QUEUED_SCRAPES: usize = 4;
 /// What every connection's task shares.
 struct Shared {
     stats: Arc<Stats>,
+    /// The attachment's pins: /healthz reads the programs' order from it.
+    pin_dir: std::path::PathBuf,
     /// The metrics worker's queue: each scrape sends where its text goes.
     scrapes: SyncSender<oneshot::Sender<String>>,
 }
@@ -79,6 +81,7 @@ pub(super) fn serve(
     };
     let (scrapes, queue) = sync_channel::<oneshot::Sender<String>>(QUEUED_SCRAPES);
     let worker_stats = stats.clone();
+    let shared_pin_dir = pin_dir.to_path_buf();
     let pin_dir = pin_dir.to_path_buf();
     std::thread::Builder::new()
         .name("metrics".into())
@@ -89,7 +92,11 @@ pub(super) fn serve(
             }
         })
         .context(|| "starting the metrics worker thread".into())?;
-    let shared = Arc::new(Shared { stats, scrapes });
+    let shared = Arc::new(Shared {
+        stats,
+        pin_dir: shared_pin_dir,
+        scrapes,
+    });
     std::thread::Builder::new()
         .name("http".into())
         .spawn(move || runtime.block_on(accept_loop(listener, shared)))
@@ -160,7 +167,9 @@ async fn respond(request: &Request<Incoming>, shared: &Shared) -> Response<Full<
     }
     match request.uri().path() {
         "/livez" => text(StatusCode::OK, "ok\n".into()),
-        "/healthz" => match shared.stats.problems() {
+        // Not ready either while another program (a CNI's socket load balancer) runs
+        // before capture: a few bpf(2) queries, no map walk.
+        "/healthz" => match [shared.stats.problems(), order_problem(&shared.pin_dir)].concat() {
             problems if problems.is_empty() => text(StatusCode::OK, "ok\n".into()),
             problems => text(StatusCode::SERVICE_UNAVAILABLE, problems.join("\n") + "\n"),
         },
@@ -206,4 +215,14 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
+}
+
+/// Other programs that run before meshbpf's capture programs, as a /healthz problem.
+fn order_problem(pin_dir: &Path) -> Vec<String> {
+    meshbpf::Mesh::open(pin_dir)
+        .and_then(|mesh| mesh.order_problem())
+        .ok()
+        .flatten()
+        .into_iter()
+        .collect()
 }

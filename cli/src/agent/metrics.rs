@@ -85,6 +85,13 @@ fn attachment(registry: &mut Registry, mesh: &Mesh) {
         .find(|(name, ..)| *name == meshbpf::REGISTRATIONS_MAP)
         .map_or(0, |(_, entries, _)| *entries);
     registry.register(
+        "meshbpf_capture_runs_first",
+        "Whether meshbpf's connect/sendmsg programs run before every other program on those \
+         hooks at its cgroup and its ancestors (1), such as a CNI's socket load balancer, or \
+         not (0: /healthz and `meshbpf status` name them)",
+        gauge(u64::from(matches!(mesh.order_problem(), Ok(None)))),
+    );
+    registry.register(
         "meshbpf_registered_pods",
         "Pods (network namespaces) in the mesh",
         gauge(pods),

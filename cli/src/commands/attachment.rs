@@ -40,6 +40,11 @@ pub fn attach(args: AttachArgs) -> anyhow::Result<()> {
         status.cgroup_path,
         pin.pin_dir.display()
     );
+    // Programs that still run first (a CNI's socket load balancer this kernel cannot be
+    // placed before): said now, as `status`, `check` and /healthz say it.
+    if let Ok(Some(problem)) = mesh.order_problem() {
+        note!("meshbpf attach: warning: {problem}");
+    }
     Ok(())
 }
 

@@ -27,6 +27,12 @@ pub fn run(JsonPinArgs { json, pin }: JsonPinArgs) -> anyhow::Result<()> {
         "off (attach --no-sockmap)"
     };
     out!("  {:<14} {sockmap}", "sockmap");
+    match status.runs_first {
+        Some(_) => super::check::print_other_programs(&status.other_programs)?,
+        None => out!(
+            "other programs on meshbpf's hooks: unknown (its cgroup is not reachable from here)"
+        ),
+    }
     out!("registered pods: {}", status.pods.len());
     out!("counters:");
     for (name, value) in &status.counters {

@@ -21,6 +21,7 @@ use meshbpf::Mesh;
 pub mod envoy;
 pub mod k8s;
 pub mod manifests;
+pub mod socketlb;
 
 /// The attach types bpftool reports for meshbpf's programs, sorted: one program each.
 pub const ATTACH_TYPES: [&str; 17] = [
@@ -267,6 +268,22 @@ impl Env {
     pub fn pod(&mut self, name: &str) -> Pod {
         let cgroup = self.cgroup.join(name);
         self.pod_in(name, cgroup)
+    }
+
+    /// A cgroup `name` under the test cgroup (kubelet's `kubepods`, say) for pods of its
+    /// own ([`Env::pod_under`]); removed after them.
+    #[track_caller]
+    pub fn sub_cgroup(&mut self, name: &str) -> PathBuf {
+        let cgroup = self.cgroup.join(name);
+        fs::create_dir(&cgroup).unwrap();
+        self.pod_cgroups.push(cgroup.clone());
+        cgroup
+    }
+
+    /// [`Env::pod`] with its processes in a cgroup under `parent` (a [`Env::sub_cgroup`]).
+    #[track_caller]
+    pub fn pod_under(&mut self, parent: &Path, name: &str) -> Pod {
+        self.pod_in(name, parent.join(name))
     }
 
     /// A pod whose processes run outside the test cgroup: no meshbpf program ever sees
