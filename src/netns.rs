@@ -21,6 +21,12 @@ const HOST_NETNS: &str = "/proc/1/ns/net";
 /// (`PROC_NET_INIT_INO` in include/linux/proc_ns.h), so the host can be recognised even
 /// where /proc/1 may not be read.
 const INIT_NET_INO: u64 = 0xEFFF_FFF9;
+/// The initial network namespace's cookie where its inode is not fixed (6.1, measured; the
+/// 6.18 host has the fixed inode): netns cookies count up from 1 as namespaces are set up, and the initial one is set
+/// up first, at boot (measured: cookie 1 in the 6.1.0-57 guest, where a `--network host`
+/// container's pid 1 cannot tell the host by /proc/1; 3 on the 6.18 host, whose fixed inode
+/// answers first). No other namespace can take it.
+const INIT_NET_COOKIE: u64 = 1;
 
 /// An open network namespace and its cookie.
 #[derive(Debug)]
@@ -165,14 +171,14 @@ impl Netns {
         Ok(())
     }
 
-    /// Whether this is the host's own network namespace: the kernel's initial one, or
-    /// that of pid 1.
+    /// Whether this is the host's own network namespace: the kernel's initial one (by its
+    /// fixed inode or its cookie), or that of pid 1.
     pub fn is_host(&self) -> Result<bool> {
         let this = self
             .file
             .metadata()
             .context(|| format!("reading {}", self.path.display()))?;
-        if this.ino() == INIT_NET_INO {
+        if this.ino() == INIT_NET_INO || self.cookie == INIT_NET_COOKIE {
             return Ok(true);
         }
         // Where this process is pid 1 (the entrypoint of a container, such as a pod's init

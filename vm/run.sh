@@ -43,6 +43,13 @@ case $tests in *[!A-Za-z0-9_:]*)
     echo "vm/run.sh: MESHBPF_VM_TESTS='$tests' is not a test-name filter (letters, digits, _ and :: only)" >&2
     exit 2 ;;
 esac
+# The guest is stopped after this long: .ci/run sets it from what is left of CI's 90
+# minutes; an hour otherwise.
+vm_timeout=${MESHBPF_VM_TIMEOUT:-3600}
+case $vm_timeout in '' | *[!0-9]* | 0)
+    echo "vm/run.sh: MESHBPF_VM_TIMEOUT='$vm_timeout' is not a number of seconds above 0" >&2
+    exit 2 ;;
+esac
 vm=$repo/target/vm/$kernel
 results=$vm/results
 mkdir -p "$vm"
@@ -100,14 +107,24 @@ else
     cargo build --quiet --bins --examples
     cargo test --no-run --message-format=json 2>/dev/null \
         | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 \
-        | grep '/deps/' | sort -u | grep -e "${1:-.}" > "$vm/tests.list"
+        | grep '/deps/' | sort -u > "$vm/tests.all"
+    grep -e "${1:-.}" "$vm/tests.all" > "$vm/tests.list" || true
     echo "    $(wc -l < "$vm/tests.list") test binaries"
+fi
+# The binaries a TEST-BINARY-FILTER left out, named in the summary with the filter.
+unselected=
+if [ -n "${1:-}" ] && [ "$kernel" != 5.10 ]; then
+    unselected=$(grep -v -x -F -f "$vm/tests.list" "$vm/tests.all" | xargs -rn1 basename \
+        | sed 's/-[0-9a-f]*$//' | sort -u | tr '\n' ' ')
 fi
 
 echo "==> building the initramfs (busybox + the 9p modules of $kver)"
 init=$vm/initramfs
 rm -rf "$init" && mkdir -p "$init"/{bin,modules,proc,sys,dev,newroot}
 cp /bin/busybox "$init/bin/busybox"
+# The guest's scripts travel in the initramfs: bash reads a script as it runs it, and the
+# checkout's copy may be edited meanwhile.
+cp vm/guest.sh vm/floor.sh "$init/"
 moddir=$vm/kernel/lib/modules/$kver
 # Load order for 9p over virtio-pci: each module after the modules it depends on. A module
 # built into the kernel (6.12 builds virtio_pci in) is not loaded; 6.12's modules come
@@ -144,8 +161,9 @@ mount -t tmpfs tmpfs /newroot/run
 # The checkout at its own path, also where the tmpfs mounts above hide the host's.
 [ -d "/newroot$meshbpf_repo" ] || mkdir -p "/newroot$meshbpf_repo"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 repo "/newroot$meshbpf_repo" || { echo "9p checkout failed"; poweroff -f; }
+mkdir -p /newroot/run/meshbpf && cp /guest.sh /floor.sh /newroot/run/meshbpf/
 for d in proc sys dev; do mount --move /$d /newroot/$d; done
-exec switch_root /newroot /bin/bash "$meshbpf_repo/vm/guest.sh"
+exec switch_root /newroot /bin/bash /run/meshbpf/guest.sh
 INIT
 chmod +x "$init/init"
 (cd "$init" && find . | cpio -o -H newc --quiet | gzip -1) > "$vm/initramfs.cpio.gz"
@@ -157,8 +175,8 @@ rm -rf "$results" && mkdir -p "$results"
 accel=${MESHBPF_VM_ACCEL:-tcg}; cpu=max
 [ "$accel" = kvm ] && cpu=host,-arch-capabilities
 echo "==> booting Linux $kver ($accel); the suite runs inside"
-# The limit keeps CI (the suite, then this) within its 90 minutes.
-timeout 3600 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
+# The limit (MESHBPF_VM_TIMEOUT, above) keeps CI within its 90 minutes.
+timeout "$vm_timeout" qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
     -nographic -no-reboot -nic none \
     -kernel "$vm/kernel/boot/vmlinuz-$kver" -initrd "$vm/initramfs.cpio.gz" \
     -append "console=ttyS0 panic=-1 quiet meshbpf_repo=$repo meshbpf_kernel=$kernel${tests:+ meshbpf_tests=$tests}" \
@@ -169,7 +187,8 @@ timeout 3600 qemu-system-x86_64 -machine accel=$accel -cpu $cpu -m 4096 -smp 2 \
 
 echo "==> results (kernel $(cat "$results/kernel" 2>/dev/null || echo '?'))"
 if [ ! -f "$results/done" ]; then
-    echo "the VM did not finish; see $vm/console.log" >&2
+    echo "the VM did not finish (stopped after ${vm_timeout} s, or it crashed); see $vm/console.log" >&2
+    cat "$results/summary.txt" 2>/dev/null >&2
     tail -20 "$vm/console.log" >&2
     exit 1
 fi
@@ -177,6 +196,7 @@ grep -hE '^test .* \.\.\. (ok|FAILED)( <[0-9.]+s>)?$' "$results"/*.log 2>/dev/nu
 cat "$results/filter" 2>/dev/null || true
 cat "$results/summary.txt"
 cat "$results/skipped.txt" 2>/dev/null || true
+[ -z "$unselected" ] || echo "not selected (the binary filter '$1'): $unselected"
 # A failure's own words, so a CI log that shows only this script's output still says why.
 for log in "$results"/*.log; do
     [ -f "$log" ] || continue

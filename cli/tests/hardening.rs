@@ -377,7 +377,7 @@ fn a_detach_stopped_at_any_step_never_leaves_capture_without_its_answers() {
         .iter()
         .map(|d| fs::read_dir(m.env.pin_dir.join(d)).unwrap().count())
         .sum();
-    for k in 1..=pins {
+    for k in kill_points(pins) {
         let out = Command::new("strace")
             .args(["-f", "-o", "/dev/null", "-e", "trace=unlink,unlinkat", "-e"])
             .arg(format!("inject=unlink,unlinkat:error=EIO:when={k}"))

@@ -115,6 +115,11 @@ impl World {
     }
 }
 
+/// The large transfers' size: 64 MiB, 1 MiB in the emulated guests ([`scaled_size`]).
+fn big() -> u64 {
+    scaled_size(64 << 20, 1 << 20)
+}
+
 /// (bytes redirected, senders sent back to TCP by flow control) now, for [`carried`].
 fn fast_path(mesh: &Mesh) -> (u64, u64) {
     (
@@ -228,7 +233,7 @@ fn sixty_four_mib_each_way_in_parallel_is_byte_exact_and_accelerated_both_ways()
         return;
     }
     let w = world();
-    let size = (64u64 << 20).to_string();
+    let size = big().to_string();
     for v6 in [false, true] {
         // Upload: the client's sidecar sends; download: the server's sidecar sends.
         for (op, flag, method, sender) in [
@@ -248,7 +253,7 @@ fn sixty_four_mib_each_way_in_parallel_is_byte_exact_and_accelerated_both_ways()
             );
             let each_way = if sender == "both" { 2 } else { 1 };
             assert!(
-                carried(&w.mesh, before, each_way * 4 * (64 << 20)),
+                carried(&w.mesh, before, each_way * 4 * big()),
                 "v6 {v6} {op}: {:?} bytes redirected, senders behind since {before:?} \
                  (the {sender}'s sidecar sends)",
                 fast_path(&w.mesh)
@@ -270,8 +275,9 @@ fn one_byte_to_sixty_four_mib_in_parallel_connections_is_byte_exact() {
     let w = world();
     // Every size at once, each in 4 parallel connections, both directions.
     let dest = w.dest(false);
+    let sizes = [1, 7, 65536, 1000000, big() / 4, big()].map(|n: u64| n.to_string());
     std::thread::scope(|s| {
-        let runs: Vec<_> = ["1", "7", "65536", "1000000", "16777216", "67108864"]
+        let runs: Vec<_> = sizes
             .iter()
             .flat_map(|size| {
                 [
@@ -281,7 +287,7 @@ fn one_byte_to_sixty_four_mib_in_parallel_connections_is_byte_exact() {
                 .map(|(op, flag, method)| {
                     let args = ["--op", op, "--size", size, flag, method, "--parallel", "4"];
                     let (client, dest) = (&w.client, &dest);
-                    s.spawn(move || (op, *size, stream_from(client, dest, &args)))
+                    s.spawn(move || (op, size, stream_from(client, dest, &args)))
                 })
             })
             .collect();
@@ -296,7 +302,7 @@ fn one_byte_to_sixty_four_mib_in_parallel_connections_is_byte_exact() {
         }
     });
     assert_eq!(w.counter("intra_node_add_failed"), 0);
-    assert!(carried(&w.mesh, (0, 0), 2 * 4 * (64 << 20)));
+    assert!(carried(&w.mesh, (0, 0), 2 * 4 * big()));
 }
 
 #[test]
@@ -314,7 +320,7 @@ fn two_pods_using_the_same_source_port_to_the_same_peer_each_get_their_own_bytes
         sysctl(pod, "net.ipv4.ip_local_port_range", "40000 40001");
     }
     let dest = w.dest(false);
-    let size = (64u64 << 20).to_string();
+    let size = big().to_string();
     std::thread::scope(|s| {
         let runs: Vec<_> = [&w.client, &second]
             .into_iter()
@@ -341,7 +347,7 @@ fn two_pods_using_the_same_source_port_to_the_same_peer_each_get_their_own_bytes
         .count();
     assert_eq!(from_40000, 2, "{}", w.server_sidecar.output());
     assert_eq!(w.counter("intra_node_add_failed"), 0);
-    assert!(carried(&w.mesh, (0, 0), 4 * (64 << 20)));
+    assert!(carried(&w.mesh, (0, 0), 4 * big()));
 }
 
 #[test]
@@ -515,7 +521,9 @@ fn detach_and_agent_restart_mid_transfer_lose_nothing() {
         app: _app,
     } = world();
     let dest = server.addr(false, PORT);
-    let size = (256u64 << 20).to_string();
+    // 256 MiB (16 MiB in the emulated guests), acted on once an eighth of it was redirected.
+    let total = scaled_size(256 << 20, 16 << 20);
+    let size = total.to_string();
     let cgroup = env.cgroup.to_str().unwrap().to_string();
     // Read through the pins only: a map handle held open here would keep sock_hash alive
     // after detach, and detach would not have to drain anything.
@@ -541,7 +549,7 @@ fn detach_and_agent_restart_mid_transfer_lose_nothing() {
             // Mid-transfer: bytes are crossing socket to socket.
             let before = redirected();
             wait_until(
-                || redirected() > before + (32 << 20),
+                || redirected() > before + total / 8,
                 || "nothing accelerated yet".into(),
             );
             match step {
@@ -604,13 +612,16 @@ fn detach_while_a_slow_reader_s_sidecar_holds_redirected_bytes_loses_none_of_the
     // The application reads seven bytes at a time: its sidecar's upstream socket holds much
     // of what the server's sidecar redirected to it (no window holds the sender back), and
     // reads it only as the application makes room.
+    // 24 MB, 6 MB in the emulated guests: seven-byte reads of it still outlast the detach.
+    let size = scaled_size(24_000_000, 6_000_000);
     std::thread::scope(|s| {
         let run = s.spawn(|| {
-            let args = ["--op", "download", "--size", "24000000", "--recv", "small"];
+            let size = size.to_string();
+            let args = ["--op", "download", "--size", &size, "--recv", "small"];
             stream_from(&client, &dest, &args)
         });
         wait_until(
-            || redirected() >= 24_000_000,
+            || redirected() >= size,
             || "the download was not accelerated".into(),
         );
         stdout_of(&env.meshbpf(&["detach"]));
@@ -684,7 +695,7 @@ fn haproxy_sidecars_in_redirect_mode_are_accelerated_byte_exact() {
     }
     let (app, dest) = server.stream_server();
     let _sidecars = [haproxy(&env, &client), haproxy(&env, &server)];
-    let size = (64u64 << 20).to_string();
+    let size = big().to_string();
     for (op, flag, method, parallel) in [
         ("upload", "--send", "sendfile", "4"),
         ("download", "--recv", "splice", "4"),
@@ -709,10 +720,7 @@ fn haproxy_sidecars_in_redirect_mode_are_accelerated_byte_exact() {
         );
         assert!(ok, "{op} {method}: {out}\nserver:\n{}", app.output());
         let n: u64 = parallel.parse().unwrap();
-        assert!(
-            carried(&mesh, before, n * (64 << 20)),
-            "{op}: not accelerated"
-        );
+        assert!(carried(&mesh, before, n * big()), "{op}: not accelerated");
     }
     assert_eq!(counter(&mesh, "intra_node_add_failed"), 0);
 }

@@ -161,7 +161,9 @@ fn two_hundred_fifty_six_mib_each_way_is_byte_exact() {
         return;
     }
     let w = world();
-    let size = (256u64 << 20).to_string();
+    // 4 MiB in the emulated guests.
+    let total = scaled_size(256 << 20, 1 << 20);
+    let size = total.to_string();
     assert_stream(&w, &["--op", "upload", "--size", &size, "--send", "write"]);
     assert_stream(&w, &["--op", "download", "--size", &size, "--recv", "read"]);
     let (moved, behind) = (
@@ -173,7 +175,7 @@ fn two_hundred_fifty_six_mib_each_way_is_byte_exact() {
     // TCP, behind what was redirected (flow control), and must still arrive byte-exact.
     eprintln!("redirected {moved} B; receiver behind: {behind}");
     assert!(
-        moved >= 256 << 20 || (behind == 1 && moved >= 32 << 20),
+        moved >= total || (behind == 1 && moved >= total / 8),
         "{moved} B redirected, the receiver behind {behind} time(s)"
     );
 }
@@ -270,6 +272,9 @@ fn maps_are_back_at_idle_after_200000_short_connections() {
         return;
     }
     let w = world();
+    // 8 × 25,000 connections; 8 × 390 in the emulated guests.
+    let each = scaled_count(25000);
+    let count = each.to_string();
     let args = [
         "run",
         &w.server_addr,
@@ -280,7 +285,7 @@ fn maps_are_back_at_idle_after_200000_short_connections() {
         "--parallel",
         "8",
         "--count",
-        "25000",
+        &count,
     ];
     let out = stdout_of(&w.app.run_for(
         std::time::Duration::from_secs(180),
@@ -290,13 +295,13 @@ fn maps_are_back_at_idle_after_200000_short_connections() {
     ));
     assert_eq!(
         out.lines()
-            .filter(|l| l.ends_with("connections=25000"))
+            .filter(|l| l.ends_with(&format!("connections={each}")))
             .count(),
         8,
         "{out}"
     );
-    assert!(counter(&w.mesh, "sockmap_added") >= 400_000);
-    assert_eq!(counter(&w.mesh, "origin_recorded"), 200_000);
+    assert!(counter(&w.mesh, "sockmap_added") >= 2 * 8 * each);
+    assert_eq!(counter(&w.mesh, "origin_recorded"), 8 * each);
     wait_until(
         || w.mesh.accelerated_sockets() == 0,
         || format!("{} sockets left in sock_hash", w.mesh.accelerated_sockets()),

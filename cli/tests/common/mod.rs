@@ -64,6 +64,44 @@ pub fn scaled(timeout: Duration) -> Duration {
     timeout * scale
 }
 
+/// How many times smaller the long tests run: `MESHBPF_TEST_SCALE` (a whole number, 1 unless
+/// set). vm/guest.sh sets it under emulation, where full sizes do not fit CI's 90 minutes:
+/// the same behaviours, checked the same way, on fewer bytes ([`scaled_size`]), fewer
+/// connections ([`scaled_count`]) and fewer kill points ([`kill_points`]).
+pub fn test_scale() -> u64 {
+    static SCALE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SCALE.get_or_init(|| {
+        std::env::var("MESHBPF_TEST_SCALE")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&s| s >= 1)
+            .unwrap_or(1)
+    })
+}
+
+/// A transfer size: `full` divided by [`test_scale`], never below `least` (what the test
+/// needs to mean anything: a path that must fill, a transfer still running when it acts).
+pub fn scaled_size(full: u64, least: u64) -> u64 {
+    (full / test_scale()).max(least.min(full))
+}
+
+/// A number of connections or iterations: `full` divided by [`test_scale`], at least 1.
+pub fn scaled_count(full: u64) -> u64 {
+    (full / test_scale()).max(1)
+}
+
+/// The points 1..=`last` a kill loop stops its command at: every one, or, when
+/// [`test_scale`] is above 1, every fourth (1, 5, 9, ...) and the last, which still stops
+/// it early, halfway and at the end.
+pub fn kill_points(last: usize) -> Vec<usize> {
+    let every = if test_scale() > 1 { 4 } else { 1 };
+    let mut points: Vec<usize> = (1..=last).step_by(every).collect();
+    if last > 0 && points.last() != Some(&last) {
+        points.push(last);
+    }
+    points
+}
+
 /// Whether privileged tests can run here. Without root they are skipped (and say so), except
 /// under CI, where a test that cannot run fails.
 #[track_caller]
@@ -871,10 +909,11 @@ pub fn tcp_chain_holds(connections: u64) -> u64 {
     connections * 2 * (PINNED_BUFFER + PACKET) + (connections - 1) * PACKET
 }
 
-/// `stream run` arguments of a stalled transfer (`--op stall`): 256 MiB, the server reading
-/// nothing until the client found the path full.
+/// `stream run` arguments of a stalled transfer (`--op stall`): 256 MiB ([`scaled_size`],
+/// never below 32 MiB, five times what a pinned path of three connections holds), the server
+/// reading nothing until the client found the path full.
 pub fn stall_args() -> Vec<String> {
-    let size = (256u64 << 20).to_string();
+    let size = scaled_size(256 << 20, 32 << 20).to_string();
     ["--op", "stall", "--size", &size]
         .map(String::from)
         .to_vec()
