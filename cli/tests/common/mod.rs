@@ -451,9 +451,31 @@ impl Drop for Env {
         for ns in &self.pods {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
-        let _ = Command::new("umount").arg(&self.bpffs).status();
-        let _ = Command::new("umount").arg(&self.cgroup2).status();
+        unmount(&self.bpffs);
+        unmount(&self.cgroup2);
         let _ = fs::remove_dir_all(&self.root);
+    }
+}
+
+/// Unmounts this test's own mount at `path`, even while something still has it open: a
+/// process of the test that is still exiting made `umount` fail "target is busy" once (on a
+/// busy machine), which left the mount behind. Retried for 5 s, then detached lazily (the
+/// kernel drops it when its last user goes).
+fn unmount(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let Ok(out) = Command::new("umount").arg(path).output() else {
+            return;
+        };
+        let busy = String::from_utf8_lossy(&out.stderr).contains("busy");
+        if out.status.success() || !busy {
+            return;
+        }
+        if Instant::now() >= deadline {
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
