@@ -24,29 +24,7 @@ fn world() -> World {
     let mut env = Env::new();
     let mesh = env.attach();
     let dns = env.pod("dns");
-    let host_record = format!("--host-record={NAME},{ANSWER_V4},{ANSWER_V6}");
-    let listen4 = format!("--listen-address={}", dns.v4);
-    let listen6 = format!("--listen-address={}", dns.v6);
-    let dnsmasq = dns.spawn(
-        0,
-        Path::new("/usr/sbin/dnsmasq"),
-        &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--user=root",
-            "--pid-file",
-            "--log-queries",
-            "--log-facility=-",
-            &listen4,
-            &listen6,
-            &host_record,
-        ],
-    );
-    // It logs "started" once its sockets are bound.
-    dnsmasq.wait_for("started, version");
+    let dnsmasq = dnsmasq(&dns, NAME, ANSWER_V4, ANSWER_V6, &["--log-queries"]);
     World {
         env,
         mesh,

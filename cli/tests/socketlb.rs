@@ -221,27 +221,7 @@ fn envoy_sees_the_destination_over_tcp_v4_and_v6_with_no_lb() {
 /// A pod running dnsmasq for NAME on port 53 (the kube-dns backend).
 fn dns_server(w: &mut World) -> (Pod, Proc) {
     let dns = w.pod("dns");
-    let host_record = format!("--host-record={NAME},{ANSWER_V4},{ANSWER_V6}");
-    let listen4 = format!("--listen-address={}", dns.v4);
-    let listen6 = format!("--listen-address={}", dns.v6);
-    let dnsmasq = dns.spawn(
-        0,
-        Path::new("/usr/sbin/dnsmasq"),
-        &[
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--user=root",
-            "--pid-file",
-            "--log-facility=-",
-            &listen4,
-            &listen6,
-            &host_record,
-        ],
-    );
-    dnsmasq.wait_for("started, version");
+    let dnsmasq = dnsmasq(&dns, NAME, ANSWER_V4, ANSWER_V6, &[]);
     (dns, dnsmasq)
 }
 

@@ -659,6 +659,31 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Output {
     }
 }
 
+/// dnsmasq in `pod`, answering `name` with `v4` and `v6` on port 53 of the pod's addresses
+/// (`extra`: more of its flags); returned once its sockets are bound (it logs "started").
+pub fn dnsmasq(pod: &Pod, name: &str, v4: &str, v6: &str, extra: &[&str]) -> Proc {
+    let host_record = format!("--host-record={name},{v4},{v6}");
+    let listen4 = format!("--listen-address={}", pod.v4);
+    let listen6 = format!("--listen-address={}", pod.v6);
+    let mut args = vec![
+        "--keep-in-foreground",
+        "--conf-file=/dev/null",
+        "--no-resolv",
+        "--no-hosts",
+        "--bind-interfaces",
+        "--user=root",
+        "--pid-file",
+        "--log-facility=-",
+        &listen4,
+        &listen6,
+        &host_record,
+    ];
+    args.extend_from_slice(extra);
+    let dnsmasq = pod.spawn(0, Path::new("/usr/sbin/dnsmasq"), &args);
+    dnsmasq.wait_for("started, version");
+    dnsmasq
+}
+
 /// A process started in a pod; killed when dropped.
 pub struct Proc {
     child: Child,
